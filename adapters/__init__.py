@@ -1,0 +1,1 @@
+"""Framework adapters of ssmcore, installed as ``ssmcore.adapters``."""

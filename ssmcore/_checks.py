@@ -1,0 +1,144 @@
+"""Argument checks shared by every op.
+
+Every op validates all of its arguments before any kernel runs and raises a
+``ValueError`` (wrong shape, range, value) or ``TypeError`` (wrong kind of
+object, wrong dtype) whose message names the argument, says what was expected
+and what was given.
+
+Shapes are checked with :class:`Dims`: an expected shape is written with the
+dimension letters of the glossary (B batch, L length, D channels, N state size,
+G groups, H heads, P head dim, W conv width, S sequences), and the first array
+that shows a letter fixes its size for the rest of the call::
+
+    dims = Dims()
+    dims.check("u", u, "BDL", ACT)
+    dims.check("delta", delta, "BDL", ACT)   # must match u's B, D, L
+    dims.check("A", A, "DN", PARAM)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+# Activation dtypes: float32/float16/bfloat16 everywhere, float64 on the CPU.
+ACT = ("float32", "float16", "bfloat16", "float64")
+# Parameter dtypes (A, D, biases, norm weights): float32, float64 on the CPU.
+PARAM = ("float32", "float64")
+# Everything floating we accept anywhere.
+FLOAT = ACT
+# Integer index arrays (seq_idx, cu_seqlens, *_indices, cache_seqlens).
+INDEX = ("int32", "int64")
+
+
+def dtype_name(a) -> str:
+    """The dtype's name as NumPy/CuPy spell it ('bfloat16' for ml_dtypes' bfloat16)."""
+    return a.dtype.name
+
+
+def _shape_text(letters) -> str:
+    return "(" + ", ".join(str(x) for x in letters) + ")"
+
+
+class Dims:
+    """Binds dimension letters to sizes across the arguments of one call."""
+
+    def __init__(self, **known: int):
+        self.sizes: dict[str, int] = dict(known)
+        self.source: dict[str, str] = {k: "the arguments" for k in known}
+
+    def __getitem__(self, letter: str) -> int:
+        return self.sizes[letter]
+
+    def bind(self, letter: str, size: int, source: str) -> None:
+        """Fix a letter's size from something other than an array's shape."""
+        if letter in self.sizes and self.sizes[letter] != size:
+            raise ValueError(
+                f"{source}: gives {letter}={size}, but {self.source[letter]} gave {letter}={self.sizes[letter]}"
+            )
+        self.sizes.setdefault(letter, size)
+        self.source.setdefault(letter, source)
+
+    def check(self, name: str, a, letters, dtypes=None, *, optional: bool = True):
+        """Check that ``a`` has the shape spelled by ``letters`` and one of ``dtypes``.
+
+        ``letters`` is a string of dimension letters or a sequence mixing letters
+        and ints (fixed sizes). ``None`` passes when ``optional``.
+        """
+        if a is None:
+            if optional:
+                return None
+            raise TypeError(f"{name}: an array is required, got None")
+        check_is_array(name, a)
+        letters = tuple(letters)
+        shape = tuple(int(s) for s in a.shape)
+        expected = _shape_text(letters)
+        if len(shape) != len(letters):
+            raise ValueError(
+                f"{name}: expected a {len(letters)}-d array of shape {expected}, got shape {shape}"
+            )
+        for letter, size in zip(letters, shape):
+            if isinstance(letter, numbers.Integral):
+                if size != letter:
+                    raise ValueError(f"{name}: expected shape {expected}, got shape {shape}")
+                continue
+            if letter in self.sizes and self.sizes[letter] != size:
+                want = _shape_text(self.sizes.get(x, x) for x in letters)
+                raise ValueError(
+                    f"{name}: expected shape {expected} = {want} ({letter}={self.sizes[letter]} "
+                    f"from {self.source[letter]}), got shape {shape}"
+                )
+            self.sizes.setdefault(letter, size)
+            self.source.setdefault(letter, name)
+        if dtypes is not None:
+            check_dtype(name, a, dtypes)
+        return a
+
+
+def check_is_array(name: str, a) -> None:
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+        raise TypeError(f"{name}: expected an array (NumPy, CuPy or any __dlpack__ producer), got {type(a).__name__}")
+
+
+def check_dtype(name: str, a, dtypes) -> None:
+    got = dtype_name(a)
+    if got not in dtypes:
+        raise TypeError(f"{name}: expected dtype {' or '.join(dtypes)}, got {got}")
+
+
+def check_same_dtype(name: str, a, ref_name: str, ref) -> None:
+    if a is not None and dtype_name(a) != dtype_name(ref):
+        raise TypeError(f"{name}: expected dtype {dtype_name(ref)} (the dtype of {ref_name}), got {dtype_name(a)}")
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool,)) and not (hasattr(value, "dtype") and value.dtype == bool and value.shape == ()):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
+def check_finite_float(name: str, value, *, positive: bool = False, allow_inf: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name}: expected a number > 0, got {value}")
+    return value
+
+
+def check_int(name: str, value, *, minimum=None, maximum=None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}: expected an int <= {maximum}, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")

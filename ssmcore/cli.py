@@ -1,0 +1,79 @@
+"""The ``ssmcore`` command line.
+
+    ssmcore info                 versions, backends and devices seen
+    ssmcore bench-cpu            selective_scan on the CPU vs a PyTorch loop over L, and kernel cache latency
+    ssmcore check-kernels        compile every GPU kernel instantiation with NVRTC (no GPU needed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "?")
+    except Exception as err:  # an optional library that is absent or broken
+        return f"not available ({type(err).__name__})"
+
+
+def cmd_info(args) -> int:
+    import platform
+
+    import ssmcore
+
+    print(f"ssmcore {ssmcore.__version__} on Python {platform.python_version()} ({platform.machine()})")
+    for module in ("numpy", "numba", "ml_dtypes", "cupy", "torch"):
+        print(f"  {module:10s} {_version(module)}")
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+        for i in range(count):
+            props = cupy.cuda.runtime.getDeviceProperties(i)
+            print(f"  GPU {i}: {props['name'].decode()} (cupy backend)")
+    except Exception:
+        print("  no GPU visible to CuPy: the numba CPU backend runs every op")
+    return 0
+
+
+def cmd_bench_cpu(args) -> int:
+    from ssmcore import _bench_cpu
+
+    return _bench_cpu.main(args)
+
+
+def cmd_check_kernels(args) -> int:
+    from ssmcore.backends.cupy import _check
+
+    return _check.main(args.rest)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ssmcore", description="Selective state space models: kernels and tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("info", help="versions, backends and devices").set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench-cpu", help="selective_scan CPU speed vs a PyTorch loop, and Numba cache latency")
+    bench.add_argument("--batch", type=int, default=2)
+    bench.add_argument("--dim", type=int, default=1536)
+    bench.add_argument("--seqlen", type=int, default=2048)
+    bench.add_argument("--dstate", type=int, default=16)
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--no-torch", action="store_true", help="skip the PyTorch loop")
+    bench.add_argument("--no-cache-test", action="store_true", help="skip the first-call vs cached-call test")
+    bench.set_defaults(func=cmd_bench_cpu)
+
+    check = sub.add_parser("check-kernels", help="compile every GPU kernel with NVRTC", add_help=False)
+    check.add_argument("rest", nargs=argparse.REMAINDER)
+    check.set_defaults(func=cmd_check_kernels)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
