@@ -55,3 +55,81 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = SSM_WARP_SIZE / 2; offset > 0; offset >>= 1) v += SSM_SHFL_XOR(v, offset);
   return v;
 }
+
+// ---- 8-element chunks (norm, conv, state_update) -------------------------------------------
+// Elements [i, i + 8) of a row p[0 .. n) as float, out-of-row elements read as 0. With vec
+// (the caller checked that p is 16-byte aligned and i a multiple of 8) a full chunk is one
+// 16-byte access for 16-bit types and two for float; otherwise element by element.
+template <typename T>
+__device__ __forceinline__ void load_chunk8(const T* p, i64 i, i64 n, bool vec, float (&v)[8]) {
+  if (vec && i + 8 <= n) {
+    constexpr int PER = 16 / sizeof(T);
+#pragma unroll
+    for (int h = 0; h < 8 / PER; ++h) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(p + i + h * PER);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int k = 0; k < PER; ++k) v[h * PER + k] = load_f(e + k);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = (i + k < n) ? load_f(p + i + k) : 0.f;
+  }
+}
+
+// Stores v[0 .. 8) to p[i .. i + 8), skipping elements at or past n (same vec rule as above).
+template <typename T>
+__device__ __forceinline__ void store_chunk8(T* p, i64 i, i64 n, bool vec, const float (&v)[8]) {
+  if (vec && i + 8 <= n) {
+    constexpr int PER = 16 / sizeof(T);
+#pragma unroll
+    for (int h = 0; h < 8 / PER; ++h) {
+      uint4 raw;
+      T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int k = 0; k < PER; ++k) store_f(e + k, v[h * PER + k]);
+      *reinterpret_cast<uint4*>(p + i + h * PER) = raw;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+      if (i + k < n) store_f(p + i + k, v[k]);
+  }
+}
+
+// ---- row reductions: blockDim.x threads own one row, blockDim.y rows per block ------------
+// blockDim.x is a power of two <= SSM_WARP_SIZE or a multiple of it; the block has at least
+// one full warp. `red` is __shared__ scratch of 2 * (threads per block / SSM_WARP_SIZE) floats.
+// Every thread of the block must call these (they may hold __syncthreads).
+__device__ __forceinline__ void row_sum2(float& a, float& b, float* red) {
+  const int tpr = blockDim.x;
+  if (tpr <= SSM_WARP_SIZE) {
+    for (int o = tpr >> 1; o > 0; o >>= 1) {
+      a += SSM_SHFL_XOR(a, o);
+      b += SSM_SHFL_XOR(b, o);
+    }
+    return;
+  }
+  a = warp_sum(a);
+  b = warp_sum(b);
+  const int nw = tpr / SSM_WARP_SIZE, w = threadIdx.x / SSM_WARP_SIZE;
+  float* r = red + 2 * threadIdx.y * nw;
+  __syncthreads();  // the previous reduction's readers are done with red
+  if (threadIdx.x % SSM_WARP_SIZE == 0) {
+    r[2 * w] = a;
+    r[2 * w + 1] = b;
+  }
+  __syncthreads();
+  a = 0.f;
+  b = 0.f;
+  for (int k = 0; k < nw; ++k) {
+    a += r[2 * k];
+    b += r[2 * k + 1];
+  }
+}
+
+__device__ __forceinline__ float row_sum(float a, float* red) {
+  float b = 0.f;
+  row_sum2(a, b, red);
+  return a;
+}

@@ -128,18 +128,18 @@ def rms_norm_bwd(dy, x, weight, bias=None, residual=None, eps=1e-5, dresidual_ou
     """
     call = resolve(dy=dy, x=x, weight=weight, bias=bias, residual=residual, dresidual_out=dresidual_out)
     eps = _check_norm_args(call, eps, backward=True)
-    return call.backend.rms_norm_bwd(
+    return NormGrads(*call.backend.rms_norm_bwd(
         call["dy"], call["x"], call["weight"], call["bias"], call["residual"], eps, call["dresidual_out"]
-    )
+    ))
 
 
 def layer_norm_bwd(dy, x, weight, bias=None, residual=None, eps=1e-5, dresidual_out=None):
     """Backward of :func:`layer_norm`; arguments and results as in :func:`rms_norm_bwd`."""
     call = resolve(dy=dy, x=x, weight=weight, bias=bias, residual=residual, dresidual_out=dresidual_out)
     eps = _check_norm_args(call, eps, backward=True)
-    return call.backend.layer_norm_bwd(
+    return NormGrads(*call.backend.layer_norm_bwd(
         call["dy"], call["x"], call["weight"], call["bias"], call["residual"], eps, call["dresidual_out"]
-    )
+    ))
 
 
 def gated_rms_norm(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=True):
@@ -177,6 +177,6 @@ def gated_rms_norm_bwd(dy, x, weight, z=None, eps=1e-5, group_size=None, norm_be
     """
     call = resolve(dy=dy, x=x, weight=weight, z=z)
     eps, group_size, norm_before_gate = _check_gated_args(call, eps, group_size, norm_before_gate, backward=True)
-    return call.backend.gated_rms_norm_bwd(
+    return GatedRMSNormGrads(*call.backend.gated_rms_norm_bwd(
         call["dy"], call["x"], call["weight"], call["z"], eps, group_size, norm_before_gate
-    )
+    ))

@@ -1,0 +1,215 @@
+"""Torch tensors <-> backend arrays, without copies.
+
+CPU tensors become NumPy arrays over the same memory (bfloat16 through an int16 view
+re-typed as ``ml_dtypes.bfloat16``), so the core runs them on the Numba backend. CUDA
+tensors become CuPy arrays built straight from ``data_ptr()`` and strides (no DLPack
+capsule on the way in: it costs tens of microseconds per call), and every launch
+goes on torch's current stream, so CUDA-graph capture records it. Results come back
+with ``torch.from_numpy`` / ``torch.from_dlpack``.
+
+CuPy is imported the first time a CUDA tensor passes, so this module imports on
+machines without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import ml_dtypes
+import numpy as np
+import torch
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+_CPU = contextlib.nullcontext()
+
+
+def span_bytes(t: torch.Tensor) -> int:
+    """Bytes from a tensor's first element to one past its last (0 when empty)."""
+    if t.numel() == 0:
+        return 0
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if stride > 0)
+    return (last + 1) * t.element_size()
+
+
+def to_array(name: str, t: torch.Tensor | None):
+    """The NumPy (CPU) or CuPy (CUDA) array over ``t``'s memory; None stays None."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type == "cpu":
+        t = t.detach()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(_BF16)
+        return t.resolve_conj().resolve_neg().numpy()
+    if t.device.type == "cuda":
+        return _cupy_view(name, t)
+    raise TypeError(f"{name}: tensors on {t.device.type} are not supported (CPU or CUDA)")
+
+
+def to_tensor(a) -> torch.Tensor:
+    """A torch tensor over a NumPy/CuPy result array's memory."""
+    if isinstance(a, np.ndarray):
+        if a.dtype == _BF16:
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(a)
+    if a.dtype == _BF16:
+        return torch.from_dlpack(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_dlpack(a)
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device != b.device:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1, b1 = a0 + span_bytes(a), b0 + span_bytes(b)
+    return a0 < b1 and b0 < a1
+
+
+def _same_layout(t: torch.Tensor, like: torch.Tensor) -> bool:
+    """Equal strides on every dimension longer than 1 (the ones that say where elements are)."""
+    return all(a == b for n, a, b in zip(t.shape, t.stride(), like.stride()) if n > 1)
+
+
+def fresh_outputs(results, inputs, device: torch.device, like=()) -> tuple:
+    """Torch tensors for result arrays, in a fixed memory layout, owning memory nothing else shares.
+
+    An op's fake implementation must predict its outputs' strides, so each output is made
+    C-contiguous, or laid out as ``torch.empty_like(like[i])`` where ``like[i]`` is a tensor
+    (causal conv outputs follow x's layout); a copy happens only when a backend chose another
+    layout. A custom op must not return an alias of an input or the same memory twice, and a
+    backend may hand back an input unchanged (a no-op dtype cast) or one array for two
+    results: those are cloned. ``None`` results become the ``absent`` placeholder.
+    """
+    out = []
+    inputs = [t for t in inputs if t is not None and t.numel() > 0]
+    like = tuple(like) + (None,) * (len(results) - len(like))
+    for a, reference in zip(results, like):
+        if a is None:
+            out.append(absent(device))
+            continue
+        t = to_tensor(a)
+        if reference is not None and t.shape == reference.shape:
+            if not _same_layout(t, reference):
+                t = torch.empty_like(reference, dtype=t.dtype).copy_(t)
+        elif not t.is_contiguous():
+            t = t.contiguous()
+        if t.numel() > 0 and any(_overlaps(t, other) for other in inputs + out):
+            t = t.clone(memory_format=torch.preserve_format)
+        out.append(t)
+    return tuple(out)
+
+
+def absent(device) -> torch.Tensor:
+    """The placeholder an op returns in place of an absent (None) result: float32, shape (0,)."""
+    return torch.empty(0, device=device)
+
+
+def backend_scope(t: torch.Tensor):
+    """Context in which the backend runs ``t``'s op: for CUDA, torch's device and current stream."""
+    if t.device.type != "cuda":
+        return _CPU
+    return _cuda_scope(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+# ---------------------------------------------------------------------------- CUDA (CuPy)
+
+_cupy = None
+_streams: dict = {}
+
+
+def _import_cupy(name: str):
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy
+        except ImportError as err:
+            raise TypeError(
+                f"{name}: is a CUDA tensor, but CuPy is not installed; install ssmcore[cuda12] or ssmcore[cuda13]"
+            ) from err
+        _cupy = cupy
+    return _cupy
+
+
+_NP_DTYPES = {
+    torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16), torch.bfloat16: _BF16,
+    torch.float64: np.dtype(np.float64), torch.int32: np.dtype(np.int32), torch.int64: np.dtype(np.int64),
+    torch.int16: np.dtype(np.int16), torch.int8: np.dtype(np.int8), torch.uint8: np.dtype(np.uint8),
+    torch.bool: np.dtype(np.bool_), torch.complex64: np.dtype(np.complex64),
+}
+
+
+def _cupy_view(name: str, t: torch.Tensor):
+    """A CuPy array over a CUDA tensor's memory, keeping the tensor alive as the owner."""
+    cupy = _import_cupy(name)
+    dtype = _NP_DTYPES.get(t.dtype)
+    if dtype is None:
+        raise TypeError(f"{name}: dtype {t.dtype} has no CuPy equivalent")
+    device = t.device.index
+    nbytes = span_bytes(t)
+    if nbytes == 0:
+        with cupy.cuda.Device(device):
+            return cupy.empty(tuple(t.shape), dtype)
+    memory = cupy.cuda.UnownedMemory(t.data_ptr(), nbytes, t, device)
+    strides = tuple(s * t.element_size() for s in t.stride())
+    return cupy.ndarray(tuple(t.shape), dtype, cupy.cuda.MemoryPointer(memory, 0), strides)
+
+
+def _external_stream(cupy, torch_stream, device: int):
+    """A CuPy stream over a torch stream (CuPy >= 14: the CUDA stream protocol; before: ExternalStream)."""
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        return cupy.cuda.Stream.from_external(torch_stream)
+    return cupy.cuda.ExternalStream(torch_stream.cuda_stream, device)
+
+
+class _TorchBlock:
+    """Owner of a block from torch's caching allocator; gives it back when CuPy lets go."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __del__(self):
+        torch.cuda.caching_allocator_delete(self.ptr)
+
+
+def _torch_malloc(size: int):
+    """CuPy allocator drawing from torch's caching allocator on torch's current stream.
+
+    Backend outputs and scratch then live in torch's memory pool (no second pool beside it),
+    and allocations during a CUDA-graph capture come from the graph's private pool instead of
+    a cudaMalloc, which a capture forbids.
+    """
+    cupy = _cupy
+    device = cupy.cuda.runtime.getDevice()
+    if size == 0:
+        return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(0, 0, None, device), 0)
+    ptr = torch.cuda.caching_allocator_alloc(size, device, torch.cuda.current_stream(device))
+    return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(ptr, size, _TorchBlock(ptr), device), 0)
+
+
+class _cuda_scope:
+    """For one op call: CuPy's current device, stream and allocator set to torch's."""
+
+    __slots__ = ("device", "_contexts")
+
+    def __init__(self, device: int):
+        self.device = device
+
+    def __enter__(self):
+        cupy = _import_cupy("tensor")
+        torch_stream = torch.cuda.current_stream(self.device)
+        key = (self.device, torch_stream.cuda_stream)
+        stream = _streams.get(key)
+        if stream is None:
+            stream = _streams[key] = _external_stream(cupy, torch_stream, self.device)
+        self._contexts = (cupy.cuda.Device(self.device), stream, cupy.cuda.using_allocator(_torch_malloc))
+        for context in self._contexts:
+            context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for context in reversed(self._contexts):
+            context.__exit__(*exc)
+        return False

@@ -1,0 +1,79 @@
+"""Array plumbing shared by the CuPy launchers: kernel element types, layouts, device facts."""
+
+from __future__ import annotations
+
+import functools
+
+import cupy
+import numpy as np
+
+from . import _runtime
+
+# Element types the kernels are instantiated for (float64 runs on the CPU backend only).
+KERNEL_DTYPES = ("float32", "float16", "bfloat16")
+NULL = np.uint64(0)  # a null pointer argument
+
+
+def kernel_type(name: str, a) -> str:
+    """The kernel type name of ``a``'s dtype; TypeError naming ``name`` for dtypes with no kernel."""
+    if a.dtype.name not in KERNEL_DTYPES:
+        raise TypeError(
+            f"{name}: dtype {a.dtype.name} has no GPU kernel (float32, float16 or bfloat16); "
+            "pass NumPy arrays to run float64 on the CPU backend"
+        )
+    return _runtime.ctype(a.dtype)
+
+
+def check_kernel_dtypes(**arrays) -> None:
+    """kernel_type() for every non-None array, so errors come before any allocation or launch."""
+    for name, a in arrays.items():
+        if a is not None:
+            kernel_type(name, a)
+
+
+def contiguous(a, dtype=None):
+    """A C-contiguous array (a itself when it already is, in ``dtype``); None stays None."""
+    if a is None:
+        return None
+    return cupy.ascontiguousarray(a if dtype is None or a.dtype == dtype else a.astype(dtype))
+
+
+def row_stream(a, row_dtype):
+    """A secondary row stream for kernels that read it as ``row_dtype`` or float32.
+
+    Returns (C-contiguous array, 1 if float32 else 0); other dtypes are converted to float32.
+    """
+    if a is None:
+        return None, 0
+    if a.dtype != row_dtype and a.dtype != cupy.float32:
+        a = a.astype(cupy.float32)
+    a = cupy.ascontiguousarray(a)
+    return a, int(a.dtype == cupy.float32)
+
+
+def ptr(a):
+    """The argument for a pointer parameter: the array, or a null pointer for None."""
+    return NULL if a is None else a
+
+
+def aligned16(*arrays) -> bool:
+    """True when every given array's data starts on a 16-byte boundary."""
+    return all(a is None or a.data.ptr % 16 == 0 for a in arrays)
+
+
+def warp_size() -> int:
+    return 64 if _runtime.is_hip() else 32
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_id: int) -> int:
+    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
+def sm_count() -> int:
+    """Multiprocessors of the current device."""
+    return _sm_count(cupy.cuda.Device().id)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,665 @@
+// Norms: RMSNorm / LayerNorm with a fused residual add, and Mamba-2's gated (grouped) RMSNorm.
+//
+// Work decomposition (every kernel here):
+//   A "row" is one normalised vector: a (rows, D) row for rms/layer norm, one group of G
+//   channels for the gated norm (row r = m * ngroups + g starts at r * G; its weight slice
+//   starts at g * G). blockDim.x threads own one row (a power of two <= warp, or a multiple
+//   of the warp, up to 512) and blockDim.y rows share a block (256 threads when rows are
+//   short). Thread t owns the 8-element chunks t, t + blockDim.x, ... of its row: NV chunks
+//   held in registers (NV = 1, 2, 4 templated), or NV = 0 for very long rows, which streams
+//   the row from global memory once per pass (L2 keeps it). Statistics are two-pass over the
+//   registers (mean, then centred variance) with warp shuffles + one __shared__ word per warp.
+//   Chunks are one 16-byte access for 16-bit data when every row start is 16-byte aligned.
+// Traffic: forward reads x (+ residual) once and writes y (+ s) once; the backward reads dy,
+//   x (+ residual, + dresidual_out) once, writes dx (+ dresidual) once. The backward grid is
+//   persistent: each (block, row slot) accumulates dweight/dbias for its columns over its rows
+//   in registers and writes one float32 partial row; column_sum adds the partials (D x slots
+//   floats, a few MB) into dweight/dbias, deterministic (no atomics).
+// Secondary streams (residual, s, dy, dresidual_out, z, dz) are either the row type TX or
+// float32, chosen at run time by an *_f32 flag (a uniform branch), so instantiations stay few.
+#include "common.cuh"
+
+namespace {
+
+template <typename TX>
+__device__ __forceinline__ void load_chunk8_or_f32(const void* p, int is_f32, i64 i, i64 n, bool vec,
+                                                   float (&v)[8]) {
+  if (is_f32)
+    load_chunk8(static_cast<const float*>(p), i, n, vec, v);
+  else
+    load_chunk8(static_cast<const TX*>(p), i, n, vec, v);
+}
+
+template <typename TX>
+__device__ __forceinline__ void store_chunk8_or_f32(void* p, int is_f32, i64 i, i64 n, bool vec,
+                                                    const float (&v)[8]) {
+  if (is_f32)
+    store_chunk8(static_cast<float*>(p), i, n, vec, v);
+  else
+    store_chunk8(static_cast<TX*>(p), i, n, vec, v);
+}
+
+// Offset a raw pointer by `elements` of float32 or TX.
+template <typename TX>
+__device__ __forceinline__ const void* advance(const void* p, int is_f32, i64 elements) {
+  return is_f32 ? static_cast<const void*>(static_cast<const float*>(p) + elements)
+                : static_cast<const void*>(static_cast<const TX*>(p) + elements);
+}
+
+template <typename TX>
+__device__ __forceinline__ void* advance(void* p, int is_f32, i64 elements) {
+  return is_f32 ? static_cast<void*>(static_cast<float*>(p) + elements) : static_cast<void*>(static_cast<TX*>(p) + elements);
+}
+
+__device__ __forceinline__ float dsilu_f(float z) {
+  const float sig = sigmoid_f(z);
+  return sig * (1.f + z * (1.f - sig));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// rms_norm / layer_norm forward. One row per threadIdx.y; s = x + residual (float32), statistics
+// of s, y = (s - mean) * rstd * weight (+ bias) in TX; s stored when s_out is given.
+template <typename TX, int NV, bool RMS>
+__global__ void __launch_bounds__(512) norm_fwd(const TX* __restrict__ x, const void* __restrict__ residual,
+                                                int residual_f32, const float* __restrict__ weight,
+                                                const float* __restrict__ bias, TX* __restrict__ y,
+                                                void* __restrict__ s_out, int s_f32, i64 rows, int D, float eps,
+                                                int vec) {
+  __shared__ float red[64];
+  const int tpr = blockDim.x;
+  const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
+  const bool live = row < rows;
+  const i64 base = live ? row * D : 0;
+  const int nchunks = (D + 7) / 8;
+  const TX* xr = x + base;
+  const void* rr = residual ? advance<TX>(residual, residual_f32, base) : nullptr;
+  void* sr = s_out ? advance<TX>(s_out, s_f32, base) : nullptr;
+  const float inv_d = 1.f / D;
+
+  auto load_s = [&](int c, float (&v)[8]) {
+    const i64 i = (i64)c * 8;
+    load_chunk8(xr, i, D, vec, v);
+    if (rr) {
+      float r[8];
+      load_chunk8_or_f32<TX>(rr, residual_f32, i, D, vec, r);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[k] += r[k];
+    }
+  };
+  auto store_y = [&](int c, const float (&v)[8], float mean, float rstd) {
+    const i64 i = (i64)c * 8;
+    float w[8], b[8], o[8];
+    load_chunk8(weight, i, D, vec, w);
+    if (bias) load_chunk8(bias, i, D, vec, b);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) o[k] = (v[k] - mean) * rstd * w[k] + (bias ? b[k] : 0.f);
+    store_chunk8(y + base, i, D, vec, o);
+  };
+
+  float mean = 0.f, rstd;
+  if constexpr (NV > 0) {
+    float v[NV][8];
+    float sum = 0.f, sq = 0.f;
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int c = threadIdx.x + j * tpr;
+      if (live && c < nchunks) {
+        load_s(c, v[j]);
+        if (sr) store_chunk8_or_f32<TX>(sr, s_f32, (i64)c * 8, D, vec, v[j]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v[j][k] = 0.f;
+      }
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        sum += v[j][k];
+        sq += v[j][k] * v[j][k];
+      }
+    }
+    if (RMS) {
+      sq = row_sum(sq, red);
+    } else {
+      mean = row_sum(sum, red) * inv_d;
+      sq = 0.f;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int c = threadIdx.x + j * tpr;
+        if (c < nchunks) {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            const float t = ((i64)c * 8 + k < D) ? v[j][k] - mean : 0.f;
+            sq += t * t;
+          }
+        }
+      }
+      sq = row_sum(sq, red);
+    }
+    rstd = rsqrtf(sq * inv_d + eps);
+    if (live) {
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int c = threadIdx.x + j * tpr;
+        if (c < nchunks) store_y(c, v[j], mean, rstd);
+      }
+    }
+  } else {
+    // Streaming: one pass per statistic, the row comes back from L2.
+    float v[8];
+    float sum = 0.f, sq = 0.f;
+    for (int c = threadIdx.x; live && c < nchunks; c += tpr) {
+      load_s(c, v);
+      if (sr) store_chunk8_or_f32<TX>(sr, s_f32, (i64)c * 8, D, vec, v);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        sum += v[k];
+        sq += v[k] * v[k];
+      }
+    }
+    if (RMS) {
+      sq = row_sum(sq, red);
+    } else {
+      mean = row_sum(sum, red) * inv_d;
+      sq = 0.f;
+      for (int c = threadIdx.x; live && c < nchunks; c += tpr) {
+        load_s(c, v);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          const float t = ((i64)c * 8 + k < D) ? v[k] - mean : 0.f;
+          sq += t * t;
+        }
+      }
+      sq = row_sum(sq, red);
+    }
+    rstd = rsqrtf(sq * inv_d + eps);
+    for (int c = threadIdx.x; live && c < nchunks; c += tpr) {
+      load_s(c, v);
+      store_y(c, v, mean, rstd);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// rms_norm / layer_norm backward. Persistent grid: row slot (blockIdx.x, threadIdx.y) takes rows
+// slot, slot + slots, ... With xhat = (s - mean) * rstd and g = dy * weight:
+//   ds = rstd * (g - xhat * mean(g * xhat) - mean(g) [layer norm only]) + dresidual_out
+// dx = ds (TX), dresidual = ds; dweight += dy * xhat, dbias += dy into the slot's partial row.
+template <typename TX, int NV, bool RMS>
+__global__ void __launch_bounds__(512) norm_bwd(const void* __restrict__ dy, int dy_f32, const TX* __restrict__ x,
+                                                const void* __restrict__ residual, int residual_f32,
+                                                const float* __restrict__ weight,
+                                                const void* __restrict__ dres_out, int dres_out_f32,
+                                                TX* __restrict__ dx, void* __restrict__ dres, int dres_f32,
+                                                float* __restrict__ dw_part, float* __restrict__ db_part, i64 rows,
+                                                int D, float eps, int vec) {
+  __shared__ float red[64];
+  const int tpr = blockDim.x;
+  const int nchunks = (D + 7) / 8;
+  const i64 slots = (i64)gridDim.x * blockDim.y;
+  const i64 slot = (i64)blockIdx.x * blockDim.y + threadIdx.y;
+  const float inv_d = 1.f / D;
+  constexpr int NA = NV > 0 ? NV : 1;
+  float dwacc[NA][8], dbacc[NA][8];
+#pragma unroll
+  for (int j = 0; j < NA; ++j)
+#pragma unroll
+    for (int k = 0; k < 8; ++k) dwacc[j][k] = dbacc[j][k] = 0.f;
+
+  for (i64 first = (i64)blockIdx.x * blockDim.y; first < rows; first += slots) {
+    const i64 row = first + threadIdx.y;
+    const bool live = row < rows;
+    const i64 base = live ? row * D : 0;
+    const TX* xr = x + base;
+    const void* rr = residual ? advance<TX>(residual, residual_f32, base) : nullptr;
+    const void* dyr = advance<TX>(dy, dy_f32, base);
+    const void* dor = dres_out ? advance<TX>(dres_out, dres_out_f32, base) : nullptr;
+
+    auto load_s = [&](int c, float (&v)[8]) {
+      const i64 i = (i64)c * 8;
+      load_chunk8(xr, i, D, vec, v);
+      if (rr) {
+        float r[8];
+        load_chunk8_or_f32<TX>(rr, residual_f32, i, D, vec, r);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v[k] += r[k];
+      }
+    };
+    // Loads dy and weight of chunk c: g = dy * w.
+    auto load_g = [&](int c, float (&d)[8], float (&g)[8]) {
+      const i64 i = (i64)c * 8;
+      float w[8];
+      load_chunk8_or_f32<TX>(dyr, dy_f32, i, D, vec, d);
+      load_chunk8(weight, i, D, vec, w);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) g[k] = d[k] * w[k];
+    };
+    auto store_ds = [&](int c, const float (&xh)[8], const float (&g)[8], float c1, float c2, float rstd) {
+      const i64 i = (i64)c * 8;
+      float ds[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) ds[k] = (g[k] - xh[k] * c1 - c2) * rstd;
+      if (dor) {
+        float r[8];
+        load_chunk8_or_f32<TX>(dor, dres_out_f32, i, D, vec, r);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) ds[k] += r[k];
+      }
+      store_chunk8(dx + base, i, D, vec, ds);
+      if (dres) store_chunk8_or_f32<TX>(advance<TX>(dres, dres_f32, base), dres_f32, i, D, vec, ds);
+    };
+
+    if constexpr (NV > 0) {
+      float xh[NV][8], g[NV][8];
+      float sum = 0.f, sq = 0.f;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int c = threadIdx.x + j * tpr;
+        if (live && c < nchunks) {
+          load_s(c, xh[j]);
+        } else {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) xh[j][k] = 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          sum += xh[j][k];
+          sq += xh[j][k] * xh[j][k];
+        }
+      }
+      float mean = 0.f;
+      if (RMS) {
+        sq = row_sum(sq, red);
+      } else {
+        mean = row_sum(sum, red) * inv_d;
+        sq = 0.f;
+#pragma unroll
+        for (int j = 0; j < NV; ++j) {
+          const int c = threadIdx.x + j * tpr;
+          if (c < nchunks) {
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+              const float t = ((i64)c * 8 + k < D) ? xh[j][k] - mean : 0.f;
+              sq += t * t;
+            }
+          }
+        }
+        sq = row_sum(sq, red);
+      }
+      const float rstd = rsqrtf(sq * inv_d + eps);
+      float gx = 0.f, gs = 0.f;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int c = threadIdx.x + j * tpr;
+        if (live && c < nchunks) {
+          float d[8];
+          load_g(c, d, g[j]);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            xh[j][k] = ((i64)c * 8 + k < D) ? (xh[j][k] - mean) * rstd : 0.f;
+            gx += g[j][k] * xh[j][k];
+            gs += g[j][k];
+            dwacc[j][k] += d[k] * xh[j][k];
+            dbacc[j][k] += d[k];
+          }
+        }
+      }
+      row_sum2(gx, gs, red);
+      const float c1 = gx * inv_d, c2 = RMS ? 0.f : gs * inv_d;
+      if (live) {
+#pragma unroll
+        for (int j = 0; j < NV; ++j) {
+          const int c = threadIdx.x + j * tpr;
+          if (c < nchunks) store_ds(c, xh[j], g[j], c1, c2, rstd);
+        }
+      }
+    } else {
+      float v[8], d[8], g[8];
+      float sum = 0.f, sq = 0.f;
+      for (int c = threadIdx.x; live && c < nchunks; c += tpr) {
+        load_s(c, v);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          sum += v[k];
+          sq += v[k] * v[k];
+        }
+      }
+      float mean = 0.f;
+      if (RMS) {
+        sq = row_sum(sq, red);
+      } else {
+        mean = row_sum(sum, red) * inv_d;
+        sq = 0.f;
+        for (int c = threadIdx.x; live && c < nchunks; c += tpr) {
+          load_s(c, v);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            const float t = ((i64)c * 8 + k < D) ? v[k] - mean : 0.f;
+            sq += t * t;
+          }
+        }
+        sq = row_sum(sq, red);
+      }
+      const float rstd = rsqrtf(sq * inv_d + eps);
+      float gx = 0.f, gs = 0.f;
+      for (int c = threadIdx.x; live && c < nchunks; c += tpr) {
+        load_s(c, v);
+        load_g(c, d, g);
+        float* dwp = dw_part + slot * D + (i64)c * 8;
+        float* dbp = db_part ? db_part + slot * D + (i64)c * 8 : nullptr;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          if ((i64)c * 8 + k < D) {
+            const float xhat = (v[k] - mean) * rstd;
+            gx += g[k] * xhat;
+            gs += g[k];
+            dwp[k] += d[k] * xhat;  // this slot owns the partial row: no race
+            if (dbp) dbp[k] += d[k];
+          }
+        }
+      }
+      row_sum2(gx, gs, red);
+      const float c1 = gx * inv_d, c2 = RMS ? 0.f : gs * inv_d;
+      for (int c = threadIdx.x; live && c < nchunks; c += tpr) {
+        load_s(c, v);
+        load_g(c, d, g);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v[k] = (v[k] - mean) * rstd;
+        store_ds(c, v, g, c1, c2, rstd);
+      }
+    }
+  }
+  if constexpr (NV > 0) {
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int c = threadIdx.x + j * tpr;
+      if (c < nchunks) {
+        store_chunk8(dw_part + slot * D, (i64)c * 8, D, vec, dwacc[j]);
+        if (db_part) store_chunk8(db_part + slot * D, (i64)c * 8, D, vec, dbacc[j]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gated RMSNorm forward, statistics per group of G channels (rows = M * ngroups):
+//   norm_before_gate: y = v * rstd(v) * w * silu(z) with v = x;   else: v = x * silu(z), y = v * rstd(v) * w.
+template <typename TX, int NV>
+__global__ void __launch_bounds__(512) gated_fwd(const TX* __restrict__ x, const void* __restrict__ z, int z_f32,
+                                                 const float* __restrict__ weight, TX* __restrict__ y, i64 rows,
+                                                 int G, int ngroups, float eps, int vec, int norm_before_gate) {
+  __shared__ float red[64];
+  const int tpr = blockDim.x;
+  const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
+  const bool live = row < rows;
+  const i64 base = live ? row * G : 0;
+  const float* wr = weight + (live ? (row % ngroups) * G : 0);
+  const int nchunks = (G + 7) / 8;
+  const TX* xr = x + base;
+  const void* zr = z ? advance<TX>(z, z_f32, base) : nullptr;
+
+  // v (the normalised values) and gate (silu(z), 1 without z) of chunk c.
+  auto load_v = [&](int c, float (&v)[8], float (&gate)[8]) {
+    const i64 i = (i64)c * 8;
+    load_chunk8(xr, i, G, vec, v);
+    if (zr) {
+      load_chunk8_or_f32<TX>(zr, z_f32, i, G, vec, gate);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) gate[k] = silu_f(gate[k]);
+      if (!norm_before_gate) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v[k] *= gate[k];
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) gate[k] = 1.f;
+    }
+  };
+  auto store_y = [&](int c, const float (&v)[8], const float (&gate)[8], float rstd) {
+    const i64 i = (i64)c * 8;
+    float w[8], o[8];
+    load_chunk8(wr, i, G, vec, w);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) o[k] = v[k] * rstd * w[k] * (norm_before_gate ? gate[k] : 1.f);
+    store_chunk8(y + base, i, G, vec, o);
+  };
+
+  float sq = 0.f;
+  if constexpr (NV > 0) {
+    float v[NV][8], gate[NV][8];
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int c = threadIdx.x + j * tpr;
+      if (live && c < nchunks) {
+        load_v(c, v[j], gate[j]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v[j][k] = gate[j][k] = 0.f;
+      }
+#pragma unroll
+      for (int k = 0; k < 8; ++k) sq += v[j][k] * v[j][k];
+    }
+    const float rstd = rsqrtf(row_sum(sq, red) / G + eps);
+    if (live) {
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int c = threadIdx.x + j * tpr;
+        if (c < nchunks) store_y(c, v[j], gate[j], rstd);
+      }
+    }
+  } else {
+    float v[8], gate[8];
+    for (int c = threadIdx.x; live && c < nchunks; c += tpr) {
+      load_v(c, v, gate);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) sq += v[k] * v[k];
+    }
+    const float rstd = rsqrtf(row_sum(sq, red) / G + eps);
+    for (int c = threadIdx.x; live && c < nchunks; c += tpr) {
+      load_v(c, v, gate);
+      store_y(c, v, gate, rstd);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gated RMSNorm backward. vhat = v * rstd; dvhat = dy * w (* gate when norm_before_gate);
+// dv = rstd * (dvhat - vhat * mean(dvhat * vhat)).
+//   norm_before_gate: dx = dv, dz = dy * vhat * w * silu'(z), dweight += dy * vhat * gate
+//   else:             dx = dv * gate, dz = dv * x * silu'(z), dweight += dy * vhat
+// Row slots as in norm_bwd; slots is a multiple of ngroups, so a slot always sees one group and
+// its partial row is dw_part[slot / ngroups, group * G .. group * G + G).
+template <typename TX, int NV>
+__global__ void __launch_bounds__(512) gated_bwd(const void* __restrict__ dy, int dy_f32, const TX* __restrict__ x,
+                                                 const void* __restrict__ z, int z_f32,
+                                                 const float* __restrict__ weight, TX* __restrict__ dx,
+                                                 void* __restrict__ dz, float* __restrict__ dw_part, i64 rows, int G,
+                                                 int ngroups, float eps, int vec, int norm_before_gate) {
+  __shared__ float red[64];
+  const int tpr = blockDim.x;
+  const int nchunks = (G + 7) / 8;
+  const i64 slots = (i64)gridDim.x * blockDim.y;
+  const i64 slot = (i64)blockIdx.x * blockDim.y + threadIdx.y;
+  const i64 D = (i64)G * ngroups;
+  const int group = (int)(slot % ngroups);
+  const float* wr = weight + (i64)group * G;
+  float* dwr = dw_part + (slot / ngroups) * D + (i64)group * G;
+  constexpr int NA = NV > 0 ? NV : 1;
+  float dwacc[NA][8];
+#pragma unroll
+  for (int j = 0; j < NA; ++j)
+#pragma unroll
+    for (int k = 0; k < 8; ++k) dwacc[j][k] = 0.f;
+
+  for (i64 first = (i64)blockIdx.x * blockDim.y; first < rows; first += slots) {
+    const i64 row = first + threadIdx.y;
+    const bool live = row < rows;
+    const i64 base = live ? row * G : 0;
+    const TX* xr = x + base;
+    const void* zr = z ? advance<TX>(z, z_f32, base) : nullptr;
+    const void* dyr = advance<TX>(dy, dy_f32, base);
+
+    auto load_v = [&](int c, float (&v)[8], float (&xv)[8], float (&gate)[8], float (&dgate)[8]) {
+      const i64 i = (i64)c * 8;
+      load_chunk8(xr, i, G, vec, xv);
+      if (zr) {
+        float zv[8];
+        load_chunk8_or_f32<TX>(zr, z_f32, i, G, vec, zv);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          gate[k] = silu_f(zv[k]);
+          dgate[k] = dsilu_f(zv[k]);
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          gate[k] = 1.f;
+          dgate[k] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[k] = norm_before_gate ? xv[k] : xv[k] * gate[k];
+    };
+    // dvhat of chunk c (vhat given); accumulates dweight; returns dy for dz.
+    auto grads = [&](int c, const float (&vhat)[8], const float (&gate)[8], float (&dvhat)[8], float (&dw)[8],
+                     float (&d)[8]) {
+      const i64 i = (i64)c * 8;
+      float w[8];
+      load_chunk8_or_f32<TX>(dyr, dy_f32, i, G, vec, d);
+      load_chunk8(wr, i, G, vec, w);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float gk = norm_before_gate ? gate[k] : 1.f;
+        dvhat[k] = d[k] * w[k] * gk;
+        dw[k] += d[k] * vhat[k] * gk;
+      }
+    };
+    auto store_grads = [&](int c, const float (&vhat)[8], const float (&dvhat)[8], float c1, float rstd) {
+      const i64 i = (i64)c * 8;
+      float v[8], xv[8], gate[8], dgate[8], o[8];
+      load_v(c, v, xv, gate, dgate);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float dv = (dvhat[k] - vhat[k] * c1) * rstd;
+        o[k] = norm_before_gate ? dv : dv * gate[k];
+      }
+      store_chunk8(dx + base, i, G, vec, o);
+      if (zr) {
+        if (norm_before_gate) {
+          float d[8], w[8];
+          load_chunk8_or_f32<TX>(dyr, dy_f32, i, G, vec, d);
+          load_chunk8(wr, i, G, vec, w);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) o[k] = d[k] * vhat[k] * w[k] * dgate[k];
+        } else {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) o[k] = (dvhat[k] - vhat[k] * c1) * rstd * xv[k] * dgate[k];
+        }
+        store_chunk8_or_f32<TX>(advance<TX>(dz, z_f32, base), z_f32, i, G, vec, o);
+      }
+    };
+
+    if constexpr (NV > 0) {
+      float vh[NV][8], dvh[NV][8];
+      float sq = 0.f;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int c = threadIdx.x + j * tpr;
+        if (live && c < nchunks) {
+          float xv[8], gate[8], dgate[8];
+          load_v(c, vh[j], xv, gate, dgate);
+        } else {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) vh[j][k] = 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) sq += vh[j][k] * vh[j][k];
+      }
+      const float rstd = rsqrtf(row_sum(sq, red) / G + eps);
+      float gx = 0.f;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int c = threadIdx.x + j * tpr;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) vh[j][k] *= rstd;
+        if (live && c < nchunks) {
+          float v[8], xv[8], gate[8], dgate[8], d[8];
+          load_v(c, v, xv, gate, dgate);
+          grads(c, vh[j], gate, dvh[j], dwacc[j], d);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) gx += dvh[j][k] * vh[j][k];
+        }
+      }
+      const float c1 = row_sum(gx, red) / G;
+      if (live) {
+#pragma unroll
+        for (int j = 0; j < NV; ++j) {
+          const int c = threadIdx.x + j * tpr;
+          if (c < nchunks) store_grads(c, vh[j], dvh[j], c1, rstd);
+        }
+      }
+    } else {
+      float v[8], xv[8], gate[8], dgate[8], dvh[8], d[8];
+      float sq = 0.f;
+      for (int c = threadIdx.x; live && c < nchunks; c += tpr) {
+        load_v(c, v, xv, gate, dgate);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) sq += v[k] * v[k];
+      }
+      const float rstd = rsqrtf(row_sum(sq, red) / G + eps);
+      float gx = 0.f;
+      for (int c = threadIdx.x; live && c < nchunks; c += tpr) {
+        float dw[8];
+        load_v(c, v, xv, gate, dgate);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          v[k] *= rstd;
+          dw[k] = 0.f;
+        }
+        grads(c, v, gate, dvh, dw, d);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          gx += dvh[k] * v[k];
+          if ((i64)c * 8 + k < G) dwr[(i64)c * 8 + k] += dw[k];  // this slot owns the partial row
+        }
+      }
+      const float c1 = row_sum(gx, red) / G;
+      for (int c = threadIdx.x; live && c < nchunks; c += tpr) {
+        load_v(c, v, xv, gate, dgate);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v[k] *= rstd;
+        float counted[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // dweight was added in the pass above
+        grads(c, v, gate, dvh, counted, d);
+        store_grads(c, v, dvh, c1, rstd);
+      }
+    }
+  }
+  if constexpr (NV > 0) {
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int c = threadIdx.x + j * tpr;
+      if (c < nchunks) store_chunk8(dwr, (i64)c * 8, G, vec, dwacc[j]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// out[d] = sum over rows of part[row, d] (float32 partials -> the parameter's dtype).
+// Block (32, 8): 32 columns, rows split over threadIdx.y, combined through __shared__ memory.
+template <typename TO>
+__global__ void __launch_bounds__(256) column_sum(const float* __restrict__ part, i64 nrows, int D,
+                                                  TO* __restrict__ out) {
+  __shared__ float acc[8][33];
+  const int col = blockIdx.x * 32 + threadIdx.x;
+  float s = 0.f;
+  if (col < D)
+    for (i64 r = threadIdx.y; r < nrows; r += 8) s += part[r * D + col];
+  acc[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < D) {
+    float t = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) t += acc[k][threadIdx.x];
+    store_f(out + col, t);
+  }
+}

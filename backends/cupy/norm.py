@@ -1,0 +1,204 @@
+"""CuPy launchers for the norm family (kernels in norm.cu): rms_norm, layer_norm, gated_rms_norm.
+
+Arguments arrive validated by ssmcore.ops.norm. Rows are the flattened leading dims of x
+(..., D); the gated norm's rows are its groups. The row type TX is x's dtype; residual, s, dy,
+dresidual_out and z are read/written either in x's dtype or in float32 (any other dtype is
+converted to float32 first, and results converted back). Weights and biases are passed as
+float32; dweight/dbias come back in their inputs' dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cupy
+import numpy as np
+
+from . import _arrays, _runtime
+from ._arrays import cdiv, ptr
+
+FAMILY = "norm"
+_TYPES = ("float", "half_t", "bf16_t")
+_NV_FWD = (1, 2, 4)  # register-held chunks per thread; 0 = streaming (very long rows)
+_NV_BWD = (1, 2)
+_NV_GATED_BWD = (1,)  # NV = 2 spills: longer groups stream
+_MAX_ROW_THREADS = 512
+
+INSTANTIATIONS = (
+    [f"norm_fwd<{t}, {nv}, {rms}>" for t in _TYPES for nv in (0,) + _NV_FWD for rms in ("true", "false")]
+    + [f"norm_bwd<{t}, {nv}, {rms}>" for t in _TYPES for nv in (0,) + _NV_BWD for rms in ("true", "false")]
+    + [f"gated_fwd<{t}, {nv}>" for t in _TYPES for nv in (0,) + _NV_FWD]
+    + [f"gated_bwd<{t}, {nv}>" for t in _TYPES for nv in (0,) + _NV_GATED_BWD]
+    + [f"column_sum<{t}>" for t in _TYPES]
+)
+
+
+def _row_layout(n: int, nv_choices) -> tuple[int, int, int]:
+    """(NV, threads per row, rows per block) for rows of n elements in 8-element chunks."""
+    chunks = cdiv(n, 8)
+    for nv in nv_choices:
+        threads = cdiv(chunks, nv)
+        if threads <= _MAX_ROW_THREADS:
+            break
+    else:
+        nv, threads = 0, _MAX_ROW_THREADS
+    warp = _arrays.warp_size()
+    if threads <= warp:
+        tpr = 1 << (threads - 1).bit_length()
+    else:
+        tpr = cdiv(threads, warp) * warp
+    return nv, tpr, max(1, 256 // tpr)
+
+
+def _bwd_grid(rows: int, tpr: int, rows_per_block: int, ngroups: int) -> int:
+    """Persistent grid for a backward: enough blocks to fill the GPU, slots a multiple of ngroups."""
+    per_sm = max(1, 2048 // (tpr * rows_per_block))
+    target = max(1, min(cdiv(rows, rows_per_block), _arrays.sm_count() * per_sm))
+    step = ngroups // math.gcd(ngroups, rows_per_block)
+    return step * cdiv(target, step)
+
+
+def _column_sum(part, like):
+    """Sum the (P, D) float32 partials over P into a (D,) array of like's dtype."""
+    n_part, d = part.shape
+    out = cupy.empty(d, like.dtype)
+    kernel = _runtime.function(FAMILY, f"column_sum<{_arrays.kernel_type('weight', like)}>")
+    _runtime.launch(kernel, (cdiv(d, 32),), (32, 8), (part, np.int64(n_part), np.int32(d), out))
+    return out
+
+
+def _cast(a, dtype):
+    return a if a is None or a.dtype == dtype else a.astype(dtype)
+
+
+# --- rms_norm / layer_norm ----------------------------------------------------------------------
+
+
+def _norm_fwd(x, weight, bias, residual, eps, prenorm, residual_in_fp32, rms):
+    _arrays.check_kernel_dtypes(x=x, weight=weight, bias=bias, residual=residual)
+    tx = _arrays.kernel_type("x", x)
+    d = x.shape[-1]
+    rows = x.size // d
+    s_dtype = cupy.dtype(cupy.float32) if residual_in_fp32 else (residual if residual is not None else x).dtype
+    y = cupy.empty(x.shape, x.dtype)
+    s = None
+    if prenorm:
+        s_kernel_dtype = s_dtype if s_dtype in (x.dtype, cupy.float32) else cupy.dtype(cupy.float32)
+        s = cupy.empty(x.shape, s_kernel_dtype)
+    if rows:
+        x2 = _arrays.contiguous(x)
+        res, res_f32 = _arrays.row_stream(residual, x.dtype)
+        w = _arrays.contiguous(weight, cupy.float32)
+        b = _arrays.contiguous(bias, cupy.float32)
+        nv, tpr, rpb = _row_layout(d, _NV_FWD)
+        vec = d % 8 == 0 and _arrays.aligned16(x2, res, w, b, y, s)
+        kernel = _runtime.function(FAMILY, f"norm_fwd<{tx}, {nv}, {'true' if rms else 'false'}>")
+        _runtime.launch(
+            kernel, (cdiv(rows, rpb),), (tpr, rpb),
+            (x2, ptr(res), np.int32(res_f32), w, ptr(b), y, ptr(s), np.int32(s is not None and s.dtype == cupy.float32),
+             np.int64(rows), np.int32(d), np.float32(eps), np.int32(vec)),
+        )
+    if not prenorm:
+        return y
+    return y, _cast(s, s_dtype)
+
+
+def _norm_bwd(dy, x, weight, bias, residual, eps, dresidual_out, rms):
+    _arrays.check_kernel_dtypes(dy=dy, x=x, weight=weight, bias=bias, residual=residual, dresidual_out=dresidual_out)
+    tx = _arrays.kernel_type("x", x)
+    d = x.shape[-1]
+    rows = x.size // d
+    dx = cupy.empty(x.shape, x.dtype)
+    dres = None
+    if residual is not None:
+        dres = cupy.empty(x.shape, residual.dtype if residual.dtype in (x.dtype, cupy.float32) else cupy.float32)
+    nv, tpr, rpb = _row_layout(d, _NV_BWD)
+    grid = _bwd_grid(rows, tpr, rpb, 1)
+    alloc = cupy.zeros if nv == 0 or not rows else cupy.empty  # the streaming kernel accumulates in place
+    dw_part = alloc((grid * rpb, d), cupy.float32)
+    db_part = None if bias is None else alloc((grid * rpb, d), cupy.float32)
+    if rows:
+        x2 = _arrays.contiguous(x)
+        dy2, dy_f32 = _arrays.row_stream(dy, x.dtype)
+        res, res_f32 = _arrays.row_stream(residual, x.dtype)
+        dro, dro_f32 = _arrays.row_stream(dresidual_out, x.dtype)
+        w = _arrays.contiguous(weight, cupy.float32)
+        vec = d % 8 == 0 and _arrays.aligned16(x2, dy2, res, dro, w, dx, dres)
+        kernel = _runtime.function(FAMILY, f"norm_bwd<{tx}, {nv}, {'true' if rms else 'false'}>")
+        _runtime.launch(
+            kernel, (grid,), (tpr, rpb),
+            (dy2, np.int32(dy_f32), x2, ptr(res), np.int32(res_f32), w, ptr(dro), np.int32(dro_f32), dx, ptr(dres),
+             np.int32(dres is not None and dres.dtype == cupy.float32), dw_part, ptr(db_part), np.int64(rows),
+             np.int32(d), np.float32(eps), np.int32(vec)),
+        )
+    dweight = _column_sum(dw_part, weight)
+    dbias = None if bias is None else _column_sum(db_part, bias)
+    return dx, dweight, dbias, None if residual is None else _cast(dres, residual.dtype)
+
+
+def rms_norm(x, weight, bias=None, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False):
+    return _norm_fwd(x, weight, bias, residual, eps, prenorm, residual_in_fp32, rms=True)
+
+
+def layer_norm(x, weight, bias=None, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False):
+    return _norm_fwd(x, weight, bias, residual, eps, prenorm, residual_in_fp32, rms=False)
+
+
+def rms_norm_bwd(dy, x, weight, bias=None, residual=None, eps=1e-5, dresidual_out=None):
+    return _norm_bwd(dy, x, weight, bias, residual, eps, dresidual_out, rms=True)
+
+
+def layer_norm_bwd(dy, x, weight, bias=None, residual=None, eps=1e-5, dresidual_out=None):
+    return _norm_bwd(dy, x, weight, bias, residual, eps, dresidual_out, rms=False)
+
+
+# --- gated_rms_norm -----------------------------------------------------------------------------
+
+
+def gated_rms_norm(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=True):
+    _arrays.check_kernel_dtypes(x=x, weight=weight, z=z)
+    tx = _arrays.kernel_type("x", x)
+    d = x.shape[-1]
+    group = d if group_size is None else group_size
+    rows = (x.size // d) * (d // group)
+    y = cupy.empty(x.shape, x.dtype)
+    if rows:
+        x2 = _arrays.contiguous(x)
+        z2, z_f32 = _arrays.row_stream(z, x.dtype)
+        w = _arrays.contiguous(weight, cupy.float32)
+        nv, tpr, rpb = _row_layout(group, _NV_FWD)
+        vec = group % 8 == 0 and _arrays.aligned16(x2, z2, w, y)
+        kernel = _runtime.function(FAMILY, f"gated_fwd<{tx}, {nv}>")
+        _runtime.launch(
+            kernel, (cdiv(rows, rpb),), (tpr, rpb),
+            (x2, ptr(z2), np.int32(z_f32), w, y, np.int64(rows), np.int32(group), np.int32(d // group),
+             np.float32(eps), np.int32(vec), np.int32(bool(norm_before_gate))),
+        )
+    return y
+
+
+def gated_rms_norm_bwd(dy, x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=True):
+    _arrays.check_kernel_dtypes(dy=dy, x=x, weight=weight, z=z)
+    tx = _arrays.kernel_type("x", x)
+    d = x.shape[-1]
+    group = d if group_size is None else group_size
+    ngroups = d // group
+    rows = (x.size // d) * ngroups
+    dx = cupy.empty(x.shape, x.dtype)
+    z2, z_f32 = _arrays.row_stream(z, x.dtype)
+    dz = None if z is None else cupy.empty(x.shape, z2.dtype)
+    nv, tpr, rpb = _row_layout(group, _NV_GATED_BWD)
+    grid = _bwd_grid(rows, tpr, rpb, ngroups)
+    dw_part = (cupy.zeros if nv == 0 or not rows else cupy.empty)((grid * rpb // ngroups, d), cupy.float32)
+    if rows:
+        x2 = _arrays.contiguous(x)
+        dy2, dy_f32 = _arrays.row_stream(dy, x.dtype)
+        w = _arrays.contiguous(weight, cupy.float32)
+        vec = group % 8 == 0 and _arrays.aligned16(x2, dy2, z2, w, dx, dz)
+        kernel = _runtime.function(FAMILY, f"gated_bwd<{tx}, {nv}>")
+        _runtime.launch(
+            kernel, (grid,), (tpr, rpb),
+            (dy2, np.int32(dy_f32), x2, ptr(z2), np.int32(z_f32), w, dx, ptr(dz), dw_part, np.int64(rows),
+             np.int32(group), np.int32(ngroups), np.float32(eps), np.int32(vec), np.int32(bool(norm_before_gate))),
+        )
+    return dx, _column_sum(dw_part, weight), None if z is None else _cast(dz, z.dtype)

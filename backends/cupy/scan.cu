@@ -1,0 +1,613 @@
+// Selective scan (Mamba-1): forward (scan_fwd) and backward (scan_bwd).
+//
+// Per (b, d) row with state h (N,):  dt_t = [softplus](delta_t + delta_bias)
+//   h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t,   y_t = <C_t, h_t> + D u_t,   out_t = y_t silu(z_t)
+//
+// Work decomposition (both kernels)
+//   Sequential in time, parallel over state entries (the work-efficient layout: one exp per
+//   (b, d, n, t), no log-depth scan). A block is 128 threads; R lanes own one (b, d) row and each
+//   lane owns S of its N state entries (n = j*S .. j*S+S-1 for lane j of the row, N padded to
+//   NP = S*R), so a block holds RB = 128/R rows, all of one batch entry and one group of every
+//   input-dependent B/C. The grid is (batch, group, row tile) flattened. Configurations (S, R) are
+//   templates: large S for large B*D (more exps per lane), S = 1 with R up to 32 lanes per row when
+//   B*D is small (batch 1), so the grid still fills the GPU.
+//   A time tile of TL steps goes through shared memory: u and dt = softplus(delta + bias) per
+//   (row, t) (computed once per element, not once per lane), B_t / C_t as [t][n] (read back as
+//   16-byte vectors of a lane's S entries; a constant (D, N) B/C sits there as [row][n] once and is
+//   read with a time stride of 0). exp goes through exp2 with log2(e) folded into A.
+//   Sums over n (y, and in the backward du / ddelta) are reduced across a row's R lanes with a
+//   butterfly reduce-scatter over groups of timesteps (about one shuffle per step and value instead
+//   of log2 R), the result written once per (row, t) to shared memory; a cooperative epilogue then
+//   applies D, the z gate and writes the tile coalesced along t.
+// Backward: scan_fwd first runs without output and stores the state every CH steps (checkpoints,
+//   B * (L/CH) * D * NP floats, CH = 8..64, never B*D*N*L). scan_bwd walks the chunks in reverse;
+//   per chunk it recomputes the CH states from the checkpoint into registers (hist[CH][S]), then
+//   carries the adjoint g_t = dLoss/dh_t back:
+//     g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1},  dB_t += g_t dt_t u_t,  dC_t += dy_t h_t,
+//     dA += g_t dt_t exp(dt_t A) h_{t-1},  du_t = dt_t <g_t, B_t> + D dy_t,
+//     ddt_t = <g_t, A exp(dt_t A) h_{t-1}> + u_t <g_t, B_t>.
+//   Reductions: dA, constant dB/dC per (b, d, n) in registers over time, dD / ddelta_bias per
+//   (b, d) through the epilogue; all written as float32 partials per batch entry and summed over b
+//   afterwards (deterministic). Input-dependent dB/dC (sum over the channels of a group): butterfly
+//   reduce-scatter over the rows of a warp, shared-memory atomics across the block's warps, then one
+//   float32 global atomic per (block, n, t) into a (B, G, N, L) buffer (order of the global adds is
+//   not deterministic).
+// Traffic (forward): u, delta, z read once, out written once, B/C read once per block (L2 hits);
+//   floor at B8 D4096 L2048 N16 is the SFU (1.07 G exp2). Backward: the forward's reads plus dout,
+//   du/ddelta/dz writes, checkpoints written once and read once; 3 exps per (b, d, n, t).
+// All offsets that can exceed 2**31 are 64-bit (i64).
+#include "common.cuh"
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kThreads = 128;
+
+__host__ __device__ constexpr int ilog2(int x) { return x <= 1 ? 0 : 1 + ilog2(x / 2); }
+__host__ __device__ constexpr int cmin(int a, int b) { return a < b ? a : b; }
+__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
+__host__ __device__ constexpr int pow2_floor(int x) { return x <= 1 ? 1 : 2 * pow2_floor(x / 2); }
+
+template <int S, int R>
+struct Cfg {
+  static constexpr int kNP = S * R;               // padded state size
+  static constexpr int kRows = kThreads / R;      // rows per block
+  static constexpr int kBS = kNP + 4;             // B/C tile row stride (floats, keeps 16-byte rows)
+  // Backward chunk (= checkpoint interval): CH*S registers of states; rows*CH bounds shared memory.
+  static constexpr int kChunk = cmin(cmin(64 / S, 32), cmax(8, 1024 / kRows));
+  // Forward tile: a multiple of the chunk, bounded by the shared memory of the tiles.
+  static constexpr int kTile = cmax(kChunk, cmin(cmin(32, 2048 / kRows), pow2_floor(4096 / kBS)));
+};
+
+__device__ __forceinline__ float exp2_fast(float x) {
+#if SSM_HIP
+  return exp2f(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
+__device__ __forceinline__ float dsilu_f(float z) {
+  const float s = sigmoid_f(z);
+  return s * (1.f + z * (1.f - s));
+}
+
+__device__ __forceinline__ int lane_id() { return threadIdx.x & (SSM_WARP_SIZE - 1); }
+
+// S consecutive floats of shared memory (aligned to S*4 bytes for S = 2, to 16 for S >= 4).
+template <int S>
+__device__ __forceinline__ void lds_vec(float (&v)[S], const float* p) {
+  if constexpr (S >= 4) {
+#pragma unroll
+    for (int k = 0; k < S / 4; ++k) {
+      const float4 q = reinterpret_cast<const float4*>(p)[k];
+      v[4 * k] = q.x;
+      v[4 * k + 1] = q.y;
+      v[4 * k + 2] = q.z;
+      v[4 * k + 3] = q.w;
+    }
+  } else if constexpr (S == 2) {
+    const float2 q = *reinterpret_cast<const float2*>(p);
+    v[0] = q.x;
+    v[1] = q.y;
+  } else {
+    v[0] = p[0];
+  }
+}
+
+// Sum v[0..V) over the 2^NB lanes that differ in lane bits [B0, B0 + NB). A butterfly
+// reduce-scatter uses the first kScatter bits (each step sends half of the remaining entries, never
+// splitting a run of K entries), plain xor sums the rest. Afterwards v[0 .. kLeft) hold totals of the
+// entries offset(lane) + i; lanes whose bits [B0 + kScatter, B0 + NB) are zero own those totals.
+template <int V, int B0, int STEP, int NSTEPS>
+__device__ __forceinline__ void scatter_steps(float (&v)[V], int lane) {
+  if constexpr (STEP < NSTEPS) {
+    constexpr int half = V >> (STEP + 1);
+    const bool upper = (lane >> (B0 + STEP)) & 1;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float send = upper ? v[i] : v[i + half];
+      const float keep = upper ? v[i + half] : v[i];
+      v[i] = keep + SSM_SHFL_XOR(send, 1 << (B0 + STEP));
+    }
+    scatter_steps<V, B0, STEP + 1, NSTEPS>(v, lane);
+  }
+}
+
+template <int V, int B0, int NB, int K = 1>
+struct LaneReduce {
+  static constexpr int kScatter = cmin(NB, ilog2(V / K));
+  static constexpr int kLeft = V >> kScatter;
+
+  __device__ __forceinline__ static void run(float (&v)[V], int lane) {
+    scatter_steps<V, B0, 0, kScatter>(v, lane);
+#pragma unroll
+    for (int k = kScatter; k < NB; ++k) {
+#pragma unroll
+      for (int i = 0; i < kLeft; ++i) v[i] += SSM_SHFL_XOR(v[i], 1 << (B0 + k));
+    }
+  }
+  __device__ __forceinline__ static int offset(int lane) {
+    int o = 0;
+#pragma unroll
+    for (int k = 0; k < kScatter; ++k) o += ((lane >> (B0 + k)) & 1) * (V >> (k + 1));
+    return o;
+  }
+  __device__ __forceinline__ static bool owner(int lane) {
+    return ((lane >> (B0 + kScatter)) & ((1 << (NB - kScatter)) - 1)) == 0;
+  }
+};
+
+// The rows of one block: batch entry b, channels row0 .. row0 + rows - 1, and the group of an
+// input-dependent B (gB) and C (gC) they share.
+struct BlockRows {
+  int b, row0, rows, gB, gC;
+  __device__ BlockRows(int RB, int Dm, int Dblk, int Gblk, int GB, int GC, int ptiles) {
+    const int p = blockIdx.x % ptiles;
+    const int bg = blockIdx.x / ptiles;
+    b = bg / Gblk;
+    row0 = (bg % Gblk) * Dblk + p * RB;
+    rows = min(RB, Dblk - p * RB);
+    gB = row0 / (Dm / GB);
+    gC = row0 / (Dm / GC);
+  }
+};
+
+// B or C of one (batch, group) for steps [t0, t0 + TT) into sX[t][n] (zero outside N and L).
+template <typename T, int NP, int TT, int BS>
+__device__ __forceinline__ void load_bc_tile(float* sX, const T* X, int N, int L, int t0) {
+  constexpr int KE = (NP * TT + kThreads - 1) / kThreads;
+#pragma unroll
+  for (int k = 0; k < KE; ++k) {
+    const int e = threadIdx.x + k * kThreads;
+    if (NP * TT % kThreads == 0 || e < NP * TT) {
+      const int n = e / TT, t = e % TT;
+      float v = 0.f;
+      if (n < N && t0 + t < L) v = load_f(X + (i64)n * L + t0 + t);
+      sX[t * BS + n] = v;
+    }
+  }
+}
+
+// A constant (D, N) B or C for the block's rows into sX[row][n] (zero outside N and the rows).
+template <int NP, int BS>
+__device__ __forceinline__ void load_bc_const(float* sX, const float* X, int RB, int rows, int row0, int N) {
+  for (int e = threadIdx.x; e < RB * NP; e += kThreads) {
+    const int i = e / NP, n = e % NP;
+    sX[i * BS + n] = (i < rows && n < N) ? X[(i64)(row0 + i) * N + n] : 0.f;
+  }
+}
+
+// One forward tile of TL steps for one lane: state update, optional y (reduced over the row's lanes
+// into sY_i[t]) and checkpoints every CH steps.
+template <int S, int R, int TL, int CH, bool kY>
+__device__ __forceinline__ void fwd_tile(float (&h)[S], const float (&A2)[S], const float* sDt_i,
+                                         const float* sU_i, const float* pB, int sBt, const float* pC,
+                                         int sCt, float* sY_i, float* ck, i64 ck_stride, int t0,
+                                         int nchunks, int lane) {
+  constexpr int TG = cmin(R, TL);
+  using Red = LaneReduce<TG, 0, ilog2(R)>;
+#pragma unroll 1
+  for (int tg = 0; tg < TL; tg += TG) {
+    float yv[TG];
+#pragma unroll
+    for (int k = 0; k < TG; ++k) {
+      const int t = tg + k;
+      const float dt = sDt_i[t];
+      const float du = dt * sU_i[t];
+      float bv[S], cv[S];
+      lds_vec<S>(bv, pB + t * sBt);
+      if (kY) lds_vec<S>(cv, pC + t * sCt);
+      float y = 0.f;
+#pragma unroll
+      for (int s = 0; s < S; ++s) {
+        const float dA = exp2_fast(dt * A2[s]);
+        h[s] = fmaf(dA, h[s], du * bv[s]);
+        if (kY) y = fmaf(cv[s], h[s], y);
+      }
+      yv[k] = y;
+      if ((t + 1) % CH == 0 && ck != nullptr) {
+        const int c = (t0 + t + 1) / CH;
+        if (c < nchunks) {
+#pragma unroll
+          for (int s = 0; s < S; ++s) ck[c * ck_stride + s] = h[s];
+        }
+      }
+    }
+    if (kY) {
+      Red::run(yv, lane);
+      if (Red::owner(lane)) sY_i[tg + Red::offset(lane)] = yv[0];
+    }
+  }
+}
+
+}  // namespace
+
+// Forward. out == nullptr: no output (checkpoint pass of the backward); ckpt (B, nchunks, D, NP)
+// float32 gets the state before each chunk of Cfg::kChunk steps; last (B, D, N) float32 the final
+// state. B/C: input-dependent (flags bit 1 / bit 2) as (B, GB|GC, N, L) of T, else (D, N) float32.
+// flags bit 0: softplus. The block covers Dblk = D / lcm(GB, GC) channels per (batch, group).
+template <typename T, int S, int R>
+__global__ void __launch_bounds__(kThreads)
+scan_fwd(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
+         const void* __restrict__ Bp, const void* __restrict__ Cp, const float* __restrict__ Dv,
+         const T* __restrict__ z, const float* __restrict__ bias, const float* __restrict__ h0,
+         T* __restrict__ out, float* __restrict__ last, float* __restrict__ ckpt, int L, int Dm,
+         int N, int Dblk, int Gblk, int GB, int GC, int ptiles, int flags, int nchunks) {
+  using Cf = Cfg<S, R>;
+  constexpr int RB = Cf::kRows, TL = Cf::kTile, CH = Cf::kChunk, NP = Cf::kNP, BS = Cf::kBS;
+  constexpr int RS = TL + 1;  // odd row stride: the rows of a warp hit different banks
+  constexpr int BC_ROWS = cmax(TL, RB);
+  constexpr int KE = (RB * TL + kThreads - 1) / kThreads;
+  __shared__ __align__(16) float sB[BC_ROWS * BS];
+  __shared__ __align__(16) float sC[BC_ROWS * BS];
+  __shared__ float sDt[RB * RS];
+  __shared__ float sU[RB * RS];
+  __shared__ float sY[RB * RS];
+
+  const BlockRows blk(RB, Dm, Dblk, Gblk, GB, GC, ptiles);
+  const int tid = threadIdx.x, i = tid / R, j = tid % R, lane = lane_id();
+  const bool row_ok = i < blk.rows;
+  const int d = blk.row0 + i;
+  const bool softplus = flags & 1, varB = flags & 2, varC = flags & 4;
+  const bool want_y = out != nullptr;
+
+  float A2[S], h[S];
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    const int n = j * S + s;
+    const bool ok = row_ok && n < N;
+    A2[s] = ok ? A[(i64)d * N + n] * kLog2e : 0.f;
+    h[s] = (ok && h0 != nullptr) ? h0[((i64)blk.b * Dm + d) * N + n] : 0.f;
+  }
+  if (!varB) load_bc_const<NP, BS>(sB, static_cast<const float*>(Bp), RB, blk.rows, blk.row0, N);
+  if (!varC && want_y) load_bc_const<NP, BS>(sC, static_cast<const float*>(Cp), RB, blk.rows, blk.row0, N);
+  const float* pB = varB ? sB + j * S : sB + i * BS + j * S;
+  const float* pC = varC ? sC + j * S : sC + i * BS + j * S;
+  const int sBt = varB ? BS : 0, sCt = varC ? BS : 0;
+  const T* Bvar = varB ? static_cast<const T*>(Bp) + ((i64)blk.b * GB + blk.gB) * N * L : nullptr;
+  const T* Cvar = varC ? static_cast<const T*>(Cp) + ((i64)blk.b * GC + blk.gC) * N * L : nullptr;
+
+  float* ck = nullptr;
+  const i64 ck_stride = (i64)Dm * NP;
+  if (ckpt != nullptr && row_ok) {
+    ck = ckpt + ((i64)blk.b * nchunks * Dm + d) * NP + j * S;
+#pragma unroll
+    for (int s = 0; s < S; ++s) ck[s] = h[s];
+  }
+
+  for (int t0 = 0; t0 < L; t0 += TL) {
+    __syncthreads();  // the previous tile's readers are done
+#pragma unroll
+    for (int k = 0; k < KE; ++k) {
+      const int e = tid + k * kThreads;
+      if (RB * TL % kThreads == 0 || e < RB * TL) {
+        const int ii = e / TL, tt = e % TL, t = t0 + tt;
+        float uv = 0.f, dtv = 0.f;
+        if (ii < blk.rows && t < L) {
+          const int dd = blk.row0 + ii;
+          const i64 off = ((i64)blk.b * Dm + dd) * L + t;
+          uv = load_f(u + off);
+          float x = load_f(delta + off);
+          if (bias != nullptr) x += bias[dd];
+          dtv = softplus ? softplus_f(x) : x;
+        }
+        sU[ii * RS + tt] = uv;
+        sDt[ii * RS + tt] = dtv;
+      }
+    }
+    if (varB) load_bc_tile<T, NP, TL, BS>(sB, Bvar, N, L, t0);
+    if (varC && want_y) load_bc_tile<T, NP, TL, BS>(sC, Cvar, N, L, t0);
+    __syncthreads();
+
+    if (want_y) {
+      fwd_tile<S, R, TL, CH, true>(h, A2, sDt + i * RS, sU + i * RS, pB, sBt, pC, sCt, sY + i * RS,
+                                   ck, ck_stride, t0, nchunks, lane);
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < KE; ++k) {
+        const int e = tid + k * kThreads;
+        if (RB * TL % kThreads == 0 || e < RB * TL) {
+          const int ii = e / TL, tt = e % TL, t = t0 + tt;
+          if (ii < blk.rows && t < L) {
+            const int dd = blk.row0 + ii;
+            const i64 off = ((i64)blk.b * Dm + dd) * L + t;
+            float y = sY[ii * RS + tt];
+            if (Dv != nullptr) y = fmaf(Dv[dd], sU[ii * RS + tt], y);
+            if (z != nullptr) y *= silu_f(load_f(z + off));
+            store_f(out + off, y);
+          }
+        }
+      }
+    } else {
+      fwd_tile<S, R, TL, CH, false>(h, A2, sDt + i * RS, sU + i * RS, pB, sBt, pC, sCt, sY + i * RS,
+                                    ck, ck_stride, t0, nchunks, lane);
+    }
+  }
+
+  if (last != nullptr && row_ok) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int n = j * S + s;
+      if (n < N) last[((i64)blk.b * Dm + d) * N + n] = h[s];
+    }
+  }
+}
+
+// Backward. ckpt from scan_fwd (same S, R). Writes du, ddelta (, dz) of T; float32 partials per
+// batch entry: dA_part (B, D, N), dD_part / dbias_part (B, D) (nullptr when absent), constant
+// dB/dC as (B, D, N); input-dependent dB/dC accumulate (atomics) into zeroed (B, G, N, L) float32;
+// dh0 (B, D, N) float32 (nullptr when there is no initial state).
+template <typename T, int S, int R>
+__global__ void __launch_bounds__(kThreads)
+scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restrict__ delta,
+         const float* __restrict__ A, const void* __restrict__ Bp, const void* __restrict__ Cp,
+         const float* __restrict__ Dv, const T* __restrict__ z, const float* __restrict__ bias,
+         const float* __restrict__ ckpt, const float* __restrict__ dlast, T* __restrict__ du,
+         T* __restrict__ ddelta, T* __restrict__ dz, float* __restrict__ dA_part,
+         float* __restrict__ dB_out, float* __restrict__ dC_out, float* __restrict__ dD_part,
+         float* __restrict__ dbias_part, float* __restrict__ dh0, int L, int Dm, int N, int Dblk,
+         int Gblk, int GB, int GC, int ptiles, int flags, int nchunks) {
+  using Cf = Cfg<S, R>;
+  constexpr int RB = Cf::kRows, CH = Cf::kChunk, NP = Cf::kNP, BS = Cf::kBS;
+  constexpr int RS = CH + 1;
+  constexpr int BC_ROWS = cmax(CH, RB);
+  constexpr int KE = (RB * CH + kThreads - 1) / kThreads;
+  constexpr int LOG_R = ilog2(R);
+  constexpr int ROW_BITS = ilog2(SSM_WARP_SIZE) - LOG_R;  // lane bits that pick the row in a warp
+  constexpr int TG = cmin(R, CH);                         // steps per reduce over a row's lanes
+  constexpr int TGR = cmin(CH, cmax(1, (1 << ROW_BITS) / (2 * S)));  // steps per reduce over rows
+  constexpr int TGM = cmax(TG, TGR);
+  using RedRow = LaneReduce<TG, 0, LOG_R>;       // y
+  using RedRow2 = LaneReduce<2 * TG, 0, LOG_R, 2>;  // (<g, B>, <g, A dA h_prev>)
+  using RedCol = LaneReduce<2 * S * TGR, LOG_R, ROW_BITS>;  // dB, dC over the rows of a warp
+
+  __shared__ __align__(16) float sB[BC_ROWS * BS];
+  __shared__ __align__(16) float sC[BC_ROWS * BS];
+  __shared__ float sU[RB * RS];
+  __shared__ float sDt[RB * RS];
+  __shared__ float sDy[RB * RS];
+  __shared__ float sY[RB * RS];
+  __shared__ float sGB[RB * RS];
+  __shared__ float sWA[RB * RS];
+  __shared__ float sRed[2 * NP * CH];  // [dB|dC][n][t] block sums of input-dependent dB/dC
+  __shared__ float sConst[2 * S * kThreads];  // [dB|dC][s][thread] time sums of constant dB/dC
+  __shared__ float sAccD[RB * CH];     // per epilogue slot: sums over chunks of dy u
+  __shared__ float sAccBias[RB * CH];  // and of ddelta
+
+  const BlockRows blk(RB, Dm, Dblk, Gblk, GB, GC, ptiles);
+  const int tid = threadIdx.x, i = tid / R, j = tid % R, lane = lane_id();
+  const bool row_ok = i < blk.rows;
+  const int d = blk.row0 + i;
+  const bool softplus = flags & 1, varB = flags & 2, varC = flags & 4;
+  const i64 row_state = ((i64)blk.b * Dm + d) * N;  // (b, d, 0) of (B, D, N) arrays
+
+  // Registers hold what every step touches; sums that only some layouts need live in shared memory.
+  float A2[S], carry[S], dA_acc[S];
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    const int n = j * S + s;
+    const bool ok = row_ok && n < N;
+    A2[s] = ok ? A[(i64)d * N + n] * kLog2e : 0.f;
+    carry[s] = (ok && dlast != nullptr) ? dlast[row_state + n] : 0.f;
+    dA_acc[s] = 0.f;
+    sConst[s * kThreads + tid] = 0.f;
+    sConst[(S + s) * kThreads + tid] = 0.f;
+  }
+  for (int e = tid; e < RB * CH; e += kThreads) sAccD[e] = sAccBias[e] = 0.f;
+  for (int e = tid; e < 2 * NP * CH; e += kThreads) sRed[e] = 0.f;
+  if (!varB) load_bc_const<NP, BS>(sB, static_cast<const float*>(Bp), RB, blk.rows, blk.row0, N);
+  if (!varC) load_bc_const<NP, BS>(sC, static_cast<const float*>(Cp), RB, blk.rows, blk.row0, N);
+  const float* pB = varB ? sB + j * S : sB + i * BS + j * S;
+  const float* pC = varC ? sC + j * S : sC + i * BS + j * S;
+  const int sBt = varB ? BS : 0, sCt = varC ? BS : 0;
+  const T* Bvar = varB ? static_cast<const T*>(Bp) + ((i64)blk.b * GB + blk.gB) * N * L : nullptr;
+  const T* Cvar = varC ? static_cast<const T*>(Cp) + ((i64)blk.b * GC + blk.gC) * N * L : nullptr;
+  const float* ck = ckpt + ((i64)blk.b * nchunks * Dm + (row_ok ? d : blk.row0)) * NP + j * S;
+  const i64 ck_stride = (i64)Dm * NP;
+  const float* sU_i = sU + i * RS;
+  const float* sDt_i = sDt + i * RS;
+  const float* sDy_i = sDy + i * RS;
+
+  for (int c = nchunks - 1; c >= 0; --c) {
+    const int t0 = c * CH;
+    __syncthreads();  // the previous chunk's epilogue is done with shared memory
+#pragma unroll
+    for (int k = 0; k < KE; ++k) {
+      const int e = tid + k * kThreads;
+      if (RB * CH % kThreads == 0 || e < RB * CH) {
+        const int ii = e / CH, tt = e % CH, t = t0 + tt;
+        float uv = 0.f, dtv = 0.f, dyv = 0.f;
+        if (ii < blk.rows && t < L) {
+          const int dd = blk.row0 + ii;
+          const i64 off = ((i64)blk.b * Dm + dd) * L + t;
+          uv = load_f(u + off);
+          float x = load_f(delta + off);
+          if (bias != nullptr) x += bias[dd];
+          dtv = softplus ? softplus_f(x) : x;
+          dyv = load_f(dout + off);
+          if (z != nullptr) dyv *= silu_f(load_f(z + off));
+        }
+        sU[ii * RS + tt] = uv;
+        sDt[ii * RS + tt] = dtv;
+        sDy[ii * RS + tt] = dyv;
+      }
+    }
+    if (varB) load_bc_tile<T, NP, CH, BS>(sB, Bvar, N, L, t0);
+    if (varC) load_bc_tile<T, NP, CH, BS>(sC, Cvar, N, L, t0);
+    float hstart[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) hstart[s] = row_ok ? ck[c * ck_stride + s] : 0.f;
+    __syncthreads();
+
+    // Recompute the chunk's states (and y, for dz) from the checkpoint.
+    float hist[CH][S];
+#pragma unroll
+    for (int tg = 0; tg < CH; tg += TG) {
+      float yv[TG];
+#pragma unroll
+      for (int k = 0; k < TG; ++k) {
+        const int t = tg + k;
+        const float dt = sDt_i[t];
+        const float dtu = dt * sU_i[t];
+        float bv[S], cv[S];
+        lds_vec<S>(bv, pB + t * sBt);
+        lds_vec<S>(cv, pC + t * sCt);
+        float y = 0.f;
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+          const float hp = t > 0 ? hist[t > 0 ? t - 1 : 0][s] : hstart[s];
+          const float dA = exp2_fast(dt * A2[s]);
+          hist[t][s] = fmaf(dA, hp, dtu * bv[s]);
+          y = fmaf(cv[s], hist[t][s], y);
+        }
+        yv[k] = y;
+      }
+      RedRow::run(yv, lane);
+      if (RedRow::owner(lane)) sY[i * RS + tg + RedRow::offset(lane)] = yv[0];
+    }
+
+    // Adjoint, backwards through the chunk.
+#pragma unroll
+    for (int tg = CH - TGM; tg >= 0; tg -= TGM) {
+      float gsum[TGM][2];
+      float dbc[TGM][2 * S];
+#pragma unroll
+      for (int k = TGM - 1; k >= 0; --k) {
+        const int t = tg + k;
+        const float dt = sDt_i[t];
+        const float dy = sDy_i[t];
+        const float dtu = dt * sU_i[t];
+        float bv[S], cv[S];
+        lds_vec<S>(bv, pB + t * sBt);
+        lds_vec<S>(cv, pC + t * sCt);
+        float gb = 0.f, wa = 0.f;
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+          const float hp = t > 0 ? hist[t > 0 ? t - 1 : 0][s] : hstart[s];
+          const float dA = exp2_fast(dt * A2[s]);
+          const float g = fmaf(cv[s], dy, carry[s]);
+          const float w = g * dA * hp;  // g_t exp(dt A) h_{t-1}
+          dA_acc[s] = fmaf(w, dt, dA_acc[s]);
+          wa = fmaf(w, A2[s], wa);
+          gb = fmaf(g, bv[s], gb);
+          const float gB = g * dtu, gC = dy * hist[t][s];
+          dbc[k][s] = gB;
+          dbc[k][S + s] = gC;
+          if (!varB) sConst[s * kThreads + tid] += gB;
+          if (!varC) sConst[(S + s) * kThreads + tid] += gC;
+          carry[s] = g * dA;
+        }
+        gsum[k][0] = gb;
+        gsum[k][1] = wa * kLn2;
+        if (k % TG == 0) {
+          float v[2 * TG];
+#pragma unroll
+          for (int q = 0; q < TG; ++q) {
+            v[2 * q] = gsum[k + q][0];
+            v[2 * q + 1] = gsum[k + q][1];
+          }
+          RedRow2::run(v, lane);
+          if (RedRow2::owner(lane)) {
+            const int tt = tg + k + RedRow2::offset(lane) / 2;
+            sGB[i * RS + tt] = v[0];
+            sWA[i * RS + tt] = v[1];
+          }
+        }
+        if (k % TGR == 0 && (varB || varC)) {
+          float v[2 * S * TGR];
+#pragma unroll
+          for (int q = 0; q < TGR; ++q) {
+#pragma unroll
+            for (int x = 0; x < 2 * S; ++x) v[q * 2 * S + x] = dbc[k + q][x];
+          }
+          RedCol::run(v, lane);
+          if (RedCol::owner(lane)) {
+            const int o = RedCol::offset(lane);
+#pragma unroll
+            for (int x = 0; x < RedCol::kLeft; ++x) {
+              const int idx = o + x;
+              const int q = idx / (2 * S), kind = (idx / S) % 2, s = idx % S;
+              atomicAdd(&sRed[(kind * NP + j * S + s) * CH + tg + k + q], v[x]);
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();
+
+    // Epilogue: per (row, t) gradients, coalesced along t.
+#pragma unroll
+    for (int k = 0; k < KE; ++k) {
+      const int e = tid + k * kThreads;
+      if (RB * CH % kThreads == 0 || e < RB * CH) {
+        const int ii = e / CH, tt = e % CH, t = t0 + tt;
+        if (ii < blk.rows && t < L) {
+          const int dd = blk.row0 + ii;
+          const i64 off = ((i64)blk.b * Dm + dd) * L + t;
+          const float uv = sU[ii * RS + tt], dt = sDt[ii * RS + tt], dy = sDy[ii * RS + tt];
+          const float gb = sGB[ii * RS + tt];
+          const float Dd = Dv != nullptr ? Dv[dd] : 0.f;
+          float ddt = fmaf(uv, gb, sWA[ii * RS + tt]);
+          if (softplus) {
+            float x = load_f(delta + off);
+            if (bias != nullptr) x += bias[dd];
+            if (x <= 20.f) ddt *= sigmoid_f(x);
+          }
+          store_f(du + off, fmaf(dt, gb, Dd * dy));
+          store_f(ddelta + off, ddt);
+          if (z != nullptr) {
+            const float y = fmaf(Dd, uv, sY[ii * RS + tt]);
+            const float zv = load_f(z + off);
+            store_f(dz + off, load_f(dout + off) * y * dsilu_f(zv));
+          }
+          sAccD[e] = fmaf(dy, uv, sAccD[e]);
+          sAccBias[e] += ddt;
+        }
+      }
+    }
+    if (varB || varC) {
+      for (int e = tid; e < 2 * NP * CH; e += kThreads) {
+        const int kind = e / (NP * CH), n = (e / CH) % NP, t = t0 + e % CH;
+        const bool var = kind == 0 ? varB : varC;
+        if (var && n < N && t < L) {
+          float* out = kind == 0 ? dB_out + (((i64)blk.b * GB + blk.gB) * N + n) * L
+                                 : dC_out + (((i64)blk.b * GC + blk.gC) * N + n) * L;
+          atomicAdd(out + t, sRed[e]);
+        }
+        sRed[e] = 0.f;
+      }
+    }
+  }
+
+  // Per (b, d, n) results.
+  if (row_ok) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int n = j * S + s;
+      if (n < N) {
+        dA_part[row_state + n] = dA_acc[s];
+        if (!varB) dB_out[row_state + n] = sConst[s * kThreads + tid];
+        if (!varC) dC_out[row_state + n] = sConst[(S + s) * kThreads + tid];
+        if (dh0 != nullptr) dh0[row_state + n] = carry[s];
+      }
+    }
+  }
+  // Per (b, d) sums of dD and ddelta_bias, in a fixed order.
+  if (dD_part != nullptr || dbias_part != nullptr) {
+    __syncthreads();
+    for (int ii = tid; ii < blk.rows; ii += kThreads) {
+      float sd = 0.f, sb = 0.f;
+      for (int tt = 0; tt < CH; ++tt) {
+        sd += sAccD[ii * CH + tt];
+        sb += sAccBias[ii * CH + tt];
+      }
+      const i64 o = (i64)blk.b * Dm + blk.row0 + ii;
+      if (dD_part != nullptr) dD_part[o] = sd;
+      if (dbias_part != nullptr) dbias_part[o] = sb;
+    }
+  }
+}

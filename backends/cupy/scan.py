@@ -1,0 +1,191 @@
+"""CuPy launchers for the selective scan (kernels in scan.cu): selective_scan, selective_scan_bwd.
+
+Arguments arrive validated by ssmcore.ops.scan. u, delta, z, dout and input-dependent B/C share
+the activation dtype (the kernel element type T); A, D, delta_bias, initial_state, dlast_state and
+constant (D, N) B/C are passed as float32. Each launch picks a lane layout (S state entries per lane,
+R lanes per row, S * R = N rounded up to a power of two): few lanes per row when there are many
+(b, d) rows, up to 32 when there are few (batch 1), so the grid fills the GPU either way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cupy
+import numpy as np
+
+from . import _arrays, _runtime
+from ._arrays import NULL, cdiv, ptr
+
+FAMILY = "scan"
+_TYPES = ("float", "half_t", "bf16_t")
+_THREADS = 128
+_MAX_N = 256
+
+# (S, R) layouts: for each padded N a "wide" one (more exps per lane) and a "narrow" one (more lanes
+# per row, for few rows).
+_LAYOUTS = ((1, 1), (2, 1), (1, 2), (4, 1), (1, 4), (4, 2), (1, 8), (4, 4), (1, 16), (4, 8),
+            (1, 32), (4, 16), (2, 32), (4, 32), (8, 32))
+
+INSTANTIATIONS = [f"scan_fwd<{t}, {s}, {r}>" for t in _TYPES for s, r in _LAYOUTS] + [
+    f"scan_bwd<{t}, {s}, {r}>" for t in _TYPES for s, r in _LAYOUTS
+]
+
+# Rows * lanes per row at or above which the wide layout keeps the GPU busy (per multiprocessor).
+_WIDE_THREADS_PER_SM = 512
+# Benchmarks may force a layout: S (the state entries per lane) or None.
+force_states_per_lane = None
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _layout(n_states: int, rows: int) -> tuple[int, int]:
+    """(S, R) for N state entries and B*D rows."""
+    npad = _pow2_ceil(max(n_states, 1))
+    wide = max(min(npad, 4), npad // 32)
+    narrow = max(1, wide // 4, npad // 32)
+    forced = force_states_per_lane
+    if forced is not None and (forced, npad // forced) in _LAYOUTS:
+        s = forced
+    elif rows * (npad // wide) >= _arrays.sm_count() * _WIDE_THREADS_PER_SM:
+        s = wide
+    else:
+        s = narrow
+    return s, npad // s
+
+
+def _chunk(s: int, r: int) -> int:
+    """Cfg<S, R>::kChunk of scan.cu: steps between checkpoints."""
+    rows = _THREADS // r
+    return min(64 // s, max(8, 1024 // rows))
+
+
+class _Args:
+    """Kernel-ready arrays and sizes shared by the forward and the backward."""
+
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, initial_state):
+        _arrays.check_kernel_dtypes(u=u, delta=delta, z=z)
+        self.batch, self.channels, self.length = (int(x) for x in u.shape)
+        self.n_states = int(A.shape[1])
+        if self.n_states > _MAX_N:
+            raise ValueError(
+                f"A: the GPU kernels support N <= {_MAX_N} state entries, got N={self.n_states} "
+                f"(shape {tuple(A.shape)})"
+            )
+        self.T = _runtime.ctype(u.dtype)
+        self.u = _arrays.contiguous(u)
+        self.delta = _arrays.contiguous(delta)
+        self.z = _arrays.contiguous(z)
+        self.A = _arrays.contiguous(A, cupy.float32)
+        self.D = _arrays.contiguous(D, cupy.float32)
+        self.delta_bias = _arrays.contiguous(delta_bias, cupy.float32)
+        self.initial_state = _arrays.contiguous(initial_state, cupy.float32)
+        self.B, self.var_B, self.groups_B = self._bc(B)
+        self.C, self.var_C, self.groups_C = self._bc(C)
+        groups = self.groups_B * self.groups_C // math.gcd(self.groups_B, self.groups_C)
+        self.block_groups = groups
+        self.channels_per_block_group = self.channels // groups
+        rows = self.batch * self.channels
+        self.S, self.R = _layout(self.n_states, rows)
+        self.chunk = _chunk(self.S, self.R)
+        self.n_chunks = cdiv(self.length, self.chunk)
+        self.np = self.S * self.R
+        rows_per_block = _THREADS // self.R
+        self.row_tiles = cdiv(self.channels_per_block_group, rows_per_block)
+        self.grid = (self.batch * groups * self.row_tiles,)
+
+    @staticmethod
+    def _bc(X):
+        """(kernel array, input-dependent, groups)."""
+        if X.ndim == 2:
+            return _arrays.contiguous(X, cupy.float32), False, 1
+        return _arrays.contiguous(X), True, (1 if X.ndim == 3 else int(X.shape[1]))
+
+    def flags(self, softplus: bool) -> np.int32:
+        return np.int32(int(bool(softplus)) | (2 if self.var_B else 0) | (4 if self.var_C else 0))
+
+    def sizes(self, softplus: bool):
+        return (
+            np.int32(self.length), np.int32(self.channels), np.int32(self.n_states),
+            np.int32(self.channels_per_block_group), np.int32(self.block_groups),
+            np.int32(self.groups_B if self.var_B else 1), np.int32(self.groups_C if self.var_C else 1),
+            np.int32(self.row_tiles), self.flags(softplus), np.int32(self.n_chunks),
+        )
+
+    def empty(self) -> bool:
+        return self.batch * self.channels * self.length == 0
+
+
+def _forward(a: _Args, softplus, out=None, last=None, ckpt=None):
+    kernel = _runtime.function(FAMILY, f"scan_fwd<{a.T}, {a.S}, {a.R}>")
+    _runtime.launch(kernel, a.grid, (_THREADS,), (
+        a.u, a.delta, a.A, a.B, a.C, ptr(a.D), ptr(a.z), ptr(a.delta_bias), ptr(a.initial_state),
+        ptr(out), ptr(last), ptr(ckpt), *a.sizes(softplus),
+    ))
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, return_last_state=False):
+    """CuPy forward of ``ssmcore.selective_scan`` (arguments already validated)."""
+    a = _Args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    out = cupy.empty((a.batch, a.channels, a.length), u.dtype)
+    last = cupy.empty((a.batch, a.channels, a.n_states), cupy.float32) if return_last_state else None
+    if a.empty():
+        if last is not None:
+            last[...] = 0 if a.initial_state is None else a.initial_state
+    else:
+        _forward(a, delta_softplus, out=out, last=last)
+    return (out, last) if return_last_state else out
+
+
+def _cast(x, dtype):
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       initial_state=None, dlast_state=None):
+    """CuPy backward of ``ssmcore.selective_scan``: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias,
+    dinitial_state), each in its input's dtype, None for inputs that were None."""
+    _arrays.check_kernel_dtypes(dout=dout)
+    a = _Args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    nb, nd, L, N = a.batch, a.channels, a.length, a.n_states
+    f32 = cupy.float32
+    du = cupy.empty((nb, nd, L), u.dtype)
+    ddelta = cupy.empty((nb, nd, L), delta.dtype)
+    dz = cupy.empty((nb, nd, L), z.dtype) if z is not None else None
+    dA_part = cupy.zeros((nb, nd, N), f32)
+    dB_buf = cupy.zeros((nb, a.groups_B, N, L) if a.var_B else (nb, nd, N), f32)
+    dC_buf = cupy.zeros((nb, a.groups_C, N, L) if a.var_C else (nb, nd, N), f32)
+    dD_part = cupy.zeros((nb, nd), f32) if D is not None else None
+    dbias_part = cupy.zeros((nb, nd), f32) if delta_bias is not None else None
+    dlast = _arrays.contiguous(dlast_state, f32)
+    if initial_state is None:
+        dh0 = None
+    elif a.empty():
+        dh0 = cupy.zeros((nb, nd, N), f32) if dlast is None else dlast.copy()
+    else:
+        dh0 = cupy.empty((nb, nd, N), f32)
+    if not a.empty():
+        ckpt = cupy.empty((nb, a.n_chunks, nd, a.np), f32)
+        _forward(a, delta_softplus, ckpt=ckpt)
+        kernel = _runtime.function(FAMILY, f"scan_bwd<{a.T}, {a.S}, {a.R}>")
+        _runtime.launch(kernel, a.grid, (_THREADS,), (
+            _arrays.contiguous(dout), a.u, a.delta, a.A, a.B, a.C, ptr(a.D), ptr(a.z),
+            ptr(a.delta_bias), ckpt, ptr(dlast), du, ddelta, ptr(dz), dA_part, dB_buf, dC_buf,
+            ptr(dD_part), ptr(dbias_part), ptr(dh0), *a.sizes(delta_softplus),
+        ))
+    dB = dB_buf.reshape(B.shape) if a.var_B else dB_buf.sum(axis=0)
+    dC = dC_buf.reshape(C.shape) if a.var_C else dC_buf.sum(axis=0)
+    return (
+        du,
+        ddelta,
+        _cast(dA_part.sum(axis=0), A.dtype),
+        _cast(dB, B.dtype),
+        _cast(dC, C.dtype),
+        None if D is None else _cast(dD_part.sum(axis=0), D.dtype),
+        dz,
+        None if delta_bias is None else _cast(dbias_part.sum(axis=0), delta_bias.dtype),
+        None if initial_state is None else _cast(dh0, initial_state.dtype),
+    )
