@@ -204,7 +204,8 @@ def test_backward_matches_torch_autograd(rng, channel_last, width, length):
 @pytest.mark.parametrize("width,length", [(1, 4), (3, 1), (4, 17), (7, 5)])
 def test_backward_finite_differences(rng, channel_last, width, length):
     x, weight, bias, init = conv_args(rng, 2, 3, length, width, "float64", channel_last)
-    x = np.array(x)  # writable copy (numeric_grad perturbs in place)
+    # numeric_grad perturbs a C-contiguous array in place: x is a view of it.
+    x_store = x.transpose(0, 2, 1) if channel_last else x
     seq_idx = random_seq_idx(rng, 2, length)
     dout = randn(rng, x.shape, "float64")
     dfinal = randn(rng, init.shape, "float64")
@@ -215,8 +216,10 @@ def test_backward_finite_differences(rng, channel_last, width, length):
 
     grads = ssmcore.causal_conv1d_bwd(dout, x, weight, bias, "silu", seq_idx, init, dfinal)
     weights = np.concatenate([dout.ravel(), dfinal.ravel()])
-    for name, arr in (("dx", x), ("dweight", weight), ("dbias", bias), ("dinitial_states", init)):
+    for name, arr in (("dx", x_store), ("dweight", weight), ("dbias", bias), ("dinitial_states", init)):
         numeric = numeric_grad(loss_terms, arr, weights, max_points=12, rng=rng)
+        if arr is x_store and channel_last:
+            numeric = numeric.transpose(0, 2, 1)
         assert_grad_close(getattr(grads, name), numeric, name=name)
 
 

@@ -111,7 +111,7 @@ def ref_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 
 def ref_causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
-                      activation=None):
+                      final_states_out=None, activation=None):
     batch, dim, length = x.shape
     width = weight.shape[1]
     init = torch.zeros(batch, dim, width - 1, dtype=x.dtype) if initial_states is None else initial_states
@@ -577,6 +577,28 @@ def test_compile_fullgraph_matches_eager(gen, backend):
     upstream = [randn(gen, 2, 4, 9, dtype=torch.float32), randn(gen, 2, 4, 3, dtype=torch.float32)]
     outs, grads = grads_of(compiled, args, upstream)
     ref_outs, ref_grads = grads_of(mamba_like, args, upstream)
+    for got, want in zip((*outs, *grads), (*ref_outs, *ref_grads)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def mamba2_like(x, dt, A, B, C, D, z, norm_weight, residual, dt_bias):
+    y, final = mamba_chunk_scan_combined(x, dt, A, B, C, 4, D=D, dt_bias=dt_bias, dt_softplus=True,
+                                         return_final_states=True)
+    y = rmsnorm_fn(y.flatten(-2), norm_weight, None, z=z.flatten(-2), group_size=6)
+    hidden, residual = rms_norm_fn(y, norm_weight, None, residual=residual, prenorm=True, residual_in_fp32=True)
+    return hidden, residual, final
+
+
+def test_compile_fullgraph_ssd_and_norms_match_eager(gen):
+    torch._dynamo.reset()
+    x, dt, A, B, C, D, z, dt_bias = ssd_inputs(gen, dtype=torch.float32)
+    args = (x, dt, A, B, C, D, z, randn(gen, 12, dtype=torch.float32, grad=True),
+            randn(gen, 2, 11, 12, dtype=torch.float32, grad=True), dt_bias)
+    compiled = torch.compile(mamba2_like, fullgraph=True, backend="aot_eager")
+    upstream = [randn(gen, 2, 11, 12, dtype=torch.float32), randn(gen, 2, 11, 12, dtype=torch.float32),
+                randn(gen, 2, 4, 3, 5, dtype=torch.float32)]
+    outs, grads = grads_of(compiled, args, upstream)
+    ref_outs, ref_grads = grads_of(mamba2_like, args, upstream)
     for got, want in zip((*outs, *grads), (*ref_outs, *ref_grads)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

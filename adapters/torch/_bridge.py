@@ -38,10 +38,9 @@ def to_array(name: str, t: torch.Tensor | None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.device.type == "cpu":
-        t = t.detach()
         if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(_BF16)
-        return t.resolve_conj().resolve_neg().numpy()
+            return t.detach().view(torch.int16).numpy().view(_BF16)
+        return t.numpy(force=True)  # detached; a copy only for lazily conjugated/negated views
     if t.device.type == "cuda":
         return _cupy_view(name, t)
     raise TypeError(f"{name}: tensors on {t.device.type} are not supported (CPU or CUDA)")
@@ -49,7 +48,10 @@ def to_array(name: str, t: torch.Tensor | None):
 
 def to_tensor(a) -> torch.Tensor:
     """A torch tensor over a NumPy/CuPy result array's memory."""
-    if isinstance(a, np.ndarray):
+    if isinstance(a, (np.ndarray, np.generic)):
+        a = np.asarray(a)
+        if not a.flags.writeable or min(a.strides, default=0) < 0:
+            a = a.copy()  # torch.from_numpy takes neither read-only nor reversed arrays
         if a.dtype == _BF16:
             return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(a)
@@ -106,7 +108,12 @@ def absent(device) -> torch.Tensor:
 
 
 def backend_scope(t: torch.Tensor):
-    """Context in which the backend runs ``t``'s op: for CUDA, torch's device and current stream."""
+    """Context in which the backend runs ``t``'s op: for CUDA, torch's device, current stream and allocator.
+
+    Convert results back (``fresh_outputs``) inside it too: DLPack's stream handshake then sees
+    the producer and consumer streams as one, so it adds no wait and never touches the legacy
+    default stream, which a CUDA-graph capture forbids.
+    """
     if t.device.type != "cuda":
         return _CPU
     return _cuda_scope(t.device.index if t.device.index is not None else torch.cuda.current_device())

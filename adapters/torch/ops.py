@@ -67,7 +67,7 @@ def selective_scan_fwd(
             delta_softplus=delta_softplus, initial_state=to_array("initial_state", initial_state),
             return_last_state=True,
         )
-    return fresh_outputs(results, inputs, u.device)
+        return fresh_outputs(results, inputs, u.device)
 
 
 @selective_scan_fwd.register_fake
@@ -94,7 +94,7 @@ def selective_scan_bwd(
             initial_state=to_array("initial_state", initial_state),
             dlast_state=to_array("dlast_state", dlast_state),
         )
-    return fresh_outputs(grads, inputs, u.device)
+        return fresh_outputs(grads, inputs, u.device)
 
 
 @selective_scan_bwd.register_fake
@@ -140,9 +140,9 @@ def causal_conv1d_fwd(
             seq_idx=to_array("seq_idx", seq_idx), initial_states=to_array("initial_states", initial_states),
             return_final_states=return_final_states,
         )
-    if not return_final_states:
-        results = (results, None)
-    return fresh_outputs(results, (x, weight, bias, seq_idx, initial_states), x.device, like=(x,))
+        if not return_final_states:
+            results = (results, None)
+        return fresh_outputs(results, (x, weight, bias, seq_idx, initial_states), x.device, like=(x,))
 
 
 @causal_conv1d_fwd.register_fake
@@ -167,7 +167,7 @@ def causal_conv1d_bwd(
             initial_states=to_array("initial_states", initial_states),
             dfinal_states=to_array("dfinal_states", dfinal_states),
         )
-    return fresh_outputs(grads, inputs, x.device, like=(x,))
+        return fresh_outputs(grads, inputs, x.device, like=(x,))
 
 
 @causal_conv1d_bwd.register_fake
@@ -212,7 +212,7 @@ def causal_conv1d_update(
             to_array("bias", bias), activation=activation, cache_seqlens=to_array("cache_seqlens", cache_seqlens),
             conv_state_indices=to_array("conv_state_indices", conv_state_indices),
         )
-    return fresh_outputs((out,), (x, conv_state, weight, bias, cache_seqlens, conv_state_indices), x.device)[0]
+        return fresh_outputs((out,), (x, conv_state, weight, bias, cache_seqlens, conv_state_indices), x.device)[0]
 
 
 @causal_conv1d_update.register_fake
@@ -236,7 +236,7 @@ def selective_state_update(
             to_array("C", C), D=to_array("D", D), z=to_array("z", z), dt_bias=to_array("dt_bias", dt_bias),
             dt_softplus=dt_softplus, state_batch_indices=to_array("state_batch_indices", state_batch_indices),
         )
-    return fresh_outputs((out,), inputs, x.device)[0]
+        return fresh_outputs((out,), inputs, x.device)[0]
 
 
 @selective_state_update.register_fake
@@ -265,9 +265,9 @@ def ssd_fwd(
             cu_seqlens=to_array("cu_seqlens", cu_seqlens), return_final_states=True,
             return_varlen_states=return_varlen_states,
         )
-    if not return_varlen_states:
-        results = (*results, None)
-    return fresh_outputs(results, inputs, x.device)
+        if not return_varlen_states:
+            results = (*results, None)
+        return fresh_outputs(results, inputs, x.device)
 
 
 @ssd_fwd.register_fake
@@ -299,7 +299,7 @@ def ssd_bwd(
             initial_states=to_array("initial_states", initial_states), seq_idx=to_array("seq_idx", seq_idx),
             cu_seqlens=to_array("cu_seqlens", cu_seqlens), dfinal_states=to_array("dfinal_states", dfinal_states),
         )
-    return fresh_outputs(grads, inputs, x.device)
+        return fresh_outputs(grads, inputs, x.device)
 
 
 @ssd_bwd.register_fake
@@ -384,7 +384,7 @@ def rms_norm_fwd(
             to_array("x", x), to_array("weight", weight), to_array("bias", bias), to_array("residual", residual),
             eps=eps, prenorm=prenorm, residual_in_fp32=residual_in_fp32,
         )
-    return fresh_outputs(results if prenorm else (results, None), (x, weight, bias, residual), x.device)
+        return fresh_outputs(results if prenorm else (results, None), (x, weight, bias, residual), x.device)
 
 
 @custom_op("ssmcore::rms_norm_bwd", mutates_args=())
@@ -399,7 +399,7 @@ def rms_norm_bwd(
             to_array("dy", dy), to_array("x", x), to_array("weight", weight), to_array("bias", bias),
             to_array("residual", residual), eps=eps, dresidual_out=to_array("dresidual_out", dresidual_out),
         )
-    return fresh_outputs(grads, inputs, x.device)
+        return fresh_outputs(grads, inputs, x.device)
 
 
 @custom_op("ssmcore::layer_norm_fwd", mutates_args=())
@@ -413,7 +413,7 @@ def layer_norm_fwd(
             to_array("x", x), to_array("weight", weight), to_array("bias", bias), to_array("residual", residual),
             eps=eps, prenorm=prenorm, residual_in_fp32=residual_in_fp32,
         )
-    return fresh_outputs(results if prenorm else (results, None), (x, weight, bias, residual), x.device)
+        return fresh_outputs(results if prenorm else (results, None), (x, weight, bias, residual), x.device)
 
 
 @custom_op("ssmcore::layer_norm_bwd", mutates_args=())
@@ -428,7 +428,7 @@ def layer_norm_bwd(
             to_array("dy", dy), to_array("x", x), to_array("weight", weight), to_array("bias", bias),
             to_array("residual", residual), eps=eps, dresidual_out=to_array("dresidual_out", dresidual_out),
         )
-    return fresh_outputs(grads, inputs, x.device)
+        return fresh_outputs(grads, inputs, x.device)
 
 
 for _fwd, _bwd in ((rms_norm_fwd, rms_norm_bwd), (layer_norm_fwd, layer_norm_bwd)):
@@ -447,7 +447,7 @@ def gated_rms_norm_fwd(
             to_array("x", x), to_array("weight", weight), to_array("z", z), eps=eps, group_size=group_size,
             norm_before_gate=norm_before_gate,
         )
-    return fresh_outputs((y,), (x, weight, z), x.device)[0]
+        return fresh_outputs((y,), (x, weight, z), x.device)[0]
 
 
 @gated_rms_norm_fwd.register_fake
@@ -466,7 +466,7 @@ def gated_rms_norm_bwd(
             to_array("dy", dy), to_array("x", x), to_array("weight", weight), to_array("z", z), eps=eps,
             group_size=group_size, norm_before_gate=norm_before_gate,
         )
-    return fresh_outputs(grads, (dy, x, weight, z), x.device)
+        return fresh_outputs(grads, (dy, x, weight, z), x.device)
 
 
 @gated_rms_norm_bwd.register_fake

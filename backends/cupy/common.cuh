@@ -133,3 +133,24 @@ __device__ __forceinline__ float row_sum(float a, float* red) {
   row_sum2(a, b, red);
   return a;
 }
+
+// ---- column sums of float32 partials (backward passes' dweight/dbias) ----------------------
+// out[d] = sum over rows of part[row, d] (float32 partials -> the parameter's dtype).
+// Block (32, 8): 32 columns, rows split over threadIdx.y, combined through __shared__ memory.
+template <typename TO>
+__global__ void __launch_bounds__(256) column_sum(const float* __restrict__ part, i64 nrows, int D,
+                                                  TO* __restrict__ out) {
+  __shared__ float acc[8][33];
+  const int col = blockIdx.x * 32 + threadIdx.x;
+  float s = 0.f;
+  if (col < D)
+    for (i64 r = threadIdx.y; r < nrows; r += 8) s += part[r * D + col];
+  acc[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < D) {
+    float t = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) t += acc[k][threadIdx.x];
+    store_f(out + col, t);
+  }
+}

@@ -13,7 +13,7 @@
 // Traffic: forward reads x (+ residual) once and writes y (+ s) once; the backward reads dy,
 //   x (+ residual, + dresidual_out) once, writes dx (+ dresidual) once. The backward grid is
 //   persistent: each (block, row slot) accumulates dweight/dbias for its columns over its rows
-//   in registers and writes one float32 partial row; column_sum adds the partials (D x slots
+//   in registers and writes one float32 partial row; column_sum (common.cuh) adds the partials (D x slots
 //   floats, a few MB) into dweight/dbias, deterministic (no atomics).
 // Secondary streams (residual, s, dy, dresidual_out, z, dz) are either the row type TX or
 // float32, chosen at run time by an *_f32 flag (a uniform branch), so instantiations stay few.
@@ -640,26 +640,5 @@ __global__ void __launch_bounds__(512) gated_bwd(const void* __restrict__ dy, in
       const int c = threadIdx.x + j * tpr;
       if (c < nchunks) store_chunk8(dwr, (i64)c * 8, G, vec, dwacc[j]);
     }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// out[d] = sum over rows of part[row, d] (float32 partials -> the parameter's dtype).
-// Block (32, 8): 32 columns, rows split over threadIdx.y, combined through __shared__ memory.
-template <typename TO>
-__global__ void __launch_bounds__(256) column_sum(const float* __restrict__ part, i64 nrows, int D,
-                                                  TO* __restrict__ out) {
-  __shared__ float acc[8][33];
-  const int col = blockIdx.x * 32 + threadIdx.x;
-  float s = 0.f;
-  if (col < D)
-    for (i64 r = threadIdx.y; r < nrows; r += 8) s += part[r * D + col];
-  acc[threadIdx.y][threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < D) {
-    float t = 0.f;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) t += acc[k][threadIdx.x];
-    store_f(out + col, t);
   }
 }

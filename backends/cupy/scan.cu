@@ -160,7 +160,7 @@ struct BlockRows {
 template <typename T, int NP, int TT, int BS>
 __device__ __forceinline__ void load_bc_tile(float* sX, const T* X, int N, int L, int t0) {
   constexpr int KE = (NP * TT + kThreads - 1) / kThreads;
-#pragma unroll
+#pragma unroll 4
   for (int k = 0; k < KE; ++k) {
     const int e = threadIdx.x + k * kThreads;
     if (NP * TT % kThreads == 0 || e < NP * TT) {
@@ -190,7 +190,7 @@ __device__ __forceinline__ void fwd_tile(float (&h)[S], const float (&A2)[S], co
                                          int nchunks, int lane) {
   constexpr int TG = cmin(R, TL);
   using Red = LaneReduce<TG, 0, ilog2(R)>;
-#pragma unroll 1
+#pragma unroll(TG >= 4 ? 1 : 4 / TG)
   for (int tg = 0; tg < TL; tg += TG) {
     float yv[TG];
 #pragma unroll
@@ -231,7 +231,7 @@ __device__ __forceinline__ void fwd_tile(float (&h)[S], const float (&A2)[S], co
 // state. B/C: input-dependent (flags bit 1 / bit 2) as (B, GB|GC, N, L) of T, else (D, N) float32.
 // flags bit 0: softplus. The block covers Dblk = D / lcm(GB, GC) channels per (batch, group).
 template <typename T, int S, int R>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
 scan_fwd(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
          const void* __restrict__ Bp, const void* __restrict__ Cp, const float* __restrict__ Dv,
          const T* __restrict__ z, const float* __restrict__ bias, const float* __restrict__ h0,
@@ -281,7 +281,7 @@ scan_fwd(const T* __restrict__ u, const T* __restrict__ delta, const float* __re
 
   for (int t0 = 0; t0 < L; t0 += TL) {
     __syncthreads();  // the previous tile's readers are done
-#pragma unroll
+#pragma unroll 4
     for (int k = 0; k < KE; ++k) {
       const int e = tid + k * kThreads;
       if (RB * TL % kThreads == 0 || e < RB * TL) {
@@ -307,7 +307,7 @@ scan_fwd(const T* __restrict__ u, const T* __restrict__ delta, const float* __re
       fwd_tile<S, R, TL, CH, true>(h, A2, sDt + i * RS, sU + i * RS, pB, sBt, pC, sCt, sY + i * RS,
                                    ck, ck_stride, t0, nchunks, lane);
       __syncthreads();
-#pragma unroll
+#pragma unroll 4
       for (int k = 0; k < KE; ++k) {
         const int e = tid + k * kThreads;
         if (RB * TL % kThreads == 0 || e < RB * TL) {
@@ -342,7 +342,7 @@ scan_fwd(const T* __restrict__ u, const T* __restrict__ delta, const float* __re
 // dB/dC as (B, D, N); input-dependent dB/dC accumulate (atomics) into zeroed (B, G, N, L) float32;
 // dh0 (B, D, N) float32 (nullptr when there is no initial state).
 template <typename T, int S, int R>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
 scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restrict__ delta,
          const float* __restrict__ A, const void* __restrict__ Bp, const void* __restrict__ Cp,
          const float* __restrict__ Dv, const T* __restrict__ z, const float* __restrict__ bias,
@@ -415,7 +415,7 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
   for (int c = nchunks - 1; c >= 0; --c) {
     const int t0 = c * CH;
     __syncthreads();  // the previous chunk's epilogue is done with shared memory
-#pragma unroll
+#pragma unroll 4
     for (int k = 0; k < KE; ++k) {
       const int e = tid + k * kThreads;
       if (RB * CH % kThreads == 0 || e < RB * CH) {
@@ -540,7 +540,7 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
     __syncthreads();
 
     // Epilogue: per (row, t) gradients, coalesced along t.
-#pragma unroll
+#pragma unroll 4
     for (int k = 0; k < KE; ++k) {
       const int e = tid + k * kThreads;
       if (RB * CH % kThreads == 0 || e < RB * CH) {

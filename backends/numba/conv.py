@@ -91,7 +91,7 @@ def _final_keep(seq_idx, width):
 
 
 def _final_states(x, initial_states, seq_idx, width, dtype):
-    """The last W-1 entries of concat(initial_states or 0, x), outside the last sequence 0."""
+    """The last W-1 entries of concat(initial_states or 0, x); those outside the sequence of position L-1 are 0."""
     n_batch, n_chan, length = x.shape
     init = np.zeros((n_batch, n_chan, width - 1), dtype) if initial_states is None else initial_states
     tail = np.concatenate([init, x[:, :, length - min(length, width - 1):]], axis=2).astype(dtype)

@@ -27,6 +27,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
@@ -37,15 +38,22 @@ _CHUNK = 64
 # Backward tasks per thread we aim for (load balance with static scheduling).
 _TASKS_PER_THREAD = 4
 
-_EXP_HI = np.float32(88.72283)  # exp(x) overflows float32 above this
-_EXP_LO = np.float32(-87.33654)  # exp(x) < FLT_MIN below this: returns 0 (flushes the subnormal range)
+# _exp clamps its argument to [-104, 89]: exp(-104) rounds to 0 and exp(89) to inf in float32.
+_EXP_LO = np.float32(-104.0)
+_EXP_HI = np.float32(89.0)
 
 
 # ----------------------------------------------------------------------------- scalar helpers
 
 
 def _exp(x):
-    """exp(x) that LLVM can vectorise in float32 (accurate to about 1 ulp)."""
+    """exp(x) that LLVM can vectorise in float32 (about 1 ulp; inf, -inf, NaN and subnormal results
+    as IEEE exp gives them)."""
+    raise NotImplementedError
+
+
+def _log1p(x):
+    """log(1 + x) for finite x >= 0 that LLVM can vectorise in float32 (accurate to about 1 ulp)."""
     raise NotImplementedError
 
 
@@ -78,6 +86,84 @@ def _bits_as_float32(typingctx, bits):
     return types.float32(bits), codegen
 
 
+@intrinsic
+def _times_exp2(typingctx, p, k):
+    """p * 2**k for a float32 k holding an integer in [-252, 254]: 2**k from exponent bits in 32-bit
+    integer math (Numba would widen it to 64 bits, halving the vector width), applied as two factors
+    so that neither overflows the exponent field and p * 2**k rounds only once."""
+    if p != types.float32 or k != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        f32 = context.get_value_type(types.float32)
+        ki = builder.fptosi(args[1], i32)
+        half = builder.ashr(ki, ir.Constant(i32, 1))
+
+        def pow2(e):
+            biased = builder.add(e, ir.Constant(i32, 127))
+            return builder.bitcast(builder.shl(biased, ir.Constant(i32, 23)), f32)
+
+        return builder.fmul(builder.fmul(args[0], pow2(half)), pow2(builder.sub(ki, half)))
+
+    return types.float32(p, k), codegen
+
+
+@intrinsic
+def _float32_bits(typingctx, value):
+    """The bits of a float32 as an int32."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(value), codegen
+
+
+@intrinsic
+def _dot(typingctx, x, y):
+    """sum_n x[n] y[n] of two contiguous 1-d arrays of one float type, in a fixed order that
+    vectorises without fastmath: lane-wise sums over blocks of one 512-bit vector, a halving tree
+    over the lanes, then the tail in sequence. (Numba's sequential sum would not vectorise, and at
+    N = 16 the reduction would cost more than the exp and state update together.)"""
+    if not (isinstance(x, types.Array) and x == y and x.ndim == 1 and x.layout == "C"
+            and isinstance(x.dtype, types.Float)):
+        return None
+    lanes = 512 // x.dtype.bitwidth
+
+    def codegen(context, builder, signature, args):
+        ftype = context.get_value_type(x.dtype)
+        vtype = ir.VectorType(ftype, lanes)
+        xs = context.make_array(x)(context, builder, args[0])
+        ys = context.make_array(y)(context, builder, args[1])
+        size = builder.extract_value(xs.shape, 0)
+        blocks = builder.udiv(size, ir.Constant(size.type, lanes))
+        acc = cgutils.alloca_once_value(builder, ir.Constant(vtype, None))
+        with cgutils.for_range(builder, blocks) as loop:
+            offset = builder.mul(loop.index, ir.Constant(size.type, lanes))
+            vx = builder.load(builder.bitcast(builder.gep(xs.data, [offset]), vtype.as_pointer()), align=4)
+            vy = builder.load(builder.bitcast(builder.gep(ys.data, [offset]), vtype.as_pointer()), align=4)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(vx, vy)), acc)
+        total = builder.load(acc)
+        width = lanes
+        while width > 1:
+            width //= 2
+            mask = ir.VectorType(ir.IntType(32), width)
+            low = builder.shuffle_vector(total, total, ir.Constant(mask, list(range(width))))
+            high = builder.shuffle_vector(total, total, ir.Constant(mask, list(range(width, 2 * width))))
+            total = builder.fadd(low, high)
+        result = cgutils.alloca_once_value(builder, builder.extract_element(total, ir.Constant(ir.IntType(32), 0)))
+        start = builder.mul(blocks, ir.Constant(size.type, lanes))
+        with cgutils.for_range_slice(builder, start, size, ir.Constant(size.type, 1)) as (index, _):
+            product = builder.fmul(builder.load(builder.gep(xs.data, [index])),
+                                   builder.load(builder.gep(ys.data, [index])))
+            builder.store(builder.fadd(builder.load(result), product), result)
+        return builder.load(result)
+
+    return x.dtype(x, y), codegen
+
+
 @overload(_exp)
 def _exp_impl(x):
     if x == types.float64:
@@ -88,9 +174,9 @@ def _exp_impl(x):
 
     def impl(x):
         # x = k ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact k ln2), exp(r) by the Cephes
-        # polynomial, 2**k from exponent bits in two halves so that k = 128 does not overflow.
+        # polynomial, times 2**k, which overflows to inf / underflows to subnormals and 0 by itself.
         xc = min(max(x, _EXP_LO), _EXP_HI)
-        k = math.floor(xc * f(1.4426950408889634) + f(0.5))
+        k = np.floor(xc * f(1.4426950408889634) + f(0.5))
         r = xc - k * f(0.693359375) - k * f(-2.12194440e-4)
         p = f(1.9875691500e-4)
         p = p * r + f(1.3981999507e-3)
@@ -99,45 +185,71 @@ def _exp_impl(x):
         p = p * r + f(1.6666665459e-1)
         p = p * r + f(5.0000001201e-1)
         p = p * r * r + r + f(1.0)
-        ki = np.int64(k)
-        half = ki >> 1
-        y = p * _bits_as_float32((half + 127) << 23) * _bits_as_float32((ki - half + 127) << 23)
-        if x > _EXP_HI:
-            y = f(np.inf)
-        if x < _EXP_LO:
-            y = f(0.0)
-        if x != x:
-            y = x
-        return y
+        y = _times_exp2(p, k)
+        return x if x != x else y
 
     return impl
 
 
-@overload(_softplus_slope)
+@overload(_log1p, inline="always")
+def _log1p_impl(x):
+    if x == types.float64:
+        return lambda x: math.log1p(x)
+    if x != types.float32:
+        return None
+    f = np.float32
+
+    def impl(x):
+        # w = 1 + x = 2**k m with m in [sqrt(1/2), sqrt(2)) (musl's offset trick, no branch), log(m) by
+        # the Cephes polynomial in m - 1, then log1p(x) = log(w) + (x - (w - 1)) / w corrects the
+        # rounding of 1 + x. Domain: 0 <= x < inf (NaN propagates).
+        w = f(1.0) + x
+        bits = np.int64(_float32_bits(w)) + (0x3F800000 - 0x3F3504F3)
+        k = f((bits >> 23) - 127)
+        r = _bits_as_float32((bits & 0x7FFFFF) + 0x3F3504F3) - f(1.0)
+        r2 = r * r
+        p = f(7.0376836292e-2)
+        p = p * r - f(1.1514610310e-1)
+        p = p * r + f(1.1676998740e-1)
+        p = p * r - f(1.2420140846e-1)
+        p = p * r + f(1.4249322787e-1)
+        p = p * r - f(1.6668057665e-1)
+        p = p * r + f(2.0000714765e-1)
+        p = p * r - f(2.4999993993e-1)
+        p = p * r + f(3.3333331174e-1)
+        y = p * r * r2 + k * f(-2.12194440e-4) - f(0.5) * r2 + r + k * f(0.693359375)
+        return y + (x - (w - f(1.0))) / w
+
+    return impl
+
+
+@overload(_softplus_slope, inline="always")
 def _softplus_slope_impl(x):
     if not isinstance(x, types.Float):
         return None
-    one = as_dtype(x).type(1)
+    zero, one = as_dtype(x).type(0), as_dtype(x).type(1)
     threshold = as_dtype(x).type(20)
+    huge = as_dtype(x).type(1e30)
 
     def impl(x):
-        if x > threshold:
-            return x, one
-        e = math.exp(x)
-        return math.log1p(e), e / (one + e)
+        e = _exp(min(x, threshold))
+        # log1p(exp(x)) >= x, and log1p(exp(20)) < the next float above 20: max() picks the branch.
+        softplus = max(x, _log1p(e))
+        slope = min(e / (one + e) + max(x - threshold, zero) * huge, one)
+        return softplus, slope
 
     return impl
 
 
-@overload(_sigmoid)
+@overload(_sigmoid, inline="always")
 def _sigmoid_impl(x):
     if not isinstance(x, types.Float):
         return None
     one = as_dtype(x).type(1)
-    return lambda x: one / (one + math.exp(-x))
+    return lambda x: one / (one + _exp(-x))
 
 
-@overload(_zero_one)
+@overload(_zero_one, inline="always")
 def _zero_one_impl(a):
     zero, one = as_dtype(a.dtype).type(0), as_dtype(a.dtype).type(1)
     return lambda a: (zero, one)
@@ -146,7 +258,22 @@ def _zero_one_impl(a):
 # ----------------------------------------------------------------------------- kernels
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+@njit(inline="always")
+def _row_steps(delta, bias, softplus, dt_row, slope_row):
+    """dt for every step of one row (and d dt / d(delta + bias) when slope_row has room), in
+    loops without a dependence between steps, so that they vectorise."""
+    if not softplus:
+        for t in range(delta.size):
+            dt_row[t] = delta[t] + bias
+    elif slope_row.size:
+        for t in range(delta.size):
+            dt_row[t], slope_row[t] = _softplus_slope(delta[t] + bias)
+    else:
+        for t in range(delta.size):
+            dt_row[t] = _softplus_slope(delta[t] + bias)[0]
+
+
+@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
 def _scan_fwd_kernel(u, delta, A, Bm, B_var, B_cpg, Cm, C_var, C_cpg, Dp, has_D, z, has_z,
                      delta_bias, has_bias, softplus, h0, has_h0, out, last_state):
     nb, nd, L = u.shape
@@ -156,6 +283,10 @@ def _scan_fwd_kernel(u, delta, A, Bm, B_var, B_cpg, Cm, C_var, C_cpg, Dp, has_D,
         b = row // nd
         d = row - b * nd
         a = A[d]
+        u_row = u[b, d]
+        out_row = out[b, d]
+        dt_row = np.empty_like(u_row)
+        _row_steps(delta[b, d], delta_bias[d] if has_bias else zero, softplus, dt_row, dt_row[:0])
         h = np.empty_like(a)
         if has_h0:
             h[:] = h0[b, d]
@@ -163,30 +294,26 @@ def _scan_fwd_kernel(u, delta, A, Bm, B_var, B_cpg, Cm, C_var, C_cpg, Dp, has_D,
             h[:] = zero
         B_row = Bm[b * B_var, d // B_cpg]
         C_row = Cm[b * C_var, d // C_cpg]
-        bias = delta_bias[d] if has_bias else zero
         for t in range(L):
-            x = u[b, d, t]
-            dt = delta[b, d, t] + bias
-            if softplus:
-                dt = _softplus_slope(dt)[0]
+            dt = dt_row[t]
+            dt_x = dt * u_row[t]
             b_t = B_row[t * B_var]
             c_t = C_row[t * C_var]
-            dt_x = dt * x
             for n in range(N):
                 h[n] = _exp(dt * a[n]) * h[n] + dt_x * b_t[n]
-            y = zero
-            for n in range(N):
-                y += c_t[n] * h[n]
-            if has_D:
-                y += Dp[d] * x
-            if has_z:
-                zt = z[b, d, t]
-                y = y * (zt * _sigmoid(zt))
-            out[b, d, t] = y
+            out_row[t] = _dot(c_t, h)
         last_state[b, d] = h
+        if has_D:
+            D_d = Dp[d]
+            for t in range(L):
+                out_row[t] += D_d * u_row[t]
+        if has_z:
+            z_row = z[b, d]
+            for t in range(L):
+                out_row[t] *= z_row[t] * _sigmoid(z_row[t])
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
 def _scan_bwd_kernel(dout, u, delta, A, Bm, B_var, B_cpg, Cm, C_var, C_cpg, Dp, has_D, z, has_z,
                      delta_bias, has_bias, softplus, h0, has_h0, dlast, has_dlast,
                      group, blocks, chunk,
@@ -209,19 +336,34 @@ def _scan_bwd_kernel(dout, u, delta, A, Bm, B_var, B_cpg, Cm, C_var, C_cpg, Dp, 
         chunk_start = np.empty((max(n_chunks, 1), N), A.dtype)
         states = np.empty((chunk, N), A.dtype)
         decays = np.empty((chunk, N), A.dtype)
-        dts = np.empty(chunk, A.dtype)
-        slopes = np.empty(chunk, A.dtype)
+        dt_row = np.empty(L, A.dtype)
+        slope_row = np.ones(L, A.dtype)
+        gate_row = np.empty(L if has_z else 0, A.dtype)
+        g = np.empty(N, A.dtype)
+        w = np.empty(N, A.dtype)
         h = np.empty(N, A.dtype)
         carry = np.empty(N, A.dtype)
         dA_row = np.empty(N, A.dtype)
         for d in range(d_begin, d_end):
             a = A[d]
+            u_row = u[b, d]
+            dout_row = dout[b, d]
             B_row = Bm[b * B_var, d // B_cpg]
             C_row = Cm[b * C_var, d // C_cpg]
             dB_rows = dB_slots[b, slot] if B_var else dB_const[b, d]
             dC_rows = dC_slots[b, slot] if C_var else dC_const[b, d]
-            bias = delta_bias[d] if has_bias else zero
             D_d = Dp[d] if has_D else zero
+            _row_steps(delta[b, d], delta_bias[d] if has_bias else zero, softplus, dt_row,
+                       slope_row if softplus else slope_row[:0])
+            dD_sum = zero
+            if has_z:
+                # out = y * silu(z): dz needs y (recomputed below), dy = dout * silu(z).
+                z_row = z[b, d]
+                dz_row = dz[b, d]
+                for t in range(L):
+                    sig = _sigmoid(z_row[t])
+                    gate_row[t] = z_row[t] * sig
+                    dz_row[t] = dout_row[t] * (sig * (one + z_row[t] * (one - sig)))
             # Forward, keeping the state at the start of each chunk (the last chunk is redone below).
             if has_h0:
                 h[:] = h0[b, d]
@@ -230,11 +372,9 @@ def _scan_bwd_kernel(dout, u, delta, A, Bm, B_var, B_cpg, Cm, C_var, C_cpg, Dp, 
             for c in range(n_chunks - 1):
                 chunk_start[c] = h
                 for t in range(c * chunk, (c + 1) * chunk):
-                    dt = delta[b, d, t] + bias
-                    if softplus:
-                        dt = _softplus_slope(dt)[0]
+                    dt = dt_row[t]
                     b_t = B_row[t * B_var]
-                    dt_x = dt * u[b, d, t]
+                    dt_x = dt * u_row[t]
                     for n in range(N):
                         h[n] = _exp(dt * a[n]) * h[n] + dt_x * b_t[n]
             if n_chunks > 0:
@@ -245,7 +385,6 @@ def _scan_bwd_kernel(dout, u, delta, A, Bm, B_var, B_cpg, Cm, C_var, C_cpg, Dp, 
             else:
                 carry[:] = zero
             dA_row[:] = zero
-            dD_sum = zero
             dbias_sum = zero
             for c in range(n_chunks - 1, -1, -1):
                 t0 = c * chunk
@@ -253,14 +392,9 @@ def _scan_bwd_kernel(dout, u, delta, A, Bm, B_var, B_cpg, Cm, C_var, C_cpg, Dp, 
                 h[:] = chunk_start[c]
                 for j in range(steps):
                     t = t0 + j
-                    dt = delta[b, d, t] + bias
-                    slope = one
-                    if softplus:
-                        dt, slope = _softplus_slope(dt)
-                    dts[j] = dt
-                    slopes[j] = slope
+                    dt = dt_row[t]
                     b_t = B_row[t * B_var]
-                    dt_x = dt * u[b, d, t]
+                    dt_x = dt * u_row[t]
                     for n in range(N):
                         e = _exp(dt * a[n])
                         decays[j, n] = e
@@ -268,23 +402,19 @@ def _scan_bwd_kernel(dout, u, delta, A, Bm, B_var, B_cpg, Cm, C_var, C_cpg, Dp, 
                         states[j, n] = h[n]
                 for j in range(steps - 1, -1, -1):
                     t = t0 + j
-                    x = u[b, d, t]
-                    dt = dts[j]
+                    x = u_row[t]
+                    dt = dt_row[t]
                     b_t = B_row[t * B_var]
                     c_t = C_row[t * C_var]
                     h_t = states[j]
                     h_prev = states[j - 1] if j > 0 else chunk_start[c]
-                    dy = dout[b, d, t]
+                    dy = dout_row[t]
                     if has_z:
-                        y = zero
-                        for n in range(N):
-                            y += c_t[n] * h_t[n]
+                        y = _dot(c_t, h_t)
                         if has_D:
                             y += D_d * x
-                        zt = z[b, d, t]
-                        sig = _sigmoid(zt)
-                        dz[b, d, t] = dy * y * (sig * (one + zt * (one - sig)))
-                        dy = dy * (zt * sig)
+                        dz_row[t] *= y
+                        dy = dy * gate_row[t]
                     du_t = zero
                     if has_D:
                         dD_sum += dy * x
@@ -292,19 +422,18 @@ def _scan_bwd_kernel(dout, u, delta, A, Bm, B_var, B_cpg, Cm, C_var, C_cpg, Dp, 
                     dt_x = dt * x
                     dB_t = dB_rows[t * B_var]
                     dC_t = dC_rows[t * C_var]
-                    g_dot_B = zero
-                    g_dot_Ah = zero
+                    decay = decays[j]
+                    # g = dLoss/dh_t; w = g * dh_t/d(dt A), the part of g that flows into dA and dt.
                     for n in range(N):
-                        g = carry[n] + c_t[n] * dy
+                        g[n] = carry[n] + c_t[n] * dy
                         dC_t[n] += dy * h_t[n]
-                        dB_t[n] += g * dt_x
-                        w = g * decays[j, n] * h_prev[n]
-                        dA_row[n] += w * dt
-                        g_dot_Ah += w * a[n]
-                        g_dot_B += g * b_t[n]
-                        carry[n] = g * decays[j, n]
+                        dB_t[n] += g[n] * dt_x
+                        w[n] = g[n] * decay[n] * h_prev[n]
+                        dA_row[n] += w[n] * dt
+                        carry[n] = g[n] * decay[n]
+                    g_dot_B = _dot(g, b_t)
                     du[b, d, t] = du_t + dt * g_dot_B
-                    ddt = (g_dot_Ah + x * g_dot_B) * slopes[j]
+                    ddt = (_dot(w, a) + x * g_dot_B) * slope_row[t]
                     ddelta[b, d, t] = ddt
                     dbias_sum += ddt
             dA_part[b, d] = dA_row

@@ -70,9 +70,10 @@ def _dot(a, b, n, z):
 
 @numba.njit(parallel=True, cache=True, fastmath=False)
 def _forward_kernel(x, dt, A, B, C, D, dt_bias, reset, softplus, clamp, lo, hi, one, z, has_z,
-                    initial, has_initial, ends, checkpoint_every, out, final, varlen, checkpoints):
-    """out (b, l, h, p) = gated y; final (b, h, p, n); varlen (s, h, p, n) for row b = 0;
-    checkpoints (b*h, c, p, n) = state before steps 0, k, 2k, ... (k = checkpoint_every) when c > 0."""
+                    initial, has_initial, ends, checkpoint_every, want_out, out, final, varlen, checkpoints):
+    """out (b, l, h, p) = gated y (skipped unless want_out); final (b, h, p, n); varlen (s, h, p, n)
+    for row b = 0; checkpoints (b*h, c, p, n) = state before steps 0, k, 2k, ... (k = checkpoint_every)
+    when c > 0."""
     batch, length, nheads, headdim = x.shape
     dstate = B.shape[3]
     heads_per_group = nheads // B.shape[2]
@@ -105,17 +106,22 @@ def _forward_kernel(x, dt, A, B, C, D, dt_bias, reset, softplus, clamp, lo, hi, 
                 y[p] = zero
             for n in range(dstate):
                 b_n = B[b, t, g, n]
-                c_n = C[b, t, g, n]
+                if want_out:
+                    c_n = C[b, t, g, n]
+                    for p in range(headdim):
+                        s = decay * state[n, p] + b_n * x_dt[p]
+                        state[n, p] = s
+                        y[p] += c_n * s
+                else:
+                    for p in range(headdim):
+                        state[n, p] = decay * state[n, p] + b_n * x_dt[p]
+            if want_out:
                 for p in range(headdim):
-                    s = decay * state[n, p] + b_n * x_dt[p]
-                    state[n, p] = s
-                    y[p] += c_n * s
-            for p in range(headdim):
-                v = y[p] + D[h, p] * x[b, t, h, p]
-                if has_z:
-                    zv = z[b, t, h, p]
-                    v = v * (zv / (one + np.exp(-zv)))
-                out[b, t, h, p] = v
+                    v = y[p] + D[h, p] * x[b, t, h, p]
+                    if has_z:
+                        zv = z[b, t, h, p]
+                        v = v * (zv / (one + np.exp(-zv)))
+                    out[b, t, h, p] = v
             while next_end < ends.shape[0] and ends[next_end] == t:
                 for p in range(headdim):
                     for n in range(dstate):
@@ -301,7 +307,7 @@ def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplu
     final = np.empty((batch, nheads, headdim, dstate), dtype=cdt)
     varlen = np.empty((ends.shape[0], nheads, headdim, dstate), dtype=cdt)
     _forward_kernel(*_common_arguments(cdt, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, seq_idx, cu_seqlens),
-                    *_optional(z, cdt, 4), *_optional(initial_states, cdt, 4), ends, 1, out, final, varlen,
+                    *_optional(z, cdt, 4), *_optional(initial_states, cdt, 4), ends, 1, True, out, final, varlen,
                     np.zeros((0, 0, 0, 0), dtype=cdt))
     state_dtype = cdt if state_dtype is None else np.dtype(state_dtype)
     result = [cast_out(out, x.dtype)]
@@ -323,11 +329,12 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     common = _common_arguments(cdt, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, seq_idx, cu_seqlens)
     z_c, has_z = _optional(z, cdt, 4)
 
-    # Forward again without the gate: y is what dz needs; the checkpoints seed the reverse pass.
-    y = np.empty((batch, length, nheads, headdim), dtype=cdt)
+    # Forward again for the checkpoints that seed the reverse pass, and (without the gate) the y
+    # that dz needs.
+    y = np.empty((batch, length, nheads, headdim) if has_z else (1, 1, 1, 1), dtype=cdt)
     checkpoints = np.empty((rows, -(-length // chunk_size), headdim, dstate), dtype=cdt)
     _forward_kernel(*common, z_c, False, *_optional(initial_states, cdt, 4), np.zeros(0, np.int64), chunk_size,
-                    y, np.empty((batch, nheads, headdim, dstate), dtype=cdt),
+                    has_z, y, np.empty((batch, nheads, headdim, dstate), dtype=cdt),
                     np.empty((0, nheads, headdim, dstate), dtype=cdt), checkpoints)
 
     dx = np.empty((batch, length, nheads, headdim), dtype=cdt)

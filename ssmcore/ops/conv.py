@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ssmcore._checks import ACT, INDEX, Dims, check_bool, check_choice, check_dtype
+from ssmcore._checks import ACT, INDEX, Dims, check_bool, check_choice, check_dtype, dtype_name
 from ssmcore._dispatch import resolve
 
 MAX_WIDTH = 64
@@ -38,7 +38,7 @@ class CausalConv1dGrads(NamedTuple):
 def _check_param(name, a, x):
     """weight, bias, initial_states: x's dtype or float32."""
     if a is not None:
-        check_dtype(name, a, tuple(dict.fromkeys((x.dtype.name, "float32"))))
+        check_dtype(name, a, tuple(dict.fromkeys((dtype_name(x), "float32"))))
 
 
 def _check_weight(dims, weight, x):
@@ -164,12 +164,14 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     x, conv_state, weight, bias = call["x"], call["conv_state"], call["weight"], call["bias"]
     cache_seqlens, conv_state_indices = call["cache_seqlens"], call["conv_state_indices"]
     dims = Dims()
-    if getattr(x, "ndim", None) == 2:
+    if x.ndim == 2:
         dims.check("x", x, "BD", ACT)
-    else:
-        dims.check("x", x, "BDL", ACT, optional=False)
+    elif x.ndim == 3:
+        dims.check("x", x, "BDL", ACT)
         if dims["L"] < 1:
             raise ValueError(f"x: expected Lnew >= 1 new tokens, got shape {tuple(x.shape)}")
+    else:
+        raise ValueError(f"x: expected a 2-d (B, D) or 3-d (B, D, Lnew) array, got shape {tuple(x.shape)}")
     width = _check_weight(dims, weight, x)
     dims.check("conv_state", conv_state, ("Bs", "D", "state_len"), ACT, optional=False)
     if dims["state_len"] < width - 1:

@@ -69,16 +69,21 @@ def _check_dt_limit(dt_limit):
 
 
 def _check_state_dtype(state_dtype):
+    """A NumPy dtype from a dtype, a dtype name or a framework dtype (torch.bfloat16: its name)."""
     if state_dtype is None:
         return None
     try:
         dtype = np.dtype(state_dtype)
     except TypeError:
-        if str(state_dtype).rsplit(".", 1)[-1] != "bfloat16":
+        name = str(state_dtype).rsplit(".", 1)[-1]
+        if name not in ACT:
             raise TypeError(f"state_dtype: expected one of {', '.join(ACT)} or None, got {state_dtype!r}") from None
-        import ml_dtypes
+        if name == "bfloat16":
+            import ml_dtypes
 
-        dtype = np.dtype(ml_dtypes.bfloat16)
+            dtype = np.dtype(ml_dtypes.bfloat16)
+        else:
+            dtype = np.dtype(name)
     if dtype.name not in ACT:
         raise TypeError(f"state_dtype: expected one of {', '.join(ACT)} or None, got {dtype.name}")
     return dtype

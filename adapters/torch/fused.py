@@ -1,0 +1,387 @@
+"""Memory-saving fused mixer paths for training (mamba-ssm's ``mamba_inner_fn`` and
+``mamba_split_conv1d_scan_combined``).
+
+Each is one ``torch.autograd.Function`` from the mixer's in_proj output to its out_proj
+output. Autograd through the separate ops would keep every intermediate alive until the
+backward: the conv output, dt, the gated scan output, the normed output. These functions
+keep only the in_proj output, the small projection ``x_dbl`` (Mamba-1) and one (B, L, D)
+activation for the out_proj weight gradient, and recompute the conv (and dt) in the
+backward, as the reference does. Shapes use the glossary letters (B batch, L length,
+D channels, N state size, G groups, H heads, P head dim, W conv width).
+
+Under autocast the weights are cast to the autocast dtype once, and the body runs with
+autocast off, so the forward and the recomputing backward see the same dtypes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import ops  # noqa: F401  (registers the ssmcore:: custom ops)
+
+_ops = torch.ops.ssmcore
+
+
+def _autocast_dtype(t: torch.Tensor):
+    """The autocast dtype active for ``t``'s device type, or None."""
+    device_type = t.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast(t, dtype):
+    return None if t is None or dtype is None else t.to(dtype)
+
+
+def _grad_like(grad, t):
+    """``grad`` in the dtype of the input it belongs to (None when the input was None)."""
+    return None if t is None or grad is None else grad.to(t.dtype)
+
+
+def _present(grad, t):
+    """A backward op's placeholder for an absent input becomes None."""
+    return None if t is None else grad
+
+
+def _no_autocast(t: torch.Tensor):
+    return torch.autocast(t.device.type, enabled=False)
+
+
+# ---------------------------------------------------------------------------------- Mamba-1
+
+
+class MambaInnerFn(torch.autograd.Function):
+    """in_proj output -> conv + silu -> x_proj -> dt, B, C -> selective scan gated by z -> out_proj."""
+
+    @staticmethod
+    def forward(ctx, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
+                delta_softplus=True, checkpoint_lvl=1):
+        if checkpoint_lvl not in (0, 1):
+            raise ValueError(f"checkpoint_lvl: expected 0 (store conv output and dt) or 1 (recompute them), "
+                             f"got {checkpoint_lvl!r}")
+        if A.is_complex():
+            raise TypeError("A: complex A is not supported by ssmcore's selective scan; expected a real (D, N) tensor")
+        input_dtypes = tuple(None if t is None else t.dtype
+                             for t in (xz, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias))
+        dtype = _autocast_dtype(xz)
+        if dtype is not None:
+            xz = xz.to(dtype)
+            x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias = (
+                _cast(t, dtype) for t in (x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias))
+        with _no_autocast(xz):
+            conv_weight = conv1d_weight.reshape(conv1d_weight.shape[0], conv1d_weight.shape[-1])
+            x, z = xz.chunk(2, dim=1)
+            conv_out = _conv_silu(x, conv_weight, conv1d_bias)
+            x_dbl = F.linear(_rows(conv_out), x_proj_weight)  # (B*L, R + 2N)
+            delta = _delta(x_dbl, delta_proj_weight, xz.shape[0])
+            B_scan, C_scan = _scan_BC(x_dbl, B, C, B_proj_bias, C_proj_bias, delta_proj_weight.shape[1],
+                                      A.shape[-1], xz.shape[0])
+            out_z, _ = _ops.selective_scan_fwd(conv_out, delta, A, B_scan, C_scan, D, z, delta_bias, None,
+                                               bool(delta_softplus))
+            out = F.linear(out_z.transpose(1, 2), out_proj_weight, out_proj_bias)
+        if checkpoint_lvl == 1:
+            conv_out = delta = None
+        ctx.save_for_backward(xz, conv_weight, conv1d_bias, x_dbl, x_proj_weight, delta_proj_weight,
+                              out_proj_weight, conv_out, delta, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
+                              out_z)
+        ctx.delta_softplus = bool(delta_softplus)
+        ctx.has_out_proj_bias = out_proj_bias is not None
+        ctx.input_dtypes = input_dtypes
+        ctx.conv_weight_shape = conv1d_weight.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        (xz, conv_weight, conv1d_bias, x_dbl, x_proj_weight, delta_proj_weight, out_proj_weight, conv_out, delta,
+         A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, out_z) = ctx.saved_tensors
+        batch, _, length = xz.shape
+        rank, dstate = delta_proj_weight.shape[1], A.shape[-1]
+        with _no_autocast(xz):
+            x, z = xz.chunk(2, dim=1)
+            if conv_out is None:
+                conv_out = _conv_silu(x, conv_weight, conv1d_bias)
+                delta = _delta(x_dbl, delta_proj_weight, batch)
+            B_scan, C_scan = _scan_BC(x_dbl, B, C, B_proj_bias, C_proj_bias, rank, dstate, batch)
+            dout = dout.to(out_proj_weight.dtype).reshape(batch * length, -1)  # (B*L, E)
+            dout_y = (dout @ out_proj_weight).view(batch, length, -1).transpose(1, 2)
+            dconv_out, ddelta, dA, dB, dC, dD, dz, ddelta_bias, _ = _ops.selective_scan_bwd(
+                dout_y, conv_out, delta, A, B_scan, C_scan, D, z, delta_bias, None, None, ctx.delta_softplus)
+            dout_proj_weight = dout.t() @ _rows(out_z)
+            dout_proj_bias = dout.sum(0) if ctx.has_out_proj_bias else None
+
+            ddelta = ddelta.permute(1, 0, 2).reshape(ddelta.shape[1], -1)  # (D, B*L)
+            ddelta_proj_weight = ddelta @ x_dbl[:, :rank]
+            # Columns of x_dbl that feed a constant B or C are unused: their gradient is 0.
+            dx_dbl = torch.zeros_like(x_dbl)
+            dx_dbl[:, :rank] = ddelta.t() @ delta_proj_weight
+            dB_proj_bias = dC_proj_bias = None
+            if B is None:
+                dx_dbl[:, rank:rank + dstate] = _rows(dB)
+                dB_proj_bias = _rows(dB).sum(0) if B_proj_bias is not None else None
+                dB = None
+            if C is None:
+                dx_dbl[:, rank + dstate:rank + 2 * dstate] = _rows(dC)
+                dC_proj_bias = _rows(dC).sum(0) if C_proj_bias is not None else None
+                dC = None
+            dx_proj_weight = dx_dbl.t() @ _rows(conv_out)
+            dconv_out = dconv_out + (dx_dbl @ x_proj_weight).view(batch, length, -1).transpose(1, 2)
+            dx, dconv_weight, dconv_bias, _ = _ops.causal_conv1d_bwd(
+                dconv_out.to(x.dtype), x, conv_weight, conv1d_bias, None, None, None, "silu")
+            dxz = torch.cat([dx, dz], dim=1)
+        xz_dtype, x_proj_dtype, delta_proj_dtype, out_proj_dtype, out_bias_dtype = ctx.input_dtypes
+        return (
+            dxz.to(xz_dtype),
+            dconv_weight.reshape(ctx.conv_weight_shape),
+            _present(dconv_bias, conv1d_bias),
+            dx_proj_weight.to(x_proj_dtype),
+            ddelta_proj_weight.to(delta_proj_dtype),
+            dout_proj_weight.to(out_proj_dtype),
+            None if dout_proj_bias is None else dout_proj_bias.to(out_bias_dtype),
+            dA, dB, dC, _present(dD, D), _present(ddelta_bias, delta_bias),
+            _grad_like(dB_proj_bias, B_proj_bias), _grad_like(dC_proj_bias, C_proj_bias),
+            None, None,
+        )
+
+
+def _rows(t):
+    """(B, C, L) -> (B*L, C)."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])
+
+
+def _conv_silu(x, weight, bias):
+    return _ops.causal_conv1d_fwd(x, weight, bias, None, None, "silu", False)[0]
+
+
+def _delta(x_dbl, delta_proj_weight, batch):
+    """dt before bias and softplus, (B, D, L), from the first R columns of x_dbl (B*L, R + 2N)."""
+    rank = delta_proj_weight.shape[1]
+    delta = delta_proj_weight @ x_dbl[:, :rank].t()  # (D, B*L)
+    return delta.view(delta.shape[0], batch, -1).permute(1, 0, 2)
+
+
+def _scan_BC(x_dbl, B, C, B_proj_bias, C_proj_bias, rank, dstate, batch):
+    """The scan's B and C: the given constant (D, N) ones, or (B, N, L) slices of x_dbl."""
+    if B is None:
+        B = x_dbl[:, rank:rank + dstate]
+        if B_proj_bias is not None:
+            B = B + B_proj_bias.to(B.dtype)
+        B = B.reshape(batch, -1, dstate).transpose(1, 2).contiguous()
+    if C is None:
+        C = x_dbl[:, rank + dstate:rank + 2 * dstate]
+        if C_proj_bias is not None:
+            C = C + C_proj_bias.to(C.dtype)
+        C = C.reshape(batch, -1, dstate).transpose(1, 2).contiguous()
+    return B, C
+
+
+def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                   out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
+                   delta_softplus=True, checkpoint_lvl=1):
+    """The whole Mamba-1 mixer after in_proj, recomputing the conv and dt in the backward.
+
+    Args:
+        xz: (B, 2D, L), the in_proj output, x then z along the channels.
+        conv1d_weight: (D, 1, W) (nn.Conv1d's layout) or (D, W). conv1d_bias: (D,) or None.
+        x_proj_weight: (R + 2N, D). delta_proj_weight: (D, R). out_proj_weight: (E, D). out_proj_bias: (E,).
+        A: (D, N) float32. B, C: None (input-dependent, from x_proj) or constant (D, N) float32.
+        D, delta_bias: (D,) float32, optional. B_proj_bias, C_proj_bias: (N,), optional.
+        delta_softplus: softplus on dt + delta_bias. checkpoint_lvl: 1 recomputes the conv output
+            and dt in the backward; 0 stores them.
+
+    Returns:
+        (B, L, E), the mixer output.
+    """
+    return MambaInnerFn.apply(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                              out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
+                              checkpoint_lvl)
+
+
+# ---------------------------------------------------------------------------------- Mamba-2
+
+
+def _split_sizes(zxbcdt, conv_dim, nheads, headdim, ngroups):
+    """(d_nonssm, dim, dstate) of a Mamba-2 in_proj output, checked against the conv width."""
+    dim = nheads * headdim
+    if (conv_dim - dim) <= 0 or (conv_dim - dim) % (2 * ngroups):
+        raise ValueError(f"conv1d_weight: expected {dim} + 2 * ngroups * N channels (ngroups={ngroups}), "
+                         f"got {conv_dim}")
+    dstate = (conv_dim - dim) // ngroups // 2
+    extra = zxbcdt.shape[-1] - 2 * dim - 2 * ngroups * dstate - nheads
+    if extra < 0 or extra % 2:
+        raise ValueError(f"zxbcdt: expected a last dim of 2 * d_mlp + {2 * dim + 2 * ngroups * dstate + nheads} "
+                         f"(z, x, B, C, dt for H={nheads}, P={headdim}, G={ngroups}, N={dstate}), "
+                         f"got shape {tuple(zxbcdt.shape)}")
+    return extra // 2, dim, dstate
+
+
+def _swiglu(zx0):
+    z0, x0 = zx0.chunk(2, dim=-1)
+    return F.silu(z0) * x0
+
+
+def _swiglu_bwd(zx0, dout0):
+    """Gradient of silu(z0) * x0 w.r.t. zx0 = [z0, x0], in float32 then zx0's dtype."""
+    z0, x0 = zx0.float().chunk(2, dim=-1)
+    dout0 = dout0.float()
+    sig = torch.sigmoid(z0)
+    dz0 = dout0 * x0 * sig * (1 + z0 * (1 - sig))
+    dx0 = dout0 * z0 * sig
+    return torch.cat([dz0, dx0], dim=-1).to(zx0.dtype)
+
+
+class MambaSplitConv1dScanCombinedFn(torch.autograd.Function):
+    """zxbcdt -> conv(xBC) -> SSD -> gated RMSNorm (or z gate) -> [swiglu MLP part] -> out_proj."""
+
+    @staticmethod
+    def forward(ctx, zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states=None,
+                seq_idx=None, dt_limit=(0.0, float("inf")), return_final_states=False, activation="silu",
+                rmsnorm_weight=None, rmsnorm_eps=1e-6, outproj_weight=None, outproj_bias=None, headdim=None,
+                ngroups=1, norm_before_gate=True):
+        if activation not in (None, "silu", "swish"):
+            raise ValueError(f"activation: expected None, 'silu' or 'swish', got {activation!r}")
+        if D.dim() == 1:
+            if headdim is None:
+                raise ValueError("headdim: is required when D has shape (H,), got None")
+            nheads = D.shape[0]
+        else:
+            nheads, headdim = D.shape
+        if outproj_weight is None and outproj_bias is not None:
+            raise ValueError("outproj_bias: expected None when outproj_weight is None")
+        d_nonssm, dim, dstate = _split_sizes(zxbcdt, conv1d_weight.shape[0], nheads, headdim, ngroups)
+        proj_dtypes = (None if outproj_weight is None else outproj_weight.dtype,
+                       None if outproj_bias is None else outproj_bias.dtype)
+        dtype = _autocast_dtype(zxbcdt)
+        input_dtype = zxbcdt.dtype
+        if dtype is not None:
+            zxbcdt = zxbcdt.to(dtype)
+            outproj_weight, outproj_bias = _cast(outproj_weight, dtype), _cast(outproj_bias, dtype)
+        conv_activation = "silu" if activation in ("silu", "swish") else None
+        dt_min, dt_max = float(dt_limit[0]), float(dt_limit[1])
+        batch, seqlen, _ = zxbcdt.shape
+        with _no_autocast(zxbcdt):
+            zx0, z, xBC, dt = torch.split(zxbcdt, [2 * d_nonssm, dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
+            x, B, C = _conv_xBC(xBC, conv1d_weight, conv1d_bias, seq_idx, conv_activation, nheads, ngroups, dstate)
+            z = z.reshape(batch, seqlen, nheads, headdim)
+            y, final_states, _ = _ops.ssd_fwd(
+                x, dt, A, B, C, int(chunk_size), D, None if rmsnorm_weight is not None else z, dt_bias,
+                initial_states, seq_idx, None, True, dt_min, dt_max, False)
+            out = _mixer_out(y, z, zx0, rmsnorm_weight, rmsnorm_eps, dim // ngroups, norm_before_gate)
+            if outproj_weight is not None:
+                out = F.linear(out, outproj_weight, outproj_bias)
+        ctx.save_for_backward(zxbcdt, conv1d_weight, conv1d_bias, y, A, D, dt_bias, initial_states, seq_idx,
+                              rmsnorm_weight, outproj_weight, outproj_bias)
+        ctx.options = (int(chunk_size), dt_min, dt_max, conv_activation, float(rmsnorm_eps), bool(norm_before_gate),
+                       headdim, ngroups, d_nonssm, dstate)
+        ctx.dtypes = (input_dtype, *proj_dtypes)
+        return (out, final_states) if return_final_states else out
+
+    @staticmethod
+    def backward(ctx, dout, dfinal_states=None):
+        (zxbcdt, conv1d_weight, conv1d_bias, y, A, D, dt_bias, initial_states, seq_idx, rmsnorm_weight,
+         outproj_weight, outproj_bias) = ctx.saved_tensors
+        (chunk_size, dt_min, dt_max, conv_activation, eps, norm_before_gate, headdim, ngroups, d_nonssm,
+         dstate) = ctx.options
+        nheads = D.shape[0]
+        dim = nheads * headdim
+        batch, seqlen, _ = zxbcdt.shape
+        with _no_autocast(zxbcdt):
+            zx0, z, xBC, dt = torch.split(zxbcdt, [2 * d_nonssm, dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
+            x, B, C = _conv_xBC(xBC, conv1d_weight, conv1d_bias, seq_idx, conv_activation, nheads, ngroups, dstate)
+            z = z.reshape(batch, seqlen, nheads, headdim)
+            doutproj_weight = doutproj_bias = None
+            if outproj_weight is not None:
+                dout = dout.to(outproj_weight.dtype)
+                out = _mixer_out(y, z, zx0, rmsnorm_weight, eps, dim // ngroups, norm_before_gate)
+                doutproj_weight = dout.reshape(-1, dout.shape[-1]).t() @ out.reshape(-1, out.shape[-1])
+                doutproj_bias = dout.sum(dim=(0, 1)) if outproj_bias is not None else None
+                dout = dout @ outproj_weight
+            dout0, dout1 = dout.split([d_nonssm, dim], dim=-1)
+            dzx0 = _swiglu_bwd(zx0, dout0)
+            drmsnorm_weight = None
+            if rmsnorm_weight is not None:
+                dy, drmsnorm_weight, dz = _ops.gated_rms_norm_bwd(
+                    dout1.to(y.dtype).contiguous(), y.reshape(batch, seqlen, dim), rmsnorm_weight,
+                    z.reshape(batch, seqlen, dim), eps, dim // ngroups, norm_before_gate)
+                dy = dy.reshape(batch, seqlen, nheads, headdim)
+                ssd_z = None
+            else:
+                dy = dout1.to(y.dtype).reshape(batch, seqlen, nheads, headdim)
+                ssd_z = z
+            dx, ddt, dA, dB, dC, dD, dz_ssd, ddt_bias, dinitial_states = _ops.ssd_bwd(
+                dy, x, dt, A, B, C, chunk_size, D, ssd_z, dt_bias, initial_states, seq_idx, None, dfinal_states,
+                True, dt_min, dt_max)
+            if ssd_z is not None:
+                dz = dz_ssd
+            dxBC_conv = torch.cat([dx.reshape(batch, seqlen, -1), dB.reshape(batch, seqlen, -1),
+                                   dC.reshape(batch, seqlen, -1)], dim=-1)
+            dxBC, dconv_weight, dconv_bias, _ = _ops.causal_conv1d_bwd(
+                dxBC_conv.to(xBC.dtype).transpose(1, 2), xBC.contiguous().transpose(1, 2), conv1d_weight,
+                conv1d_bias, seq_idx, None, None, conv_activation)
+            dzxbcdt = torch.cat([dzx0, dz.reshape(batch, seqlen, dim).to(zxbcdt.dtype), dxBC.transpose(1, 2),
+                                 ddt.to(zxbcdt.dtype)], dim=-1)
+        input_dtype, outproj_weight_dtype, outproj_bias_dtype = ctx.dtypes
+        return (
+            dzxbcdt.to(input_dtype), dconv_weight, _present(dconv_bias, conv1d_bias), _present(ddt_bias, dt_bias),
+            dA, dD, None, _present(dinitial_states, initial_states), None, None, None, None, drmsnorm_weight, None,
+            None if doutproj_weight is None else doutproj_weight.to(outproj_weight_dtype),
+            None if doutproj_bias is None else doutproj_bias.to(outproj_bias_dtype),
+            None, None, None,
+        )
+
+
+def _conv_xBC(xBC, weight, bias, seq_idx, activation, nheads, ngroups, dstate):
+    """Causal conv of xBC (B, L, C) along L, split into x (B, L, H, P), B and C (B, L, G, N)."""
+    batch, seqlen, _ = xBC.shape
+    conv = _ops.causal_conv1d_fwd(xBC.contiguous().transpose(1, 2), weight, bias, seq_idx, None, activation,
+                                  False)[0].transpose(1, 2)
+    x, B, C = torch.split(conv, [conv.shape[-1] - 2 * ngroups * dstate, ngroups * dstate, ngroups * dstate], dim=-1)
+    return (x.reshape(batch, seqlen, nheads, -1), B.reshape(batch, seqlen, ngroups, dstate),
+            C.reshape(batch, seqlen, ngroups, dstate))
+
+
+def _mixer_out(y, z, zx0, rmsnorm_weight, eps, group_size, norm_before_gate):
+    """The input of out_proj: [swiglu(zx0),] then the (normed and) gated SSD output y."""
+    batch, seqlen = y.shape[:2]
+    y = y.reshape(batch, seqlen, -1)
+    if rmsnorm_weight is not None:
+        y = _ops.gated_rms_norm_fwd(y, rmsnorm_weight, z.reshape(batch, seqlen, -1), eps, group_size,
+                                    norm_before_gate)
+    if zx0.shape[-1] == 0:
+        return y
+    return torch.cat([_swiglu(zx0).to(y.dtype), y], dim=-1)
+
+
+def mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
+                                     initial_states=None, seq_idx=None, dt_limit=(0.0, float("inf")),
+                                     return_final_states=False, activation="silu", rmsnorm_weight=None,
+                                     rmsnorm_eps=1e-6, outproj_weight=None, outproj_bias=None, headdim=None,
+                                     ngroups=1, norm_before_gate=True):
+    """The whole Mamba-2 mixer after in_proj, recomputing the conv in the backward.
+
+    Args:
+        zxbcdt: (B, L, 2 * d_mlp + 2 * H*P + 2 * G*N + H): [z0, x0] (a swiglu MLP part, may be empty),
+            z, x, B, C, dt along the last dim.
+        conv1d_weight: (H*P + 2*G*N, W). conv1d_bias: (H*P + 2*G*N,) or None.
+        dt_bias: (H,) float32. A: (H,) float32. D: (H,) (then headdim is required) or (H, P), float32.
+        chunk_size: SSD chunk length (a speed knob). initial_states: (B, H, P, N) float32, optional.
+        seq_idx: (B, L) int32, optional. dt_limit: (min, max) clamp of softplus(dt + dt_bias).
+        return_final_states: also return the (B, H, P, N) float32 final states.
+        activation: of the conv, None, "silu" or "swish".
+        rmsnorm_weight: (H*P,) for the gated RMSNorm (statistics per group of H*P / ngroups channels);
+            None gates the SSD output with silu(z) instead. rmsnorm_eps: its eps.
+        outproj_weight: (E, d_mlp + H*P), optional. outproj_bias: (E,), optional.
+        norm_before_gate: RMSNorm(y) * silu(z) if True, RMSNorm(y * silu(z)) if False.
+
+    Returns:
+        out (B, L, E) (or (B, L, d_mlp + H*P) without outproj_weight), or (out, final_states).
+    """
+    return MambaSplitConv1dScanCombinedFn.apply(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
+                                                initial_states, seq_idx, dt_limit, return_final_states, activation,
+                                                rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim,
+                                                ngroups, norm_before_gate)
+
+
+__all__ = ["MambaInnerFn", "MambaSplitConv1dScanCombinedFn", "mamba_inner_fn", "mamba_split_conv1d_scan_combined"]

@@ -1,0 +1,526 @@
+// Causal depthwise conv1d: prefill forward (contiguous and channel-last x), backward, and the
+// decode update of a conv state.
+//
+//   out[b, d, t] = act(bias[d] + sum_{k<W} w[d, k] * x[b, d, t - (W-1) + k]),  x before t = 0 from
+//   initial_states (else 0). With seq_idx a tap reading another sequence contributes 0 and
+//   padding (seq_idx < 0) outputs 0; the initial states belong to the sequence of t = 0.
+//
+// Work decomposition:
+// - conv_fwd (x contiguous (B, D, L)): a block of 128 threads owns 1024 consecutive positions of
+//   one (b, d) row (grid = rows x chunks, 1-d); a thread owns 8 consecutive positions: one
+//   16-byte load of x, one 16-byte store of out. The W-1 inputs before a thread's positions
+//   come from the previous lane by warp shuffle (lane 0 reads them from global memory, where the
+//   previous warp's load brought them into L1/L2); weights and bias sit in registers.
+//   Traffic: x read once, out written once (the floor for this op); no shared memory.
+// - conv_fwd_cl (x channel-last, stored (B, L, D)): a thread owns 8 consecutive channels
+//   (16-byte accesses, coalesced across the warp) for a segment of 32 time steps, sliding a
+//   window of the last W-1 input vectors in registers; block (32, 4) = 256 channels x 128 steps.
+//   Traffic: x once (+ W-1 history rows per segment from L2), out once.
+// - Generic widths (W = 0 template argument: any W <= 64 at run time) read their taps from
+//   global memory (L1 hits) instead of registers.
+// - Backward (contiguous; channel-last inputs are made contiguous by the launcher):
+//   conv_bwd_dpre recomputes the pre-activation like conv_fwd and writes dpre = dout * act'(pre)
+//   (float32, 0 at padding) plus one (W+1)-vector of dweight/dbias partials per block (block
+//   reduction through shared memory); conv_bwd_dx gathers dx[s] = sum_k w[k] dpre[s + W-1-k]
+//   (the W-1 following dpre values come from the next lane by shuffle) plus dfinal_states, and
+//   dinitial_states at the chunk holding t = 0. column_sum (common.cuh) adds the partials.
+// - conv_update: one thread per (b, d) row of the decode batch; reads its W-1 history entries
+//   from the state (shift window or circular buffer, any strides), writes Lnew outputs and the
+//   new state entries in place. Padding rows (negative conv_state_indices) write 0 and leave
+//   the state alone.
+#include "common.cuh"
+
+#define CONV_THREADS 128
+#define CONV_CHUNK (CONV_THREADS * 8)
+#define CONV_CL_STEPS 32
+
+namespace {
+
+// An element of a stream that is either float32 or T (run-time flag).
+template <typename T>
+__device__ __forceinline__ float load_elem(const void* p, int is_f32, i64 i) {
+  return is_f32 ? load_f(static_cast<const float*>(p) + i) : load_f(static_cast<const T*>(p) + i);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_elem(void* p, int is_f32, i64 i, float v) {
+  if (is_f32)
+    store_f(static_cast<float*>(p) + i, v);
+  else
+    store_f(static_cast<T*>(p) + i, v);
+}
+
+__device__ __forceinline__ void load_ids8(const int* p, i64 i, i64 n, bool vec, int (&s)[8]) {
+  if (vec && i + 8 <= n) {
+    const int4 a = *reinterpret_cast<const int4*>(p + i);
+    const int4 b = *reinterpret_cast<const int4*>(p + i + 4);
+    s[0] = a.x; s[1] = a.y; s[2] = a.z; s[3] = a.w;
+    s[4] = b.x; s[5] = b.y; s[6] = b.z; s[7] = b.w;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) s[k] = (i + k < n) ? p[i + k] : -1;
+  }
+}
+
+__device__ __forceinline__ float silu_grad(float v) {
+  const float sig = sigmoid_f(v);
+  return sig * (1.f + v * (1.f - sig));
+}
+
+// One (b, d) row: its inputs (initial states before t = 0) and sequence ids (the id of t = 0
+// before it, so initial states join the first sequence).
+template <typename T>
+struct Row {
+  const T* x;          // x[b, d, 0] (contiguous) or x[b, 0, d] (channel-last)
+  i64 stride;          // between time steps
+  const void* init;    // initial_states[b, d, 0] or null
+  int init_f32;
+  const int* seq;      // seq_idx[b, 0] or null
+  int wm1;             // W - 1
+
+  __device__ __forceinline__ float at(i64 s) const {
+    if (s >= 0) return load_f(x + s * stride);
+    return init ? load_elem<T>(init, init_f32, wm1 + s) : 0.f;
+  }
+  __device__ __forceinline__ int id(i64 s) const { return seq ? seq[s > 0 ? s : 0] : 0; }
+};
+
+// final_states[i] = input at L-(W-1)+i, 0 outside the sequence of position L-1.
+template <typename T>
+__device__ void write_final(const Row<T>& r, i64 L, void* final_states, int final_f32, i64 offset) {
+  const int last = r.id(L - 1);
+  for (int i = 0; i < r.wm1; ++i) {
+    const i64 s = L - r.wm1 + i;
+    const bool keep = !r.seq || (last >= 0 && r.id(s) == last);
+    store_elem<T>(final_states, final_f32, offset + i, keep ? r.at(s) : 0.f);
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+template <typename T, int W>
+__global__ void __launch_bounds__(CONV_THREADS) conv_fwd(
+    const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
+    const int* __restrict__ seq_idx, const void* __restrict__ init, int init_f32, T* __restrict__ out,
+    void* __restrict__ final_states, int final_f32, int D, i64 L, int width, i64 nchunks, int silu, int vec) {
+  const i64 row = blockIdx.x / nchunks;
+  const i64 s0 = (blockIdx.x % nchunks) * CONV_CHUNK + threadIdx.x * 8;
+  const int b = (int)(row / D);
+  const int wm1 = (W > 0 ? W : width) - 1;
+  const Row<T> r{x + row * L, 1, init ? (init_f32 ? (const void*)((const float*)init + row * wm1)
+                                                   : (const void*)((const T*)init + row * wm1))
+                                      : nullptr,
+                 init_f32, seq_idx ? seq_idx + (i64)b * L : nullptr, wm1};
+  const float bias_d = bias ? bias[row % D] : 0.f;
+  const float* w = weight + (row % D) * (wm1 + 1);
+  const int lane = threadIdx.x % SSM_WARP_SIZE;
+
+  float v[8];
+  int sid[8];
+  load_chunk8(r.x, s0, L, vec, v);
+  if (r.seq) load_ids8(r.seq, s0, L, vec, sid);
+  float o[8];
+  if constexpr (W > 0) {
+    // Window: W-1 inputs before s0, then the thread's 8.
+    float win[W - 1 + 8];
+    int ids[W - 1 + 8];
+    float wk[W];
+#pragma unroll
+    for (int k = 0; k < W; ++k) wk[k] = w[k];
+#pragma unroll
+    for (int j = 0; j < W - 1; ++j) {
+      win[j] = SSM_SHFL_UP(v[8 - (W - 1) + j], 1);
+      ids[j] = r.seq ? SSM_SHFL_UP(sid[8 - (W - 1) + j], 1) : 0;
+      if (lane == 0 && s0 < L) {  // the previous lane is in the previous warp
+        win[j] = r.at(s0 - (W - 1) + j);
+        ids[j] = r.id(s0 - (W - 1) + j);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      win[W - 1 + k] = v[k];
+      ids[W - 1 + k] = r.seq ? sid[k] : 0;
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      float acc = bias_d;
+#pragma unroll
+      for (int j = 0; j < W; ++j) acc += (ids[k + j] == ids[k + W - 1]) ? wk[j] * win[k + j] : 0.f;
+      if (silu) acc = silu_f(acc);
+      o[k] = (r.seq && ids[k + W - 1] < 0) ? 0.f : acc;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const i64 t = s0 + k;
+      float acc = bias_d;
+      if (t < L) {
+        const int id_t = r.id(t);
+        for (int j = 0; j < wm1; ++j) {
+          const i64 s = t - wm1 + j;
+          if (!r.seq || r.id(s) == id_t) acc += w[j] * r.at(s);
+        }
+        acc += w[wm1] * v[k];
+        if (silu) acc = silu_f(acc);
+        if (r.seq && id_t < 0) acc = 0.f;
+      }
+      o[k] = acc;
+    }
+  }
+  if (s0 < L) store_chunk8(out + row * L, s0, L, vec, o);
+  if (final_states && s0 <= L - 1 && L - 1 < s0 + 8) write_final(r, L, final_states, final_f32, row * wm1);
+}
+
+// ---------------------------------------------------------------------------------------------
+template <typename T, int W>
+__global__ void __launch_bounds__(128) conv_fwd_cl(
+    const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
+    const int* __restrict__ seq_idx, const void* __restrict__ init, int init_f32, T* __restrict__ out,
+    void* __restrict__ final_states, int final_f32, int D, i64 L, int width, int silu, int vec) {
+  const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  const i64 t0 = ((i64)blockIdx.y * blockDim.y + threadIdx.y) * CONV_CL_STEPS;
+  const int b = blockIdx.z;
+  if (c0 >= D || t0 >= L) return;
+  const int wm1 = (W > 0 ? W : width) - 1;
+  const int nc = D - c0 < 8 ? D - c0 : 8;
+  const i64 t_end = t0 + CONV_CL_STEPS < L ? t0 + CONV_CL_STEPS : L;
+  const T* xb = x + (i64)b * L * D;
+  T* ob = out + (i64)b * L * D;
+  const int* seq = seq_idx ? seq_idx + (i64)b * L : nullptr;
+  auto id = [&](i64 s) { return seq ? seq[s > 0 ? s : 0] : 0; };
+  // Inputs of channels c0..c0+7 at time s (initial states before 0).
+  auto load_at = [&](i64 s, float (&v)[8]) {
+    if (s >= 0) {
+      load_chunk8(xb + s * D, c0, D, vec, v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        v[i] = (init && i < nc) ? load_elem<T>(init, init_f32, ((i64)b * D + c0 + i) * wm1 + wm1 + s) : 0.f;
+    }
+  };
+  float bv[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) bv[i] = (bias && i < nc) ? bias[c0 + i] : 0.f;
+
+  if constexpr (W > 0) {
+    float wv[W][8], win[W > 1 ? W - 1 : 1][8];
+    int ids[W > 1 ? W - 1 : 1];
+#pragma unroll
+    for (int k = 0; k < W; ++k)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) wv[k][i] = i < nc ? weight[(i64)(c0 + i) * W + k] : 0.f;
+#pragma unroll
+    for (int j = 0; j < W - 1; ++j) {
+      load_at(t0 - (W - 1) + j, win[j]);
+      ids[j] = id(t0 - (W - 1) + j);
+    }
+#pragma unroll 2
+    for (i64 t = t0; t < t_end; ++t) {
+      float cur[8], o[8];
+      load_chunk8(xb + t * D, c0, D, vec, cur);
+      const int id_t = id(t);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        float acc = bv[i] + wv[W - 1][i] * cur[i];
+#pragma unroll
+        for (int j = 0; j < W - 1; ++j) acc += (ids[j] == id_t) ? wv[j][i] * win[j][i] : 0.f;
+        if (silu) acc = silu_f(acc);
+        o[i] = (seq && id_t < 0) ? 0.f : acc;
+      }
+      store_chunk8(ob + t * D, c0, D, vec, o);
+#pragma unroll
+      for (int j = 0; j + 1 < W - 1; ++j) {
+        ids[j] = ids[j + 1];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) win[j][i] = win[j + 1][i];
+      }
+      if (W > 1) {
+        ids[W > 1 ? W - 2 : 0] = id_t;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) win[W > 1 ? W - 2 : 0][i] = cur[i];
+      }
+    }
+  } else {
+    for (i64 t = t0; t < t_end; ++t) {
+      const int id_t = id(t);
+      float o[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) o[i] = bv[i];
+      for (int j = 0; j <= wm1; ++j) {
+        const i64 s = t - wm1 + j;
+        if (seq && id(s) != id_t) continue;
+        float v[8];
+        load_at(s, v);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) o[i] += (i < nc ? weight[(i64)(c0 + i) * (wm1 + 1) + j] : 0.f) * v[i];
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if (silu) o[i] = silu_f(o[i]);
+        if (seq && id_t < 0) o[i] = 0.f;
+      }
+      store_chunk8(ob + t * D, c0, D, vec, o);
+    }
+  }
+  if (final_states && t_end == L) {
+    for (int i = 0; i < nc; ++i) {
+      const Row<T> r{xb + c0 + i, D, init ? (init_f32 ? (const void*)((const float*)init + ((i64)b * D + c0 + i) * wm1)
+                                                       : (const void*)((const T*)init + ((i64)b * D + c0 + i) * wm1))
+                                          : nullptr,
+                     init_f32, seq, wm1};
+      write_final(r, L, final_states, final_f32, ((i64)b * D + c0 + i) * wm1);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, pass 1: dpre = dout * act'(pre) (0 at padding), float32; per-block dweight/dbias
+// partials part[(b * nchunks + chunk), d, 0..W] (W taps, then the bias).
+template <typename T, int W>
+__global__ void __launch_bounds__(CONV_THREADS) conv_bwd_dpre(
+    const T* __restrict__ x, const void* __restrict__ dout, int dout_f32, const float* __restrict__ weight,
+    const float* __restrict__ bias, const int* __restrict__ seq_idx, const void* __restrict__ init, int init_f32,
+    float* __restrict__ dpre, float* __restrict__ part, int D, i64 L, int width, i64 nchunks, int silu, int vec) {
+  __shared__ float red[65][CONV_THREADS / 32 + 1];
+  const i64 row = blockIdx.x / nchunks;
+  const i64 chunk = blockIdx.x % nchunks;
+  const i64 s0 = chunk * CONV_CHUNK + threadIdx.x * 8;
+  const int b = (int)(row / D), d = (int)(row % D);
+  const int wm1 = (W > 0 ? W : width) - 1;
+  const Row<T> r{x + row * L, 1, init ? (init_f32 ? (const void*)((const float*)init + row * wm1)
+                                                   : (const void*)((const T*)init + row * wm1))
+                                      : nullptr,
+                 init_f32, seq_idx ? seq_idx + (i64)b * L : nullptr, wm1};
+  const float bias_d = bias ? bias[d] : 0.f;
+  const float* w = weight + (i64)d * (wm1 + 1);
+  const int lane = threadIdx.x % SSM_WARP_SIZE, warp = threadIdx.x / SSM_WARP_SIZE;
+  constexpr int NW = CONV_THREADS / SSM_WARP_SIZE;
+
+  float v[8], g[8], dp[8];
+  int sid[8];
+  load_chunk8(r.x, s0, L, vec, v);
+  if (dout_f32)
+    load_chunk8(static_cast<const float*>(dout) + row * L, s0, L, vec, g);
+  else
+    load_chunk8(static_cast<const T*>(dout) + row * L, s0, L, vec, g);
+  if (r.seq) load_ids8(r.seq, s0, L, vec, sid);
+
+  if constexpr (W > 0) {
+    float win[W - 1 + 8];
+    int ids[W - 1 + 8];
+#pragma unroll
+    for (int j = 0; j < W - 1; ++j) {
+      win[j] = SSM_SHFL_UP(v[8 - (W - 1) + j], 1);
+      ids[j] = r.seq ? SSM_SHFL_UP(sid[8 - (W - 1) + j], 1) : 0;
+      if (lane == 0 && s0 < L) {  // the previous lane is in the previous warp
+        win[j] = r.at(s0 - (W - 1) + j);
+        ids[j] = r.id(s0 - (W - 1) + j);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      win[W - 1 + k] = v[k];
+      ids[W - 1 + k] = r.seq ? sid[k] : 0;
+    }
+    float acc_w[W + 1];
+#pragma unroll
+    for (int j = 0; j <= W; ++j) acc_w[j] = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      float pre = bias_d;
+#pragma unroll
+      for (int j = 0; j < W; ++j) pre += (ids[k + j] == ids[k + W - 1]) ? w[j] * win[k + j] : 0.f;
+      float gk = (s0 + k < L && !(r.seq && ids[k + W - 1] < 0)) ? g[k] : 0.f;
+      if (silu) gk *= silu_grad(pre);
+      dp[k] = gk;
+#pragma unroll
+      for (int j = 0; j < W; ++j) acc_w[j] += (ids[k + j] == ids[k + W - 1]) ? gk * win[k + j] : 0.f;
+      acc_w[W] += gk;
+    }
+#pragma unroll
+    for (int j = 0; j <= W; ++j) {
+      const float s = warp_sum(acc_w[j]);
+      if (lane == 0) red[j][warp] = s;
+    }
+  } else {
+    int id_t[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const i64 t = s0 + k;
+      float gk = 0.f;
+      id_t[k] = t < L ? r.id(t) : -1;
+      if (t < L) {
+        float pre = bias_d + w[wm1] * v[k];
+        for (int j = 0; j < wm1; ++j) {
+          const i64 s = t - wm1 + j;
+          if (!r.seq || r.id(s) == id_t[k]) pre += w[j] * r.at(s);
+        }
+        gk = (r.seq && id_t[k] < 0) ? 0.f : g[k];
+        if (silu) gk *= silu_grad(pre);
+      }
+      dp[k] = gk;
+    }
+    for (int j = 0; j <= wm1 + 1; ++j) {
+      float acc = 0.f;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const i64 t = s0 + k;
+        if (t >= L || dp[k] == 0.f) continue;
+        if (j == wm1 + 1) {
+          acc += dp[k];
+        } else {
+          const i64 s = t - wm1 + j;
+          if (!r.seq || r.id(s) == id_t[k]) acc += dp[k] * r.at(s);
+        }
+      }
+      const float s = warp_sum(acc);
+      if (lane == 0) red[j][warp] = s;
+    }
+  }
+  if (s0 < L) store_chunk8(dpre + row * L, s0, L, vec, dp);
+  __syncthreads();
+  if (threadIdx.x <= wm1 + 1) {
+    float t = 0.f;
+#pragma unroll
+    for (int k = 0; k < NW; ++k) t += red[threadIdx.x][k];
+    part[(((i64)b * nchunks + chunk) * D + d) * (wm1 + 2) + threadIdx.x] = t;
+  }
+}
+
+// Backward, pass 2: dx[s] = sum_k w[k] dpre[s + W-1-k] (same sequence) + dfinal; dinitial_states.
+template <typename T, int W>
+__global__ void __launch_bounds__(CONV_THREADS) conv_bwd_dx(
+    const float* __restrict__ dpre, const float* __restrict__ weight, const int* __restrict__ seq_idx,
+    const void* __restrict__ dfinal, int dfinal_f32, T* __restrict__ dx, void* __restrict__ dinit, int dinit_f32,
+    int D, i64 L, int width, i64 nchunks, int vec) {
+  const i64 row = blockIdx.x / nchunks;
+  const i64 s0 = (blockIdx.x % nchunks) * CONV_CHUNK + threadIdx.x * 8;
+  const int b = (int)(row / D), d = (int)(row % D);
+  const int wm1 = (W > 0 ? W : width) - 1;
+  const float* dp = dpre + row * L;
+  const int* seq = seq_idx ? seq_idx + (i64)b * L : nullptr;
+  const float* w = weight + (i64)d * (wm1 + 1);
+  const int lane = threadIdx.x % SSM_WARP_SIZE;
+  auto id = [&](i64 s) { return seq ? seq[s > 0 ? s : 0] : 0; };
+  auto dp_at = [&](i64 t) { return t < L ? dp[t] : 0.f; };
+  const int last = id(L - 1);
+  // dfinal_states[i] flows to input position L-(W-1)+i when it was kept in the final state.
+  auto dfinal_at = [&](i64 s) {
+    const i64 i = s - (L - wm1);
+    if (!dfinal || i < 0) return 0.f;
+    const bool keep = !seq || (last >= 0 && id(s) == last);
+    return keep ? load_elem<T>(dfinal, dfinal_f32, row * wm1 + i) : 0.f;
+  };
+
+  float o[8];
+  if constexpr (W > 0) {
+    float fut[8 + W - 1];
+    int ids[8 + W - 1];
+    float wk[W];
+#pragma unroll
+    for (int k = 0; k < W; ++k) wk[k] = w[k];
+    float own[8];
+    int sid[8];
+    load_chunk8(dp, s0, L, vec, own);
+    if (seq) load_ids8(seq, s0, L, vec, sid);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      fut[k] = own[k];
+      ids[k] = seq ? sid[k] : 0;
+    }
+#pragma unroll
+    for (int j = 0; j < W - 1; ++j) {
+      fut[8 + j] = SSM_SHFL_DOWN(own[j], 1);
+      ids[8 + j] = seq ? SSM_SHFL_DOWN(sid[j], 1) : 0;
+      if (lane == SSM_WARP_SIZE - 1) {
+        fut[8 + j] = dp_at(s0 + 8 + j);
+        ids[8 + j] = id(s0 + 8 + j < L ? s0 + 8 + j : L - 1);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      float acc = 0.f;
+#pragma unroll
+      for (int j = 0; j < W; ++j) acc += (ids[k + W - 1 - j] == ids[k]) ? wk[j] * fut[k + W - 1 - j] : 0.f;
+      o[k] = acc + dfinal_at(s0 + k);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const i64 s = s0 + k;
+      float acc = 0.f;
+      if (s < L) {
+        const int id_s = id(s);
+        for (int j = 0; j <= wm1; ++j) {
+          const i64 t = s + wm1 - j;
+          if (t < L && (!seq || id(t) == id_s)) acc += w[j] * dp[t];
+        }
+        acc += dfinal_at(s);
+      }
+      o[k] = acc;
+    }
+  }
+  if (s0 < L) store_chunk8(dx + row * L, s0, L, vec, o);
+  if (dinit && s0 == 0) {
+    // Initial state j sits at input position j - (W-1) and carries the sequence id of t = 0.
+    const int id0 = id(0);
+    for (int j = 0; j < wm1; ++j) {
+      const i64 s = j - wm1;
+      float acc = dfinal_at(s);
+      for (int k = 0; k <= j; ++k) {
+        const i64 t = s + wm1 - k;
+        if (t < L && (!seq || id(t) == id0)) acc += w[k] * dp[t];
+      }
+      store_elem<T>(dinit, dinit_f32, row * wm1 + j, acc);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode: x (B, D, Lnew) contiguous; state rows addressed through strides (elements).
+template <typename TX, typename TS>
+__global__ void __launch_bounds__(128) conv_update(
+    const TX* __restrict__ x, TS* __restrict__ state, i64 st_b, i64 st_d, i64 st_t, const float* __restrict__ weight,
+    const float* __restrict__ bias, const int* __restrict__ cache_seqlens, const int* __restrict__ state_indices,
+    TX* __restrict__ out, int B, int D, int n_new, int width, int state_len, int silu) {
+  const i64 rowid = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (rowid >= (i64)B * D) return;
+  const int b = (int)(rowid / D), d = (int)(rowid % D);
+  const TX* xr = x + rowid * n_new;
+  TX* orow = out + rowid * n_new;
+  const i64 slot = state_indices ? state_indices[b] : b;
+  if (slot < 0) {
+    for (int j = 0; j < n_new; ++j) store_f(orow + j, 0.f);
+    return;
+  }
+  TS* sr = state + slot * st_b + d * st_d;
+  const float* w = weight + (i64)d * width;
+  const float bias_d = bias ? bias[d] : 0.f;
+  const int wm1 = width - 1;
+  const bool circular = cache_seqlens != nullptr && state_len > 0;
+  const int c = circular ? cache_seqlens[b] % state_len : 0;
+  // History entry i (0 = oldest of state_len) of the stream state ++ x.
+  auto history = [&](int i) {
+    const int pos = circular ? (c + i) % state_len : i;  // (c - state_len + i) mod state_len
+    return load_f(sr + (i64)pos * st_t);
+  };
+  for (int j = 0; j < n_new; ++j) {
+    float acc = bias_d;
+    for (int k = 0; k <= wm1; ++k) {
+      const int idx = state_len + j - wm1 + k;  // index in the stream
+      acc += w[k] * (idx >= state_len ? load_f(xr + idx - state_len) : history(idx));
+    }
+    if (silu) acc = silu_f(acc);
+    store_f(orow + j, acc);
+  }
+  if (state_len == 0) return;
+  if (circular) {
+    for (int j = 0; j < n_new; ++j) store_f(sr + (i64)((c + j) % state_len) * st_t, load_f(xr + j));
+  } else {
+    for (int i = 0; i < state_len; ++i) {  // ascending: reads i + n_new before any write there
+      const int src = i + n_new;
+      store_f(sr + (i64)i * st_t, src < state_len ? load_f(sr + (i64)src * st_t) : load_f(xr + src - state_len));
+    }
+  }
+}

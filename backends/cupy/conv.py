@@ -1,0 +1,173 @@
+"""CuPy launchers for the causal depthwise conv1d (kernels in conv.cu).
+
+Arguments arrive validated by ssmcore.ops.conv. Widths 1..4 run kernels specialised on W;
+wider ones (up to 64) a generic kernel. x may be contiguous (B, D, L) or channel-last (a
+(B, L, D) array transposed): both have their own forward kernel and the output keeps x's
+layout; other strides are made contiguous. The backward kernels take contiguous inputs (a
+channel-last x is copied), and dx is returned in x's layout. Weights and biases are passed as
+float32; seq_idx, cache_seqlens and conv_state_indices as int32.
+"""
+
+from __future__ import annotations
+
+import cupy
+import numpy as np
+
+from . import _arrays, _runtime
+from ._arrays import cdiv, ptr
+
+FAMILY = "conv"
+_TYPES = ("float", "half_t", "bf16_t")
+_WIDTHS = (0, 1, 2, 3, 4)  # 0 = any width up to 64, chosen at run time
+_CHUNK = 1024  # positions per block of the contiguous kernels (128 threads x 8)
+_CL_STEPS = 32  # time steps per thread of the channel-last kernel
+
+INSTANTIATIONS = (
+    [f"{k}<{t}, {w}>" for k in ("conv_fwd", "conv_fwd_cl", "conv_bwd_dpre", "conv_bwd_dx") for t in _TYPES
+     for w in _WIDTHS]
+    + [f"conv_update<{tx}, {ts}>" for tx in _TYPES for ts in _TYPES]
+    + ["column_sum<float>"]
+)
+
+
+def _width_arg(width: int) -> int:
+    return width if width <= 4 else 0
+
+
+def _channel_last(x) -> bool:
+    """True when channels are x's fastest axis (a (B, L, D) array transposed), as on the CPU."""
+    _, n_chan, length = x.shape
+    return n_chan > 1 and length > 1 and abs(x.strides[1]) < abs(x.strides[2])
+
+
+def _int32(a):
+    return None if a is None else cupy.ascontiguousarray(a, dtype=cupy.int32)
+
+
+def _param(a):
+    return _arrays.contiguous(a, cupy.float32)
+
+
+def _same_or_f32(a, like):
+    """(contiguous array in like's dtype or float32, is_f32), converting other dtypes to float32."""
+    return _arrays.row_stream(a, like.dtype)
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_states=None,
+                  return_final_states=False):
+    _arrays.check_kernel_dtypes(x=x, weight=weight, bias=bias, initial_states=initial_states)
+    t = _arrays.kernel_type("x", x)
+    n_batch, n_chan, length = x.shape
+    width = weight.shape[1]
+    channel_last = _channel_last(x)
+    w, b, seq = _param(weight), _param(bias), _int32(seq_idx)
+    init, init_f32 = _same_or_f32(initial_states, x)
+    final_dtype = (initial_states if initial_states is not None else x).dtype
+    final = cupy.empty((n_batch, n_chan, width - 1), final_dtype) if return_final_states else None
+    final_arg = final if final is not None and width > 1 else None
+    silu = np.int32(activation is not None)
+    wa = _width_arg(width)
+    if channel_last:
+        xs = cupy.ascontiguousarray(x.transpose(0, 2, 1))  # (B, L, D): no copy for a true channel-last x
+        out_store = cupy.empty((n_batch, length, n_chan), x.dtype)
+        out = out_store.transpose(0, 2, 1)
+        if x.size:
+            vec = n_chan % 8 == 0 and _arrays.aligned16(xs, out_store)
+            kernel = _runtime.function(FAMILY, f"conv_fwd_cl<{t}, {wa}>")
+            grid = (cdiv(n_chan, 256), cdiv(length, 4 * _CL_STEPS), n_batch)
+            _runtime.launch(
+                kernel, grid, (32, 4),
+                (xs, w, ptr(b), ptr(seq), ptr(init), np.int32(init_f32), out_store, ptr(final_arg),
+                 np.int32(final is not None and final.dtype == cupy.float32), np.int32(n_chan), np.int64(length),
+                 np.int32(width), silu, np.int32(vec)),
+            )
+    else:
+        xs = cupy.ascontiguousarray(x)
+        out = cupy.empty(x.shape, x.dtype)
+        if x.size:
+            nchunks = cdiv(length, _CHUNK)
+            vec = length % 8 == 0 and _arrays.aligned16(xs, out, seq)
+            kernel = _runtime.function(FAMILY, f"conv_fwd<{t}, {wa}>")
+            _runtime.launch(
+                kernel, (n_batch * n_chan * nchunks,), (128,),
+                (xs, w, ptr(b), ptr(seq), ptr(init), np.int32(init_f32), out, ptr(final_arg),
+                 np.int32(final is not None and final.dtype == cupy.float32), np.int32(n_chan), np.int64(length),
+                 np.int32(width), np.int64(nchunks), silu, np.int32(vec)),
+            )
+    return (out, final) if return_final_states else out
+
+
+def causal_conv1d_bwd(dout, x, weight, bias=None, activation=None, seq_idx=None, initial_states=None,
+                      dfinal_states=None):
+    _arrays.check_kernel_dtypes(dout=dout, x=x, weight=weight, bias=bias, initial_states=initial_states,
+                                dfinal_states=dfinal_states)
+    t = _arrays.kernel_type("x", x)
+    n_batch, n_chan, length = x.shape
+    width = weight.shape[1]
+    wa = _width_arg(width)
+    channel_last = _channel_last(x)
+    xs = cupy.ascontiguousarray(x)
+    g, g_f32 = _same_or_f32(dout, x)
+    w, b, seq = _param(weight), _param(bias), _int32(seq_idx)
+    init, init_f32 = _same_or_f32(initial_states, x)
+    dfinal, dfinal_f32 = _same_or_f32(dfinal_states, x) if width > 1 else (None, 0)
+    dx = cupy.empty(x.shape, x.dtype)
+    dinit = None if initial_states is None else cupy.empty(initial_states.shape, init.dtype)
+    nchunks = cdiv(length, _CHUNK)
+    dpre = cupy.empty(x.shape, cupy.float32)
+    part = cupy.empty((n_batch * nchunks, n_chan * (width + 1)), cupy.float32)
+    silu = np.int32(activation is not None)
+    if x.size:
+        vec = length % 8 == 0 and _arrays.aligned16(xs, g, dpre, dx, seq)
+        grid = (n_batch * n_chan * nchunks,)
+        _runtime.launch(
+            _runtime.function(FAMILY, f"conv_bwd_dpre<{t}, {wa}>"), grid, (128,),
+            (xs, g, np.int32(g_f32), w, ptr(b), ptr(seq), ptr(init), np.int32(init_f32), dpre, part,
+             np.int32(n_chan), np.int64(length), np.int32(width), np.int64(nchunks), silu, np.int32(vec)),
+        )
+        _runtime.launch(
+            _runtime.function(FAMILY, f"conv_bwd_dx<{t}, {wa}>"), grid, (128,),
+            (dpre, w, ptr(seq), ptr(dfinal), np.int32(dfinal_f32), dx, ptr(dinit if width > 1 else None),
+             np.int32(init_f32), np.int32(n_chan), np.int64(length), np.int32(width), np.int64(nchunks), np.int32(vec)),
+        )
+    else:
+        part.fill(0)
+        if dinit is not None:
+            dinit.fill(0)
+    sums = cupy.empty(n_chan * (width + 1), cupy.float32)
+    _runtime.launch(
+        _runtime.function(FAMILY, "column_sum<float>"), (cdiv(sums.size, 32),), (32, 8),
+        (part, np.int64(part.shape[0]), np.int32(sums.size), sums),
+    )
+    sums = sums.reshape(n_chan, width + 1)
+    dweight = sums[:, :width].astype(weight.dtype)
+    dbias = None if bias is None else sums[:, width].astype(bias.dtype)
+    if channel_last:
+        dx_store = cupy.empty((n_batch, length, n_chan), x.dtype)
+        dx_store[...] = dx.transpose(0, 2, 1)
+        dx = dx_store.transpose(0, 2, 1)
+    if dinit is not None and dinit.dtype != initial_states.dtype:
+        dinit = dinit.astype(initial_states.dtype)
+    return dx, dweight, dbias, dinit
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None,
+                         conv_state_indices=None):
+    _arrays.check_kernel_dtypes(x=x, conv_state=conv_state, weight=weight, bias=bias)
+    tx = _arrays.kernel_type("x", x)
+    ts = _arrays.kernel_type("conv_state", conv_state)
+    x3 = cupy.ascontiguousarray(x[:, :, None] if x.ndim == 2 else x)
+    n_batch, n_chan, n_new = x3.shape
+    width = weight.shape[1]
+    out = cupy.empty(x3.shape, x.dtype)
+    if x3.size:
+        item = conv_state.itemsize
+        strides = [np.int64(s // item) for s in conv_state.strides]
+        kernel = _runtime.function(FAMILY, f"conv_update<{tx}, {ts}>")
+        _runtime.launch(
+            kernel, (cdiv(n_batch * n_chan, 128),), (128,),
+            (x3, conv_state, *strides, _param(weight), ptr(_param(bias)), ptr(_int32(cache_seqlens)),
+             ptr(_int32(conv_state_indices)), out, np.int32(n_batch), np.int32(n_chan), np.int32(n_new),
+             np.int32(width), np.int32(conv_state.shape[2]), np.int32(activation is not None)),
+        )
+    return out.reshape(x.shape)
