@@ -1,6 +1,6 @@
 """ssd / ssd_bwd (Mamba-2) against independent oracles.
 
-Oracles: the float64 token-by-token recurrence (ssmcore.reference.ssd.ssd), the
+Oracles: the float64 token-by-token recurrence (ssmcore.reference.state_space_duality.ssd), the
 paper's chunked algorithm (ssd_minimal), central finite differences in float64,
 and torch autograd through a plain torch loop written here.
 """
@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 import ssmcore
 from helpers import DTYPES, TOL, assert_close, assert_grad_close, f64, numeric_grad, randn
-from ssmcore.reference.ssd import discretize, segsum, ssd_minimal, ssd_minimal_discrete
-from ssmcore.reference.ssd import ssd as ssd_ref
+from ssmcore.reference.state_space_duality import discretize, segsum, ssd_minimal, ssd_minimal_discrete
+from ssmcore.reference.state_space_duality import ssd as ssd_ref
 
 GRAD_NAMES = ("dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias", "dinitial_states")
 INPUT_OF = dict(dx="x", ddt="dt", dA="A", dB="B", dC="C", dD="D", dz="z", ddt_bias="dt_bias",
@@ -283,17 +283,20 @@ def test_torch_tensors_through_dlpack(rng):
 
 
 def _probe_all_gradients(rng, args, opts, chunk_size, dfinal=True, points=12):
+    """ssd_bwd against central differences of sum(out * dout) + sum(final_states * dfinal_states)."""
+    b, _, h, p = args["x"].shape
     dout = rng.standard_normal(args["x"].shape)
-    dfinal_states = rng.standard_normal(args["x"].shape[:1] + args["x"].shape[2:] + args["B"].shape[3:]) \
-        if dfinal else None
-    grads = ssmcore.ssd_bwd(dout, **args, **opts, chunk_size=chunk_size, dfinal_states=dfinal_states)
+    dfinal_states = rng.standard_normal((b, h, p, args["B"].shape[3]))
+    if not dfinal:
+        dfinal_states[...] = 0.0
+    grads = ssmcore.ssd_bwd(dout, **args, **opts, chunk_size=chunk_size,
+                            dfinal_states=dfinal_states if dfinal else None)
 
     def f():
         out, final = ssmcore.ssd(**args, **opts, chunk_size=chunk_size, return_final_states=True)
         return np.concatenate([out.ravel(), final.ravel()])
 
-    weights = np.concatenate([dout.ravel(), (dfinal_states if dfinal else np.zeros(
-        args["x"].shape[:1] + args["x"].shape[2:] + args["B"].shape[3:])).ravel()])
+    weights = np.concatenate([dout.ravel(), dfinal_states.ravel()])
     for name in GRAD_NAMES:
         inp = args.get(INPUT_OF[name])
         if inp is None:
@@ -302,7 +305,6 @@ def _probe_all_gradients(rng, args, opts, chunk_size, dfinal=True, points=12):
         assert getattr(grads, name).shape == inp.shape and getattr(grads, name).dtype == inp.dtype, name
         numeric = numeric_grad(f, inp, weights, eps=1e-6, max_points=points, rng=rng)
         assert_grad_close(getattr(grads, name), numeric, rtol=1e-5, atol=1e-7, name=name)
-    return grads
 
 
 @pytest.mark.parametrize("case", ["everything", "D_head_no_bias", "cu_seqlens_clamped", "plain"])

@@ -90,7 +90,10 @@ def config_from_dict(raw: dict) -> MambaConfig:
     unknown = sorted(set(raw) - names)
     if unknown:
         warnings.warn(f"config: ignoring keys that MambaConfig does not have: {unknown}", stacklevel=3)
-    return MambaConfig(**{k: v for k, v in raw.items() if k in names})
+    config = MambaConfig(**{k: v for k, v in raw.items() if k in names})
+    # JSON has no tuples: pairs such as dt_limit and A_init_range come back as lists.
+    config.ssm_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in config.ssm_cfg.items()}
+    return config
 
 
 # ---------------------------------------------------------------------------------- state dicts
@@ -223,6 +226,17 @@ def load_config(path_or_hub_id, **hub_kwargs) -> MambaConfig:
     return config_from_dict(json.loads(config_path.read_text()))
 
 
+def _torch_dtype(dtype):
+    """A torch dtype from a dtype or its name ("bfloat16", "torch.float16"); None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        value = getattr(torch, dtype.removeprefix("torch."), None)
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return value
+    raise TypeError(f"dtype: expected a floating torch.dtype or its name such as 'bfloat16', got {dtype!r}")
+
+
 def from_pretrained(path_or_hub_id, device=None, dtype=None, *, revision=None, cache_dir=None,
                     local_files_only=False) -> MambaLMHeadModel:
     """A :class:`MambaLMHeadModel` with a checkpoint's weights, loaded with ``strict=True``.
@@ -231,13 +245,14 @@ def from_pretrained(path_or_hub_id, device=None, dtype=None, *, revision=None, c
         path_or_hub_id: a folder with config.json and model.safetensors / pytorch_model.bin (sharded or
             not, reference or transformers layout), or a Hugging Face Hub id such as
             "state-spaces/mamba-130m" (needs huggingface_hub; uses its cache when offline).
-        device: where the parameters go (default CPU). dtype: the model dtype (default float32); as in
-            the reference, Mamba-1's A_log and D and Mamba-2's D stay float32.
+        device: where the parameters go (default CPU). dtype: the model dtype or its name (default
+            float32); as in the reference, Mamba-1's A_log and D and Mamba-2's D stay float32.
         revision, cache_dir, local_files_only: passed to huggingface_hub for a Hub id.
 
     Returns:
         the model in eval mode.
     """
+    dtype = _torch_dtype(dtype)
     config_path, files = _checkpoint_files(path_or_hub_id, revision, cache_dir, local_files_only)
     raw = json.loads(config_path.read_text())
     config = config_from_dict(raw)

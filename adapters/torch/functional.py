@@ -26,6 +26,19 @@ from . import ops  # noqa: F401  (registers the ssmcore:: custom ops)
 _ops = torch.ops.ssmcore
 
 
+def _require_tensors(**named):
+    """TypeError naming the first argument that is neither a tensor nor None (torch's own is a RuntimeError)."""
+    for name, value in named.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+
+
+def _real(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {value!r}")
+    return float(value)
+
+
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False, initial_state=None):
     """Selective scan of Mamba-1 (mamba-ssm's ``selective_scan_fn``).
@@ -41,6 +54,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         out (B, D, L) in u's dtype, or (out, last_state) with last_state (B, D, N) float32.
         Unlike the reference, gradients flow through last_state too.
     """
+    _require_tensors(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
     out, last_state = _ops.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state,
                                               bool(delta_softplus))
     return (out, last_state) if return_last_state else out
@@ -61,6 +75,8 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
         out (B, D, L) in x's dtype and layout, or (out, final_states). seq_idx together with
         initial states or final states is accepted (the reference refuses it).
     """
+    _require_tensors(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
+                     final_states_out=final_states_out)
     out, final_states = _ops.causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation,
                                                bool(return_final_states))
     if not return_final_states:
@@ -83,6 +99,8 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     Returns:
         out, like x.
     """
+    _require_tensors(x=x, conv_state=conv_state, weight=weight, bias=bias, cache_seqlens=cache_seqlens,
+                     conv_state_indices=conv_state_indices)
     return _ops.causal_conv1d_update(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
 
 
@@ -100,14 +118,10 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     Returns:
         out, like x.
     """
+    _require_tensors(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
+                     state_batch_indices=state_batch_indices)
     return _ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus),
                                        state_batch_indices)
-
-
-def _limit(value, index):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"dt_limit: expected a pair of real numbers (min, max), got {value!r} at position {index}")
-    return float(value)
 
 
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
@@ -132,11 +146,13 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
         cu_seqlens = None
     elif cu_seqlens is None:
         raise ValueError("cu_seqlens: is required when return_varlen_states is True, got None")
+    _require_tensors(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+                     seq_idx=seq_idx, cu_seqlens=cu_seqlens)
     if not isinstance(dt_limit, (tuple, list)) or len(dt_limit) != 2:
         raise TypeError(f"dt_limit: expected a pair (min, max), got {dt_limit!r}")
     out, final_states, varlen_states = _ops.ssd_fwd(
         x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, bool(dt_softplus),
-        _limit(dt_limit[0], 0), _limit(dt_limit[1], 1), bool(return_varlen_states),
+        _real("dt_limit", dt_limit[0]), _real("dt_limit", dt_limit[1]), bool(return_varlen_states),
     )
     results = (out,) + ((final_states,) if return_final_states else ()) + (
         (varlen_states,) if return_varlen_states else ())
@@ -172,9 +188,10 @@ def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=N
         y (..., D) in x's dtype, or (y, s) when prenorm.
     """
     _refuse_unsupported(x1, weight1, bias1, dropout_p, rowscale, return_dropout_mask)
+    _require_tensors(x=x, weight=weight, bias=bias, residual=residual)
     op = _ops.rms_norm_fwd if is_rms_norm else _ops.layer_norm_fwd
     # As in the reference, an explicit residual keeps its dtype whatever residual_in_fp32 says.
-    y, s = op(x, weight, bias, residual, float(eps), bool(prenorm), bool(residual_in_fp32) and residual is None)
+    y, s = op(x, weight, bias, residual, _real("eps", eps), bool(prenorm), bool(residual_in_fp32) and residual is None)
     return (y, s) if prenorm else y
 
 
@@ -198,7 +215,8 @@ def rmsnorm_fn(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_g
     Returns:
         y (..., D) in x's dtype.
     """
-    eps, norm_before_gate = float(eps), bool(norm_before_gate)
+    _require_tensors(x=x, weight=weight, bias=bias, z=z)
+    eps, norm_before_gate = _real("eps", eps), bool(norm_before_gate)
     if bias is None:
         return _ops.gated_rms_norm_fwd(x, weight, z, eps, group_size, norm_before_gate)
     if z is not None and norm_before_gate:

@@ -223,9 +223,10 @@ def _swiglu(zx0):
 
 
 def _swiglu_bwd(zx0, dout0):
-    """Gradient of silu(z0) * x0 w.r.t. zx0 = [z0, x0], in float32 then zx0's dtype."""
-    z0, x0 = zx0.float().chunk(2, dim=-1)
-    dout0 = dout0.float()
+    """Gradient of silu(z0) * x0 w.r.t. zx0 = [z0, x0], in float32 (float64 for float64) then zx0's dtype."""
+    compute = torch.promote_types(zx0.dtype, torch.float32)
+    z0, x0 = zx0.to(compute).chunk(2, dim=-1)
+    dout0 = dout0.to(compute)
     sig = torch.sigmoid(z0)
     dz0 = dout0 * x0 * sig * (1 + z0 * (1 - sig))
     dx0 = dout0 * z0 * sig

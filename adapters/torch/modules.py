@@ -1,6 +1,6 @@
 """nn.Modules of the Mamba family, with the reference package's (mamba-ssm 2.3) constructor
 arguments, parameter names, shapes, dtypes and initialisation, so its checkpoints load with
-``strict=True`` and a seeded construction draws its random numbers in the same order.
+``strict=True``. Parameters are created and initialised in the reference's order.
 
 Modules: :class:`Mamba` (Mamba-1 mixer), :class:`Mamba2`, :class:`Mamba2Simple`, :class:`MHA`
 (torch SDPA attention with grouped KV heads, rotary embeddings and a KV cache),
@@ -48,6 +48,11 @@ def _inverse_softplus_dt(size: int, dt_min: float, dt_max: float, dt_init_floor:
         torch.rand(size, **factory_kwargs) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
     ).clamp(min=dt_init_floor)
     return dt + torch.log(-torch.expm1(-dt))
+
+
+def _param(t: Tensor) -> Tensor:
+    """A parameter (A, D, dt bias, states) as the ops take it: float32, or float64 in a float64 model."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _require_layer_idx(module: nn.Module) -> int:
@@ -218,18 +223,18 @@ class Mamba(nn.Module):
         xz = xz.permute(1, 0, 2)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(_param(self.A_log))
         if self.use_fast_path and inference_params is None:
             return mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                                  self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
-                                  delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+                                  self.out_proj.weight, self.out_proj.bias, A, None, None, _param(self.D),
+                                  delta_bias=_param(self.dt_proj.bias), delta_softplus=True)
 
         x, z = xz.chunk(2, dim=1)
         conv_initial = ssm_initial = None
         if conv_state is not None:
             if inference_params.seqlen_offset > 0:  # chunked prefill: continue from the cache
-                conv_initial = conv_state[:, :, 1:].to(x.dtype)
-                ssm_initial = ssm_state.float()
+                conv_initial = conv_state[:, :, 1:].to(x.dtype, copy=True)
+                ssm_initial = _param(ssm_state)
                 window = _conv_window(torch.cat([conv_state.to(x.dtype), x], dim=-1), self.d_conv)
             else:
                 window = _conv_window(x, self.d_conv)
@@ -241,7 +246,7 @@ class Mamba(nn.Module):
         dt = (self.dt_proj.weight @ dt.t()).view(self.d_inner, batch, seqlen).permute(1, 0, 2)
         B = B.reshape(batch, seqlen, self.d_state).transpose(1, 2).contiguous()
         C = C.reshape(batch, seqlen, self.d_state).transpose(1, 2).contiguous()
-        y = selective_scan_fn(x, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+        y = selective_scan_fn(x, dt, A, B, C, _param(self.D), z=z, delta_bias=_param(self.dt_proj.bias),
                               delta_softplus=True, return_last_state=ssm_state is not None,
                               initial_state=ssm_initial)
         if ssm_state is not None:
@@ -258,9 +263,9 @@ class Mamba(nn.Module):
         x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias, self.activation)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # the bias goes in with the softplus
-        A = -torch.exp(self.A_log.float())
-        y = selective_state_update(ssm_state, x, dt, A, B, C, self.D.float(), z=z,
-                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        A = -torch.exp(_param(self.A_log))
+        y = selective_state_update(ssm_state, x, dt, A, B, C, _param(self.D), z=z,
+                                   dt_bias=_param(self.dt_proj.bias), dt_softplus=True)
         return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
 
     def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
@@ -364,7 +369,7 @@ class Mamba2(nn.Module):
         return self.conv1d.weight.reshape(self.conv1d.weight.shape[0], self.d_conv)
 
     def _D(self) -> Tensor:
-        return self.D.float().view(self.nheads, self.headdim) if self.D_has_hdim else self.D.float()
+        return _param(self.D).view(self.nheads, self.headdim) if self.D_has_hdim else _param(self.D)
 
     def _dt_limit_kwargs(self) -> dict:
         return {} if self.dt_limit == _NO_DT_LIMIT else {"dt_limit": self.dt_limit}
@@ -392,10 +397,10 @@ class Mamba2(nn.Module):
         zxbcdt = self.in_proj(u)
         if seqlen_og is not None:
             zxbcdt = zxbcdt.view(batch, seqlen, -1)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(_param(self.A_log))
         if self.use_mem_eff_path and inference_params is None:
             out = mamba_split_conv1d_scan_combined(
-                zxbcdt, self._conv_weight(), self.conv1d.bias, self.dt_bias.float(), A, self._D(),
+                zxbcdt, self._conv_weight(), self.conv1d.bias, _param(self.dt_bias), A, self._D(),
                 self.chunk_size, seq_idx=seq_idx, activation=self.activation,
                 rmsnorm_weight=self.norm.weight if self.rmsnorm else None,
                 rmsnorm_eps=self.norm.eps if self.rmsnorm else 1e-6, outproj_weight=self.out_proj.weight,
@@ -414,8 +419,8 @@ class Mamba2(nn.Module):
                 if cu_seqlens is not None:
                     raise ValueError("cu_seqlens: packed sequences can only start a cache (seqlen_offset == 0), "
                                      f"got seqlen_offset={inference_params.seqlen_offset}")
-                conv_initial = conv_state[:, :, 1:].to(xBC.dtype)
-                ssm_initial = ssm_state.float()
+                conv_initial = conv_state[:, :, 1:].to(xBC.dtype, copy=True)
+                ssm_initial = _param(ssm_state)
                 conv_state.copy_(_conv_window(torch.cat([conv_state.to(xBC.dtype), xBC_t], dim=-1), self.d_conv))
             elif cu_seqlens is None:
                 conv_state.copy_(_conv_window(xBC_t, self.d_conv))
@@ -428,7 +433,7 @@ class Mamba2(nn.Module):
         groups = (batch, seqlen, self.ngroups, self.d_state)
         y = mamba_chunk_scan_combined(
             x.reshape(heads), dt, A, B.reshape(groups), C.reshape(groups), chunk_size=self.chunk_size, D=self._D(),
-            z=None if self.rmsnorm else z.reshape(heads), dt_bias=self.dt_bias.float(), dt_softplus=True,
+            z=None if self.rmsnorm else z.reshape(heads), dt_bias=_param(self.dt_bias), dt_softplus=True,
             initial_states=ssm_initial, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
             return_final_states=ssm_state is not None,
             return_varlen_states=cu_seqlens is not None and inference_params is not None,
@@ -458,14 +463,14 @@ class Mamba2(nn.Module):
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         # Per-head scalars seen as (H, P[, N]) through stride-0 views.
         heads = (self.nheads, self.headdim)
-        A = (-torch.exp(self.A_log.float()))[:, None, None].expand(*heads, self.d_state)
+        A = (-torch.exp(_param(self.A_log)))[:, None, None].expand(*heads, self.d_state)
         D = self._D()
         D = D if D.dim() == 2 else D[:, None].expand(heads)
         y = selective_state_update(
             ssm_state, x.reshape(batch, *heads), dt[:, :, None].expand(batch, *heads), A,
             B.reshape(batch, self.ngroups, self.d_state), C.reshape(batch, self.ngroups, self.d_state), D,
             z=None if self.rmsnorm else z.reshape(batch, *heads),
-            dt_bias=self.dt_bias.float()[:, None].expand(heads), dt_softplus=True)
+            dt_bias=_param(self.dt_bias)[:, None].expand(heads), dt_softplus=True)
         y = y.reshape(batch, self.d_ssm)
         if self.rmsnorm:
             y = self.norm(y, z)
@@ -563,15 +568,15 @@ class Mamba2Simple(nn.Module):
         """u: (B, L, D); seq_idx: (B, L) int32, optional. Returns (B, L, D)."""
         batch, seqlen, _ = u.shape
         zxbcdt = self.in_proj(u)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(_param(self.A_log))
         initial_states = None
         if self.learnable_init_states:
-            initial_states = self.init_states.float()[None].expand(batch, -1, -1, -1)
+            initial_states = _param(self.init_states)[None].expand(batch, -1, -1, -1)
         dt_limit_kwargs = {} if self.dt_limit == _NO_DT_LIMIT else {"dt_limit": self.dt_limit}
         conv_weight = self.conv1d.weight.reshape(self.conv1d.weight.shape[0], self.d_conv)
         if self.use_mem_eff_path:
             return mamba_split_conv1d_scan_combined(
-                zxbcdt, conv_weight, self.conv1d.bias, self.dt_bias.float(), A, self.D.float(), self.chunk_size,
+                zxbcdt, conv_weight, self.conv1d.bias, _param(self.dt_bias), A, _param(self.D), self.chunk_size,
                 initial_states=initial_states, seq_idx=seq_idx, activation=self.activation,
                 rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.eps, outproj_weight=self.out_proj.weight,
                 outproj_bias=self.out_proj.bias, headdim=self.headdim, ngroups=self.ngroups, norm_before_gate=False,
@@ -586,7 +591,7 @@ class Mamba2Simple(nn.Module):
         groups = (batch, seqlen, self.ngroups, self.d_state)
         y = mamba_chunk_scan_combined(
             x.reshape(batch, seqlen, self.nheads, self.headdim), dt, A, B.reshape(groups), C.reshape(groups),
-            chunk_size=self.chunk_size, D=self.D.float(), seq_idx=seq_idx, initial_states=initial_states,
+            chunk_size=self.chunk_size, D=_param(self.D), seq_idx=seq_idx, initial_states=initial_states,
             **dt_limit_kwargs)
         y = self.norm(y.reshape(batch, seqlen, self.d_inner), z)
         return self.out_proj(y)
@@ -598,7 +603,8 @@ class Mamba2Simple(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding of the first ``dim`` channels of each head (flash-attn's layout:
     ``interleaved=False`` rotates the halves (GPT-NeoX), True rotates adjacent pairs (GPT-J)).
-    It has no state-dict entries; cos and sin are computed in float32 and rounded to x's dtype."""
+    It has no state-dict entries; cos and sin are computed in float32 (float64 for float64 x) and
+    rounded to x's dtype, as flash-attn's cache holds them."""
 
     def __init__(self, dim, base=10000.0, interleaved=False):
         super().__init__()
@@ -608,15 +614,15 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """x: (B, L, H, P); positions: (B, L) or (L,) integer. Returns x rotated, x's dtype."""
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=x.device, dtype=torch.float32)
-                                        / self.dim))
-        angles = positions.to(torch.float32)[..., None] * inv_freq  # (..., L, dim/2)
-        cos = torch.cos(angles).to(x.dtype).float()
-        sin = torch.sin(angles).to(x.dtype).float()
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=x.device, dtype=compute) / self.dim))
+        angles = positions.to(compute)[..., None] * inv_freq  # (..., L, dim/2)
+        cos = torch.cos(angles).to(x.dtype).to(compute)
+        sin = torch.sin(angles).to(x.dtype).to(compute)
         if cos.dim() == 2:
             cos, sin = cos[None], sin[None]
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, L, 1, dim/2)
-        rotated, rest = x[..., :self.dim].float(), x[..., self.dim:]
+        rotated, rest = x[..., :self.dim].to(compute), x[..., self.dim:]
         if self.interleaved:
             x1, x2 = rotated[..., 0::2], rotated[..., 1::2]
             out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
@@ -684,7 +690,8 @@ class MHA(nn.Module):
             if qkv.shape[1] == 1:
                 return causal_conv1d_update(qkv[:, 0], conv_state, weight, self.conv1d.bias)[:, None]
             qkv_t = qkv.transpose(1, 2)
-            out = causal_conv1d_fn(qkv_t, weight, self.conv1d.bias, initial_states=conv_state[:, :, 1:].to(qkv.dtype))
+            initial = conv_state[:, :, 1:].to(qkv.dtype, copy=True)
+            out = causal_conv1d_fn(qkv_t, weight, self.conv1d.bias, initial_states=initial)
             conv_state.copy_(_conv_window(torch.cat([conv_state.to(qkv.dtype), qkv_t], dim=-1), self.d_conv))
             return out.transpose(1, 2)
         qkv_t = qkv.transpose(1, 2)
@@ -796,7 +803,8 @@ class Block(nn.Module):
         else:
             self.mlp = None
         if self.fused_add_norm and not isinstance(self.norm, (nn.LayerNorm, RMSNorm)):
-            raise TypeError(f"norm_cls: fused_add_norm supports nn.LayerNorm and RMSNorm, got {type(self.norm).__name__}")
+            raise TypeError("norm_cls: fused_add_norm supports nn.LayerNorm and RMSNorm, "
+                            f"got {type(self.norm).__name__}")
 
     def _add_norm(self, norm, hidden_states, residual):
         if not self.fused_add_norm:

@@ -362,79 +362,51 @@ def _norm_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _norm_backward(bwd_op):
+def _define_norm(kind: str, title: str):
+    """The custom ops ``ssmcore::<kind>_fwd`` / ``_bwd`` over the core's ``<kind>`` / ``<kind>_bwd``."""
+
+    @custom_op(f"ssmcore::{kind}_fwd", mutates_args=())
+    def fwd(
+        x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float, prenorm: bool,
+        residual_in_fp32: bool,
+    ) -> tuple[Tensor, Tensor]:
+        with backend_scope(x):
+            results = getattr(ssmcore, kind)(
+                to_array("x", x), to_array("weight", weight), to_array("bias", bias), to_array("residual", residual),
+                eps=eps, prenorm=prenorm, residual_in_fp32=residual_in_fp32,
+            )
+            return fresh_outputs(results if prenorm else (results, None), (x, weight, bias, residual), x.device)
+
+    @custom_op(f"ssmcore::{kind}_bwd", mutates_args=())
+    def bwd(
+        dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float,
+        dresidual_out: Optional[Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        with backend_scope(x):
+            grads = getattr(ssmcore, f"{kind}_bwd")(
+                to_array("dy", dy), to_array("x", x), to_array("weight", weight), to_array("bias", bias),
+                to_array("residual", residual), eps=eps, dresidual_out=to_array("dresidual_out", dresidual_out),
+            )
+            return fresh_outputs(grads, (dy, x, weight, bias, residual, dresidual_out), x.device)
+
     def backward(ctx, dy, dresidual_out):
         x, weight, bias, residual = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(x)
-        dx, dweight, dbias, dresidual = bwd_op(dy, x, weight, bias, residual, ctx.eps, dresidual_out)
+        dx, dweight, dbias, dresidual = bwd(dy, x, weight, bias, residual, ctx.eps, dresidual_out)
         return dx, dweight, _or_none(dbias, bias is not None), _or_none(dresidual, residual is not None), None, None, None
 
-    return backward
+    fwd.__doc__ = (f"{title} of s = x + residual: (y (..., D) in x's dtype, s (..., D) when prenorm else "
+                   "placeholder).")
+    bwd.__doc__ = f"Gradients (dx, dweight, dbias, dresidual) of {kind}_fwd; placeholders for absent inputs."
+    fwd.register_fake(_norm_fake)
+    bwd.register_fake(_norm_bwd_fake)
+    fwd.register_autograd(backward, setup_context=_norm_setup)
+    return fwd, bwd
 
 
-@custom_op("ssmcore::rms_norm_fwd", mutates_args=())
-def rms_norm_fwd(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float, prenorm: bool,
-    residual_in_fp32: bool,
-) -> tuple[Tensor, Tensor]:
-    """RMSNorm of s = x + residual: (y (..., D) in x's dtype, s (..., D) when prenorm else placeholder)."""
-    with backend_scope(x):
-        results = ssmcore.rms_norm(
-            to_array("x", x), to_array("weight", weight), to_array("bias", bias), to_array("residual", residual),
-            eps=eps, prenorm=prenorm, residual_in_fp32=residual_in_fp32,
-        )
-        return fresh_outputs(results if prenorm else (results, None), (x, weight, bias, residual), x.device)
-
-
-@custom_op("ssmcore::rms_norm_bwd", mutates_args=())
-def rms_norm_bwd(
-    dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float,
-    dresidual_out: Optional[Tensor],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dx, dweight, dbias, dresidual) of rms_norm_fwd; placeholders for absent inputs."""
-    inputs = (dy, x, weight, bias, residual, dresidual_out)
-    with backend_scope(x):
-        grads = ssmcore.rms_norm_bwd(
-            to_array("dy", dy), to_array("x", x), to_array("weight", weight), to_array("bias", bias),
-            to_array("residual", residual), eps=eps, dresidual_out=to_array("dresidual_out", dresidual_out),
-        )
-        return fresh_outputs(grads, inputs, x.device)
-
-
-@custom_op("ssmcore::layer_norm_fwd", mutates_args=())
-def layer_norm_fwd(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float, prenorm: bool,
-    residual_in_fp32: bool,
-) -> tuple[Tensor, Tensor]:
-    """LayerNorm of s = x + residual: (y (..., D) in x's dtype, s (..., D) when prenorm else placeholder)."""
-    with backend_scope(x):
-        results = ssmcore.layer_norm(
-            to_array("x", x), to_array("weight", weight), to_array("bias", bias), to_array("residual", residual),
-            eps=eps, prenorm=prenorm, residual_in_fp32=residual_in_fp32,
-        )
-        return fresh_outputs(results if prenorm else (results, None), (x, weight, bias, residual), x.device)
-
-
-@custom_op("ssmcore::layer_norm_bwd", mutates_args=())
-def layer_norm_bwd(
-    dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], eps: float,
-    dresidual_out: Optional[Tensor],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dx, dweight, dbias, dresidual) of layer_norm_fwd; placeholders for absent inputs."""
-    inputs = (dy, x, weight, bias, residual, dresidual_out)
-    with backend_scope(x):
-        grads = ssmcore.layer_norm_bwd(
-            to_array("dy", dy), to_array("x", x), to_array("weight", weight), to_array("bias", bias),
-            to_array("residual", residual), eps=eps, dresidual_out=to_array("dresidual_out", dresidual_out),
-        )
-        return fresh_outputs(grads, inputs, x.device)
-
-
-for _fwd, _bwd in ((rms_norm_fwd, rms_norm_bwd), (layer_norm_fwd, layer_norm_bwd)):
-    _fwd.register_fake(_norm_fake)
-    _bwd.register_fake(_norm_bwd_fake)
-    _fwd.register_autograd(_norm_backward(_bwd), setup_context=_norm_setup)
+rms_norm_fwd, rms_norm_bwd = _define_norm("rms_norm", "RMSNorm")
+layer_norm_fwd, layer_norm_bwd = _define_norm("layer_norm", "LayerNorm")
 
 
 @custom_op("ssmcore::gated_rms_norm_fwd", mutates_args=())

@@ -5,6 +5,9 @@ Each family module of this package lists the name expressions it can launch in
 every architecture asked, with the include paths CuPy itself uses, and ptxas' resource report
 is printed: registers, spill stores/loads, stack frame and static shared memory. The exit
 status is 1 if any instantiation fails (its log is printed), else 0.
+
+With ``--warm`` (on a machine with a GPU) every instantiation is compiled through CuPy instead,
+in parallel processes, which fills CuPy's on-disk kernel cache: later processes start warm.
 """
 
 from __future__ import annotations
@@ -100,6 +103,35 @@ def _line(r: dict) -> str:
     )
 
 
+def _warm_one(job) -> str:
+    """Compile one instantiation through CuPy on this process's GPU (fills CuPy's kernel cache)."""
+    family, name = job
+    from . import _runtime
+
+    start = time.perf_counter()
+    try:
+        _runtime.function(family, name)
+    except Exception as err:  # reported, not raised: the other instantiations still warm
+        return f"{family:13s} {name:44s} FAILED {type(err).__name__}: {err}"
+    return f"{family:13s} {name:44s} cached in {time.perf_counter() - start:.2f}s"
+
+
+def warm(modules: dict, jobs: int) -> int:
+    """Compile every instantiation through CuPy in `jobs` processes, so later processes start warm."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    work = [(family, name) for family, module in modules.items() for name in getattr(module, "INSTANTIATIONS", ())]
+    start = time.perf_counter()
+    failed = 0
+    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for line in pool.map(_warm_one, work):
+            print(line, flush=True)
+            failed += "FAILED" in line
+    print(f"{len(work)} instantiations warmed, {failed} failed, {time.perf_counter() - start:.1f}s")
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="ssmcore check-kernels",
@@ -109,6 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--family", action="append", choices=FAMILIES,
                         help="only this family (repeatable; default: every family that exists)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
+    parser.add_argument("--warm", action="store_true",
+                        help="compile through CuPy on this machine's GPU instead, filling CuPy's kernel cache")
     args = parser.parse_args(argv)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     if not archs:
@@ -117,6 +151,8 @@ def main(argv=None) -> int:
     from . import _runtime
 
     modules = _load_families(args.family)
+    if args.warm:
+        return warm(modules, args.jobs)
     jobs = []
     for family, module in modules.items():
         names = list(getattr(module, "INSTANTIATIONS", ()))

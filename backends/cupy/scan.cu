@@ -11,31 +11,41 @@
 //   input-dependent B/C. The grid is (batch, group, row tile) flattened. Configurations (S, R) are
 //   templates: large S for large B*D (more exps per lane), S = 1 with R up to 32 lanes per row when
 //   B*D is small (batch 1), so the grid still fills the GPU.
-//   A time tile of TL steps goes through shared memory: u and dt = softplus(delta + bias) per
-//   (row, t) (computed once per element, not once per lane), B_t / C_t as [t][n] (read back as
+//   A time tile of TL steps goes through shared memory: u, dt = softplus(delta + bias) and silu(z)
+//   per (row, t) (computed once per element, not once per lane), B_t / C_t as [t][n] (read back as
 //   16-byte vectors of a lane's S entries; a constant (D, N) B/C sits there as [row][n] once and is
-//   read with a time stride of 0). exp goes through exp2 with log2(e) folded into A.
+//   read with a time stride of 0). The forward issues the next tile's global loads into registers
+//   before running the current tile's steps, so load latency hides behind the exps. exp goes
+//   through exp2 with log2(e) folded into A.
 //   Sums over n (y, and in the backward du / ddelta) are reduced across a row's R lanes with a
 //   butterfly reduce-scatter over groups of timesteps (about one shuffle per step and value instead
 //   of log2 R), the result written once per (row, t) to shared memory; a cooperative epilogue then
 //   applies D, the z gate and writes the tile coalesced along t.
 // Backward: scan_fwd first runs without output and stores the state every CH steps (checkpoints,
-//   B * (L/CH) * D * NP floats, CH = 8..64, never B*D*N*L). scan_bwd walks the chunks in reverse;
-//   per chunk it recomputes the CH states from the checkpoint into registers (hist[CH][S]), then
+//   B * (L/CH) * D * NP floats, CH = 8..32, never B*D*N*L). scan_bwd walks the chunks in reverse;
+//   per chunk it loads u, dt, dy = dout silu(z) (and dout silu'(z) for dz, kept in registers) once,
+//   recomputes the CH states from the checkpoint into registers (hist[CH][S]), then
 //   carries the adjoint g_t = dLoss/dh_t back:
 //     g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1},  dB_t += g_t dt_t u_t,  dC_t += dy_t h_t,
 //     dA += g_t dt_t exp(dt_t A) h_{t-1},  du_t = dt_t <g_t, B_t> + D dy_t,
 //     ddt_t = <g_t, A exp(dt_t A) h_{t-1}> + u_t <g_t, B_t>.
-//   Reductions: dA, constant dB/dC per (b, d, n) in registers over time, dD / ddelta_bias per
-//   (b, d) through the epilogue; all written as float32 partials per batch entry and summed over b
-//   afterwards (deterministic). Input-dependent dB/dC (sum over the channels of a group): butterfly
-//   reduce-scatter over the rows of a warp, shared-memory atomics across the block's warps, then one
-//   float32 global atomic per (block, n, t) into a (B, G, N, L) buffer (order of the global adds is
-//   not deterministic).
+//   Reductions: dA (registers) and constant dB/dC (shared memory) per (b, d, n) over time, dD and
+//   ddelta_bias per (b, d) through the epilogue; all written as float32 partials per batch entry and
+//   summed over b afterwards (deterministic). Input-dependent dB/dC (sums over the channels of a
+//   group): butterfly reduce-scatter over the rows of a warp, shared-memory atomics (conflict-free
+//   layout) across the block's warps, then one float32 global atomic per (block, n, t) into a
+//   (B, G, N, L) buffer (the order of these adds is not deterministic: dB/dC of input-dependent B/C
+//   may differ in the last bits between runs; every other gradient is deterministic).
 // Traffic (forward): u, delta, z read once, out written once, B/C read once per block (L2 hits);
 //   floor at B8 D4096 L2048 N16 is the SFU (1.07 G exp2). Backward: the forward's reads plus dout,
 //   du/ddelta/dz writes, checkpoints written once and read once; 3 exps per (b, d, n, t).
 // All offsets that can exceed 2**31 are 64-bit (i64).
+// History (H200, bf16, B8 D4096 L2048 N16 with z/D/delta_bias/softplus; peer fwd 1160 us, fwd+bwd
+//   5980 us): v1 fwd 1566 us (S4 R4; its no-output checkpoint pass 897 us), fwd+bwd 16.7 ms;
+//   B1 D4096 L2048 fwd 281 us (S1 R16). v1 was latency-bound (tile loads and the epilogue's z loads
+//   exposed once per tile) and its backward hit 16-way bank conflicts in the shared-memory atomics.
+//   v2 (this file: forward register prefetch + z gate in shared memory, conflict-free sRed, no global
+//   loads in the backward epilogue) is not measured yet.
 #include "common.cuh"
 
 namespace {
@@ -54,10 +64,11 @@ struct Cfg {
   static constexpr int kNP = S * R;               // padded state size
   static constexpr int kRows = kThreads / R;      // rows per block
   static constexpr int kBS = kNP + 4;             // B/C tile row stride (floats, keeps 16-byte rows)
-  // Backward chunk (= checkpoint interval): CH*S registers of states; rows*CH bounds shared memory.
-  static constexpr int kChunk = cmin(cmin(64 / S, 32), cmax(8, 1024 / kRows));
-  // Forward tile: a multiple of the chunk, bounded by the shared memory of the tiles.
-  static constexpr int kTile = cmax(kChunk, cmin(cmin(32, 2048 / kRows), pow2_floor(4096 / kBS)));
+  // Backward chunk (= checkpoint interval): CH*S registers of states; rows*CH <= 512 bounds shared
+  // memory and the per-thread epilogue registers.
+  static constexpr int kChunk = cmin(cmin(64 / S, 32), cmax(8, 512 / kRows));
+  // Forward tile: a multiple of the chunk, small enough that the next tile's loads fit in registers.
+  static constexpr int kTile = cmax(kChunk, cmin(cmin(16, 1024 / kRows), pow2_floor(2048 / kBS)));
 };
 
 __device__ __forceinline__ float exp2_fast(float x) {
@@ -74,6 +85,10 @@ __device__ __forceinline__ float dsilu_f(float z) {
   const float s = sigmoid_f(z);
   return s * (1.f + z * (1.f - s));
 }
+
+__device__ __forceinline__ float as_float(float x) { return x; }
+__device__ __forceinline__ float as_float(half_t x) { return __half2float(x); }
+__device__ __forceinline__ float as_float(bf16_t x) { return to_float(x); }
 
 __device__ __forceinline__ int lane_id() { return threadIdx.x & (SSM_WARP_SIZE - 1); }
 
@@ -231,7 +246,7 @@ __device__ __forceinline__ void fwd_tile(float (&h)[S], const float (&A2)[S], co
 // state. B/C: input-dependent (flags bit 1 / bit 2) as (B, GB|GC, N, L) of T, else (D, N) float32.
 // flags bit 0: softplus. The block covers Dblk = D / lcm(GB, GC) channels per (batch, group).
 template <typename T, int S, int R>
-__global__ void __launch_bounds__(kThreads, 4)
+__global__ void __launch_bounds__(kThreads, 3)
 scan_fwd(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
          const void* __restrict__ Bp, const void* __restrict__ Cp, const float* __restrict__ Dv,
          const T* __restrict__ z, const float* __restrict__ bias, const float* __restrict__ h0,
@@ -241,19 +256,23 @@ scan_fwd(const T* __restrict__ u, const T* __restrict__ delta, const float* __re
   constexpr int RB = Cf::kRows, TL = Cf::kTile, CH = Cf::kChunk, NP = Cf::kNP, BS = Cf::kBS;
   constexpr int RS = TL + 1;  // odd row stride: the rows of a warp hit different banks
   constexpr int BC_ROWS = cmax(TL, RB);
-  constexpr int KE = (RB * TL + kThreads - 1) / kThreads;
+  constexpr int KE = (RB * TL + kThreads - 1) / kThreads;  // (row, t) elements per thread
+  constexpr int KB = (NP * TL + kThreads - 1) / kThreads;  // (n, t) elements of B or C per thread
   __shared__ __align__(16) float sB[BC_ROWS * BS];
   __shared__ __align__(16) float sC[BC_ROWS * BS];
   __shared__ float sDt[RB * RS];
   __shared__ float sU[RB * RS];
+  __shared__ float sGate[RB * RS];  // silu(z), or 1
   __shared__ float sY[RB * RS];
 
+  if (ckpt != nullptr && nchunks != (L + CH - 1) / CH) __trap();  // launcher and Cfg disagree
   const BlockRows blk(RB, Dm, Dblk, Gblk, GB, GC, ptiles);
   const int tid = threadIdx.x, i = tid / R, j = tid % R, lane = lane_id();
   const bool row_ok = i < blk.rows;
   const int d = blk.row0 + i;
   const bool softplus = flags & 1, varB = flags & 2, varC = flags & 4;
   const bool want_y = out != nullptr;
+  const bool want_C = varC && want_y;
 
   float A2[S], h[S];
 #pragma unroll
@@ -279,29 +298,79 @@ scan_fwd(const T* __restrict__ u, const T* __restrict__ delta, const float* __re
     for (int s = 0; s < S; ++s) ck[s] = h[s];
   }
 
-  for (int t0 = 0; t0 < L; t0 += TL) {
-    __syncthreads();  // the previous tile's readers are done
-#pragma unroll 4
+  // The next tile's global loads are issued before the current tile's steps and kept in registers
+  // as raw elements (converted when they are stored to shared memory), so their latency hides
+  // behind the compute.
+  T ru[KE], rd[KE], rz[KE], rb[KB], rc[KB];
+  auto element_ok = [&](int k, int t0) {
+    const int e = tid + k * kThreads;
+    return (RB * TL % kThreads == 0 || e < RB * TL) && e / TL < blk.rows && t0 + e % TL < L;
+  };
+  auto bc_ok = [&](int k, int t0) {
+    const int e = tid + k * kThreads;
+    return (NP * TL % kThreads == 0 || e < NP * TL) && e / TL < N && t0 + e % TL < L;
+  };
+  auto offset = [&](int k, int t0) {
+    const int e = tid + k * kThreads;
+    return ((i64)blk.b * Dm + blk.row0 + e / TL) * L + t0 + e % TL;
+  };
+  auto fetch = [&](int t0) {
+#pragma unroll
+    for (int k = 0; k < KE; ++k) {
+      if (element_ok(k, t0)) {
+        const i64 off = offset(k, t0);
+        ru[k] = u[off];
+        rd[k] = delta[off];
+        if (want_y && z != nullptr) rz[k] = z[off];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < KB; ++k) {
+      if (bc_ok(k, t0)) {
+        const int e = tid + k * kThreads;
+        const i64 off = (i64)(e / TL) * L + t0 + e % TL;
+        if (varB) rb[k] = Bvar[off];
+        if (want_C) rc[k] = Cvar[off];
+      }
+    }
+  };
+  auto commit = [&](int t0) {
+#pragma unroll
     for (int k = 0; k < KE; ++k) {
       const int e = tid + k * kThreads;
       if (RB * TL % kThreads == 0 || e < RB * TL) {
-        const int ii = e / TL, tt = e % TL, t = t0 + tt;
-        float uv = 0.f, dtv = 0.f;
-        if (ii < blk.rows && t < L) {
-          const int dd = blk.row0 + ii;
-          const i64 off = ((i64)blk.b * Dm + dd) * L + t;
-          uv = load_f(u + off);
-          float x = load_f(delta + off);
-          if (bias != nullptr) x += bias[dd];
+        const int ii = e / TL, tt = e % TL;
+        float uv = 0.f, dtv = 0.f, gate = 1.f;
+        if (element_ok(k, t0)) {
+          uv = as_float(ru[k]);
+          float x = as_float(rd[k]);
+          if (bias != nullptr) x += bias[blk.row0 + ii];
           dtv = softplus ? softplus_f(x) : x;
+          if (want_y && z != nullptr) gate = silu_f(as_float(rz[k]));
         }
         sU[ii * RS + tt] = uv;
         sDt[ii * RS + tt] = dtv;
+        sGate[ii * RS + tt] = gate;
       }
     }
-    if (varB) load_bc_tile<T, NP, TL, BS>(sB, Bvar, N, L, t0);
-    if (varC && want_y) load_bc_tile<T, NP, TL, BS>(sC, Cvar, N, L, t0);
+#pragma unroll
+    for (int k = 0; k < KB; ++k) {
+      const int e = tid + k * kThreads;
+      if (NP * TL % kThreads == 0 || e < NP * TL) {
+        const int n = e / TL, tt = e % TL;
+        const bool ok = bc_ok(k, t0);
+        if (varB) sB[tt * BS + n] = ok ? as_float(rb[k]) : 0.f;
+        if (want_C) sC[tt * BS + n] = ok ? as_float(rc[k]) : 0.f;
+      }
+    }
+  };
+
+  if (L > 0) fetch(0);
+  for (int t0 = 0; t0 < L; t0 += TL) {
+    __syncthreads();  // the previous tile's readers are done
+    commit(t0);
     __syncthreads();
+    if (t0 + TL < L) fetch(t0 + TL);
 
     if (want_y) {
       fwd_tile<S, R, TL, CH, true>(h, A2, sDt + i * RS, sU + i * RS, pB, sBt, pC, sCt, sY + i * RS,
@@ -310,16 +379,11 @@ scan_fwd(const T* __restrict__ u, const T* __restrict__ delta, const float* __re
 #pragma unroll 4
       for (int k = 0; k < KE; ++k) {
         const int e = tid + k * kThreads;
-        if (RB * TL % kThreads == 0 || e < RB * TL) {
-          const int ii = e / TL, tt = e % TL, t = t0 + tt;
-          if (ii < blk.rows && t < L) {
-            const int dd = blk.row0 + ii;
-            const i64 off = ((i64)blk.b * Dm + dd) * L + t;
-            float y = sY[ii * RS + tt];
-            if (Dv != nullptr) y = fmaf(Dv[dd], sU[ii * RS + tt], y);
-            if (z != nullptr) y *= silu_f(load_f(z + off));
-            store_f(out + off, y);
-          }
+        if (element_ok(k, t0)) {
+          const int ii = e / TL, tt = e % TL;
+          float y = sY[ii * RS + tt];
+          if (Dv != nullptr) y = fmaf(Dv[blk.row0 + ii], sU[ii * RS + tt], y);
+          store_f(out + offset(k, t0), y * sGate[ii * RS + tt]);
         }
       }
     } else {
@@ -373,11 +437,13 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
   __shared__ float sY[RB * RS];
   __shared__ float sGB[RB * RS];
   __shared__ float sWA[RB * RS];
-  __shared__ float sRed[2 * NP * CH];  // [dB|dC][n][t] block sums of input-dependent dB/dC
+  constexpr int RED_S = CH + 1;  // odd: the 32 (kind, n) totals a warp adds at one t hit 32 banks
+  __shared__ float sRed[2 * NP * RED_S];  // [dB|dC][n][t] block sums of input-dependent dB/dC
   __shared__ float sConst[2 * S * kThreads];  // [dB|dC][s][thread] time sums of constant dB/dC
   __shared__ float sAccD[RB * CH];     // per epilogue slot: sums over chunks of dy u
   __shared__ float sAccBias[RB * CH];  // and of ddelta
 
+  if (nchunks != (L + CH - 1) / CH) __trap();  // launcher and Cfg disagree
   const BlockRows blk(RB, Dm, Dblk, Gblk, GB, GC, ptiles);
   const int tid = threadIdx.x, i = tid / R, j = tid % R, lane = lane_id();
   const bool row_ok = i < blk.rows;
@@ -398,7 +464,7 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
     sConst[(S + s) * kThreads + tid] = 0.f;
   }
   for (int e = tid; e < RB * CH; e += kThreads) sAccD[e] = sAccBias[e] = 0.f;
-  for (int e = tid; e < 2 * NP * CH; e += kThreads) sRed[e] = 0.f;
+  for (int e = tid; e < 2 * NP * RED_S; e += kThreads) sRed[e] = 0.f;
   if (!varB) load_bc_const<NP, BS>(sB, static_cast<const float*>(Bp), RB, blk.rows, blk.row0, N);
   if (!varC) load_bc_const<NP, BS>(sC, static_cast<const float*>(Cp), RB, blk.rows, blk.row0, N);
   const float* pB = varB ? sB + j * S : sB + i * BS + j * S;
@@ -415,9 +481,11 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
   for (int c = nchunks - 1; c >= 0; --c) {
     const int t0 = c * CH;
     __syncthreads();  // the previous chunk's epilogue is done with shared memory
-#pragma unroll 4
+    float dz_factor[KE];  // dout * silu'(z) of this thread's epilogue elements
+#pragma unroll
     for (int k = 0; k < KE; ++k) {
       const int e = tid + k * kThreads;
+      dz_factor[k] = 0.f;
       if (RB * CH % kThreads == 0 || e < RB * CH) {
         const int ii = e / CH, tt = e % CH, t = t0 + tt;
         float uv = 0.f, dtv = 0.f, dyv = 0.f;
@@ -429,7 +497,11 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
           if (bias != nullptr) x += bias[dd];
           dtv = softplus ? softplus_f(x) : x;
           dyv = load_f(dout + off);
-          if (z != nullptr) dyv *= silu_f(load_f(z + off));
+          if (z != nullptr) {
+            const float zv = load_f(z + off);
+            dz_factor[k] = dyv * dsilu_f(zv);
+            dyv *= silu_f(zv);
+          }
         }
         sU[ii * RS + tt] = uv;
         sDt[ii * RS + tt] = dtv;
@@ -531,7 +603,7 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
             for (int x = 0; x < RedCol::kLeft; ++x) {
               const int idx = o + x;
               const int q = idx / (2 * S), kind = (idx / S) % 2, s = idx % S;
-              atomicAdd(&sRed[(kind * NP + j * S + s) * CH + tg + k + q], v[x]);
+              atomicAdd(&sRed[(kind * NP + j * S + s) * RED_S + tg + k + q], v[x]);
             }
           }
         }
@@ -539,8 +611,9 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
     }
     __syncthreads();
 
-    // Epilogue: per (row, t) gradients, coalesced along t.
-#pragma unroll 4
+    // Epilogue: per (row, t) gradients, coalesced along t (no global loads: every input is in
+    // shared memory or registers since the load phase).
+#pragma unroll
     for (int k = 0; k < KE; ++k) {
       const int e = tid + k * kThreads;
       if (RB * CH % kThreads == 0 || e < RB * CH) {
@@ -552,18 +625,11 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
           const float gb = sGB[ii * RS + tt];
           const float Dd = Dv != nullptr ? Dv[dd] : 0.f;
           float ddt = fmaf(uv, gb, sWA[ii * RS + tt]);
-          if (softplus) {
-            float x = load_f(delta + off);
-            if (bias != nullptr) x += bias[dd];
-            if (x <= 20.f) ddt *= sigmoid_f(x);
-          }
+          // softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)); for x > 20 (dt = x) it is 1 in float32.
+          if (softplus) ddt *= -expm1f(-dt);
           store_f(du + off, fmaf(dt, gb, Dd * dy));
           store_f(ddelta + off, ddt);
-          if (z != nullptr) {
-            const float y = fmaf(Dd, uv, sY[ii * RS + tt]);
-            const float zv = load_f(z + off);
-            store_f(dz + off, load_f(dout + off) * y * dsilu_f(zv));
-          }
+          if (z != nullptr) store_f(dz + off, fmaf(Dd, uv, sY[ii * RS + tt]) * dz_factor[k]);
           sAccD[e] = fmaf(dy, uv, sAccD[e]);
           sAccBias[e] += ddt;
         }
@@ -571,14 +637,15 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
     }
     if (varB || varC) {
       for (int e = tid; e < 2 * NP * CH; e += kThreads) {
-        const int kind = e / (NP * CH), n = (e / CH) % NP, t = t0 + e % CH;
+        const int kind = e / (NP * CH), n = (e / CH) % NP, tt = e % CH, t = t0 + tt;
         const bool var = kind == 0 ? varB : varC;
+        float& total = sRed[(kind * NP + n) * RED_S + tt];
         if (var && n < N && t < L) {
           float* out = kind == 0 ? dB_out + (((i64)blk.b * GB + blk.gB) * N + n) * L
                                  : dC_out + (((i64)blk.b * GC + blk.gC) * N + n) * L;
-          atomicAdd(out + t, sRed[e]);
+          atomicAdd(out + t, total);
         }
-        sRed[e] = 0.f;
+        total = 0.f;
       }
     }
   }

@@ -57,9 +57,9 @@ def _layout(n_states: int, rows: int) -> tuple[int, int]:
 
 
 def _chunk(s: int, r: int) -> int:
-    """Cfg<S, R>::kChunk of scan.cu: steps between checkpoints."""
+    """Cfg<S, R>::kChunk of scan.cu: steps between checkpoints (the kernels trap on a mismatch)."""
     rows = _THREADS // r
-    return min(64 // s, max(8, 1024 // rows))
+    return min(64 // s, 32, max(8, 512 // rows))
 
 
 class _Args:

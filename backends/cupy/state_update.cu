@@ -40,10 +40,11 @@ __device__ __forceinline__ void store_code(void* p, int code, i64 i, float v) {
 }
 
 // Elements [i, i + 8) of a strided row (vector path when unit-stride and aligned).
+// vec: unit stride, aligned rows and n % 8 == 0 (full 16-byte chunks only).
 template <typename T>
 __device__ __forceinline__ void load8_strided(const T* p, i64 stride, i64 i, i64 n, bool vec, float (&v)[8]) {
   if (vec) {
-    load_chunk8(p, i, n, true, v);
+    load_chunk8(p, i, i + 8, true, v);
   } else {
 #pragma unroll
     for (int k = 0; k < 8; ++k) v[k] = (i + k < n) ? load_f(p + (i + k) * stride) : 0.f;
@@ -53,7 +54,7 @@ __device__ __forceinline__ void load8_strided(const T* p, i64 stride, i64 i, i64
 template <typename T>
 __device__ __forceinline__ void store8_strided(T* p, i64 stride, i64 i, i64 n, bool vec, const float (&v)[8]) {
   if (vec) {
-    store_chunk8(p, i, n, true, v);
+    store_chunk8(p, i, i + 8, true, v);
   } else {
 #pragma unroll
     for (int k = 0; k < 8; ++k)
@@ -63,22 +64,19 @@ __device__ __forceinline__ void store8_strided(T* p, i64 stride, i64 i, i64 n, b
 
 }  // namespace
 
-struct SsuStrides {  // in elements
-  i64 state[4];      // batch (pool row), head, p, n
-  i64 x[3], dt[3], z[3];  // batch, head, p
-  i64 A[3];          // head, p, n
-  i64 B[3], C[3];    // batch, group, n
-  i64 D[2], dt_bias[2];  // head, p
-};
-
-// TS: state element type; TBC: B and C element type. x/dt/z/out types are run-time codes.
-template <typename TS, typename TBC>
+// TS: state element type; TBC: B and C element type; VEC: N % 8 == 0 and state, A (unless stride
+// 0), B and C are unit-stride along n with 16-byte aligned rows. x/dt/z/out types are run-time codes.
+template <typename TS, typename TBC, bool VEC>
 __global__ void __launch_bounds__(SSU_THREADS) state_update(
     TS* __restrict__ state, const void* __restrict__ x, int x_code, const void* __restrict__ dt, int dt_code,
     const float* __restrict__ A, const TBC* __restrict__ Bm, const TBC* __restrict__ Cm,
     const float* __restrict__ Dv, const void* __restrict__ z, int z_code, const float* __restrict__ dt_bias,
-    const int* __restrict__ state_indices, void* __restrict__ out, const SsuStrides st, int n_batch, int H, int P,
-    int N, int heads_per_group, int softplus, int state_vec, int a_vec, int bc_vec) {
+    const int* __restrict__ state_indices, void* __restrict__ out, int n_batch, int H, int P, int N,
+    int heads_per_group, int softplus,
+    // strides in elements: state (pool row, head, p, n); x, dt, z (batch, head, p); A (head, p, n);
+    // B, C (batch, group, n); D, dt_bias (head, p)
+    i64 s0, i64 s1, i64 s2, i64 s3, i64 x0, i64 x1, i64 x2, i64 dt0, i64 dt1, i64 dt2, i64 z0, i64 z1, i64 z2,
+    i64 a0, i64 a1, i64 a2, i64 b0, i64 b1, i64 b2, i64 c0, i64 c1, i64 c2, i64 d0, i64 d1, i64 db0, i64 db1) {
   const int tpr = blockDim.x;
   const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
   const i64 rows = (i64)n_batch * H * P;
@@ -91,42 +89,42 @@ __global__ void __launch_bounds__(SSU_THREADS) state_update(
   float y = 0.f;
   float xv = 0.f;
   if (slot >= 0) {
-    xv = load_code(x, x_code, b * st.x[0] + h * st.x[1] + p * st.x[2]);
-    float delta = load_code(dt, dt_code, b * st.dt[0] + h * st.dt[1] + p * st.dt[2]);
-    if (dt_bias) delta += dt_bias[h * st.dt_bias[0] + p * st.dt_bias[1]];
+    xv = load_code(x, x_code, b * x0 + h * x1 + p * x2);
+    float delta = load_code(dt, dt_code, b * dt0 + h * dt1 + p * dt2);
+    if (dt_bias) delta += dt_bias[h * db0 + p * db1];
     if (softplus) delta = softplus_f(delta);
     const float dx = delta * xv;
-    TS* sr = state + slot * st.state[0] + h * st.state[1] + p * st.state[2];
-    const float* ar = A + h * st.A[0] + p * st.A[1];
+    TS* sr = state + slot * s0 + h * s1 + p * s2;
+    const float* ar = A + h * a0 + p * a1;
     const int g = h / heads_per_group;
-    const TBC* br = Bm + b * st.B[0] + g * st.B[1];
-    const TBC* cr = Cm + b * st.C[0] + g * st.C[1];
-    const float a_scalar = st.A[2] == 0 ? ar[0] : 0.f;  // per-head (or per-row) scalar A
+    const TBC* br = Bm + b * b0 + g * b1;
+    const TBC* cr = Cm + b * c0 + g * c1;
+    const float a_scalar = a2 == 0 ? ar[0] : 0.f;  // per-head (or per-row) scalar A
     for (int c = threadIdx.x; c * 8 < N; c += tpr) {
       const i64 i = (i64)c * 8;
       float s[8], a[8], bv[8], cv[8];
-      load8_strided(sr, st.state[3], i, N, state_vec, s);
-      if (st.A[2] == 0) {
+      load8_strided(sr, s3, i, N, VEC, s);
+      if (a2 == 0) {
 #pragma unroll
         for (int k = 0; k < 8; ++k) a[k] = a_scalar;
       } else {
-        load8_strided(ar, st.A[2], i, N, a_vec, a);
+        load8_strided(ar, a2, i, N, VEC, a);
       }
-      load8_strided(br, st.B[2], i, N, bc_vec, bv);
-      load8_strided(cr, st.C[2], i, N, bc_vec, cv);
+      load8_strided(br, b2, i, N, VEC, bv);
+      load8_strided(cr, c2, i, N, VEC, cv);
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         s[k] = s[k] * expf(delta * a[k]) + dx * bv[k];
         y += s[k] * cv[k];  // entries past N: s = 0 (a, b, c read as 0)
       }
-      store8_strided(sr, st.state[3], i, N, state_vec, s);
+      store8_strided(sr, s3, i, N, VEC, s);
     }
   }
   for (int o = tpr >> 1; o > 0; o >>= 1) y += SSM_SHFL_XOR(y, o);
   if (live && threadIdx.x == 0) {
     if (slot >= 0) {
-      if (Dv) y += Dv[h * st.D[0] + p * st.D[1]] * xv;
-      if (z) y *= silu_f(load_code(z, z_code, b * st.z[0] + h * st.z[1] + p * st.z[2]));
+      if (Dv) y += Dv[h * d0 + p * d1] * xv;
+      if (z) y *= silu_f(load_code(z, z_code, b * z0 + h * z1 + p * z2));
     } else {
       y = 0.f;
     }

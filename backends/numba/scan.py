@@ -1,22 +1,28 @@
 """Selective scan (Mamba-1) on the CPU: Numba kernels and their launchers.
 
 Work decomposition
-- Forward: one ``prange`` iteration per (b, d) row. A row walks time once and keeps its state h (N
-  values) in a small buffer; per step the loop over n (exp, state update) runs over contiguous
-  memory and vectorises, then y_t = <C_t, h_t> is a short reduction over n.
+- Forward: one ``prange`` iteration per (b, d) row. A row first computes dt for all its steps (a loop
+  without a dependence between steps, so softplus vectorises), then walks time keeping its state h
+  (N values) in a small buffer: per step the loop over n (exp, state update) runs over contiguous
+  memory and vectorises, and y_t = <C_t, h_t> is a vector dot product (``_dot``). D * u and the
+  silu(z) gate are applied afterwards in vectorised loops over the row.
 - B and C reach the kernels as 4-d (Bb, Gx, Lx, N) arrays, N innermost: a constant (D, N) matrix is
   viewed as (1, D, 1, N) and indexed with batch and time multipliers 0, input-dependent (B, N, L) and
   (B, G, N, L) arrays are transposed once to (B, 1, L, N) / (B, G, L, N). One kernel covers every
   combination of constant / input-dependent / grouped B and C.
-- exp: this machine's Numba has no SVML, so ``math.exp`` in the n loop stays scalar. float32 uses a
-  Cephes-style polynomial (``_exp``) that LLVM vectorises; float64 keeps ``math.exp``.
+- Vectorisation without fastmath (kernels keep IEEE semantics, NaN/inf propagate): this Numba has no
+  SVML, so ``math.exp`` would stay scalar; float32 uses polynomial ``_exp``/``_log1p`` that LLVM
+  vectorises (about 1 ulp), float64 keeps ``math``. error_model="numpy" keeps Python's
+  ZeroDivisionError check (a branch) out of the loops. ``_dot`` sums in a fixed vector order.
 - Backward: per row, a forward pass keeps the state only at chunk boundaries (every ``_CHUNK`` steps);
-  then the chunks are walked in reverse, each one recomputed into a (_CHUNK, N) buffer, while the
-  adjoint g_t = dLoss/dh_t is carried back in time. Per task: O(N * L / _CHUNK + _CHUNK * N) floats.
+  then the chunks are walked in reverse, each one recomputed into (_CHUNK, N) buffers of states and
+  decays, while the adjoint g_t = dLoss/dh_t is carried back in time. Per task the buffers hold
+  O(N * L / _CHUNK + _CHUNK * N + L) floats; nothing of size B * D * N * L is stored.
 - Backward reductions without races: a task owns a block of channels that never straddles a group of
-  an input-dependent B or C, so it sums the channels' dB/dC into its own partial slot
-  (B, tasks per batch, L, N); dA, dD, ddelta_bias and constant dB/dC are written per (b, d). NumPy sums
-  the partials afterwards (over the slots of a group, over the batch).
+  an input-dependent B or C, and sums its channels' dB/dC into its own partial slot (B, slots, L, N);
+  slots per group are few (enough tasks for the threads), so the partials are at most the size of the
+  finest-grouped B/C input. dA, dD, ddelta_bias and constant dB/dC are written per (b, d) row. NumPy
+  sums the partials afterwards (over the slots of a group, over the batch).
 """
 
 from __future__ import annotations
@@ -232,11 +238,12 @@ def _softplus_slope_impl(x):
     huge = as_dtype(x).type(1e30)
 
     def impl(x):
-        e = _exp(min(x, threshold))
-        # log1p(exp(x)) >= x, and log1p(exp(20)) < the next float above 20: max() picks the branch.
-        softplus = max(x, _log1p(e))
-        slope = min(e / (one + e) + max(x - threshold, zero) * huge, one)
-        return softplus, slope
+        # Branch-free (this is inlined into vectorised loops): above the threshold, `above` is huge,
+        # so e = 0, softplus = max(x, 0) = x and the slope clips to 1; at or below it, above = 0 and
+        # max(x, log1p(exp(x))) = log1p(exp(x)).
+        above = max(x - threshold, zero) * huge
+        e = _exp(min(x, threshold) - above)
+        return max(x, _log1p(e)), min(e / (one + e) + above, one)
 
     return impl
 
@@ -258,7 +265,7 @@ def _zero_one_impl(a):
 # ----------------------------------------------------------------------------- kernels
 
 
-@njit(inline="always")
+@njit(cache=True, error_model="numpy")
 def _row_steps(delta, bias, softplus, dt_row, slope_row):
     """dt for every step of one row (and d dt / d(delta + bias) when slope_row has room), in
     loops without a dependence between steps, so that they vectorise."""
@@ -273,44 +280,157 @@ def _row_steps(delta, bias, softplus, dt_row, slope_row):
             dt_row[t] = _softplus_slope(delta[t] + bias)[0]
 
 
+@njit(cache=True, error_model="numpy")
+def _fwd_row(b, d, u, delta, A, Bm, B_var, B_cpg, Cm, C_var, C_cpg, Dp, has_D, z, has_z, delta_bias,
+             has_bias, softplus, h0, has_h0, out, last_state):
+    """One (b, d) row of the forward: out[b, d] and last_state[b, d]."""
+    zero = _zero_one(u)[0]
+    a = A[d]
+    u_row = u[b, d]
+    out_row = out[b, d]
+    dt_row = np.empty_like(u_row)
+    _row_steps(delta[b, d], delta_bias[d] if has_bias else zero, softplus, dt_row, dt_row[:0])
+    h = np.empty_like(a)
+    if has_h0:
+        h[:] = h0[b, d]
+    else:
+        h[:] = zero
+    B_row = Bm[b * B_var, d // B_cpg]
+    C_row = Cm[b * C_var, d // C_cpg]
+    for t in range(u_row.size):
+        dt = dt_row[t]
+        dt_x = dt * u_row[t]
+        b_t = B_row[t * B_var]
+        for n in range(a.size):
+            h[n] = _exp(dt * a[n]) * h[n] + dt_x * b_t[n]
+        out_row[t] = _dot(C_row[t * C_var], h)
+    last_state[b, d] = h
+    if has_D:
+        D_d = Dp[d]
+        for t in range(u_row.size):
+            out_row[t] += D_d * u_row[t]
+    if has_z:
+        z_row = z[b, d]
+        for t in range(u_row.size):
+            out_row[t] *= z_row[t] * _sigmoid(z_row[t])
+
+
 @njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
 def _scan_fwd_kernel(u, delta, A, Bm, B_var, B_cpg, Cm, C_var, C_cpg, Dp, has_D, z, has_z,
                      delta_bias, has_bias, softplus, h0, has_h0, out, last_state):
-    nb, nd, L = u.shape
-    N = A.shape[1]
-    zero = _zero_one(u)[0]
+    nb, nd = u.shape[:2]
     for row in prange(nb * nd):
-        b = row // nd
-        d = row - b * nd
-        a = A[d]
-        u_row = u[b, d]
-        out_row = out[b, d]
-        dt_row = np.empty_like(u_row)
-        _row_steps(delta[b, d], delta_bias[d] if has_bias else zero, softplus, dt_row, dt_row[:0])
-        h = np.empty_like(a)
-        if has_h0:
-            h[:] = h0[b, d]
-        else:
-            h[:] = zero
-        B_row = Bm[b * B_var, d // B_cpg]
-        C_row = Cm[b * C_var, d // C_cpg]
+        _fwd_row(row // nd, row % nd, u, delta, A, Bm, B_var, B_cpg, Cm, C_var, C_cpg, Dp, has_D, z,
+                 has_z, delta_bias, has_bias, softplus, h0, has_h0, out, last_state)
+
+
+@njit(cache=True, error_model="numpy")
+def _bwd_row(b, d, slot, dout, u, delta, A, Bm, B_var, B_cpg, Cm, C_var, C_cpg, Dp, has_D, z, has_z,
+             delta_bias, has_bias, softplus, h0, has_h0, dlast, has_dlast, buffers,
+             du, ddelta, dz, dA_part, dB_const, dB_slots, dC_const, dC_slots, dD_part, dbias_part, dh0):
+    """One (b, d) row of the backward. Its dB/dC go to partial slot ``slot`` when B/C are
+    input-dependent, to dB_const[b, d] / dC_const[b, d] when they are constant."""
+    chunk_start, states, decays, dt_row, slope_row, gate_row, g, w, h, carry, dA_row = buffers
+    zero, one = _zero_one(u)
+    chunk = states.shape[0]
+    L = u.shape[2]
+    N = A.shape[1]
+    n_chunks = (L + chunk - 1) // chunk
+    a = A[d]
+    u_row = u[b, d]
+    dout_row = dout[b, d]
+    B_row = Bm[b * B_var, d // B_cpg]
+    C_row = Cm[b * C_var, d // C_cpg]
+    dB_rows = dB_slots[b, slot] if B_var else dB_const[b, d]
+    dC_rows = dC_slots[b, slot] if C_var else dC_const[b, d]
+    D_d = Dp[d] if has_D else zero
+    _row_steps(delta[b, d], delta_bias[d] if has_bias else zero, softplus, dt_row,
+               slope_row if softplus else slope_row[:0])
+    if has_z:
+        # out = y * silu(z): dy = dout * silu(z); dz = dout * y * silu'(z), y recomputed below.
+        z_row = z[b, d]
+        dz_row = dz[b, d]
         for t in range(L):
+            sig = _sigmoid(z_row[t])
+            gate_row[t] = z_row[t] * sig
+            dz_row[t] = dout_row[t] * (sig * (one + z_row[t] * (one - sig)))
+    # Forward, keeping the state at the start of each chunk (the last chunk is redone below).
+    if has_h0:
+        h[:] = h0[b, d]
+    else:
+        h[:] = zero
+    for c in range(n_chunks - 1):
+        chunk_start[c] = h
+        for t in range(c * chunk, (c + 1) * chunk):
             dt = dt_row[t]
-            dt_x = dt * u_row[t]
             b_t = B_row[t * B_var]
-            c_t = C_row[t * C_var]
+            dt_x = dt * u_row[t]
             for n in range(N):
                 h[n] = _exp(dt * a[n]) * h[n] + dt_x * b_t[n]
-            out_row[t] = _dot(c_t, h)
-        last_state[b, d] = h
-        if has_D:
-            D_d = Dp[d]
-            for t in range(L):
-                out_row[t] += D_d * u_row[t]
-        if has_z:
-            z_row = z[b, d]
-            for t in range(L):
-                out_row[t] *= z_row[t] * _sigmoid(z_row[t])
+    if n_chunks > 0:
+        chunk_start[n_chunks - 1] = h
+    # Reverse: recompute a chunk's states, then carry the adjoint back through it.
+    if has_dlast:
+        carry[:] = dlast[b, d]
+    else:
+        carry[:] = zero
+    dA_row[:] = zero
+    dD_sum = zero
+    dbias_sum = zero
+    for c in range(n_chunks - 1, -1, -1):
+        t0 = c * chunk
+        steps = min(chunk, L - t0)
+        h[:] = chunk_start[c]
+        for j in range(steps):
+            t = t0 + j
+            dt = dt_row[t]
+            b_t = B_row[t * B_var]
+            dt_x = dt * u_row[t]
+            for n in range(N):
+                e = _exp(dt * a[n])
+                decays[j, n] = e
+                h[n] = e * h[n] + dt_x * b_t[n]
+                states[j, n] = h[n]
+        for j in range(steps - 1, -1, -1):
+            t = t0 + j
+            x = u_row[t]
+            dt = dt_row[t]
+            b_t = B_row[t * B_var]
+            c_t = C_row[t * C_var]
+            h_t = states[j]
+            h_prev = states[j - 1] if j > 0 else chunk_start[c]
+            dy = dout_row[t]
+            if has_z:
+                y = _dot(c_t, h_t)
+                if has_D:
+                    y += D_d * x
+                dz_row[t] *= y
+                dy = dy * gate_row[t]
+            du_t = zero
+            if has_D:
+                dD_sum += dy * x
+                du_t = dy * D_d
+            dt_x = dt * x
+            dB_t = dB_rows[t * B_var]
+            dC_t = dC_rows[t * C_var]
+            decay = decays[j]
+            # g = dLoss/dh_t; w = g * dh_t/d(dt A), the part of g that flows into dA and dt.
+            for n in range(N):
+                g[n] = carry[n] + c_t[n] * dy
+                dC_t[n] += dy * h_t[n]
+                dB_t[n] += g[n] * dt_x
+                w[n] = g[n] * decay[n] * h_prev[n]
+                dA_row[n] += w[n] * dt
+                carry[n] = g[n] * decay[n]
+            g_dot_B = _dot(g, b_t)
+            du[b, d, t] = du_t + dt * g_dot_B
+            ddt = (_dot(w, a) + x * g_dot_B) * slope_row[t]
+            ddelta[b, d, t] = ddt
+            dbias_sum += ddt
+    dA_part[b, d] = dA_row
+    dD_part[b, d] = dD_sum
+    dbias_part[b, d] = dbias_sum
+    dh0[b, d] = carry
 
 
 @njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
@@ -321,11 +441,10 @@ def _scan_bwd_kernel(dout, u, delta, A, Bm, B_var, B_cpg, Cm, C_var, C_cpg, Dp, 
                      dbias_part, dh0):
     nb, nd, L = u.shape
     N = A.shape[1]
-    zero, one = _zero_one(u)
-    n_groups = nd // group
-    tasks_per_batch = n_groups * blocks
+    tasks_per_batch = (nd // group) * blocks
     n_chunks = (L + chunk - 1) // chunk
     for task in prange(nb * tasks_per_batch):
+        # Channels [d_begin, d_end): piece `block` of `blocks` of a group of `group` channels.
         b = task // tasks_per_batch
         slot = task - b * tasks_per_batch
         first = (slot // blocks) * group
@@ -333,113 +452,24 @@ def _scan_bwd_kernel(dout, u, delta, A, Bm, B_var, B_cpg, Cm, C_var, C_cpg, Dp, 
         d_begin = first + (block * group) // blocks
         d_end = first + ((block + 1) * group) // blocks
         # Per-task buffers, reused for every channel of the block.
-        chunk_start = np.empty((max(n_chunks, 1), N), A.dtype)
-        states = np.empty((chunk, N), A.dtype)
-        decays = np.empty((chunk, N), A.dtype)
-        dt_row = np.empty(L, A.dtype)
-        slope_row = np.ones(L, A.dtype)
-        gate_row = np.empty(L if has_z else 0, A.dtype)
-        g = np.empty(N, A.dtype)
-        w = np.empty(N, A.dtype)
-        h = np.empty(N, A.dtype)
-        carry = np.empty(N, A.dtype)
-        dA_row = np.empty(N, A.dtype)
+        buffers = (
+            np.empty((max(n_chunks, 1), N), A.dtype),  # state at the start of each chunk
+            np.empty((chunk, N), A.dtype),  # states of the chunk being reversed
+            np.empty((chunk, N), A.dtype),  # exp(dt A) of the chunk being reversed
+            np.empty(L, A.dtype),  # dt
+            np.ones(L, A.dtype),  # d dt / d(delta + delta_bias)
+            np.empty(L if has_z else 0, A.dtype),  # silu(z)
+            np.empty(N, A.dtype),  # g
+            np.empty(N, A.dtype),  # w
+            np.empty(N, A.dtype),  # h
+            np.empty(N, A.dtype),  # adjoint carried to the previous step
+            np.empty(N, A.dtype),  # dA of the row
+        )
         for d in range(d_begin, d_end):
-            a = A[d]
-            u_row = u[b, d]
-            dout_row = dout[b, d]
-            B_row = Bm[b * B_var, d // B_cpg]
-            C_row = Cm[b * C_var, d // C_cpg]
-            dB_rows = dB_slots[b, slot] if B_var else dB_const[b, d]
-            dC_rows = dC_slots[b, slot] if C_var else dC_const[b, d]
-            D_d = Dp[d] if has_D else zero
-            _row_steps(delta[b, d], delta_bias[d] if has_bias else zero, softplus, dt_row,
-                       slope_row if softplus else slope_row[:0])
-            dD_sum = zero
-            if has_z:
-                # out = y * silu(z): dz needs y (recomputed below), dy = dout * silu(z).
-                z_row = z[b, d]
-                dz_row = dz[b, d]
-                for t in range(L):
-                    sig = _sigmoid(z_row[t])
-                    gate_row[t] = z_row[t] * sig
-                    dz_row[t] = dout_row[t] * (sig * (one + z_row[t] * (one - sig)))
-            # Forward, keeping the state at the start of each chunk (the last chunk is redone below).
-            if has_h0:
-                h[:] = h0[b, d]
-            else:
-                h[:] = zero
-            for c in range(n_chunks - 1):
-                chunk_start[c] = h
-                for t in range(c * chunk, (c + 1) * chunk):
-                    dt = dt_row[t]
-                    b_t = B_row[t * B_var]
-                    dt_x = dt * u_row[t]
-                    for n in range(N):
-                        h[n] = _exp(dt * a[n]) * h[n] + dt_x * b_t[n]
-            if n_chunks > 0:
-                chunk_start[n_chunks - 1] = h
-            # Reverse: recompute a chunk's states, then carry the adjoint back through it.
-            if has_dlast:
-                carry[:] = dlast[b, d]
-            else:
-                carry[:] = zero
-            dA_row[:] = zero
-            dbias_sum = zero
-            for c in range(n_chunks - 1, -1, -1):
-                t0 = c * chunk
-                steps = min(chunk, L - t0)
-                h[:] = chunk_start[c]
-                for j in range(steps):
-                    t = t0 + j
-                    dt = dt_row[t]
-                    b_t = B_row[t * B_var]
-                    dt_x = dt * u_row[t]
-                    for n in range(N):
-                        e = _exp(dt * a[n])
-                        decays[j, n] = e
-                        h[n] = e * h[n] + dt_x * b_t[n]
-                        states[j, n] = h[n]
-                for j in range(steps - 1, -1, -1):
-                    t = t0 + j
-                    x = u_row[t]
-                    dt = dt_row[t]
-                    b_t = B_row[t * B_var]
-                    c_t = C_row[t * C_var]
-                    h_t = states[j]
-                    h_prev = states[j - 1] if j > 0 else chunk_start[c]
-                    dy = dout_row[t]
-                    if has_z:
-                        y = _dot(c_t, h_t)
-                        if has_D:
-                            y += D_d * x
-                        dz_row[t] *= y
-                        dy = dy * gate_row[t]
-                    du_t = zero
-                    if has_D:
-                        dD_sum += dy * x
-                        du_t = dy * D_d
-                    dt_x = dt * x
-                    dB_t = dB_rows[t * B_var]
-                    dC_t = dC_rows[t * C_var]
-                    decay = decays[j]
-                    # g = dLoss/dh_t; w = g * dh_t/d(dt A), the part of g that flows into dA and dt.
-                    for n in range(N):
-                        g[n] = carry[n] + c_t[n] * dy
-                        dC_t[n] += dy * h_t[n]
-                        dB_t[n] += g[n] * dt_x
-                        w[n] = g[n] * decay[n] * h_prev[n]
-                        dA_row[n] += w[n] * dt
-                        carry[n] = g[n] * decay[n]
-                    g_dot_B = _dot(g, b_t)
-                    du[b, d, t] = du_t + dt * g_dot_B
-                    ddt = (_dot(w, a) + x * g_dot_B) * slope_row[t]
-                    ddelta[b, d, t] = ddt
-                    dbias_sum += ddt
-            dA_part[b, d] = dA_row
-            dD_part[b, d] = dD_sum
-            dbias_part[b, d] = dbias_sum
-            dh0[b, d] = carry
+            _bwd_row(b, d, slot, dout, u, delta, A, Bm, B_var, B_cpg, Cm, C_var, C_cpg, Dp, has_D,
+                     z, has_z, delta_bias, has_bias, softplus, h0, has_h0, dlast, has_dlast, buffers,
+                     du, ddelta, dz, dA_part, dB_const, dB_slots, dC_const, dC_slots, dD_part,
+                     dbias_part, dh0)
 
 
 # ----------------------------------------------------------------------------- launchers

@@ -17,12 +17,22 @@ speed knob: results do not depend on it beyond rounding.
 from __future__ import annotations
 
 import math
-import types
 from typing import NamedTuple
 
 import numpy as np
 
-from .._checks import ACT, INDEX, PARAM, Dims, check_bool, check_dtype, check_finite_float, check_int, dtype_name
+from .._checks import (
+    ACT,
+    INDEX,
+    PARAM,
+    Dims,
+    check_bool,
+    check_dtype,
+    check_finite_float,
+    check_int,
+    check_same_dtype,
+    dtype_name,
+)
 from .._dispatch import resolve
 
 _NO_LIMIT = (0.0, math.inf)
@@ -40,17 +50,6 @@ class SSDGrads(NamedTuple):
     dz: object
     ddt_bias: object
     dinitial_states: object
-
-
-def _backend_op(call, name):
-    """The backend's function ``name``.
-
-    The backend family module is also called ``ssd``: once it has been imported
-    through another name, the package attribute ``ssd`` is that module, so look
-    inside it.
-    """
-    op = getattr(call.backend, name)
-    return getattr(op, name) if isinstance(op, types.ModuleType) else op
 
 
 def _host(a):
@@ -91,7 +90,9 @@ def _check_state_dtype(state_dtype):
 
 def _check_cu_seqlens(cu_seqlens, batch, length):
     if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens: expected a 1-d array of shape (S+1,) with S >= 1, got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(
+            f"cu_seqlens: expected a 1-d array of shape (S+1,) with S >= 1, got shape {tuple(cu_seqlens.shape)}"
+        )
     check_dtype("cu_seqlens", cu_seqlens, INDEX)
     if batch != 1:
         raise ValueError(f"cu_seqlens: expected batch B == 1 (sequences packed into one row), got B={batch}")
@@ -105,7 +106,10 @@ def _check_cu_seqlens(cu_seqlens, batch, length):
 
 
 def _validate(call, chunk_size, dt_softplus, dt_limit):
-    """Check every array and scalar shared by ssd and ssd_bwd; returns (chunk_size, dt_softplus, dt_limit)."""
+    """Check every array and scalar shared by ssd and ssd_bwd.
+
+    Returns (dims, chunk_size, dt_softplus, (lo, hi)): the bound sizes and the checked scalars.
+    """
     x, dt, A, B, C = call["x"], call["dt"], call["A"], call["B"], call["C"]
     dims = Dims()
     dims.check("x", x, "BLHP", ACT, optional=False)
@@ -122,10 +126,8 @@ def _validate(call, chunk_size, dt_softplus, dt_limit):
         if D.ndim not in (1, 2):
             raise ValueError(f"D: expected shape (H,) or (H, P), got shape {tuple(D.shape)}")
         dims.check("D", D, "H" if D.ndim == 1 else "HP", PARAM)
-    z = call["z"]
-    dims.check("z", z, "BLHP")
-    if z is not None and dtype_name(z) != dtype_name(x):
-        raise TypeError(f"z: expected dtype {dtype_name(x)} (the dtype of x), got {dtype_name(z)}")
+    dims.check("z", call["z"], "BLHP")
+    check_same_dtype("z", call["z"], "x", x)
     dims.check("dt_bias", call["dt_bias"], "H", PARAM)
     dims.check("initial_states", call["initial_states"], "BHPN", PARAM)
     dims.check("seq_idx", call["seq_idx"], "BL", INDEX)
@@ -171,10 +173,10 @@ def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplu
     _, chunk_size, dt_softplus, dt_limit = _validate(call, chunk_size, dt_softplus, dt_limit)
     return_final_states = check_bool("return_final_states", return_final_states)
     return_varlen_states = check_bool("return_varlen_states", return_varlen_states)
-    if return_varlen_states and cu_seqlens is None:
+    if return_varlen_states and call["cu_seqlens"] is None:
         raise ValueError("return_varlen_states: needs cu_seqlens (the sequences whose final states to return)")
     state_dtype = _check_state_dtype(state_dtype)
-    return _backend_op(call, "ssd")(
+    return call.backend.ssd(
         call["x"], call["dt"], call["A"], call["B"], call["C"], chunk_size=chunk_size, D=call["D"], z=call["z"],
         dt_bias=call["dt_bias"], dt_softplus=dt_softplus, dt_limit=dt_limit,
         initial_states=call["initial_states"], seq_idx=call["seq_idx"], cu_seqlens=call["cu_seqlens"],
@@ -202,7 +204,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     dims, chunk_size, dt_softplus, dt_limit = _validate(call, chunk_size, dt_softplus, dt_limit)
     dims.check("dout", call["dout"], "BLHP", ACT, optional=False)
     dims.check("dfinal_states", call["dfinal_states"], "BHPN", ACT)
-    grads = _backend_op(call, "ssd_bwd")(
+    grads = call.backend.ssd_bwd(
         call["dout"], call["x"], call["dt"], call["A"], call["B"], call["C"], chunk_size=chunk_size, D=call["D"],
         z=call["z"], dt_bias=call["dt_bias"], dt_softplus=dt_softplus, dt_limit=dt_limit,
         initial_states=call["initial_states"], seq_idx=call["seq_idx"], cu_seqlens=call["cu_seqlens"],

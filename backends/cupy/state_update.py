@@ -1,0 +1,95 @@
+"""CuPy launcher for selective_state_update (kernel in state_update.cu).
+
+Arguments arrive validated by ssmcore.ops.state_update. The form without heads runs as heads
+of dim P = 1. No argument is copied: the kernel reads every array through its strides
+(16-byte accesses where the n axis is unit-stride and aligned) and updates ``state`` in place.
+B and C are read in their dtype when they share one (else both as float32); x, dt and z in
+theirs; A, D and dt_bias are float32.
+"""
+
+from __future__ import annotations
+
+import cupy
+import numpy as np
+
+from . import _arrays, _runtime
+from ._arrays import cdiv, ptr
+
+FAMILY = "state_update"
+_TYPES = ("float", "half_t", "bf16_t")
+_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+_THREADS = 128
+
+INSTANTIATIONS = [f"state_update<{ts}, {tb}, {v}>" for ts in _TYPES for tb in _TYPES for v in ("true", "false")]
+
+
+def _strides(a, ndim):
+    """Element strides of a, or zeros for None."""
+    if a is None:
+        return (0,) * ndim
+    return tuple(s // a.itemsize for s in a.strides)
+
+
+def _vec_ok(a, n_axis_stride, other_strides) -> bool:
+    """16-byte accesses along n: unit stride, every row start 16-byte aligned."""
+    per = 16 // a.itemsize
+    return n_axis_stride == 1 and _arrays.aligned16(a) and all(s % per == 0 for s in other_strides)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           state_batch_indices=None):
+    _arrays.check_kernel_dtypes(state=state, x=x, dt=dt, B=B, C=C, z=z)
+    for name, a in (("A", A), ("D", D), ("dt_bias", dt_bias)):
+        if a is not None and a.dtype != cupy.float32:
+            raise TypeError(f"{name}: expected dtype float32 on the GPU, got {a.dtype.name}")
+    ts = _arrays.kernel_type("state", state)
+    if B.dtype != C.dtype:
+        B, C = B.astype(cupy.float32), C.astype(cupy.float32)
+    tb = _arrays.kernel_type("B", B)
+    n_state = state.shape[-1]
+    if state.ndim == 4:
+        n_batch, n_heads, head_dim = x.shape
+        st_state, st_x, st_dt, st_z = _strides(state, 4), _strides(x, 3), _strides(dt, 3), _strides(z, 3)
+        st_a, st_d, st_db = _strides(A, 3), _strides(D, 2), _strides(dt_bias, 2)
+    else:  # no heads: channel d is head d of dim 1
+        n_batch, n_heads = x.shape
+        head_dim = 1
+        (sb, sd, sn) = _strides(state, 3)
+        st_state = (sb, sd, 0, sn)
+        st_x, st_dt, st_z = (_strides(a, 2) + (0,) for a in (x, dt, z))
+        ad, an = _strides(A, 2)
+        st_a = (ad, 0, an)
+        st_d, st_db = (_strides(a, 1) + (0,) for a in (D, dt_bias))
+    st_b, st_c = _strides_bc(B), _strides_bc(C)
+    groups = next((a.shape[1] for a in (B, C) if a.ndim == 3), 1)
+    out = cupy.empty(x.shape, x.dtype)
+    rows = n_batch * n_heads * head_dim
+    if rows == 0:
+        return out
+    warp = _arrays.warp_size()
+    tpr = min(warp, 1 << max(0, (cdiv(n_state, 8) - 1).bit_length()))
+    rows_per_block = _THREADS // tpr
+    vec = (
+        n_state % 8 == 0
+        and _vec_ok(state, st_state[3], st_state[:3])
+        and (st_a[2] == 0 or _vec_ok(A, st_a[2], st_a[:2]))
+        and _vec_ok(B, st_b[2], st_b[:2])
+        and _vec_ok(C, st_c[2], st_c[:2])
+    )
+    indices = None if state_batch_indices is None else cupy.ascontiguousarray(state_batch_indices, dtype=cupy.int32)
+    kernel = _runtime.function(FAMILY, f"state_update<{ts}, {tb}, {'true' if vec else 'false'}>")
+    strides = st_state + st_x + st_dt + st_z + st_a + st_b + st_c + st_d + st_db
+    _runtime.launch(
+        kernel, (cdiv(rows, rows_per_block),), (tpr, rows_per_block),
+        (state, x, np.int32(_CODES[x.dtype.name]), dt, np.int32(_CODES[dt.dtype.name]), A, B, C, ptr(D), ptr(z),
+         np.int32(_CODES[z.dtype.name] if z is not None else 0), ptr(dt_bias), ptr(indices), out,
+         np.int32(n_batch), np.int32(n_heads), np.int32(head_dim), np.int32(n_state),
+         np.int32(n_heads // groups), np.int32(bool(dt_softplus)), *(np.int64(s) for s in strides)),
+    )
+    return out
+
+
+def _strides_bc(a):
+    """(batch, group, n) element strides of B or C given as (B, N) (one group) or (B, G, N)."""
+    s = _strides(a, a.ndim)
+    return (s[0], 0, s[1]) if a.ndim == 2 else s

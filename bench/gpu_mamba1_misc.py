@@ -1,0 +1,261 @@
+"""GPU timings of the conv, decode-step and norm kernels at the PERFORMANCE.md shapes.
+
+    python3 bench/gpu_mamba1_misc.py [--quick]
+
+For each op: the median time of ``triton.testing.do_bench`` (each call timed alone, L2 cleared
+between calls, host overhead included where the GPU waits for it) and the median time of a CUDA
+graph replaying the op 20 times (pure GPU time), the bytes the op must move, the fraction of the
+copy-bandwidth floor (4.27 TB/s, measured on the H200) that the graph time reaches, and the
+peer's do_bench time and the ratio peer / ours when the peer imports. The peer is causal-conv1d
+(``import causal_conv1d``) and mamba-ssm; when ``import mamba_ssm`` fails for want of its
+compiled extensions, its Triton kernels (state update, norms) are loaded from the unpacked
+source tree in .peers/ without running the package's __init__.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib
+import math
+import statistics
+import sys
+import types
+from pathlib import Path
+
+import cupy
+import ml_dtypes
+import numpy as np
+import torch
+import triton.testing
+
+import ssmcore
+
+BANDWIDTH = 4.27e12  # bytes/s, device-to-device copy (read + write) on the H200
+ROOT = Path(__file__).resolve().parents[1]
+BF16 = ml_dtypes.bfloat16
+
+
+# --- the peer -------------------------------------------------------------------------------------
+
+
+def _peer_conv():
+    try:
+        import causal_conv1d
+
+        return causal_conv1d
+    except Exception as err:  # not installed or its extension is not built
+        print(f"peer causal_conv1d: not available ({type(err).__name__}: {err})")
+        return None
+
+
+def _peer_triton(module: str):
+    """A mamba_ssm Triton module, from the installed package or from the source tree in .peers/."""
+    try:
+        return importlib.import_module(f"mamba_ssm.{module}")
+    except Exception as err:
+        first_error = err
+    for key in [k for k in sys.modules if k == "mamba_ssm" or k.startswith("mamba_ssm.")]:
+        del sys.modules[key]  # a half-imported package from the failed attempt
+    trees = sorted(glob.glob(str(ROOT / ".peers" / "mamba_ssm-*" / "mamba_ssm")))
+    if not trees:
+        print(f"peer mamba_ssm.{module}: not available ({type(first_error).__name__}: {first_error})")
+        return None
+    stub = types.ModuleType("mamba_ssm")
+    stub.__path__ = [trees[-1]]  # subpackages import without the package __init__ (compiled imports)
+    sys.modules["mamba_ssm"] = stub
+    try:
+        return importlib.import_module(f"mamba_ssm.{module}")
+    except Exception as err:
+        print(f"peer mamba_ssm.{module}: not available ({type(err).__name__}: {err})")
+        return None
+
+
+# --- timing ---------------------------------------------------------------------------------------
+
+
+def do_bench_us(fn) -> float:
+    return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def graph_us(fn, reps: int = 20, trials: int = 15) -> float:
+    """Median GPU time of fn from a CUDA graph holding `reps` back-to-back calls."""
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        fn()
+        fn()
+        stream.synchronize()
+        stream.begin_capture()
+        for _ in range(reps):
+            fn()
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+        times = []
+        for _ in range(trials):
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            graph.launch(stream)
+            end.record(stream)
+            end.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, end) * 1e3 / reps)
+    return statistics.median(times)
+
+
+ROWS = []
+
+
+def report(name: str, nbytes: float, ours, peer=None):
+    """Time ours (and the peer) and print one line."""
+    ours_bench = do_bench_us(ours)
+    try:
+        ours_graph = graph_us(ours)
+    except Exception as err:  # a capture failure must not hide the other numbers
+        print(f"  ({name}: graph capture failed: {type(err).__name__}: {err})")
+        ours_graph = math.nan
+    floor = nbytes / BANDWIDTH * 1e6
+    peer_us = do_bench_us(peer) if peer is not None else math.nan
+    ratio = peer_us / ours_bench if peer is not None else math.nan
+    ROWS.append((name, ours_bench, ours_graph, nbytes, floor, peer_us, ratio))
+    line = (f"{name:44s} ours {ours_bench:8.1f} us (graph {ours_graph:8.1f} us)  {nbytes / 1e6:8.1f} MB  "
+            f"floor {floor:7.1f} us = {floor / ours_graph:5.0%} of it")
+    if peer is not None:
+        line += f"  peer {peer_us:8.1f} us  peer/ours {ratio:5.2f}x"
+    print(line, flush=True)
+
+
+def randn(shape, dtype=np.float32, scale=1.0):
+    """A CuPy array of standard normal data in dtype (never zeros)."""
+    a = cupy.random.standard_normal(shape, dtype=cupy.float32) * scale
+    return a.astype(dtype)
+
+
+def torch_view(a):
+    return None if a is None else torch.from_dlpack(a)
+
+
+# --- the benchmarks -------------------------------------------------------------------------------
+
+
+def bench_conv(quick: bool):
+    peer = _peer_conv()
+    batch, channels, length, width = (8, 4096, 2048, 4) if not quick else (2, 1024, 2048, 4)
+    x = randn((batch, channels, length), BF16)
+    weight, bias = randn((channels, width)), randn(channels)
+    io = 2 * x.size * 2
+    tx, tw, tb = torch_view(x), torch_view(weight), torch_view(bias)
+    report(f"causal_conv1d fwd silu B{batch} D{channels} L{length} W{width}", io,
+           lambda: ssmcore.causal_conv1d(x, weight, bias, "silu"),
+           (lambda: peer.causal_conv1d_fn(tx, tw, tb, activation="silu")) if peer else None)
+    xl = randn((batch, length, channels), BF16).transpose(0, 2, 1)
+    txl = torch_view(xl)
+    report("  same, channel-last x", io, lambda: ssmcore.causal_conv1d(xl, weight, bias, "silu"),
+           (lambda: peer.causal_conv1d_fn(txl, tw, tb, activation="silu")) if peer else None)
+    dout = randn(x.shape, BF16)
+    tdout = torch_view(dout)
+    peer_bwd = None
+    if peer is not None:
+        from causal_conv1d.cpp_functions import causal_conv1d_bwd_function
+
+        peer_bwd = lambda: causal_conv1d_bwd_function(tx, tw, tb, tdout, None, None, None, None, False, True)
+    report("causal_conv1d bwd silu (same shape)", 3 * x.size * 2 + x.size * 2 + 2 * x.size * 4,
+           lambda: ssmcore.causal_conv1d_bwd(dout, x, weight, bias, "silu"), peer_bwd)
+    n_dec, dec_channels = 64, 8192
+    xd, state = randn((n_dec, dec_channels), BF16), randn((n_dec, dec_channels, width - 1), BF16)
+    wd = randn((dec_channels, width))
+    txd, tstate, twd = torch_view(xd), torch_view(state), torch_view(wd)
+    report(f"causal_conv1d_update B{n_dec} D{dec_channels} W{width}", xd.size * 2 * 2 + state.size * 2 * 2,
+           lambda: ssmcore.causal_conv1d_update(xd, state, wd, None, "silu"),
+           (lambda: peer.causal_conv1d_update(txd, tstate, twd, None, "silu")) if peer else None)
+
+
+def bench_state_update(quick: bool):
+    peer = _peer_triton("ops.triton.selective_state_update")
+    batch, heads, head_dim, n_state = (64, 64, 64, 128) if not quick else (16, 64, 64, 128)
+    state = randn((batch, heads, head_dim, n_state), np.float32)
+    x = randn((batch, heads, head_dim), BF16)
+    dt = cupy.broadcast_to(randn((batch, heads, 1), BF16), (batch, heads, head_dim))  # Mamba-2: per head
+    A = cupy.broadcast_to(-cupy.exp(randn((heads, 1, 1))), (heads, head_dim, n_state))
+    B, C = randn((batch, 1, n_state), BF16), randn((batch, 1, n_state), BF16)
+    D = cupy.broadcast_to(randn((heads, 1)), (heads, head_dim))
+    dt_bias = cupy.broadcast_to(randn((heads, 1)), (heads, head_dim))
+    nbytes = 2 * state.nbytes
+    t = {n: torch_view(a) for n, a in dict(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias).items()}
+    report(f"selective_state_update B{batch} H{heads} P{head_dim} N{n_state} f32 state", nbytes,
+           lambda: ssmcore.selective_state_update(state, x, dt, A, B, C, D, None, dt_bias, True),
+           (lambda: peer.selective_state_update(t["state"], t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"],
+                                                None, t["dt_bias"], True)) if peer else None)
+    state16 = randn((batch, heads, head_dim, n_state), BF16)
+    t16 = torch_view(state16)
+    report("  same, bf16 state", 2 * state16.nbytes,
+           lambda: ssmcore.selective_state_update(state16, x, dt, A, B, C, D, None, dt_bias, True),
+           (lambda: peer.selective_state_update(t16, t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"],
+                                                None, t["dt_bias"], True)) if peer else None)
+    channels = 5120  # Mamba-1 2.8B: d_inner 5120, d_state 16
+    s1 = randn((batch, channels, 16), np.float32)
+    x1, dt1, z1 = (randn((batch, channels), BF16) for _ in range(3))
+    A1, B1, C1, D1 = -cupy.exp(randn((channels, 16))), randn((batch, 16), BF16), randn((batch, 16), BF16), randn(channels)
+    report(f"selective_state_update B{batch} D{channels} N16 (Mamba-1)", 2 * s1.nbytes,
+           lambda: ssmcore.selective_state_update(s1, x1, dt1, A1, B1, C1, D1, z1, D1, True))
+
+
+def bench_norms(quick: bool):
+    ln = _peer_triton("ops.triton.layer_norm")
+    gated = _peer_triton("ops.triton.layernorm_gated")
+    rows, width = (16384, 2560) if not quick else (4096, 2560)
+    x, residual = randn((rows, width), BF16), randn((rows, width), np.float32)
+    weight = randn(width)
+    tx, tres, tw = torch_view(x), torch_view(residual), torch_view(weight)
+    report(f"rms_norm + residual, f32 residual out {rows}x{width}", x.size * (2 + 4 + 2 + 4),
+           lambda: ssmcore.rms_norm(x, weight, None, residual, 1e-5, True, True),
+           (lambda: ln.rms_norm_fn(tx, tw, None, residual=tres, prenorm=True, residual_in_fp32=True, eps=1e-5))
+           if ln else None)
+    res16 = randn((rows, width), BF16)
+    tres16 = torch_view(res16)
+    report("  same, bf16 residual in/out", x.size * 2 * 4,
+           lambda: ssmcore.rms_norm(x, weight, None, res16, 1e-5, True, False),
+           (lambda: ln.rms_norm_fn(tx, tw, None, residual=tres16, prenorm=True, eps=1e-5)) if ln else None)
+    report("  first layer: no residual in, f32 residual out", x.size * (2 + 2 + 4),
+           lambda: ssmcore.rms_norm(x, weight, None, None, 1e-5, True, True),
+           (lambda: ln.rms_norm_fn(tx, tw, None, residual=None, prenorm=True, residual_in_fp32=True, eps=1e-5))
+           if ln else None)
+    report(f"layer_norm + residual + bias {rows}x{width}", x.size * (2 + 4 + 2 + 4),
+           lambda: ssmcore.layer_norm(x, weight, weight, residual, 1e-5, True, True),
+           (lambda: ln.layer_norm_fn(tx, tw, tw, residual=tres, prenorm=True, residual_in_fp32=True, eps=1e-5))
+           if ln else None)
+    dy, dres = randn((rows, width), BF16), randn((rows, width), np.float32)
+    report("rms_norm_bwd (+ dresidual_out, f32 residual)", x.size * (2 + 2 + 4 + 4 + 2 + 4),
+           lambda: ssmcore.rms_norm_bwd(dy, x, weight, None, residual, 1e-5, dres))
+    d_inner = 5120  # Mamba-2 2.7B: d_inner 5120, one group
+    xg, zg = randn((rows, d_inner), BF16), randn((rows, d_inner), BF16)
+    wg = randn(d_inner)
+    txg, tzg, twg = torch_view(xg), torch_view(zg), torch_view(wg)
+    report(f"gated_rms_norm {rows}x{d_inner} (norm before gate)", xg.size * 2 * 3,
+           lambda: ssmcore.gated_rms_norm(xg, wg, zg, 1e-5, None, True),
+           (lambda: gated.rmsnorm_fn(txg, twg, None, z=tzg, eps=1e-5, norm_before_gate=True)) if gated else None)
+    dyg = randn((rows, d_inner), BF16)
+    report("gated_rms_norm_bwd", xg.size * 2 * 5, lambda: ssmcore.gated_rms_norm_bwd(dyg, xg, wg, zg))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller shapes (a smoke test)")
+    parser.add_argument("--only", choices=["conv", "state_update", "norm"], action="append")
+    args = parser.parse_args(argv)
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    print(f"{props['name'].decode()}  ssmcore {ssmcore.__version__}  cupy {cupy.__version__}  torch {torch.__version__}")
+    for name, fn in (("conv", bench_conv), ("state_update", bench_state_update), ("norm", bench_norms)):
+        if args.only and name not in args.only:
+            continue
+        try:
+            fn(args.quick)
+        except Exception as err:  # keep the other families' numbers
+            print(f"{name}: FAILED {type(err).__name__}: {err}", flush=True)
+    print("\nop | ours do_bench us | ours graph us | MB | floor us | floor/graph | peer us | peer/ours")
+    for name, ob, og, nb, fl, pu, ra in ROWS:
+        print(f"{name.strip()} | {ob:.1f} | {og:.1f} | {nb / 1e6:.1f} | {fl:.1f} | {fl / og:.0%} | {pu:.1f} | {ra:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Norms on the GPU (CuPy backend) against float64 oracles and the Numba backend.
+
+Forward outputs are compared with ssmcore.reference (float64 on the same dtype-rounded inputs).
+Backward gradients are compared with float64 NumPy formulas written below (independent of both
+backends). test_matches_cpu_backend checks the Numba backend on the same inputs: the prenorm
+sum s must match bit for bit (both add in float32 and round once). Row lengths cover every
+kernel layout: several rows per warp, a block per row with 1, 2 or 4 register chunks per
+thread, and the streaming kernel for very long rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import TOL, assert_close, f64, randn
+
+import ssmcore
+from ssmcore import reference
+from ssmcore.backends import numba as cpu
+
+pytestmark = pytest.mark.gpu
+
+cupy = pytest.importorskip("cupy")
+
+GPU_DTYPES = ("float32", "float16", "bfloat16")
+WIDTHS = (7, 64, 2560, 5000, 20000)  # rows per warp .. 1 chunk .. 2 chunks .. streaming
+
+
+def gpu(a):
+    return None if a is None else cupy.asarray(a)
+
+
+def host(a):
+    return None if a is None else cupy.asnumpy(a)
+
+
+def norm_grads(kind, dy, x, weight, bias=None, residual=None, eps=1e-5, dresidual_out=None):
+    """Float64 (dx, dweight, dbias, dresidual) of rms_norm / layer_norm."""
+    s = f64(x) + (0.0 if residual is None else f64(residual))
+    centred = s - s.mean(-1, keepdims=True) if kind == "layer_norm" else s
+    rstd = 1.0 / np.sqrt((centred**2).mean(-1, keepdims=True) + eps)
+    xhat = centred * rstd
+    g = f64(dy) * f64(weight)
+    ds = g - xhat * (g * xhat).mean(-1, keepdims=True)
+    if kind == "layer_norm":
+        ds = ds - g.mean(-1, keepdims=True)
+    ds = ds * rstd + (0.0 if dresidual_out is None else f64(dresidual_out))
+    over_rows = lambda a: a.reshape(-1, a.shape[-1]).sum(0)
+    return (ds, over_rows(f64(dy) * xhat), None if bias is None else over_rows(f64(dy)),
+            None if residual is None else ds)
+
+
+def gated_grads(dy, x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=True):
+    """Float64 (dx, dweight, dz) of gated_rms_norm."""
+    dy, x, w = f64(dy), f64(x), f64(weight)
+    width = x.shape[-1]
+    group = width if group_size is None else group_size
+    if z is None:
+        gate, dgate = np.ones_like(x), np.zeros_like(x)
+    else:
+        z = f64(z)
+        sig = 1.0 / (1.0 + np.exp(-z))
+        gate, dgate = z * sig, sig * (1.0 + z * (1.0 - sig))
+    v = x if norm_before_gate else x * gate
+    grouped = lambda a: a.reshape(a.shape[:-1] + (width // group, group))
+    rstd = 1.0 / np.sqrt((grouped(v) ** 2).mean(-1, keepdims=True) + eps)
+    vhat = (grouped(v) * rstd).reshape(x.shape)
+    dvhat = dy * w * (gate if norm_before_gate else 1.0)
+    c1 = (grouped(dvhat * vhat)).mean(-1, keepdims=True)
+    dv = ((grouped(dvhat) - grouped(vhat) * c1) * rstd).reshape(x.shape)
+    if norm_before_gate:
+        dx, dz = dv, dy * vhat * w * dgate
+    else:
+        dx, dz = dv * gate, dv * x * dgate
+    dweight = (dy * vhat * (gate if norm_before_gate else 1.0)).reshape(-1, width).sum(0)
+    return dx, dweight, None if z is None else dz
+
+
+def grad_tol(dtype):
+    """Gradients of rounded inputs: twice the forward tolerance (sums over a row add rounding)."""
+    r, a = TOL[dtype]
+    return 2 * r, 2 * a
+
+
+def assert_grads(got, want, names, dtypes, dtype):
+    rtol, atol = grad_tol(dtype)
+    for name, g, w, dt in zip(names, got, want, dtypes):
+        if w is None:
+            assert g is None, name
+            continue
+        assert isinstance(g, cupy.ndarray), name
+        assert g.dtype == dt, f"{name}: dtype {g.dtype}, expected {dt}"
+        # dweight/dbias sum over rows: compare relative to their scale
+        scale = max(1.0, float(np.abs(f64(w)).max()))
+        assert_close(host(g), w, dtype, rtol=rtol, atol=atol * scale, name=name)
+
+
+# --- rms_norm / layer_norm -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["rms_norm", "layer_norm"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("rows", [1, 37])
+def test_forward(rng, kind, dtype, width, rows):
+    x = randn(rng, (rows, width), dtype)
+    weight = randn(rng, width, "float32")
+    bias = randn(rng, width, "float32")
+    op, ref = getattr(ssmcore, kind), getattr(reference, kind)
+    for residual_dtype, use_bias, residual_in_fp32 in [(None, False, False), ("float32", True, True),
+                                                       (dtype, True, False), (None, True, True)]:
+        residual = None if residual_dtype is None else randn(rng, (rows, width), residual_dtype)
+        b = bias if use_bias else None
+        y, s = op(gpu(x), gpu(weight), gpu(b), gpu(residual), 1e-5, prenorm=True, residual_in_fp32=residual_in_fp32)
+        assert y.dtype == x.dtype and isinstance(y, cupy.ndarray)
+        want_s_dtype = np.float32 if residual_in_fp32 else (residual if residual is not None else x).dtype
+        assert s.dtype == want_s_dtype
+        ry, _ = ref(x, weight, b, residual, 1e-5, prenorm=True)
+        assert_close(host(y), ry, dtype, name=f"{kind} y (residual {residual_dtype}, bias {use_bias})")
+        s_want = (f64(x) + (0.0 if residual is None else f64(residual))).astype(np.float32).astype(want_s_dtype)
+        np.testing.assert_array_equal(f64(host(s)), f64(s_want), err_msg=f"{kind} s is not x + residual rounded once")
+        y_only = op(gpu(x), gpu(weight), gpu(b), gpu(residual), 1e-5)
+        np.testing.assert_array_equal(f64(host(y_only)), f64(host(y)))
+
+
+@pytest.mark.parametrize("kind", ["rms_norm", "layer_norm"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("width", WIDTHS)
+def test_backward(rng, kind, dtype, width):
+    rows = 37
+    x = randn(rng, (rows, width), dtype)
+    weight = randn(rng, width, dtype if dtype != "float16" else "float32")
+    bias = randn(rng, width, "float32")
+    residual = randn(rng, (rows, width), "float32")
+    dy = randn(rng, (rows, width), dtype)
+    dres_out = randn(rng, (rows, width), "float32")
+    bwd = getattr(ssmcore, kind + "_bwd")
+    for res, b, dro in [(residual, bias, dres_out), (None, None, None), (residual, None, None)]:
+        got = bwd(gpu(dy), gpu(x), gpu(weight), gpu(b), gpu(res), 1e-5, gpu(dro))
+        want = norm_grads(kind, dy, x, weight, b, res, 1e-5, dro)
+        dtypes = (x.dtype, weight.dtype, None if b is None else b.dtype, None if res is None else res.dtype)
+        assert_grads(got, want, ("dx", "dweight", "dbias", "dresidual"), dtypes, dtype)
+
+
+def test_leading_dims_and_strides(rng):
+    """(..., D) inputs of any strides, including zero rows."""
+    x = randn(rng, (3, 5, 2 * 96), "bfloat16")[:, :, ::2]  # non-contiguous
+    weight = randn(rng, 96, "float32")
+    y = ssmcore.rms_norm(gpu(x), gpu(weight))
+    assert y.shape == x.shape
+    assert_close(host(y), reference.rms_norm(x, weight), "bfloat16")
+    empty = ssmcore.layer_norm(cupy.zeros((0, 4, 96), cupy.float32), gpu(weight))
+    assert empty.shape == (0, 4, 96)
+    g = ssmcore.rms_norm_bwd(cupy.zeros((0, 96), cupy.float32), cupy.zeros((0, 96), cupy.float32), gpu(weight))
+    assert g.dweight.shape == (96,) and float(cupy.abs(g.dweight).max()) == 0.0
+
+
+def test_inputs_not_modified(rng):
+    x, residual = randn(rng, (9, 64), "bfloat16"), randn(rng, (9, 64), "float32")
+    weight, dy = randn(rng, 64, "float32"), randn(rng, (9, 64), "bfloat16")
+    gx, gres, gw, gdy = gpu(x), gpu(residual), gpu(weight), gpu(dy)
+    ssmcore.rms_norm(gx, gw, None, gres, prenorm=True, residual_in_fp32=True)
+    ssmcore.rms_norm_bwd(gdy, gx, gw, None, gres)
+    ssmcore.gated_rms_norm_bwd(gdy, gx, gw, gdy, group_size=16)
+    for a, g in ((x, gx), (residual, gres), (weight, gw), (dy, gdy)):
+        np.testing.assert_array_equal(f64(host(g)), f64(a))
+
+
+def test_float64_is_cpu_only(rng):
+    with pytest.raises(TypeError, match=r"^x:"):
+        ssmcore.rms_norm(cupy.ones((2, 8)), cupy.ones(8, cupy.float32))
+
+
+# --- gated_rms_norm ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("width,group_size", [(64, None), (64, 16), (96, 24), (5120, None), (8192, 4096),
+                                              (10000, 5000), (24, 3)])
+@pytest.mark.parametrize("rows", [1, 33])
+def test_gated(rng, dtype, width, group_size, rows):
+    x = randn(rng, (rows, width), dtype)
+    z = randn(rng, (rows, width), dtype)
+    weight = randn(rng, width, "float32")
+    dy = randn(rng, (rows, width), dtype)
+    for norm_before_gate in (True, False):
+        for gate in (z, None):
+            y = ssmcore.gated_rms_norm(gpu(x), gpu(weight), gpu(gate), 1e-5, group_size, norm_before_gate)
+            assert y.dtype == x.dtype
+            ry = reference.gated_rms_norm(x, weight, gate, 1e-5, group_size, norm_before_gate)
+            assert_close(host(y), ry, dtype, name=f"gated y (nbg {norm_before_gate}, z {gate is not None})")
+            got = ssmcore.gated_rms_norm_bwd(gpu(dy), gpu(x), gpu(weight), gpu(gate), 1e-5, group_size,
+                                             norm_before_gate)
+            want = gated_grads(dy, x, weight, gate, 1e-5, group_size, norm_before_gate)
+            dtypes = (x.dtype, weight.dtype, None if gate is None else gate.dtype)
+            assert_grads(got, want, ("dx", "dweight", "dz"), dtypes, dtype)
+
+
+# --- CUDA graphs ---------------------------------------------------------------------------------
+
+
+def test_cuda_graph_capture_and_replay(rng):
+    """Forward and backward of every norm captured on a side stream replay on new inputs."""
+    shape, width = (4, 50, 256), 256
+    names = ("x", "residual", "dy", "z")
+    host_in = {n: randn(rng, shape, "bfloat16" if n != "residual" else "float32") for n in names}
+    weight = randn(rng, width, "float32")
+    g = {n: gpu(a) for n, a in host_in.items()}
+    gw = gpu(weight)
+
+    def step():
+        y, s = ssmcore.rms_norm(g["x"], gw, None, g["residual"], prenorm=True, residual_in_fp32=True)
+        ly = ssmcore.layer_norm(g["x"], gw, gw, g["residual"])
+        grads = ssmcore.layer_norm_bwd(g["dy"], g["x"], gw, gw, g["residual"])
+        gy = ssmcore.gated_rms_norm(g["x"], gw, g["z"], group_size=64)
+        ggrads = ssmcore.gated_rms_norm_bwd(g["dy"], g["x"], gw, g["z"], group_size=64)
+        return y, s, ly, grads, gy, ggrads
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        for _ in range(2):  # compile and fill the memory pool outside the capture
+            step()
+        stream.synchronize()
+        stream.begin_capture()
+        y, s, ly, grads, gy, ggrads = step()
+        graph = stream.end_capture()
+    fresh = {n: randn(rng, shape, "bfloat16" if n != "residual" else "float32") for n in names}
+    for n, a in fresh.items():
+        g[n][...] = gpu(a)
+    graph.launch(stream)
+    stream.synchronize()
+    assert_close(host(y), reference.rms_norm(fresh["x"], weight, None, fresh["residual"]), "bfloat16", name="y")
+    assert_close(host(s), f64(fresh["x"]) + f64(fresh["residual"]), "float32", name="s")
+    assert_close(host(ly), reference.layer_norm(fresh["x"], weight, weight, fresh["residual"]), "bfloat16", name="ly")
+    want = norm_grads("layer_norm", fresh["dy"], fresh["x"], weight, weight, fresh["residual"])
+    assert_grads(grads, want, ("dx", "dweight", "dbias", "dresidual"),
+                 (g["x"].dtype, np.float32, np.float32, np.float32), "bfloat16")
+    assert_close(host(gy), reference.gated_rms_norm(fresh["x"], weight, fresh["z"], group_size=64), "bfloat16")
+    want = gated_grads(fresh["dy"], fresh["x"], weight, fresh["z"], group_size=64)
+    assert_grads(ggrads, want, ("dx", "dweight", "dz"), (g["x"].dtype, np.float32, g["z"].dtype), "bfloat16")
+
+
+# --- the CPU backend -------------------------------------------------------------------------------
+
+
+def test_matches_cpu_backend(rng):
+    """Same inputs through the Numba backend: s bit for bit, y and gradients within tolerance."""
+    x, residual = randn(rng, (33, 2560), "bfloat16"), randn(rng, (33, 2560), "float32")
+    weight, dy = randn(rng, 2560, "float32"), randn(rng, (33, 2560), "bfloat16")
+    y, s = ssmcore.rms_norm(gpu(x), gpu(weight), None, gpu(residual), prenorm=True, residual_in_fp32=True)
+    cy, cs = cpu.rms_norm(x, weight, None, residual, 1e-5, True, True)
+    np.testing.assert_array_equal(host(s), cs)
+    assert_close(host(y), cy, "bfloat16", name="y vs CPU backend")
+    got = ssmcore.rms_norm_bwd(gpu(dy), gpu(x), gpu(weight), None, gpu(residual))
+    want = cpu.rms_norm_bwd(dy, x, weight, None, residual, 1e-5, None)
+    assert_grads(got, want, ("dx", "dweight", "dbias", "dresidual"), (x.dtype, weight.dtype, None, residual.dtype),
+                 "bfloat16")
