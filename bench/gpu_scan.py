@@ -166,9 +166,11 @@ def main(argv=None):
             ckpt = cupy.empty((a.batch, a.n_chunks, a.channels, a.np), cupy.float32)
             scan._forward(a, True, ckpt=ckpt)
 
-        for op, fn, floor in (("fwd", fwd, f_floor), ("fwd+bwd", fwd_bwd, fb_floor), ("bwd", bwd, fb_floor - f_floor),
-                              ("bwd ckpt", ckpt_pass, f_floor)):
-            peer_us = bench_us(peers[0] if op == "fwd" else peers[1]) if peers and op in ("fwd", "fwd+bwd") else None
+        ops = (("fwd", fwd, f_floor), ("fwd+bwd", fwd_bwd, fb_floor), ("bwd", bwd, fb_floor - f_floor),
+               ("bwd ckpt", ckpt_pass, f_floor))
+        for op, fn, floor in ops:
+            timed_by_peer = peers and op in ("fwd", "fwd+bwd")
+            peer_us = bench_us(peers[0] if op == "fwd" else peers[1]) if timed_by_peer else None
             for forced in (layouts if op in ("fwd", "fwd+bwd") else [None]):
                 scan.force_states_per_lane = forced
                 try:
@@ -183,7 +185,8 @@ def main(argv=None):
                 try:
                     graphed = graph_us(fn)
                 except Exception as err:  # noqa: BLE001
-                    print(f"{shape} {op} S={forced}: graph capture failed: {type(err).__name__}: {err}", flush=True)
+                    print(f"{shape} {op} S={forced}: graph capture failed: {type(err).__name__}: {err}",
+                          flush=True)
                     graphed = float("nan")
                 s, r = scan._layout(N, batch * channels)
                 rows.append((shape, op, f"S{s} R{r}" + ("" if forced is None else " forced"), ours, graphed,

@@ -32,7 +32,7 @@ def _autocast_dtype(t: torch.Tensor):
 
 
 def _cast(t, dtype):
-    return None if t is None or dtype is None else t.to(dtype)
+    return None if t is None else t.to(dtype)
 
 
 def _grad_like(grad, t):
