@@ -142,3 +142,19 @@ def check_int(name: str, value, *, minimum=None, maximum=None) -> int:
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def check_indices(name, idx, n_rows, xp):
+    """Pool indices: < n_rows; non-negative ones distinct (two rows updating one state would race)."""
+    if idx is None or idx.size == 0:
+        return
+    if int(idx.max()) >= n_rows:
+        raise ValueError(f"{name}: expected indices < {n_rows} (the first dimension of the state), got max {int(idx.max())}")
+    used = idx[idx >= 0]
+    if int(xp.unique(used).size) != int(used.size):
+        raise ValueError(f"{name}: expected distinct non-negative indices (each state row is updated once), got repeats")
+
+
+def check_writable(name, a):
+    if not getattr(getattr(a, "flags", None), "writeable", True):
+        raise ValueError(f"{name}: is read-only, but it is updated in place")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import ssmcore
 from ssmcore import reference
-from tests.helpers import DTYPES, TOL, assert_close, assert_grad_close, numeric_grad, randn
+from helpers import DTYPES, TOL, assert_close, assert_grad_close, numeric_grad, randn
 
 
 # ---------------------------------------------------------------- input builders

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import ssmcore
 from ssmcore import reference
-from tests.helpers import DTYPES, TOL, assert_close, randn
+from helpers import DTYPES, TOL, assert_close, randn
 
 
 def make_case(rng, heads, n_batch=3, pool=None, channels=8, n_heads=4, head_dim=3, n_state=16, groups=2,

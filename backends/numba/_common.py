@@ -39,3 +39,25 @@ def cast_out(a, dtype):
     if a is None:
         return None
     return a if a.dtype == dtype else a.astype(dtype)
+
+
+def pool_rows(pool, indices, n_batch, dtype):
+    """The rows of a state pool that one decode call updates: (work, slots, touched).
+
+    ``work`` is the caller's pool itself when it is C-contiguous in ``dtype`` (updated in place,
+    ``touched`` None), else a ``dtype`` copy of the touched rows (``touched`` lists them, for
+    write_back). ``slots[b]`` is batch row b's index into ``work``; negative = padding.
+    """
+    rows = np.arange(n_batch) if indices is None else indices.astype(np.int64)
+    if pool.dtype == dtype and pool.flags.c_contiguous:
+        return pool, rows, None
+    used = rows >= 0
+    touched = rows[used]
+    # Fancy indexing copies, so the kernel never writes caller memory through ``work``.
+    return to_compute(pool[touched], dtype), np.where(used, np.cumsum(used) - 1, -1), touched
+
+
+def write_back(pool, work, touched):
+    """Store the rows pool_rows copied back into the caller's pool, in its dtype."""
+    if touched is not None:
+        pool[touched] = work.astype(pool.dtype)

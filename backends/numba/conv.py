@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
-from ssmcore.backends.numba._common import cast_out, compute_dtype, to_compute
+from ssmcore.backends.numba._common import cast_out, compute_dtype, pool_rows, to_compute, write_back
 
 # Time steps per iteration of the channel-last kernels; >= MAX_WIDTH - 1, so the first chunk
 # owns every window entry that comes from the initial states.
@@ -374,28 +374,6 @@ def _update_kernel(x, state, slots, weight, bias, seqlens, circular, silu, one, 
             if silu:
                 acc = acc / (one + np.exp(-acc))
             out[b, d, j] = acc
-
-
-def pool_rows(pool, indices, n_batch, dtype):
-    """The rows of a state pool that one decode call updates: (work, slots, touched).
-
-    ``work`` is the caller's pool itself when it is C-contiguous in ``dtype`` (updated in place,
-    ``touched`` None), else a ``dtype`` copy of the touched rows (``touched`` lists them, for
-    write_back). ``slots[b]`` is batch row b's index into ``work``; negative = padding.
-    """
-    rows = np.arange(n_batch) if indices is None else indices.astype(np.int64)
-    if pool.dtype == dtype and pool.flags.c_contiguous:
-        return pool, rows, None
-    used = rows >= 0
-    touched = rows[used]
-    # Fancy indexing copies, so the kernel never writes caller memory through ``work``.
-    return to_compute(pool[touched], dtype), np.where(used, np.cumsum(used) - 1, -1), touched
-
-
-def write_back(pool, work, touched):
-    """Store the rows pool_rows copied back into the caller's pool, in its dtype."""
-    if touched is not None:
-        pool[touched] = work.astype(pool.dtype)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None,

@@ -12,8 +12,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ssmcore.backends.numba._common import cast_out, compute_dtype, to_compute
-from ssmcore.backends.numba.conv import pool_rows, write_back
+from ssmcore.backends.numba._common import cast_out, compute_dtype, pool_rows, to_compute, write_back
 
 
 @numba.njit(parallel=True, cache=True, fastmath=False)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ssmcore._checks import ACT, INDEX, Dims, check_bool, check_choice, check_dtype, dtype_name
+from ssmcore._checks import (
+    ACT, INDEX, Dims, check_bool, check_choice, check_dtype, check_indices, check_writable, dtype_name,
+)
 from ssmcore._dispatch import resolve
 
 MAX_WIDTH = 64
@@ -120,23 +122,6 @@ def causal_conv1d_bwd(dout, x, weight, bias=None, activation=None, seq_idx=None,
     return CausalConv1dGrads(*grads)
 
 
-def _check_indices(name, idx, n_rows, xp):
-    """Pool indices: < n_rows; non-negative ones distinct (two rows updating one state would race)."""
-    if idx is None or idx.size == 0:
-        return
-    if int(idx.max()) >= n_rows:
-        raise ValueError(f"{name}: expected indices < {n_rows} (the first dimension of the state), got max {int(idx.max())}")
-    used = idx[idx >= 0]
-    if int(xp.unique(used).size) != int(used.size):
-        raise ValueError(f"{name}: expected distinct non-negative indices (each state row is updated once), got repeats")
-
-
-def _check_writable(name, a):
-    flags = getattr(a, "flags", None)
-    if flags is not None and not flags.writeable:
-        raise ValueError(f"{name}: is read-only, but it is updated in place")
-
-
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None,
                          conv_state_indices=None):
     """Decode step(s) of the causal conv; ``conv_state`` is UPDATED IN PLACE.
@@ -176,7 +161,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     dims.check("conv_state", conv_state, ("Bs", "D", "state_len"), ACT, optional=False)
     if dims["state_len"] < width - 1:
         raise ValueError(f"conv_state: expected state_len >= W-1 = {width - 1}, got shape {tuple(conv_state.shape)}")
-    _check_writable("conv_state", conv_state)
+    check_writable("conv_state", conv_state)
     dims.check("bias", bias, "D")
     _check_param("bias", bias, x)
     dims.check("cache_seqlens", cache_seqlens, "B", INDEX)
@@ -188,6 +173,6 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
             f"conv_state: expected {dims['B']} rows (B of x) when conv_state_indices is not given, "
             f"got shape {tuple(conv_state.shape)}"
         )
-    _check_indices("conv_state_indices", conv_state_indices, dims["Bs"], call.xp)
+    check_indices("conv_state_indices", conv_state_indices, dims["Bs"], call.xp)
     return call.backend.causal_conv1d_update(x, conv_state, weight, bias, activation, cache_seqlens,
                                              conv_state_indices)

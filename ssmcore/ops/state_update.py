@@ -17,9 +17,8 @@ Per channel, with its group's B and C:
 
 from __future__ import annotations
 
-from ssmcore._checks import ACT, INDEX, PARAM, Dims, check_bool
+from ssmcore._checks import ACT, INDEX, PARAM, Dims, check_bool, check_indices, check_writable
 from ssmcore._dispatch import resolve
-from ssmcore.ops.conv import _check_indices, _check_writable
 
 
 def _check_groups(dims, name, a, channels, channel_letter, allow_shared):
@@ -72,7 +71,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         raise ValueError(
             f"state: expected a 3-d (Bs, D, N) or 4-d (Bs, H, P, N) array, got shape {tuple(state.shape)}"
         )
-    _check_writable("state", state)
+    check_writable("state", state)
     dims.check("x", x, "B" + channels, ACT, optional=False)
     dims.check("dt", dt, "B" + channels, ACT, optional=False)
     dims.check("A", A, channels + "N", PARAM, optional=False)
@@ -87,6 +86,6 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
             f"state: expected {dims['B']} rows (B of x) when state_batch_indices is not given, "
             f"got shape {tuple(state.shape)}"
         )
-    _check_indices("state_batch_indices", state_batch_indices, dims["Bs"], call.xp)
+    check_indices("state_batch_indices", state_batch_indices, dims["Bs"], call.xp)
     return call.backend.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
                                                state_batch_indices)
