@@ -175,6 +175,16 @@ class MambaLMHeadModel(nn.Module):
             hidden_states = hidden_states[:, -num_last_tokens:]
         return CausalLMOutput(logits=self.lm_head(hidden_states))
 
+    # --- generation (adapters/torch/generation.py) ---
+    def generate(self, input_ids, max_length, top_k=1, top_p=0.0, min_p=0.0, temperature=1.0,
+                 return_dict_in_generate=False, output_scores=False, **kwargs):
+        """Token ids (B, L) or a list of prompts -> sequences (B, max_length); see :func:`.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, input_ids, max_length, top_k=top_k, top_p=top_p, min_p=min_p, temperature=temperature,
+                        return_dict_in_generate=return_dict_in_generate, output_scores=output_scores, **kwargs)
+    # --- end generation ---
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name, device=None, dtype=None, **kwargs):
         """A model from a checkpoint folder or Hugging Face Hub id; see :func:`.checkpoint.from_pretrained`."""

@@ -6,9 +6,9 @@
 //   padding (seq_idx < 0) outputs 0; the initial states belong to the sequence of t = 0.
 //
 // Work decomposition:
-// - conv_fwd (x contiguous (B, D, L)): a block of 128 threads owns 1024 consecutive positions of
-//   one (b, d) row (grid = rows x chunks, 1-d); a thread owns 8 consecutive positions: one
-//   16-byte load of x, one 16-byte store of out. The W-1 inputs before a thread's positions
+// - conv_fwd (x contiguous (B, D, L)): a block of 128 threads owns 128 x E consecutive positions
+//   of one (b, d) row (grid = rows x chunks, 1-d); a thread owns E = 8 or 16 consecutive
+//   positions: E/8 16-byte loads of x issued together, E/8 16-byte stores. The W-1 inputs before a thread's positions
 //   come from the previous lane by warp shuffle (lane 0 reads them from global memory, where the
 //   previous warp's load brought them into L1/L2); weights and bias sit in registers.
 //   Traffic: x read once, out written once (the floor for this op); no shared memory.
@@ -99,13 +99,16 @@ __device__ void write_final(const Row<T>& r, i64 L, void* final_states, int fina
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-template <typename T, int W>
+// E positions per thread (8 or 16: one or two 16-byte accesses of 16-bit data), a block covers
+// CONV_THREADS * E consecutive positions of one row.
+template <typename T, int W, int E>
 __global__ void __launch_bounds__(CONV_THREADS) conv_fwd(
     const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
     const int* __restrict__ seq_idx, const void* __restrict__ init, int init_f32, T* __restrict__ out,
     void* __restrict__ final_states, int final_f32, int D, i64 L, int width, i64 nchunks, int silu, int vec) {
+  static_assert(E % 8 == 0, "E is a whole number of 8-element chunks");
   const i64 row = blockIdx.x / nchunks;
-  const i64 s0 = (blockIdx.x % nchunks) * CONV_CHUNK + threadIdx.x * 8;
+  const i64 s0 = (blockIdx.x % nchunks) * (CONV_THREADS * E) + threadIdx.x * E;
   const int b = (int)(row / D);
   const int wm1 = (W > 0 ? W : width) - 1;
   const Row<T> r{x + row * L, 1, init ? (init_f32 ? (const void*)((const float*)init + row * wm1)
@@ -116,34 +119,43 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_fwd(
   const float* w = weight + (row % D) * (wm1 + 1);
   const int lane = threadIdx.x % SSM_WARP_SIZE;
 
-  float v[8];
-  int sid[8];
-  load_chunk8(r.x, s0, L, vec, v);
-  if (r.seq) load_ids8(r.seq, s0, L, vec, sid);
-  float o[8];
+  float v[E], o[E];
+  int sid[E];
+#pragma unroll
+  for (int c = 0; c < E / 8; ++c) {  // all loads first: E / 8 16-byte loads in flight
+    float (&vc)[8] = *reinterpret_cast<float(*)[8]>(v + 8 * c);
+    load_chunk8(r.x, s0 + 8 * c, L, vec, vc);
+  }
+  if (r.seq) {
+#pragma unroll
+    for (int c = 0; c < E / 8; ++c) {
+      int (&sc)[8] = *reinterpret_cast<int(*)[8]>(sid + 8 * c);
+      load_ids8(r.seq, s0 + 8 * c, L, vec, sc);
+    }
+  }
   if constexpr (W > 0) {
-    // Window: W-1 inputs before s0, then the thread's 8.
-    float win[W - 1 + 8];
-    int ids[W - 1 + 8];
+    // Window: W-1 inputs before s0, then the thread's E.
+    float win[W - 1 + E];
+    int ids[W - 1 + E];
     float wk[W];
 #pragma unroll
     for (int k = 0; k < W; ++k) wk[k] = w[k];
 #pragma unroll
     for (int j = 0; j < W - 1; ++j) {
-      win[j] = SSM_SHFL_UP(v[8 - (W - 1) + j], 1);
-      ids[j] = r.seq ? SSM_SHFL_UP(sid[8 - (W - 1) + j], 1) : 0;
+      win[j] = SSM_SHFL_UP(v[E - (W - 1) + j], 1);
+      ids[j] = r.seq ? SSM_SHFL_UP(sid[E - (W - 1) + j], 1) : 0;
       if (lane == 0 && s0 < L) {  // the previous lane is in the previous warp
         win[j] = r.at(s0 - (W - 1) + j);
         ids[j] = r.id(s0 - (W - 1) + j);
       }
     }
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
+    for (int k = 0; k < E; ++k) {
       win[W - 1 + k] = v[k];
       ids[W - 1 + k] = r.seq ? sid[k] : 0;
     }
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
+    for (int k = 0; k < E; ++k) {
       float acc = bias_d;
 #pragma unroll
       for (int j = 0; j < W; ++j) acc += (ids[k + j] == ids[k + W - 1]) ? wk[j] * win[k + j] : 0.f;
@@ -152,7 +164,7 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_fwd(
     }
   } else {
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
+    for (int k = 0; k < E; ++k) {
       const i64 t = s0 + k;
       float acc = bias_d;
       if (t < L) {
@@ -168,8 +180,14 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_fwd(
       o[k] = acc;
     }
   }
-  if (s0 < L) store_chunk8(out + row * L, s0, L, vec, o);
-  if (final_states && s0 <= L - 1 && L - 1 < s0 + 8) write_final(r, L, final_states, final_f32, row * wm1);
+#pragma unroll
+  for (int c = 0; c < E / 8; ++c) {
+    if (s0 + 8 * c < L) {
+      const float (&oc)[8] = *reinterpret_cast<const float(*)[8]>(o + 8 * c);
+      store_chunk8(out + row * L, s0 + 8 * c, L, vec, oc);
+    }
+  }
+  if (final_states && s0 <= L - 1 && L - 1 < s0 + E) write_final(r, L, final_states, final_f32, row * wm1);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -19,12 +19,14 @@ from ._arrays import cdiv, ptr
 FAMILY = "conv"
 _TYPES = ("float", "half_t", "bf16_t")
 _WIDTHS = (0, 1, 2, 3, 4)  # 0 = any width up to 64, chosen at run time
-_CHUNK = 1024  # positions per block of the contiguous kernels (128 threads x 8)
+_CHUNK = 1024  # positions per block of the contiguous backward kernels (128 threads x 8)
 _CL_STEPS = 32  # time steps per thread of the channel-last kernel
+# Positions per thread of the contiguous forward for W <= 4 (8 or 16; generic widths use 8).
+fwd_positions = 16
 
 INSTANTIATIONS = (
-    [f"{k}<{t}, {w}>" for k in ("conv_fwd", "conv_fwd_cl", "conv_bwd_dpre", "conv_bwd_dx") for t in _TYPES
-     for w in _WIDTHS]
+    [f"conv_fwd<{t}, {w}, {e}>" for t in _TYPES for w in _WIDTHS for e in ((8,) if w == 0 else (8, 16))]
+    + [f"{k}<{t}, {w}>" for k in ("conv_fwd_cl", "conv_bwd_dpre", "conv_bwd_dx") for t in _TYPES for w in _WIDTHS]
     + [f"conv_update<{tx}, {ts}>" for tx in _TYPES for ts in _TYPES]
     + ["column_sum<float>"]
 )
@@ -85,9 +87,10 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
         xs = cupy.ascontiguousarray(x)
         out = cupy.empty(x.shape, x.dtype)
         if x.size:
-            nchunks = cdiv(length, _CHUNK)
+            positions = fwd_positions if wa else 8
+            nchunks = cdiv(length, 128 * positions)
             vec = length % 8 == 0 and _arrays.aligned16(xs, out, seq)
-            kernel = _runtime.function(FAMILY, f"conv_fwd<{t}, {wa}>")
+            kernel = _runtime.function(FAMILY, f"conv_fwd<{t}, {wa}, {positions}>")
             _runtime.launch(
                 kernel, (n_batch * n_chan * nchunks,), (128,),
                 (xs, w, ptr(b), ptr(seq), ptr(init), np.int32(init_f32), out, ptr(final_arg),

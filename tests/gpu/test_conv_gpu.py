@@ -143,7 +143,7 @@ def test_forward_and_backward(rng, dtype, width, channel_last, batch, channels, 
                 assert g is None, name
                 continue
             assert g.dtype == like.dtype, f"{name}: dtype {g.dtype}, expected {like.dtype}"
-            scale = max(1.0, float(np.abs(w).max()))
+            scale = max(1.0, float(np.abs(w).max(initial=0.0)))
             assert_close(host(g), w, dtype, rtol=2 * rtol, atol=2 * atol * scale, name=f"{name} ({what})")
         if channel_last and channels > 1 and length > 1:
             assert grads.dx.strides[1] < grads.dx.strides[2], "dx keeps x's layout"
@@ -268,7 +268,7 @@ def test_cuda_graph_capture_and_replay(rng):
     np.testing.assert_array_equal(f64(host(final)), ref_final)
     want = conv_grads(data["dout"], data["x"], weight, bias, "silu", None, data["init"])
     for name, got, w in zip(grads._fields, grads, want):
-        scale = max(1.0, float(np.abs(w).max()))
+        scale = max(1.0, float(np.abs(w).max(initial=0.0)))
         assert_close(host(got), w, "bfloat16", rtol=2e-2, atol=0.1 * scale, name=f"replayed {name}")
     _, state1 = reference.causal_conv1d_update(data["xd"], state0, weight, bias, "silu")
     ref_dec, state2 = reference.causal_conv1d_update(data["xd"], state1, weight, bias, "silu")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import TOL, assert_close, f64, randn
+from helpers import DTYPES, TOL, assert_close, f64, randn
 
 import ssmcore
 from ssmcore import reference
@@ -34,7 +34,11 @@ def make_inputs(rng, heads, batch, n_state, x_dtype, state_dtype, *, pool_extra=
     """Keyword arguments (NumPy) of selective_state_update; x, dt and z are strided views."""
     channels = (4, 6) if heads else (8,)
     state = randn(rng, (batch + pool_extra,) + channels + (n_state,), state_dtype)
-    wide = lambda dtype, scale=1.0: randn(rng, (batch,) + channels[:-1] + (2 * channels[-1],), dtype, scale)[..., 1::2]
+    def wide(dtype, scale=1.0, positive=False):  # a strided view: every other entry of a wider array
+        a = rng.standard_normal((batch,) + channels[:-1] + (2 * channels[-1],)) * scale
+        return (np.abs(a) + 0.05 if positive else a).astype(DTYPES[dtype])[..., 1::2]
+
+
     if heads:
         if scalar_A:
             A = np.broadcast_to((-np.exp(randn(rng, (channels[0], 1, 1), "float32"))), channels + (n_state,))
@@ -47,7 +51,7 @@ def make_inputs(rng, heads, batch, n_state, x_dtype, state_dtype, *, pool_extra=
     return dict(
         state=state,
         x=wide(x_dtype),
-        dt=wide(x_dtype, 0.5),
+        dt=wide(x_dtype, 0.5, positive=True),  # a time step (also without softplus)
         A=A,
         B=B,
         C=randn(rng, (batch, groups, n_state), x_dtype),
