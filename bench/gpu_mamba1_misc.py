@@ -147,6 +147,14 @@ def bench_conv(quick: bool):
     report(f"causal_conv1d fwd silu B{batch} D{channels} L{length} W{width}", io,
            lambda: ssmcore.causal_conv1d(x, weight, bias, "silu"),
            (lambda: peer.causal_conv1d_fn(tx, tw, tb, activation="silu")) if peer else None)
+    conv_backend = importlib.import_module("ssmcore.backends.cupy.conv")
+    default_positions = conv_backend.fwd_positions
+    for positions in (8, 16):
+        if positions != default_positions:
+            conv_backend.fwd_positions = positions
+            report(f"  variant: {positions} positions per thread", io,
+                   lambda: ssmcore.causal_conv1d(x, weight, bias, "silu"))
+    conv_backend.fwd_positions = default_positions
     xl = randn((batch, length, channels), BF16).transpose(0, 2, 1)
     txl = torch_view(xl)
     report("  same, channel-last x", io, lambda: ssmcore.causal_conv1d(xl, weight, bias, "silu"),
@@ -210,6 +218,12 @@ def bench_norms(quick: bool):
            lambda: ssmcore.rms_norm(x, weight, None, residual, 1e-5, True, True),
            (lambda: ln.rms_norm_fn(tx, tw, None, residual=tres, prenorm=True, residual_in_fp32=True, eps=1e-5))
            if ln else None)
+    norm_backend = importlib.import_module("ssmcore.backends.cupy.norm")
+    default_threads = norm_backend._MAX_ROW_THREADS
+    norm_backend._MAX_ROW_THREADS = 256  # 2560 channels: 2 chunks x 160 threads instead of 1 x 320
+    report("  variant: 2 register chunks per thread", x.size * (2 + 4 + 2 + 4),
+           lambda: ssmcore.rms_norm(x, weight, None, residual, 1e-5, True, True))
+    norm_backend._MAX_ROW_THREADS = default_threads
     res16 = randn((rows, width), BF16)
     tres16 = torch_view(res16)
     report("  same, bf16 residual in/out", x.size * 2 * 4,

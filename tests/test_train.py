@@ -58,7 +58,7 @@ def make_args(corpus, out, steps, **overrides):
     parser = argparse.ArgumentParser()
     train_mod.add_arguments(parser)
     argv = ["--corpus", str(corpus), "--config", "tiny", "--steps", str(steps), "--device", "cpu",
-            "--out", str(out), "--quiet", "--eval-every", "10", "--eval-windows", "4"]
+            "--out", str(out), "--quiet", "--eval-every", "10", "--eval-windows", "4", "--warmup", "3"]
     for key, value in overrides.items():
         flag = "--" + key.replace("_", "-")
         argv += [flag] if value is True else [flag, str(value)]
@@ -165,10 +165,10 @@ def test_write_png_round_trip(tmp_path):
 
 def test_train_loss_drops_checkpoint_reloads_identically(mini, corpus, tmp_path):
     out = tmp_path / "run"
-    model = train_mod.train(make_args(corpus, out, steps=40))
+    model = train_mod.train(make_args(corpus, out, steps=25))
     state = train_mod.load_training_state(out)
     losses = [v for _, v in state["history"]["train"]]
-    assert len(losses) == 40 and state["step"] == 40
+    assert len(losses) == 25 and state["step"] == 25
     assert sum(losses[-5:]) / 5 < sum(losses[:3]) / 3 - 1.0, losses
     assert state["history"]["val"][-1][1] < losses[0] - 1.0
 
@@ -196,7 +196,7 @@ def test_train_loss_drops_checkpoint_reloads_identically(mini, corpus, tmp_path)
 
 
 def test_resume_continues_at_the_right_step_and_matches_an_uninterrupted_run(mini, corpus, tmp_path, monkeypatch):
-    straight = train_mod.train(make_args(corpus, tmp_path / "straight", steps=20, save_every=10))
+    straight = train_mod.train(make_args(corpus, tmp_path / "straight", steps=8, save_every=4))
 
     class Interrupted(Exception):
         pass
@@ -209,14 +209,14 @@ def test_resume_continues_at_the_right_step_and_matches_an_uninterrupted_run(min
 
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_crash)
     with pytest.raises(Interrupted):
-        train_mod.train(make_args(corpus, tmp_path / "resumed", steps=20, save_every=10))
+        train_mod.train(make_args(corpus, tmp_path / "resumed", steps=8, save_every=4))
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    assert train_mod.load_training_state(tmp_path / "resumed")["step"] == 10
+    assert train_mod.load_training_state(tmp_path / "resumed")["step"] == 4
 
-    resumed = train_mod.train(make_args(corpus, tmp_path / "resumed", steps=20, save_every=10, resume=True))
+    resumed = train_mod.train(make_args(corpus, tmp_path / "resumed", steps=8, save_every=4, resume=True))
     state = train_mod.load_training_state(tmp_path / "resumed")
-    assert state["step"] == 20
-    assert [s for s, _ in state["history"]["train"]] == list(range(1, 21))
+    assert state["step"] == 8
+    assert [s for s, _ in state["history"]["train"]] == list(range(1, 9))
     reference = train_mod.load_training_state(tmp_path / "straight")
     assert state["history"]["train"] == reference["history"]["train"]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):

@@ -142,12 +142,14 @@ class _TextStream:
     """A generate() streamer writing the decoded text of row 0 as it grows.
 
     Decodes the whole output each time and writes the new suffix, holding back a trailing
-    U+FFFD (a multi-byte character cut in the middle) until its last byte arrives. Records when
+    U+FFFD (a multi-byte character cut in the middle) until its last byte arrives, and leaves
+    the end-of-text token out. Records when
     the first generated token arrived, which is the end of the prefill.
     """
 
-    def __init__(self, tokenizer, out, echo_prompt=True):
+    def __init__(self, tokenizer, out, eos_token_id=None, echo_prompt=True):
         self.tokenizer = tokenizer
+        self.eos_token_id = eos_token_id
         self.out = out
         self.echo_prompt = echo_prompt
         self.prompt = None
@@ -164,7 +166,7 @@ class _TextStream:
             return
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
-        self.ids.extend(row)
+        self.ids.extend(t for t in row if t != self.eos_token_id)
         self._flush(final=False)
 
     def end(self):
@@ -243,13 +245,14 @@ def _run_generate(args) -> int:
     prompt_ids = _encode(tokenizer, args.prompt)
     input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    stream = _TextStream(tokenizer, sys.stdout)
+    eos_token_id = getattr(tokenizer, "eos_token_id", None)
+    stream = _TextStream(tokenizer, sys.stdout, eos_token_id)
     start = time.perf_counter()
     try:
         sequences = generate(
             model, input_ids, input_ids.shape[1] + args.max_new_tokens, top_k=args.top_k, top_p=args.top_p,
             min_p=args.min_p, temperature=args.temperature, repetition_penalty=args.repetition_penalty,
-            eos_token_id=getattr(tokenizer, "eos_token_id", None), vocab_size=model.config.vocab_size, cg=args.cg,
+            eos_token_id=eos_token_id, vocab_size=model.config.vocab_size, cg=args.cg,
             streamer=stream, generator=generator)
     except (ValueError, TypeError) as err:
         raise CliError(str(err)) from err
