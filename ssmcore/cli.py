@@ -3,6 +3,11 @@
     ssmcore info                 versions, backends and devices seen
     ssmcore bench-cpu            selective_scan on the CPU vs a PyTorch loop over L, and kernel cache latency
     ssmcore check-kernels        compile every GPU kernel instantiation with NVRTC (no GPU needed)
+    ssmcore generate             generate text (the shipped model unless --model is given)
+    ssmcore bench-generate       prompt-processing and decoding speed of a model
+    ssmcore train                train a byte-level Mamba language model
+
+The torch commands parse their own arguments, so ``ssmcore --help`` never imports torch.
 """
 
 from __future__ import annotations
@@ -51,6 +56,24 @@ def cmd_check_kernels(args) -> int:
     return _check.main(args.rest)
 
 
+# command -> (module, function adding its arguments, function running it)
+_TORCH_COMMANDS = {
+    "generate": ("ssmcore.adapters.torch.cli_generate", "add_arguments_generate", "run_generate",
+                 "generate text, streamed as it is produced"),
+    "bench-generate": ("ssmcore.adapters.torch.cli_generate", "add_arguments_bench", "run_bench",
+                       "prompt-processing and decoding latency and tokens/s"),
+    "train": ("ssmcore.adapters.torch.train", "add_arguments", "run", "train a byte-level Mamba language model"),
+}
+
+
+def _run_torch_command(args) -> int:
+    module_name, add_name, run_name, help_text = _TORCH_COMMANDS[args.command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"ssmcore {args.command}", description=help_text)
+    getattr(module, add_name)(parser)
+    return getattr(module, run_name)(parser.parse_args(args.rest))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ssmcore", description="Selective state space models: kernels and tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,11 +90,19 @@ def main(argv=None) -> int:
     bench.add_argument("--no-cache-test", action="store_true", help="skip the first-call vs cached-call test")
     bench.set_defaults(func=cmd_bench_cpu)
 
-    check = sub.add_parser("check-kernels", help="compile every GPU kernel with NVRTC", add_help=False)
-    check.add_argument("rest", nargs=argparse.REMAINDER)
-    check.set_defaults(func=cmd_check_kernels)
+    # Commands that parse their own arguments get everything after their name (see below).
+    sub.add_parser("check-kernels", help="compile every GPU kernel with NVRTC", add_help=False).set_defaults(
+        func=cmd_check_kernels, own_arguments=True)
 
-    args = parser.parse_args(argv)
+    for command, (_, _, _, help_text) in _TORCH_COMMANDS.items():
+        sub.add_parser(command, help=help_text, add_help=False).set_defaults(
+            func=_run_torch_command, own_arguments=True)
+
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "own_arguments", False):
+        args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args)
 
 

@@ -308,10 +308,10 @@ class _Canvas:
             x += 4 * scale
 
 
-def _plot_builtin(path, train: list, val: list) -> None:
+def _plot_builtin(path, train_points: list, val_points: list) -> None:
     width, height, left, right, top, bottom = 640, 400, 60, 20, 20, 40
     canvas = _Canvas(width, height)
-    points = train + val
+    points = train_points + val_points
     x_max = max(s for s, _ in points) or 1
     y_lo, y_hi = min(v for _, v in points), max(v for _, v in points)
     if y_hi - y_lo < 1e-9:
@@ -331,10 +331,10 @@ def _plot_builtin(path, train: list, val: list) -> None:
     canvas.text(width - right - 8 * len(str(x_max)), height - bottom + 8, str(x_max))
     canvas.text(left, height - bottom + 8, "0")
     canvas.text(width // 2 - 16, height - bottom + 22, "step")
-    for series, color in ((train, blue), (val, red)):
+    for series, color in ((train_points, blue), (val_points, red)):
         for (s0, v0), (s1, v1) in zip(series, series[1:]):
             canvas.line(*px(s0, v0), *px(s1, v1), color)
-        for s, v in series if series is val else ():
+        for s, v in series if series is val_points else ():
             x, y = px(s, v)
             for d in range(-2, 3):
                 canvas.line(x - 2, y + d, x + 2, y + d, color)
@@ -346,13 +346,13 @@ def _plot_builtin(path, train: list, val: list) -> None:
     write_png(path, canvas.pixels, width, height)
 
 
-def plot_losses(path, train: list, val: list) -> None:
+def plot_losses(path, train_points: list, val_points: list) -> None:
     """Write the loss curve (train loss per step, validation loss points) as a PNG file.
 
-    train, val: lists of (step, loss). Uses matplotlib when it is installed, else the
+    train_points, val_points: lists of (step, loss). Uses matplotlib when it is installed, else the
     built-in writer (axes, value labels and the two curves; no dependency beyond zlib).
     """
-    if not train and not val:
+    if not train_points and not val_points:
         return
     try:
         import matplotlib
@@ -360,13 +360,13 @@ def plot_losses(path, train: list, val: list) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        _plot_builtin(path, train, val)
+        _plot_builtin(path, train_points, val_points)
         return
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    if train:
-        ax.plot(*zip(*train), color="C0", lw=0.8, label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", color="C3", label="validation loss")
+    if train_points:
+        ax.plot(*zip(*train_points), color="C0", lw=0.8, label="train loss")
+    if val_points:
+        ax.plot(*zip(*val_points), "o-", color="C3", label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / byte)")
     ax.grid(alpha=0.3)
@@ -396,7 +396,10 @@ def save_model(model: MambaLMHeadModel, out: Path, dtype: str) -> None:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every random-number state, as types ``torch.load(weights_only=True)`` reads back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -405,7 +408,8 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -431,8 +435,7 @@ def load_training_state(out: Path) -> dict:
     path = out / STATE_NAME
     if not path.is_file():
         raise FileNotFoundError(f"resume: {path} does not exist; train without --resume first")
-    # The state holds Python's random state (tuples) and plain settings: trusted, our own file.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values: runs no code
 
 
 # ---------------------------------------------------------------------------------- command line
@@ -457,7 +460,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     parser.add_argument("--seed", type=int, default=None, help="seed of initialisation and batches (default: 0)")
     parser.add_argument("--resume", action="store_true",
-                        help=f"continue from {STATE_NAME} in --out (its settings apply unless given again)")
+                        help=f"continue from {STATE_NAME} in --out (its settings apply unless given again; the "
+                             "learning-rate schedule follows this run's --steps)")
     parser.add_argument("--save-every", type=int, default=500, help="save every N steps (0: only at the end)")
     parser.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps (0: at the end)")
     parser.add_argument("--eval-windows", type=int, default=64, help="validation sequences per evaluation")
@@ -656,7 +660,12 @@ def run(args) -> int:
     return 0
 
 
+__all__ = ["CONFIGS", "add_arguments", "load_corpus", "lr_at", "model_config", "plot_losses", "run", "sample",
+           "train", "write_png"]
+
+
 def main(argv=None) -> int:
+    """``python -m ssmcore.adapters.torch.train ...``: the same as ``ssmcore train ...``."""
     parser = argparse.ArgumentParser(prog="ssmcore train", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
@@ -664,7 +673,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-__all__ = ["CONFIGS", "add_arguments", "load_corpus", "lr_at", "model_config", "plot_losses", "run", "sample",
-           "train", "write_png"]

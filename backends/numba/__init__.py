@@ -11,7 +11,10 @@ op compiles (or loads from the cache) only that family's kernels.
 
 from __future__ import annotations
 
+import functools
 import importlib
+
+from ssmcore.backends.numba._common import one_thread_if_small
 
 _OPS = {
     "selective_scan": "scan",
@@ -33,9 +36,25 @@ _OPS = {
 __all__ = sorted(_OPS)
 
 
+def _serial_when_small(op):
+    """Run ``op`` on one thread when its largest array is small.
+
+    Waking the worker threads of a parallel region costs tens of microseconds on an idle machine
+    and milliseconds on a busy one, more than a decode step's whole work; one thread avoids it.
+    """
+
+    @functools.wraps(op)
+    def run(*args, **kwargs):
+        sizes = [a.size for a in (*args, *kwargs.values()) if hasattr(a, "size") and hasattr(a, "dtype")]
+        with one_thread_if_small(max(sizes, default=0)):
+            return op(*args, **kwargs)
+
+    return run
+
+
 def __getattr__(name):
     if name in _OPS:
-        value = getattr(importlib.import_module(f"{__name__}.{_OPS[name]}"), name)
+        value = _serial_when_small(getattr(importlib.import_module(f"{__name__}.{_OPS[name]}"), name))
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,13 @@ caller memory unless an op is documented as in-place.
 
 from __future__ import annotations
 
+import contextlib
+
+import numba
 import numpy as np
+
+# Below this many elements in the largest array of a call, kernels run on one thread.
+PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
 def compute_dtype(*activations) -> np.dtype:
@@ -61,3 +67,17 @@ def write_back(pool, work, touched):
     """Store the rows pool_rows copied back into the caller's pool, in its dtype."""
     if touched is not None:
         pool[touched] = work.astype(pool.dtype)
+
+
+@contextlib.contextmanager
+def one_thread_if_small(elements: int):
+    """Limit Numba to one thread for the duration of a small call (restores the caller's setting)."""
+    if elements >= PARALLEL_MIN_ELEMENTS:
+        yield
+        return
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
