@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 
@@ -67,6 +68,9 @@ _TORCH_COMMANDS = {
 
 
 def _run_torch_command(args) -> int:
+    # Idle OpenMP threads of torch spin by default, costing CPU that decode steps need; this only
+    # takes effect if set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     module_name, add_name, run_name, help_text = _TORCH_COMMANDS[args.command]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"ssmcore {args.command}", description=help_text)

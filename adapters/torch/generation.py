@@ -203,6 +203,14 @@ def _embedding_rows(model) -> Optional[int]:
     return embedding.num_embeddings if isinstance(embedding, torch.nn.Embedding) else None
 
 
+def _prompt_tokens(prompts: _Prompts, batch: int, vocab: int) -> Tensor:
+    """(B, V + 1) bool, True at each row's real prompt tokens; padding and ids >= V land in the
+    spare last column, which no logit reads."""
+    ids = prompts.input_ids if prompts.mask is None else prompts.input_ids.masked_fill(~prompts.mask, vocab)
+    seen = torch.zeros((batch, vocab + 1), dtype=torch.bool, device=ids.device)
+    return seen.scatter_(1, ids.clamp(max=vocab), True)
+
+
 # ---------------------------------------------------------------------------------- prefill
 
 
@@ -322,6 +330,20 @@ def _model_device(model) -> torch.device:
         raise ValueError("model: has no parameters to tell its device") from None
 
 
+def _check_sampling(top_k, top_p, min_p, temperature, repetition_penalty) -> tuple:
+    top_k = check_int("top_k", top_k, minimum=0)
+    top_p = check_finite_float("top_p", top_p)
+    min_p = check_finite_float("min_p", min_p)
+    temperature = check_finite_float("temperature", temperature)
+    repetition_penalty = check_finite_float("repetition_penalty", repetition_penalty, positive=True)
+    for name, value in (("top_p", top_p), ("min_p", min_p)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}: expected a number in [0, 1], got {value}")
+    if temperature < 0.0:
+        raise ValueError(f"temperature: expected a number >= 0, got {temperature}")
+    return top_k, top_p, min_p, temperature, repetition_penalty
+
+
 @torch.inference_mode()
 def generate(model, input_ids: Union[Tensor, Sequence], max_length: int, top_k: int = 1, top_p: float = 0.0,
              min_p: float = 0.0, temperature: float = 1.0, repetition_penalty: float = 1.0,
@@ -330,6 +352,10 @@ def generate(model, input_ids: Union[Tensor, Sequence], max_length: int, top_k: 
              output_scores: bool = False, return_dict_in_generate: bool = False, streamer=None,
              attention_mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None):
     """Generate up to ``max_length - L`` tokens after each prompt, greedily or by sampling.
+
+    Prompts of different lengths: rows are prefilled from their real tokens only, rows of equal
+    length together, so padding never enters a recurrent state or an attention cache, and greedy
+    tokens equal those of generating each prompt alone.
 
     Args:
         model: a language model with an inference cache (see the module docstring), in eval mode.
@@ -369,16 +395,8 @@ def generate(model, input_ids: Union[Tensor, Sequence], max_length: int, top_k: 
     """
     device = _model_device(model)
     max_length = check_int("max_length", max_length, minimum=1)
-    top_k = check_int("top_k", top_k, minimum=0)
-    top_p = check_finite_float("top_p", top_p)
-    min_p = check_finite_float("min_p", min_p)
-    temperature = check_finite_float("temperature", temperature)
-    repetition_penalty = check_finite_float("repetition_penalty", repetition_penalty, positive=True)
-    for name, value in (("top_p", top_p), ("min_p", min_p)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name}: expected a number in [0, 1], got {value}")
-    if temperature < 0.0:
-        raise ValueError(f"temperature: expected a number >= 0, got {temperature}")
+    top_k, top_p, min_p, temperature, repetition_penalty = _check_sampling(top_k, top_p, min_p, temperature,
+                                                                           repetition_penalty)
     if eos_token_id is not None:
         eos_token_id = check_int("eos_token_id", eos_token_id, minimum=0)
     if vocab_size is not None:
@@ -402,10 +420,11 @@ def generate(model, input_ids: Union[Tensor, Sequence], max_length: int, top_k: 
     if max_length < prompt_len:
         raise ValueError(f"max_length: must be at least the prompt length L={prompt_len}, got {max_length}")
     if teacher_outputs is not None:
-        if not isinstance(teacher_outputs, Tensor) or teacher_outputs.dim() != 2 \
-                or teacher_outputs.shape[0] != batch or teacher_outputs.is_floating_point():
-            raise ValueError(f"teacher_outputs: expected a ({batch}, T) integer tensor, got "
-                             f"{tuple(teacher_outputs.shape) if isinstance(teacher_outputs, Tensor) else teacher_outputs!r}")
+        if not isinstance(teacher_outputs, Tensor):
+            raise TypeError(f"teacher_outputs: expected a tensor or None, got {type(teacher_outputs).__name__}")
+        if teacher_outputs.dim() != 2 or teacher_outputs.shape[0] != batch or teacher_outputs.is_floating_point():
+            raise ValueError(f"teacher_outputs: expected a ({batch}, T) integer tensor, got shape "
+                             f"{tuple(teacher_outputs.shape)} dtype {teacher_outputs.dtype}")
         teacher_outputs = teacher_outputs.to(device=device, dtype=torch.long)
     new_tokens = max_length - prompt_len
 
@@ -419,14 +438,7 @@ def generate(model, input_ids: Union[Tensor, Sequence], max_length: int, top_k: 
     else:
         params = InferenceParams(max_seqlen=max_length, max_batch_size=batch,
                                  key_value_memory_dict=_new_cache(model, batch, max_length))
-    seen = None
-    if repetition_penalty != 1.0:
-        # (B, V + 1) so that padding can be sent to the spare last column.
-        width = (vocab_size if vocab_size is not None else embedding_rows or int(real_ids.max()) + 1) + 1
-        seen = torch.zeros((batch, width), dtype=torch.bool, device=device)
-        prompt_ids = prompts.input_ids if prompts.mask is None else prompts.input_ids.masked_fill(~prompts.mask,
-                                                                                               width - 1)
-        seen.scatter_(1, prompt_ids.clamp(max=width - 1), True)
+    seen = None  # (B, V + 1) bool: tokens already in each row, for the repetition penalty
     finished = torch.zeros(batch, dtype=torch.bool, device=device) if eos_token_id is not None else None
 
     lengths = torch.tensor(prompts.lengths, dtype=torch.int32, device=device)
@@ -438,10 +450,12 @@ def generate(model, input_ids: Union[Tensor, Sequence], max_length: int, top_k: 
     token = None
     for t in range(new_tokens):
         if t == 0:
+            # Prefill without per-row lengths and decode with them, graph or not, so that eager and
+            # graph decoding run the same attention path and agree token for token.
+            graph_lengths, params.lengths_per_sample = params.lengths_per_sample, None
             logits = _prefill(model, prompts, params)
             params.seqlen_offset = max(prompts.lengths)
-            if prompts.mask is not None or graph is not None:
-                params.lengths_per_sample = lengths if graph is None else params.lengths_per_sample.copy_(lengths)
+            params.lengths_per_sample = lengths if graph is None else graph_lengths.copy_(lengths)
         else:
             logits = graph.step(token) if graph is not None else _last_logits(model, token[:, None], params)
             params.seqlen_offset += 1
@@ -451,12 +465,14 @@ def generate(model, input_ids: Union[Tensor, Sequence], max_length: int, top_k: 
             logits = logits[:, :vocab_size]
         if output_scores:
             scores.append(logits.clone())
+        if repetition_penalty != 1.0 and seen is None:
+            seen = _prompt_tokens(prompts, batch, logits.shape[-1])
         position = prompt_len + t
         if teacher_outputs is not None and position < teacher_outputs.shape[1]:
             token = teacher_outputs[:, position]
         else:
             if seen is not None:
-                logits = apply_repetition_penalty(logits, seen[:, :logits.shape[-1]], repetition_penalty)
+                logits = apply_repetition_penalty(logits, seen[:, :-1], repetition_penalty)
             token = sample(logits, top_k, top_p, min_p, temperature, generator)
         if finished is not None:
             token = token.masked_fill(finished, eos_token_id)
