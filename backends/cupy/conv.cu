@@ -107,16 +107,18 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_fwd(
     const int* __restrict__ seq_idx, const void* __restrict__ init, int init_f32, T* __restrict__ out,
     void* __restrict__ final_states, int final_f32, int D, i64 L, int width, i64 nchunks, int silu, int vec) {
   static_assert(E % 8 == 0, "E is a whole number of 8-element chunks");
-  const i64 row = blockIdx.x / nchunks;
-  const i64 s0 = (blockIdx.x % nchunks) * (CONV_THREADS * E) + threadIdx.x * E;
-  const int b = (int)(row / D);
+  // 32-bit index division (the grid has < 2**31 blocks): 64-bit division is a slow subroutine.
+  const unsigned row32 = blockIdx.x / (unsigned)nchunks;
+  const i64 row = row32;
+  const i64 s0 = (i64)(blockIdx.x % (unsigned)nchunks) * (CONV_THREADS * E) + threadIdx.x * E;
+  const int b = (int)(row32 / (unsigned)D), d = (int)(row32 % (unsigned)D);
   const int wm1 = (W > 0 ? W : width) - 1;
   const Row<T> r{x + row * L, 1, init ? (init_f32 ? (const void*)((const float*)init + row * wm1)
                                                    : (const void*)((const T*)init + row * wm1))
                                       : nullptr,
                  init_f32, seq_idx ? seq_idx + (i64)b * L : nullptr, wm1};
-  const float bias_d = bias ? bias[row % D] : 0.f;
-  const float* w = weight + (row % D) * (wm1 + 1);
+  const float bias_d = bias ? bias[d] : 0.f;
+  const float* w = weight + (i64)d * (wm1 + 1);
   const int lane = threadIdx.x % SSM_WARP_SIZE;
 
   float v[E], o[E];
@@ -301,10 +303,11 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_bwd_dpre(
     const float* __restrict__ bias, const int* __restrict__ seq_idx, const void* __restrict__ init, int init_f32,
     float* __restrict__ dpre, float* __restrict__ part, int D, i64 L, int width, i64 nchunks, int silu, int vec) {
   __shared__ float red[65][CONV_THREADS / 32 + 1];
-  const i64 row = blockIdx.x / nchunks;
-  const i64 chunk = blockIdx.x % nchunks;
+  const unsigned row32 = blockIdx.x / (unsigned)nchunks;  // 32-bit division, as in conv_fwd
+  const i64 row = row32;
+  const i64 chunk = blockIdx.x % (unsigned)nchunks;
   const i64 s0 = chunk * CONV_CHUNK + threadIdx.x * 8;
-  const int b = (int)(row / D), d = (int)(row % D);
+  const int b = (int)(row32 / (unsigned)D), d = (int)(row32 % (unsigned)D);
   const int wm1 = (W > 0 ? W : width) - 1;
   const Row<T> r{x + row * L, 1, init ? (init_f32 ? (const void*)((const float*)init + row * wm1)
                                                    : (const void*)((const T*)init + row * wm1))
@@ -412,9 +415,10 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_bwd_dx(
     const float* __restrict__ dpre, const float* __restrict__ weight, const int* __restrict__ seq_idx,
     const void* __restrict__ dfinal, int dfinal_f32, T* __restrict__ dx, void* __restrict__ dinit, int dinit_f32,
     int D, i64 L, int width, i64 nchunks, int vec) {
-  const i64 row = blockIdx.x / nchunks;
-  const i64 s0 = (blockIdx.x % nchunks) * CONV_CHUNK + threadIdx.x * 8;
-  const int b = (int)(row / D), d = (int)(row % D);
+  const unsigned row32 = blockIdx.x / (unsigned)nchunks;  // 32-bit division, as in conv_fwd
+  const i64 row = row32;
+  const i64 s0 = (i64)(blockIdx.x % (unsigned)nchunks) * CONV_CHUNK + threadIdx.x * 8;
+  const int b = (int)(row32 / (unsigned)D), d = (int)(row32 % (unsigned)D);
   const int wm1 = (W > 0 ? W : width) - 1;
   const float* dp = dpre + row * L;
   const int* seq = seq_idx ? seq_idx + (i64)b * L : nullptr;
@@ -502,11 +506,11 @@ __global__ void __launch_bounds__(128) conv_update(
     const TX* __restrict__ x, TS* __restrict__ state, i64 st_b, i64 st_d, i64 st_t, const float* __restrict__ weight,
     const float* __restrict__ bias, const int* __restrict__ cache_seqlens, const int* __restrict__ state_indices,
     TX* __restrict__ out, int B, int D, int n_new, int width, int state_len, int silu) {
-  const i64 rowid = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-  if (rowid >= (i64)B * D) return;
-  const int b = (int)(rowid / D), d = (int)(rowid % D);
-  const TX* xr = x + rowid * n_new;
-  TX* orow = out + rowid * n_new;
+  const unsigned rowid = blockIdx.x * blockDim.x + threadIdx.x;  // B * D < 2**31
+  if (rowid >= (unsigned)B * (unsigned)D) return;
+  const int b = (int)(rowid / (unsigned)D), d = (int)(rowid % (unsigned)D);
+  const TX* xr = x + (i64)rowid * n_new;
+  TX* orow = out + (i64)rowid * n_new;
   const i64 slot = state_indices ? state_indices[b] : b;
   if (slot < 0) {
     for (int j = 0; j < n_new; ++j) store_f(orow + j, 0.f);

@@ -50,11 +50,6 @@ def _param(a):
     return _arrays.contiguous(a, cupy.float32)
 
 
-def _same_or_f32(a, like):
-    """(contiguous array in like's dtype or float32, is_f32), converting other dtypes to float32."""
-    return _arrays.row_stream(a, like.dtype)
-
-
 def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_states=None,
                   return_final_states=False):
     _arrays.check_kernel_dtypes(x=x, weight=weight, bias=bias, initial_states=initial_states)
@@ -63,7 +58,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
     width = weight.shape[1]
     channel_last = _channel_last(x)
     w, b, seq = _param(weight), _param(bias), _int32(seq_idx)
-    init, init_f32 = _same_or_f32(initial_states, x)
+    init, init_f32 = _arrays.row_stream(initial_states, x.dtype)
     final_dtype = (initial_states if initial_states is not None else x).dtype
     final = cupy.empty((n_batch, n_chan, width - 1), final_dtype) if return_final_states else None
     final_arg = final if final is not None and width > 1 else None
@@ -110,10 +105,10 @@ def causal_conv1d_bwd(dout, x, weight, bias=None, activation=None, seq_idx=None,
     wa = _width_arg(width)
     channel_last = _channel_last(x)
     xs = cupy.ascontiguousarray(x)
-    g, g_f32 = _same_or_f32(dout, x)
+    g, g_f32 = _arrays.row_stream(dout, x.dtype)
     w, b, seq = _param(weight), _param(bias), _int32(seq_idx)
-    init, init_f32 = _same_or_f32(initial_states, x)
-    dfinal, dfinal_f32 = _same_or_f32(dfinal_states, x) if width > 1 else (None, 0)
+    init, init_f32 = _arrays.row_stream(initial_states, x.dtype)
+    dfinal, dfinal_f32 = _arrays.row_stream(dfinal_states, x.dtype) if width > 1 else (None, 0)
     dx = cupy.empty(x.shape, x.dtype)
     dinit = None if initial_states is None else cupy.empty(initial_states.shape, init.dtype)
     nchunks = cdiv(length, _CHUNK)

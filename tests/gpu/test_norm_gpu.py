@@ -142,6 +142,23 @@ def test_backward(rng, kind, dtype, width):
         assert_grads(got, want, ("dx", "dweight", "dbias", "dresidual"), dtypes, dtype)
 
 
+def test_mixed_dtypes(rng):
+    """A residual, dy or z whose dtype is neither x's nor float32 takes the converting path."""
+    x, residual = randn(rng, (5, 96), "bfloat16"), randn(rng, (5, 96), "float16")
+    weight, dy = randn(rng, 96, "bfloat16"), randn(rng, (5, 96), "float16")
+    y, s = ssmcore.layer_norm(gpu(x), gpu(weight), None, gpu(residual), prenorm=True)
+    assert s.dtype == np.float16
+    assert_close(host(y), reference.layer_norm(x, weight, None, residual), "bfloat16", name="y")
+    assert_close(host(s), f64(x) + f64(residual), "float16", name="s")
+    got = ssmcore.layer_norm_bwd(gpu(dy), gpu(x), gpu(weight), None, gpu(residual))
+    want = norm_grads("layer_norm", dy, x, weight, None, residual)
+    assert_grads(got, want, ("dx", "dweight", "dbias", "dresidual"), (x.dtype, weight.dtype, None, residual.dtype),
+                 "bfloat16")
+    got = ssmcore.gated_rms_norm_bwd(gpu(dy), gpu(x), gpu(weight), gpu(dy), group_size=32)
+    want = gated_grads(dy, x, weight, dy, group_size=32)
+    assert_grads(got, want, ("dx", "dweight", "dz"), (x.dtype, weight.dtype, dy.dtype), "bfloat16")
+
+
 def test_leading_dims_and_strides(rng):
     """(..., D) inputs of any strides, including zero rows."""
     x = randn(rng, (3, 5, 2 * 96), "bfloat16")[:, :, ::2]  # non-contiguous
