@@ -186,11 +186,13 @@ class _TextStream:
         self.out.flush()
 
 
-def _add_sampling(parser, names):
+def _add_sampling(parser, names, temperature=1.0, top_k_default=1):
     """The sampling options, under the spellings each command uses (generate: --top-k; bench: --topk)."""
     top_k, top_p, min_p = names
-    parser.add_argument("--temperature", type=float, default=1.0, help="logits / temperature (0: greedy)")
-    parser.add_argument(top_k, type=int, default=1, help="1: greedy; 0: sample the whole vocabulary; k: the k best")
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help=f"logits / temperature (0: greedy; default {temperature})")
+    parser.add_argument(top_k, type=int, default=top_k_default,
+                        help=f"1: greedy; 0: sample the whole vocabulary; k: the k best (default {top_k_default})")
     parser.add_argument(top_p, type=float, default=0.0, help="nucleus threshold in [0, 1] (0 or 1: off)")
     parser.add_argument(min_p, type=float, default=0.0,
                         help="keep tokens with probability >= min_p * the top probability (0: off)")
@@ -212,7 +214,8 @@ def add_arguments_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                         help="model dtype (default: float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
-    _add_sampling(parser, ("--top-k", "--top-p", "--min-p"))
+    # Sampling by default (seeded, so runs repeat): greedy decoding of a small model loops.
+    _add_sampling(parser, ("--top-k", "--top-p", "--min-p"), temperature=0.7, top_k_default=40)
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     parser.add_argument("--cg", action="store_true", help="decode with a CUDA graph (cuda only)")
 
