@@ -13,9 +13,10 @@
 //   previous warp's load brought them into L1/L2); weights and bias sit in registers.
 //   Traffic: x read once, out written once (the floor for this op); no shared memory.
 // - conv_fwd_cl (x channel-last, stored (B, L, D)): a thread owns 8 consecutive channels
-//   (16-byte accesses, coalesced across the warp) for a segment of 32 time steps, sliding a
-//   window of the last W-1 input vectors in registers; block (32, 4) = 256 channels x 128 steps.
-//   Traffic: x once (+ W-1 history rows per segment from L2), out once.
+//   (16-byte accesses, coalesced across the warp) for a segment of 8 time steps; it issues the
+//   loads of all W-1 + 8 input rows it needs before the first use, then writes 8 output rows;
+//   block (32, 4) = 256 channels x 32 steps. Traffic: x once (+ W-1 history rows per segment,
+//   mostly L2 hits), out once.
 // - Generic widths (W = 0 template argument: any W <= 64 at run time) read their taps from
 //   global memory (L1 hits) instead of registers.
 // - Backward (contiguous; channel-last inputs are made contiguous by the launcher):
@@ -32,7 +33,7 @@
 
 #define CONV_THREADS 128
 #define CONV_CHUNK (CONV_THREADS * 8)
-#define CONV_CL_STEPS 32
+#define CONV_CL_STEPS 8
 
 namespace {
 
@@ -60,11 +61,6 @@ __device__ __forceinline__ void load_ids8(const int* p, i64 i, i64 n, bool vec, 
 #pragma unroll
     for (int k = 0; k < 8; ++k) s[k] = (i + k < n) ? p[i + k] : -1;
   }
-}
-
-__device__ __forceinline__ float silu_grad(float v) {
-  const float sig = sigmoid_f(v);
-  return sig * (1.f + v * (1.f - sig));
 }
 
 // One (b, d) row: its inputs (initial states before t = 0) and sequence ids (the id of t = 0
@@ -136,33 +132,50 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_fwd(
     }
   }
   if constexpr (W > 0) {
-    // Window: W-1 inputs before s0, then the thread's E.
+    // Window: W-1 inputs before s0, then the thread's E. Lane 0 reads its W-1 from global
+    // memory (issued here, alongside the loads above); the other lanes take them from the
+    // previous lane by shuffle once the loads land.
     float win[W - 1 + E];
     int ids[W - 1 + E];
     float wk[W];
 #pragma unroll
     for (int k = 0; k < W; ++k) wk[k] = w[k];
+    const bool fetch = lane == 0 && s0 < L;  // the previous lane is in the previous warp
 #pragma unroll
     for (int j = 0; j < W - 1; ++j) {
-      win[j] = SSM_SHFL_UP(v[E - (W - 1) + j], 1);
-      ids[j] = r.seq ? SSM_SHFL_UP(sid[E - (W - 1) + j], 1) : 0;
-      if (lane == 0 && s0 < L) {  // the previous lane is in the previous warp
-        win[j] = r.at(s0 - (W - 1) + j);
-        ids[j] = r.id(s0 - (W - 1) + j);
+      win[j] = fetch ? r.at(s0 - (W - 1) + j) : 0.f;
+      ids[j] = fetch ? r.id(s0 - (W - 1) + j) : 0;
+    }
+#pragma unroll
+    for (int j = 0; j < W - 1; ++j) {
+      const float up = SSM_SHFL_UP(v[E - (W - 1) + j], 1);
+      const int id_up = r.seq ? SSM_SHFL_UP(sid[E - (W - 1) + j], 1) : 0;
+      if (!fetch) {
+        win[j] = up;
+        ids[j] = id_up;
       }
     }
 #pragma unroll
-    for (int k = 0; k < E; ++k) {
-      win[W - 1 + k] = v[k];
-      ids[W - 1 + k] = r.seq ? sid[k] : 0;
-    }
+    for (int k = 0; k < E; ++k) win[W - 1 + k] = v[k];
+    if (r.seq) {
 #pragma unroll
-    for (int k = 0; k < E; ++k) {
-      float acc = bias_d;
+      for (int k = 0; k < E; ++k) ids[W - 1 + k] = sid[k];
 #pragma unroll
-      for (int j = 0; j < W; ++j) acc += (ids[k + j] == ids[k + W - 1]) ? wk[j] * win[k + j] : 0.f;
-      if (silu) acc = silu_f(acc);
-      o[k] = (r.seq && ids[k + W - 1] < 0) ? 0.f : acc;
+      for (int k = 0; k < E; ++k) {
+        float acc = bias_d;
+#pragma unroll
+        for (int j = 0; j < W; ++j) acc += (ids[k + j] == ids[k + W - 1]) ? wk[j] * win[k + j] : 0.f;
+        if (silu) acc = silu_fast(acc);
+        o[k] = ids[k + W - 1] < 0 ? 0.f : acc;
+      }
+    } else {  // no sequence ids: W fused multiply-adds per output
+#pragma unroll
+      for (int k = 0; k < E; ++k) {
+        float acc = bias_d;
+#pragma unroll
+        for (int j = 0; j < W; ++j) acc = fmaf(wk[j], win[k + j], acc);
+        o[k] = silu ? silu_fast(acc) : acc;
+      }
     }
   } else {
 #pragma unroll
@@ -176,7 +189,7 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_fwd(
           if (!r.seq || r.id(s) == id_t) acc += w[j] * r.at(s);
         }
         acc += w[wm1] * v[k];
-        if (silu) acc = silu_f(acc);
+        if (silu) acc = silu_fast(acc);
         if (r.seq && id_t < 0) acc = 0.f;
       }
       o[k] = acc;
@@ -198,20 +211,24 @@ __global__ void __launch_bounds__(128) conv_fwd_cl(
     const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
     const int* __restrict__ seq_idx, const void* __restrict__ init, int init_f32, T* __restrict__ out,
     void* __restrict__ final_states, int final_f32, int D, i64 L, int width, int silu, int vec) {
+  constexpr int S = CONV_CL_STEPS;
   const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
-  const i64 t0 = ((i64)blockIdx.y * blockDim.y + threadIdx.y) * CONV_CL_STEPS;
+  const i64 t0 = ((i64)blockIdx.y * blockDim.y + threadIdx.y) * S;
   const int b = blockIdx.z;
   if (c0 >= D || t0 >= L) return;
   const int wm1 = (W > 0 ? W : width) - 1;
   const int nc = D - c0 < 8 ? D - c0 : 8;
-  const i64 t_end = t0 + CONV_CL_STEPS < L ? t0 + CONV_CL_STEPS : L;
+  const i64 t_end = t0 + S < L ? t0 + S : L;
   const T* xb = x + (i64)b * L * D;
   T* ob = out + (i64)b * L * D;
   const int* seq = seq_idx ? seq_idx + (i64)b * L : nullptr;
   auto id = [&](i64 s) { return seq ? seq[s > 0 ? s : 0] : 0; };
-  // Inputs of channels c0..c0+7 at time s (initial states before 0).
+  // Inputs of channels c0..c0+7 at time s (initial states before 0, zeros past L).
   auto load_at = [&](i64 s, float (&v)[8]) {
-    if (s >= 0) {
+    if (s >= L) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = 0.f;
+    } else if (s >= 0) {
       load_chunk8(xb + s * D, c0, D, vec, v);
     } else {
 #pragma unroll
@@ -224,42 +241,32 @@ __global__ void __launch_bounds__(128) conv_fwd_cl(
   for (int i = 0; i < 8; ++i) bv[i] = (bias && i < nc) ? bias[c0 + i] : 0.f;
 
   if constexpr (W > 0) {
-    float wv[W][8], win[W > 1 ? W - 1 : 1][8];
-    int ids[W > 1 ? W - 1 : 1];
+    // The segment's W-1 + S input rows, all loads issued before the first use.
+    float v[W - 1 + S][8];
+#pragma unroll
+    for (int j = 0; j < W - 1 + S; ++j) load_at(t0 - (W - 1) + j, v[j]);
+    float wv[W][8];
 #pragma unroll
     for (int k = 0; k < W; ++k)
 #pragma unroll
       for (int i = 0; i < 8; ++i) wv[k][i] = i < nc ? weight[(i64)(c0 + i) * W + k] : 0.f;
+    int ids[W - 1 + S];
 #pragma unroll
-    for (int j = 0; j < W - 1; ++j) {
-      load_at(t0 - (W - 1) + j, win[j]);
-      ids[j] = id(t0 - (W - 1) + j);
-    }
-#pragma unroll 2
-    for (i64 t = t0; t < t_end; ++t) {
-      float cur[8], o[8];
-      load_chunk8(xb + t * D, c0, D, vec, cur);
-      const int id_t = id(t);
+    for (int j = 0; j < W - 1 + S; ++j) ids[j] = seq ? id(t0 - (W - 1) + j < L ? t0 - (W - 1) + j : L - 1) : 0;
+#pragma unroll
+    for (int st = 0; st < S; ++st) {
+      if (t0 + st >= t_end) break;
+      const int id_t = ids[st + W - 1];
+      float o[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        float acc = bv[i] + wv[W - 1][i] * cur[i];
+        float acc = bv[i];
 #pragma unroll
-        for (int j = 0; j < W - 1; ++j) acc += (ids[j] == id_t) ? wv[j][i] * win[j][i] : 0.f;
-        if (silu) acc = silu_f(acc);
+        for (int k = 0; k < W; ++k) acc += (!seq || ids[st + k] == id_t) ? wv[k][i] * v[st + k][i] : 0.f;
+        if (silu) acc = silu_fast(acc);
         o[i] = (seq && id_t < 0) ? 0.f : acc;
       }
-      store_chunk8(ob + t * D, c0, D, vec, o);
-#pragma unroll
-      for (int j = 0; j + 1 < W - 1; ++j) {
-        ids[j] = ids[j + 1];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) win[j][i] = win[j + 1][i];
-      }
-      if (W > 1) {
-        ids[W > 1 ? W - 2 : 0] = id_t;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) win[W > 1 ? W - 2 : 0][i] = cur[i];
-      }
+      store_chunk8(ob + (t0 + st) * D, c0, D, vec, o);
     }
   } else {
     for (i64 t = t0; t < t_end; ++t) {
@@ -277,7 +284,7 @@ __global__ void __launch_bounds__(128) conv_fwd_cl(
       }
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        if (silu) o[i] = silu_f(o[i]);
+        if (silu) o[i] = silu_fast(o[i]);
         if (seq && id_t < 0) o[i] = 0.f;
       }
       store_chunk8(ob + t * D, c0, D, vec, o);
@@ -353,7 +360,7 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_bwd_dpre(
 #pragma unroll
       for (int j = 0; j < W; ++j) pre += (ids[k + j] == ids[k + W - 1]) ? w[j] * win[k + j] : 0.f;
       float gk = (s0 + k < L && !(r.seq && ids[k + W - 1] < 0)) ? g[k] : 0.f;
-      if (silu) gk *= silu_grad(pre);
+      if (silu) gk *= silu_grad_f(pre);
       dp[k] = gk;
 #pragma unroll
       for (int j = 0; j < W; ++j) acc_w[j] += (ids[k + j] == ids[k + W - 1]) ? gk * win[k + j] : 0.f;
@@ -378,7 +385,7 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_bwd_dpre(
           if (!r.seq || r.id(s) == id_t[k]) pre += w[j] * r.at(s);
         }
         gk = (r.seq && id_t[k] < 0) ? 0.f : g[k];
-        if (silu) gk *= silu_grad(pre);
+        if (silu) gk *= silu_grad_f(pre);
       }
       dp[k] = gk;
     }

@@ -20,7 +20,7 @@ FAMILY = "conv"
 _TYPES = ("float", "half_t", "bf16_t")
 _WIDTHS = (0, 1, 2, 3, 4)  # 0 = any width up to 64, chosen at run time
 _CHUNK = 1024  # positions per block of the contiguous backward kernels (128 threads x 8)
-_CL_STEPS = 32  # time steps per thread of the channel-last kernel
+_CL_STEPS = 8  # time steps per thread of the channel-last kernel
 # Positions per thread of the contiguous forward for W <= 4 (8 or 16; generic widths use 8).
 fwd_positions = 16
 

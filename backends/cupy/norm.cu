@@ -51,11 +51,6 @@ __device__ __forceinline__ void* advance(void* p, int is_f32, i64 elements) {
   return is_f32 ? static_cast<void*>(static_cast<float*>(p) + elements) : static_cast<void*>(static_cast<TX*>(p) + elements);
 }
 
-__device__ __forceinline__ float dsilu_f(float z) {
-  const float sig = sigmoid_f(z);
-  return sig * (1.f + z * (1.f - sig));
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -393,7 +388,8 @@ __global__ void __launch_bounds__(512) gated_fwd(const TX* __restrict__ x, const
   const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
   const bool live = row < rows;
   const i64 base = live ? row * G : 0;
-  const float* wr = weight + (live ? (row % ngroups) * G : 0);
+  // 32-bit modulo (rows < 2**31, checked by the launcher): 64-bit division is a slow subroutine.
+  const float* wr = weight + (live ? (i64)((unsigned)row % (unsigned)ngroups) * G : 0);
   const int nchunks = (G + 7) / 8;
   const TX* xr = x + base;
   const void* zr = z ? advance<TX>(z, z_f32, base) : nullptr;
@@ -481,9 +477,9 @@ __global__ void __launch_bounds__(512) gated_bwd(const void* __restrict__ dy, in
   const i64 slots = (i64)gridDim.x * blockDim.y;
   const i64 slot = (i64)blockIdx.x * blockDim.y + threadIdx.y;
   const i64 D = (i64)G * ngroups;
-  const int group = (int)(slot % ngroups);
+  const int group = (int)((unsigned)slot % (unsigned)ngroups);  // 32-bit: slots < 2**31
   const float* wr = weight + (i64)group * G;
-  float* dwr = dw_part + (slot / ngroups) * D + (i64)group * G;
+  float* dwr = dw_part + (i64)((unsigned)slot / (unsigned)ngroups) * D + (i64)group * G;
   constexpr int NA = NV > 0 ? NV : 1;
   float dwacc[NA][8];
 #pragma unroll
@@ -508,7 +504,7 @@ __global__ void __launch_bounds__(512) gated_bwd(const void* __restrict__ dy, in
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
           gate[k] = silu_f(zv[k]);
-          dgate[k] = dsilu_f(zv[k]);
+          dgate[k] = silu_grad_f(zv[k]);
         }
       } else {
 #pragma unroll
@@ -520,47 +516,41 @@ __global__ void __launch_bounds__(512) gated_bwd(const void* __restrict__ dy, in
 #pragma unroll
       for (int k = 0; k < 8; ++k) v[k] = norm_before_gate ? xv[k] : xv[k] * gate[k];
     };
-    // dvhat of chunk c (vhat given); accumulates dweight; returns dy for dz.
-    auto grads = [&](int c, const float (&vhat)[8], const float (&gate)[8], float (&dvhat)[8], float (&dw)[8],
-                     float (&d)[8]) {
+    // Chunk c's share of sum(dvhat * vhat) (vhat given); adds its dweight terms to dw.
+    auto grads = [&](int c, const float (&vhat)[8], const float (&gate)[8], float (&dw)[8]) {
       const i64 i = (i64)c * 8;
-      float w[8];
+      float d[8], w[8];
+      load_chunk8_or_f32<TX>(dyr, dy_f32, i, G, vec, d);
+      load_chunk8(wr, i, G, vec, w);
+      float gx = 0.f;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float gk = norm_before_gate ? gate[k] : 1.f;
+        gx += d[k] * w[k] * gk * vhat[k];
+        dw[k] += d[k] * vhat[k] * gk;
+      }
+      return gx;
+    };
+    // dx and dz of chunk c; dvhat is recomputed from dy (an L1/L2 hit) rather than kept in registers.
+    auto store_grads = [&](int c, const float (&vhat)[8], float c1, float rstd) {
+      const i64 i = (i64)c * 8;
+      float v[8], xv[8], gate[8], dgate[8], d[8], w[8], o[8], oz[8];
+      load_v(c, v, xv, gate, dgate);
       load_chunk8_or_f32<TX>(dyr, dy_f32, i, G, vec, d);
       load_chunk8(wr, i, G, vec, w);
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
-        const float gk = norm_before_gate ? gate[k] : 1.f;
-        dvhat[k] = d[k] * w[k] * gk;
-        dw[k] += d[k] * vhat[k] * gk;
-      }
-    };
-    auto store_grads = [&](int c, const float (&vhat)[8], const float (&dvhat)[8], float c1, float rstd) {
-      const i64 i = (i64)c * 8;
-      float v[8], xv[8], gate[8], dgate[8], o[8];
-      load_v(c, v, xv, gate, dgate);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const float dv = (dvhat[k] - vhat[k] * c1) * rstd;
+        const float dvhat = d[k] * w[k] * (norm_before_gate ? gate[k] : 1.f);
+        const float dv = (dvhat - vhat[k] * c1) * rstd;
         o[k] = norm_before_gate ? dv : dv * gate[k];
+        oz[k] = norm_before_gate ? d[k] * vhat[k] * w[k] * dgate[k] : dv * xv[k] * dgate[k];
       }
       store_chunk8(dx + base, i, G, vec, o);
-      if (zr) {
-        if (norm_before_gate) {
-          float d[8], w[8];
-          load_chunk8_or_f32<TX>(dyr, dy_f32, i, G, vec, d);
-          load_chunk8(wr, i, G, vec, w);
-#pragma unroll
-          for (int k = 0; k < 8; ++k) o[k] = d[k] * vhat[k] * w[k] * dgate[k];
-        } else {
-#pragma unroll
-          for (int k = 0; k < 8; ++k) o[k] = (dvhat[k] - vhat[k] * c1) * rstd * xv[k] * dgate[k];
-        }
-        store_chunk8_or_f32<TX>(advance<TX>(dz, z_f32, base), z_f32, i, G, vec, o);
-      }
+      if (zr) store_chunk8_or_f32<TX>(advance<TX>(dz, z_f32, base), z_f32, i, G, vec, oz);
     };
 
     if constexpr (NV > 0) {
-      float vh[NV][8], dvh[NV][8];
+      float vh[NV][8];
       float sq = 0.f;
 #pragma unroll
       for (int j = 0; j < NV; ++j) {
@@ -583,11 +573,9 @@ __global__ void __launch_bounds__(512) gated_bwd(const void* __restrict__ dy, in
 #pragma unroll
         for (int k = 0; k < 8; ++k) vh[j][k] *= rstd;
         if (live && c < nchunks) {
-          float v[8], xv[8], gate[8], dgate[8], d[8];
+          float v[8], xv[8], gate[8], dgate[8];
           load_v(c, v, xv, gate, dgate);
-          grads(c, vh[j], gate, dvh[j], dwacc[j], d);
-#pragma unroll
-          for (int k = 0; k < 8; ++k) gx += dvh[j][k] * vh[j][k];
+          gx += grads(c, vh[j], gate, dwacc[j]);
         }
       }
       const float c1 = row_sum(gx, red) / G;
@@ -595,11 +583,11 @@ __global__ void __launch_bounds__(512) gated_bwd(const void* __restrict__ dy, in
 #pragma unroll
         for (int j = 0; j < NV; ++j) {
           const int c = threadIdx.x + j * tpr;
-          if (c < nchunks) store_grads(c, vh[j], dvh[j], c1, rstd);
+          if (c < nchunks) store_grads(c, vh[j], c1, rstd);
         }
       }
     } else {
-      float v[8], xv[8], gate[8], dgate[8], dvh[8], d[8];
+      float v[8], xv[8], gate[8], dgate[8];
       float sq = 0.f;
       for (int c = threadIdx.x; live && c < nchunks; c += tpr) {
         load_v(c, v, xv, gate, dgate);
@@ -616,21 +604,17 @@ __global__ void __launch_bounds__(512) gated_bwd(const void* __restrict__ dy, in
           v[k] *= rstd;
           dw[k] = 0.f;
         }
-        grads(c, v, gate, dvh, dw, d);
+        gx += grads(c, v, gate, dw);
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          gx += dvh[k] * v[k];
+        for (int k = 0; k < 8; ++k)
           if ((i64)c * 8 + k < G) dwr[(i64)c * 8 + k] += dw[k];  // this slot owns the partial row
-        }
       }
       const float c1 = row_sum(gx, red) / G;
       for (int c = threadIdx.x; live && c < nchunks; c += tpr) {
         load_v(c, v, xv, gate, dgate);
 #pragma unroll
         for (int k = 0; k < 8; ++k) v[k] *= rstd;
-        float counted[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // dweight was added in the pass above
-        grads(c, v, gate, dvh, counted, d);
-        store_grads(c, v, dvh, c1, rstd);
+        store_grads(c, v, c1, rstd);
       }
     }
   }

@@ -9,10 +9,10 @@
 // of any layout need no copy.
 //
 // Work decomposition: one (b, h, p) state row of N entries per group of TPR threads (TPR = a
-// power of two <= warp, ~N/8), rows_per_block = 128 / TPR. A thread owns the 8-element chunks
-// lane, lane + TPR, ... of n: it reads state, A, B and C for them (16-byte accesses when the
-// row is unit-stride and aligned), writes the new state, and the row's out is a shuffle
-// reduction inside the group. x, dt, z, D, dt_bias are per-row scalars (broadcast loads).
+// power of two <= warp, ~N/16), rows_per_block = 128 / TPR. A thread owns the 8-element chunks
+// lane, lane + TPR, ... of n, two per iteration with all their loads issued together: it reads
+// state, A, B and C for them (16-byte accesses when the row is unit-stride and aligned), writes
+// the new state, and the row's out is a shuffle reduction inside the group. x, dt, z, D, dt_bias are per-row scalars (broadcast loads).
 // Traffic: the state is read and written once (the floor: 2 x Bs x H x P x N x sizeof(state));
 // A, B, C stay in L2 (A is H x P x N floats, B/C B x G x N); no shared memory.
 // Padding rows (negative state_batch_indices) write out = 0 and touch no state.
@@ -78,12 +78,13 @@ __global__ void __launch_bounds__(SSU_THREADS) state_update(
     i64 s0, i64 s1, i64 s2, i64 s3, i64 x0, i64 x1, i64 x2, i64 dt0, i64 dt1, i64 dt2, i64 z0, i64 z1, i64 z2,
     i64 a0, i64 a1, i64 a2, i64 b0, i64 b1, i64 b2, i64 c0, i64 c1, i64 c2, i64 d0, i64 d1, i64 db0, i64 db1) {
   const int tpr = blockDim.x;
-  const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
-  const i64 rows = (i64)n_batch * H * P;
-  const bool live = row < rows;
-  const int p = live ? (int)(row % P) : 0;
-  const int h = live ? (int)((row / P) % H) : 0;
-  const int b = live ? (int)(row / ((i64)P * H)) : 0;
+  // 32-bit index math (the launcher checks B * H * P < 2**31): 64-bit division is a subroutine.
+  const unsigned row = blockIdx.x * blockDim.y + threadIdx.y;
+  const bool live = row < (unsigned)n_batch * (unsigned)H * (unsigned)P;
+  const unsigned bh = row / (unsigned)P;
+  const int p = live ? (int)(row - bh * (unsigned)P) : 0;
+  const int h = live ? (int)(bh % (unsigned)H) : 0;
+  const int b = live ? (int)(bh / (unsigned)H) : 0;
   const i64 slot = !live ? -1 : (state_indices ? state_indices[b] : b);
 
   float y = 0.f;
@@ -99,25 +100,34 @@ __global__ void __launch_bounds__(SSU_THREADS) state_update(
     const int g = h / heads_per_group;
     const TBC* br = Bm + b * b0 + g * b1;
     const TBC* cr = Cm + b * c0 + g * c1;
-    const float a_scalar = a2 == 0 ? ar[0] : 0.f;  // per-head (or per-row) scalar A
-    for (int c = threadIdx.x; c * 8 < N; c += tpr) {
-      const i64 i = (i64)c * 8;
-      float s[8], a[8], bv[8], cv[8];
-      load8_strided(sr, s3, i, N, VEC, s);
-      if (a2 == 0) {
+    const bool a_scalar = a2 == 0;  // A constant along n (a per-head scalar): one exp per row
+    const float dA_row = a_scalar ? __expf(delta * ar[0]) : 0.f;
+    // Two chunks per iteration: their loads are all in flight before the first use.
+    for (int c = threadIdx.x; c * 8 < N; c += 2 * tpr) {
+      float s[2][8], a[2][8], bv[2][8], cv[2][8];
 #pragma unroll
-        for (int k = 0; k < 8; ++k) a[k] = a_scalar;
-      } else {
-        load8_strided(ar, a2, i, N, VEC, a);
+      for (int j = 0; j < 2; ++j) {
+        const i64 i = (i64)(c + j * tpr) * 8;
+        if (i < N) {
+          load8_strided(sr, s3, i, N, VEC, s[j]);
+          if (!a_scalar) load8_strided(ar, a2, i, N, VEC, a[j]);
+          load8_strided(br, b2, i, N, VEC, bv[j]);
+          load8_strided(cr, c2, i, N, VEC, cv[j]);
+        }
       }
-      load8_strided(br, b2, i, N, VEC, bv);
-      load8_strided(cr, c2, i, N, VEC, cv);
 #pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        s[k] = s[k] * expf(delta * a[k]) + dx * bv[k];
-        y += s[k] * cv[k];  // entries past N: s = 0 (a, b, c read as 0)
+      for (int j = 0; j < 2; ++j) {
+        const i64 i = (i64)(c + j * tpr) * 8;
+        if (i < N) {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            const float dA = a_scalar ? dA_row : __expf(delta * a[j][k]);
+            s[j][k] = s[j][k] * dA + dx * bv[j][k];
+            y += s[j][k] * cv[j][k];  // entries past N: s = 0 (b, c read as 0)
+          }
+          store8_strided(sr, s3, i, N, VEC, s[j]);
+        }
       }
-      store8_strided(sr, s3, i, N, VEC, s);
     }
   }
   for (int o = tpr >> 1; o > 0; o >>= 1) y += SSM_SHFL_XOR(y, o);

@@ -67,7 +67,10 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if rows == 0:
         return out
     warp = _arrays.warp_size()
-    tpr = min(warp, 1 << max(0, (cdiv(n_state, 8) - 1).bit_length()))
+    if rows >= 2**31:
+        raise ValueError(f"x: expected fewer than 2**31 (batch, channel) rows on the GPU, got shape {tuple(x.shape)}")
+    # Threads per state row: each thread takes two 8-entry chunks per iteration.
+    tpr = min(warp, 1 << max(0, (cdiv(n_state, 16) - 1).bit_length()))
     rows_per_block = _THREADS // tpr
     vec = (
         n_state % 8 == 0
