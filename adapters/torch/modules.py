@@ -64,6 +64,19 @@ def _require_layer_idx(module: nn.Module) -> int:
     return module.layer_idx
 
 
+def _states_from_cache(mixer, inference_params, batch_size, initialize_states):
+    """The (conv_state, ssm_state) of a Mamba/Mamba2 layer in the cache, allocated on first use."""
+    layer_idx = _require_layer_idx(mixer)
+    cache = inference_params.key_value_memory_dict
+    if layer_idx not in cache:
+        cache[layer_idx] = mixer.allocate_inference_cache(batch_size, inference_params.max_seqlen)
+    conv_state, ssm_state = cache[layer_idx]
+    if initialize_states:
+        conv_state.zero_()
+        ssm_state.zero_()
+    return conv_state, ssm_state
+
+
 def _conv_window(x: Tensor, width: int) -> Tensor:
     """The last ``width`` steps of x (..., L), zero-padded on the left when L < width."""
     return F.pad(x, (width - x.shape[-1], 0))
@@ -278,15 +291,7 @@ class Mamba(nn.Module):
         return conv_state, ssm_state
 
     def _get_states_from_cache(self, inference_params, batch_size, initialize_states=False):
-        layer_idx = _require_layer_idx(self)
-        cache = inference_params.key_value_memory_dict
-        if layer_idx not in cache:
-            cache[layer_idx] = self.allocate_inference_cache(batch_size, inference_params.max_seqlen)
-        conv_state, ssm_state = cache[layer_idx]
-        if initialize_states:
-            conv_state.zero_()
-            ssm_state.zero_()
-        return conv_state, ssm_state
+        return _states_from_cache(self, inference_params, batch_size, initialize_states)
 
 
 # ---------------------------------------------------------------------------------- Mamba-2
@@ -488,15 +493,7 @@ class Mamba2(nn.Module):
         return conv_state, ssm_state
 
     def _get_states_from_cache(self, inference_params, batch_size, initialize_states=False):
-        layer_idx = _require_layer_idx(self)
-        cache = inference_params.key_value_memory_dict
-        if layer_idx not in cache:
-            cache[layer_idx] = self.allocate_inference_cache(batch_size, inference_params.max_seqlen)
-        conv_state, ssm_state = cache[layer_idx]
-        if initialize_states:
-            conv_state.zero_()
-            ssm_state.zero_()
-        return conv_state, ssm_state
+        return _states_from_cache(self, inference_params, batch_size, initialize_states)
 
 
 def _varlen_conv_states(xBC: Tensor, cu_seqlens: Tensor, width: int) -> Tensor:
