@@ -149,7 +149,7 @@ def bench_conv(quick: bool):
            (lambda: peer.causal_conv1d_fn(tx, tw, tb, activation="silu")) if peer else None)
     conv_backend = importlib.import_module("ssmcore.backends.cupy.conv")
     default_positions = conv_backend.fwd_positions
-    for positions in (8, 16):
+    for positions in (8, 16, 32):
         if positions != default_positions:
             conv_backend.fwd_positions = positions
             report(f"  variant: {positions} positions per thread", io,

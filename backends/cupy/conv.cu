@@ -6,12 +6,16 @@
 //   padding (seq_idx < 0) outputs 0; the initial states belong to the sequence of t = 0.
 //
 // Work decomposition:
-// - conv_fwd (x contiguous (B, D, L)): a block of 128 threads owns 128 x E consecutive positions
-//   of one (b, d) row (grid = rows x chunks, 1-d); a thread owns E = 8 or 16 consecutive
-//   positions: E/8 16-byte loads of x issued together, E/8 16-byte stores. The W-1 inputs before a thread's positions
-//   come from the previous lane by warp shuffle (lane 0 reads them from global memory, where the
-//   previous warp's load brought them into L1/L2); weights and bias sit in registers.
-//   Traffic: x read once, out written once (the floor for this op); no shared memory.
+// - conv_fwd_vec (the common case: x contiguous (B, D, L), L % 8 == 0, aligned, no seq_idx,
+//   W <= 4): a block of 2048 / E threads owns 2048 consecutive positions of one (b, d) row (grid
+//   = rows x chunks, 1-d); a thread owns E = 8, 16 or 32 consecutive positions: it issues all
+//   its 16-byte loads at once, keeps them as raw words (4 registers per word, ~32 registers in
+//   all: full occupancy, 32-64 bytes in flight per thread), then converts, convolves and stores
+//   word by word. The W-1 inputs before a thread's positions come from the previous lane by
+//   warp shuffle (lane 0 reads them from global memory, an L1/L2 hit beside the previous warp's
+//   load). Traffic: x read once, out written once (the floor for this op); no shared memory.
+// - conv_fwd (every other contiguous case: seq_idx, unaligned rows or L % 8 != 0, any W):
+//   128 threads x 8 positions per block, the same shuffle scheme, sequence ids loaded beside x.
 // - conv_fwd_cl (x channel-last, stored (B, L, D)): a thread owns 8 consecutive channels
 //   (16-byte accesses, coalesced across the warp) for a segment of 8 time steps; it issues the
 //   loads of all W-1 + 8 input rows it needs before the first use, then writes 8 output rows;
@@ -95,7 +99,7 @@ __device__ void write_final(const Row<T>& r, i64 L, void* final_states, int fina
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// E positions per thread (8 or 16: one or two 16-byte accesses of 16-bit data), a block covers
+// E positions per thread (instantiated with 8: one 16-byte access of 16-bit data), a block covers
 // CONV_THREADS * E consecutive positions of one row.
 template <typename T, int W, int E>
 __global__ void __launch_bounds__(CONV_THREADS) conv_fwd(
@@ -203,6 +207,82 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_fwd(
     }
   }
   if (final_states && s0 <= L - 1 && L - 1 < s0 + E) write_final(r, L, final_states, final_f32, row * wm1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The common case on its own: contiguous x with L % 8 == 0 and 16-byte aligned rows, no seq_idx,
+// W <= 4. A block of 2048 / E threads owns 2048 positions of a row, a thread E consecutive ones.
+// The thread issues its E / PER 16-byte loads at once and keeps them as raw 16-byte words (4
+// registers each, not E floats), then converts, convolves and stores one 16-byte word at a
+// time, carrying the last W-1 inputs from word to word.
+template <typename T, int W, int E>
+__global__ void __launch_bounds__(256) conv_fwd_vec(
+    const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
+    const void* __restrict__ init, int init_f32, T* __restrict__ out, void* __restrict__ final_states,
+    int final_f32, int D, i64 L, i64 nchunks, int silu) {
+  constexpr int PER = 16 / sizeof(T);  // elements per 16-byte word
+  constexpr int NW = E / PER;          // words per thread
+  static_assert(E % PER == 0 && PER >= W - 1, "whole words, and a word holds the W-1 carried inputs");
+  const unsigned row32 = blockIdx.x / (unsigned)nchunks;  // 32-bit division, as in conv_fwd
+  const i64 row = row32;
+  const i64 s0 = (i64)(blockIdx.x % (unsigned)nchunks) * 2048 + threadIdx.x * E;
+  const int d = (int)(row32 % (unsigned)D);
+  const Row<T> r{x + row * L, 1, init ? (init_f32 ? (const void*)((const float*)init + row * (W - 1))
+                                                   : (const void*)((const T*)init + row * (W - 1)))
+                                      : nullptr,
+                 init_f32, nullptr, W - 1};
+  const int lane = threadIdx.x % SSM_WARP_SIZE;
+
+  uint4 raw[NW];
+#pragma unroll
+  for (int i = 0; i < NW; ++i)
+    raw[i] = s0 + i * PER < L ? *reinterpret_cast<const uint4*>(r.x + s0 + i * PER) : make_uint4(0, 0, 0, 0);
+  const bool fetch = lane == 0 && s0 < L;  // the previous lane is in the previous warp
+  float prev[W > 1 ? W - 1 : 1];
+#pragma unroll
+  for (int j = 0; j < W - 1; ++j) prev[j] = fetch ? r.at(s0 - (W - 1) + j) : 0.f;
+  float wk[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) wk[k] = weight[(i64)d * W + k];
+  const float bias_d = bias ? bias[d] : 0.f;
+
+  // The previous lane's last W-1 inputs.
+  {
+    const T* last = reinterpret_cast<const T*>(&raw[NW - 1]);
+#pragma unroll
+    for (int j = 0; j < W - 1; ++j) {
+      const float up = SSM_SHFL_UP(load_f(last + PER - (W - 1) + j), 1);
+      if (!fetch) prev[j] = up;
+    }
+  }
+  T* orow = out + row * L;
+#pragma unroll
+  for (int i = 0; i < NW; ++i) {
+    const T* e = reinterpret_cast<const T*>(&raw[i]);
+    float cur[PER], o[PER];
+#pragma unroll
+    for (int k = 0; k < PER; ++k) cur[k] = load_f(e + k);
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+      float acc = bias_d;
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        const int t = k - (W - 1) + j;  // index into cur, negative: into prev
+        acc = fmaf(wk[j], t >= 0 ? cur[t >= 0 ? t : 0] : prev[t + W - 1 >= 0 ? t + W - 1 : 0], acc);
+      }
+      o[k] = silu ? silu_fast(acc) : acc;
+    }
+    if (s0 + i * PER < L) {
+      uint4 packed;
+      T* pe = reinterpret_cast<T*>(&packed);
+#pragma unroll
+      for (int k = 0; k < PER; ++k) store_f(pe + k, o[k]);
+      *reinterpret_cast<uint4*>(orow + s0 + i * PER) = packed;
+    }
+#pragma unroll
+    for (int j = 0; j < W - 1; ++j) prev[j] = cur[PER - (W - 1) + j];
+  }
+  if (final_states && s0 <= L - 1 && L - 1 < s0 + E) write_final(r, L, final_states, final_f32, row * (W - 1));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -21,11 +21,13 @@ _TYPES = ("float", "half_t", "bf16_t")
 _WIDTHS = (0, 1, 2, 3, 4)  # 0 = any width up to 64, chosen at run time
 _CHUNK = 1024  # positions per block of the contiguous backward kernels (128 threads x 8)
 _CL_STEPS = 8  # time steps per thread of the channel-last kernel
-# Positions per thread of the contiguous forward for W <= 4 (8 or 16; generic widths use 8).
+# Positions per thread of conv_fwd_vec (the contiguous, aligned, no-seq_idx, W <= 4 forward):
+# 8, 16 or 32, with 2048 / fwd_positions threads per block.
 fwd_positions = 16
 
 INSTANTIATIONS = (
-    [f"conv_fwd<{t}, {w}, {e}>" for t in _TYPES for w in _WIDTHS for e in ((8,) if w == 0 else (8, 16))]
+    [f"conv_fwd<{t}, {w}, 8>" for t in _TYPES for w in _WIDTHS]
+    + [f"conv_fwd_vec<{t}, {w}, {e}>" for t in _TYPES for w in (1, 2, 3, 4) for e in (8, 16, 32)]
     + [f"{k}<{t}, {w}>" for k in ("conv_fwd_cl", "conv_bwd_dpre", "conv_bwd_dx") for t in _TYPES for w in _WIDTHS]
     + [f"conv_update<{tx}, {ts}>" for tx in _TYPES for ts in _TYPES]
     + ["column_sum<float>"]
@@ -81,16 +83,23 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
     else:
         xs = cupy.ascontiguousarray(x)
         out = cupy.empty(x.shape, x.dtype)
-        if x.size:
-            positions = fwd_positions if wa else 8
-            nchunks = cdiv(length, 128 * positions)
-            vec = length % 8 == 0 and _arrays.aligned16(xs, out, seq)
-            kernel = _runtime.function(FAMILY, f"conv_fwd<{t}, {wa}, {positions}>")
+        final_f32 = np.int32(final is not None and final.dtype == cupy.float32)
+        vec = length % 8 == 0 and _arrays.aligned16(xs, out, seq)
+        if x.size and vec and seq is None and wa:
+            nchunks = cdiv(length, 2048)
+            kernel = _runtime.function(FAMILY, f"conv_fwd_vec<{t}, {wa}, {fwd_positions}>")
+            _runtime.launch(
+                kernel, (n_batch * n_chan * nchunks,), (2048 // fwd_positions,),
+                (xs, w, ptr(b), ptr(init), np.int32(init_f32), out, ptr(final_arg), final_f32, np.int32(n_chan),
+                 np.int64(length), np.int64(nchunks), silu),
+            )
+        elif x.size:
+            nchunks = cdiv(length, 1024)
+            kernel = _runtime.function(FAMILY, f"conv_fwd<{t}, {wa}, 8>")
             _runtime.launch(
                 kernel, (n_batch * n_chan * nchunks,), (128,),
-                (xs, w, ptr(b), ptr(seq), ptr(init), np.int32(init_f32), out, ptr(final_arg),
-                 np.int32(final is not None and final.dtype == cupy.float32), np.int32(n_chan), np.int64(length),
-                 np.int32(width), np.int64(nchunks), silu, np.int32(vec)),
+                (xs, w, ptr(b), ptr(seq), ptr(init), np.int32(init_f32), out, ptr(final_arg), final_f32,
+                 np.int32(n_chan), np.int64(length), np.int32(width), np.int64(nchunks), silu, np.int32(vec)),
             )
     return (out, final) if return_final_states else out
 
