@@ -130,3 +130,35 @@ def test_rms_norm_fwd_bwd(benchmark, rng):
 
     step()
     benchmark(step)
+
+
+# --- sweeps over L and N (time vs L plots in bench/report.py) and the PERFORMANCE.md CPU shape ---------
+
+
+@pytest.mark.parametrize("n", [16, 64])
+@pytest.mark.parametrize("length", [512, 2048, 8192])
+@pytest.mark.benchmark(group="selective_scan fwd sweep")
+def test_selective_scan_sweep(benchmark, rng, length, n):
+    x = _scan_inputs(rng, b=1, d=256, l=length, n=n)
+    ssmcore.selective_scan(**x)
+    benchmark.pedantic(ssmcore.selective_scan, kwargs=x, rounds=3)
+    benchmark.extra_info.update(sweep="scan", L=length, N=n)
+
+
+@pytest.mark.parametrize("n", [64, 128])
+@pytest.mark.parametrize("length", [512, 2048, 8192])
+@pytest.mark.benchmark(group="ssd fwd sweep")
+def test_ssd_sweep(benchmark, rng, length, n):
+    x = _ssd_inputs(rng, b=1, l=length, h=4, p=64, n=n)
+    ssmcore.ssd(**x)
+    benchmark.pedantic(ssmcore.ssd, kwargs=x, rounds=3)
+    benchmark.extra_info.update(sweep="ssd", L=length, N=n)
+
+
+@pytest.mark.benchmark(group="selective_scan")
+def test_selective_scan_fwd_performance_shape(benchmark, rng):
+    # docs/PERFORMANCE.md CPU row: B2 D1536 L2048 N16 (target <= 120 ms on this machine).
+    x = _scan_inputs(rng, b=2, d=1536, l=2048, n=16)
+    ssmcore.selective_scan(**x)
+    benchmark.pedantic(ssmcore.selective_scan, kwargs=x, rounds=3)
+    benchmark.extra_info.update(target_us=120e3)

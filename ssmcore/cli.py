@@ -6,6 +6,8 @@
     ssmcore generate             generate text (the shipped model unless --model is given)
     ssmcore bench-generate       prompt-processing and decoding speed of a model
     ssmcore train                train a byte-level Mamba language model
+    ssmcore convert              convert checkpoints to / from transformers' Mamba / Mamba2 format
+    ssmcore eval                 lm-evaluation-harness with the model type ``ssmcore`` (lm_eval's arguments)
 
 The torch commands parse their own arguments, so ``ssmcore --help`` never imports torch.
 """
@@ -64,7 +66,18 @@ _TORCH_COMMANDS = {
     "bench-generate": ("ssmcore.adapters.torch.cli_generate", "add_arguments_bench", "run_bench",
                        "prompt-processing and decoding latency and tokens/s"),
     "train": ("ssmcore.adapters.torch.train", "add_arguments", "run", "train a byte-level Mamba language model"),
+    "convert": ("ssmcore.adapters.torch.hf_convert", "add_arguments", "run",
+                "convert a checkpoint to (--to hf) or from (--to ssmcore) transformers' Mamba/Mamba2 format"),
 }
+
+
+def cmd_eval(args) -> int:
+    try:
+        from ssmcore.adapters.torch import lm_eval_model
+    except ImportError as err:
+        print(f"ssmcore eval: needs lm-eval ({err}): pip install 'ssmcore[eval]'", file=sys.stderr)
+        return 2
+    return lm_eval_model.main(args.rest)
 
 
 def _run_torch_command(args) -> int:
@@ -97,6 +110,9 @@ def main(argv=None) -> int:
     # Commands that parse their own arguments get everything after their name (see below).
     sub.add_parser("check-kernels", help="compile every GPU kernel with NVRTC", add_help=False).set_defaults(
         func=cmd_check_kernels, own_arguments=True)
+
+    sub.add_parser("eval", help="lm-evaluation-harness with --model ssmcore (all arguments are lm_eval's)",
+                   add_help=False).set_defaults(func=cmd_eval, own_arguments=True)
 
     for command, (_, _, _, help_text) in _TORCH_COMMANDS.items():
         sub.add_parser(command, help=help_text, add_help=False).set_defaults(

@@ -38,9 +38,14 @@ def to_array(name: str, t: torch.Tensor | None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.device.type == "cpu":
+        # DLPack, not Tensor.numpy(): numpy() marks the storage non-resizable for good, which
+        # breaks FSDP2's freeing of unsharded parameters (storage.resize_(0)) after forward.
+        t = t.detach()
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
         if t.dtype == torch.bfloat16:
-            return t.detach().view(torch.int16).numpy().view(_BF16)
-        return t.numpy(force=True)  # detached; a copy only for lazily conjugated/negated views
+            return np.from_dlpack(t.view(torch.int16)).view(_BF16)
+        return np.from_dlpack(t)
     if t.device.type == "cuda":
         return _cupy_view(name, t)
     raise TypeError(f"{name}: tensors on {t.device.type} are not supported (CPU or CUDA)")

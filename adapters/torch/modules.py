@@ -306,7 +306,15 @@ class Mamba2(nn.Module):
     out_proj (D, D_in). ``d_ssm`` < D_in leaves D_in - d_ssm channels to a gated MLP part.
     With ``use_mem_eff_path`` (default) a forward without ``inference_params`` runs
     :func:`mamba_split_conv1d_scan_combined`, which recomputes the conv in the backward.
-    Tensor parallelism (``process_group``) is not supported.
+    Tensor parallelism (``process_group``, as the reference): each rank holds a contiguous block of
+    the heads, groups and MLP channels; in_proj is column-parallel (the [z0, x0, z, x, B, C, dt]
+    pieces of the rank), conv1d / dt_bias / A_log / D / norm hold the rank's channels, out_proj is
+    row-parallel (bias on rank 0) and its partial outputs are all-reduced, or with
+    ``sequence_parallel`` (default) u is this rank's block of dim 0 (batch, or batch*seqlen with
+    ``seqlen``), all-gathered by in_proj, and the output is reduce-scattered back over dim 0.
+    The world size must divide expand*d_model, d_ssm and ngroups. The gated RMSNorm groups are
+    d_ssm / ngroups channels as without TP. Inference caches with TP need sequence_parallel=False.
+    See :func:`~.distributed.shard_mamba2_state_dict` for the per-rank slices of unsharded weights.
     """
 
     def __init__(self, d_model, d_state=128, d_conv=4, conv_init=None, expand=2, headdim=64, d_ssm=None, ngroups=1,
@@ -314,9 +322,10 @@ class Mamba2(nn.Module):
                  dt_max=0.1, dt_init_floor=1e-4, dt_limit=_NO_DT_LIMIT, bias=False, conv_bias=True, chunk_size=256,
                  use_mem_eff_path=True, layer_idx=None, process_group=None, sequence_parallel=True, device=None,
                  dtype=None):
-        if process_group is not None:
-            raise ValueError("process_group: tensor-parallel Mamba2 is not supported by ssmcore; expected None, "
-                             f"got {type(process_group).__name__}")
+        if process_group is not None and not (callable(getattr(process_group, "size", None))
+                                              and callable(getattr(process_group, "rank", None))):
+            raise TypeError("process_group: expected a torch.distributed ProcessGroup or None, "
+                            f"got {type(process_group).__name__}")
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.d_model = d_model
@@ -324,14 +333,21 @@ class Mamba2(nn.Module):
         self.d_conv = d_conv
         self.conv_init = conv_init
         self.expand = expand
-        self.process_group = None
+        self.process_group = process_group
         self.sequence_parallel = sequence_parallel
-        self.world_size = 1
-        self.local_rank = 0
-        self.d_inner = self.expand * self.d_model
+        self.world_size = 1 if process_group is None else process_group.size()
+        self.local_rank = 0 if process_group is None else process_group.rank()
+        world = self.world_size
+        if (self.expand * self.d_model) % world:
+            raise ValueError(f"process_group: its size {world} must divide expand * d_model = {expand * d_model}")
+        if d_ssm is not None and d_ssm % world:
+            raise ValueError(f"d_ssm: must be divisible by the process group size {world}, got {d_ssm}")
+        if ngroups % world:
+            raise ValueError(f"ngroups: must be divisible by the process group size {world}, got {ngroups}")
+        self.d_inner = self.expand * self.d_model // world  # this rank's share
         self.headdim = headdim
-        self.d_ssm = self.d_inner if d_ssm is None else d_ssm
-        self.ngroups = ngroups
+        self.d_ssm = self.d_inner if d_ssm is None else d_ssm // world
+        self.ngroups = ngroups // world
         if self.d_ssm % self.headdim:
             raise ValueError(f"headdim: must divide d_ssm={self.d_ssm}, got {headdim}")
         self.nheads = self.d_ssm // self.headdim
@@ -347,7 +363,12 @@ class Mamba2(nn.Module):
         self.layer_idx = layer_idx
 
         d_in_proj = 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads  # [z, x, B, C, dt]
-        self.in_proj = nn.Linear(self.d_model, d_in_proj, bias=bias, **factory_kwargs)
+        if process_group is None:
+            self.in_proj = nn.Linear(self.d_model, d_in_proj, bias=bias, **factory_kwargs)
+        else:
+            from .distributed import ColumnParallelLinear
+            self.in_proj = ColumnParallelLinear(self.d_model, d_in_proj * world, process_group, bias=bias,
+                                                sequence_parallel=sequence_parallel, **factory_kwargs)
         conv_dim = self.d_ssm + 2 * self.ngroups * self.d_state
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim, padding=d_conv - 1,
                                 bias=conv_bias, **factory_kwargs)
@@ -366,9 +387,16 @@ class Mamba2(nn.Module):
         self.D._no_weight_decay = True
 
         if self.rmsnorm:
+            # Local d_ssm over local ngroups: the unsharded group size. (The reference's TP module
+            # divides the local d_ssm by the global ngroups here, which its fused path does not.)
             self.norm = RMSNormGated(self.d_ssm, eps=1e-5, norm_before_gate=self.norm_before_gate,
-                                     group_size=self.d_ssm // ngroups, **factory_kwargs)
-        self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=bias, **factory_kwargs)
+                                     group_size=self.d_ssm // self.ngroups, **factory_kwargs)
+        if process_group is None:
+            self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=bias, **factory_kwargs)
+        else:
+            from .distributed import RowParallelLinear
+            self.out_proj = RowParallelLinear(self.d_inner * world, self.d_model, process_group, bias=bias,
+                                              sequence_parallel=sequence_parallel, **factory_kwargs)
 
     def _conv_weight(self) -> Tensor:
         return self.conv1d.weight.reshape(self.conv1d.weight.shape[0], self.d_conv)
@@ -392,6 +420,9 @@ class Mamba2(nn.Module):
         else:
             batch = u.shape[0] // seqlen
         conv_state = ssm_state = None
+        if inference_params is not None and self.process_group is not None and self.sequence_parallel:
+            raise ValueError("inference_params: a tensor-parallel Mamba2 keeps an inference cache only with "
+                             "sequence_parallel=False (u replicated on every rank)")
         if inference_params is not None:
             cache_batch = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else batch
             conv_state, ssm_state = self._get_states_from_cache(inference_params, cache_batch)
@@ -399,9 +430,10 @@ class Mamba2(nn.Module):
                 out, _, _ = self.step(u.view(batch, 1, -1), conv_state, ssm_state)
                 return out if seqlen_og is None else out.view(batch, -1)
 
-        zxbcdt = self.in_proj(u)
+        zxbcdt = self.in_proj(u)  # with sequence_parallel TP: all ranks' blocks of dim 0
         if seqlen_og is not None:
-            zxbcdt = zxbcdt.view(batch, seqlen, -1)
+            zxbcdt = zxbcdt.view(-1, seqlen, zxbcdt.shape[-1])
+        batch = zxbcdt.shape[0]
         A = -torch.exp(_param(self.A_log))
         if self.use_mem_eff_path and inference_params is None:
             out = mamba_split_conv1d_scan_combined(
@@ -411,7 +443,12 @@ class Mamba2(nn.Module):
                 rmsnorm_eps=self.norm.eps if self.rmsnorm else 1e-6, outproj_weight=self.out_proj.weight,
                 outproj_bias=self.out_proj.bias, headdim=None if self.D_has_hdim else self.headdim,
                 ngroups=self.ngroups, norm_before_gate=self.norm_before_gate, **self._dt_limit_kwargs())
-            return out if seqlen_og is None else out.reshape(batch * seqlen, -1)
+            if seqlen_og is not None:
+                out = out.reshape(batch * seqlen, -1)
+            if self.process_group is not None:  # out_proj was applied to this rank's columns only
+                from .distributed import all_reduce, reduce_scatter
+                out = (reduce_scatter if self.sequence_parallel else all_reduce)(out, self.process_group)
+            return out
 
         d_mlp = self._d_mlp(zxbcdt)
         z0, x0, z, xBC, dt = torch.split(
