@@ -1,6 +1,6 @@
 """GPU benchmark of the selective scan (CuPy backend) at the PERFORMANCE.md shapes.
 
-    python bench/gpu_scan.py [--warm] [--layouts] [--peer]
+    python bench/gpu_scan.py [--warm] [--layouts] [--peer] [--variants]
 
 bf16 activations with z, D, delta_bias and softplus, B/C input-dependent (B, N, L), fp32 A/D/bias.
 Times are triton.testing.do_bench medians (L2 flushed between repetitions) of the public ops
@@ -14,6 +14,10 @@ With --peer, mamba_ssm's selective_scan_fn is timed on the same tensors (torch v
 ratio ours / peer printed ("table peer": the peer's time in PERFORMANCE.md). --layouts also times
 each lane layout forced (S state entries per lane). "bwd" is selective_scan_bwd alone, "bwd ckpt"
 its first kernel alone (the forward pass that stores the checkpoints).
+--variants also times fwd+bwd and bwd under each backward variant (column "layout" names it):
+  "det": SSMCORE_DETERMINISTIC=1 (per-block dB/dC slices + column_sum instead of global atomics;
+  must stay <= 1.3x the default), "mb3": scan.bwd_min_blocks = 3 (registers capped at 168 for
+  3 blocks/SM instead of 2), "det mb3": both.
 --warm first compiles every scan kernel in parallel processes (fills CuPy's on-disk cache).
 """
 
@@ -135,6 +139,7 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--layouts", action="store_true")
     parser.add_argument("--peer", action="store_true")
+    parser.add_argument("--variants", action="store_true")
     args = parser.parse_args(argv)
     if args.warm:
         warm(args.jobs)
@@ -168,11 +173,22 @@ def main(argv=None):
 
         ops = (("fwd", fwd, f_floor), ("fwd+bwd", fwd_bwd, fb_floor), ("bwd", bwd, fb_floor - f_floor),
                ("bwd ckpt", ckpt_pass, f_floor))
+        variants = [("", False, 2)]
+        if args.variants:
+            variants += [(" det", True, 2), (" mb3", False, 3), (" det mb3", True, 3)]
         for op, fn, floor in ops:
             timed_by_peer = peers and op in ("fwd", "fwd+bwd")
             peer_us = bench_us(peers[0] if op == "fwd" else peers[1]) if timed_by_peer else None
-            for forced in (layouts if op in ("fwd", "fwd+bwd") else [None]):
+            runs = [(f, v) for f in (layouts if op in ("fwd", "fwd+bwd") else [None]) for v in variants
+                    if f is None or not v[0]]
+            for forced, (vname, det, min_blocks) in runs:
+                if vname and op not in ("fwd+bwd", "bwd"):
+                    continue
                 scan.force_states_per_lane = forced
+                scan.bwd_min_blocks = min_blocks
+                os.environ.pop("SSMCORE_DETERMINISTIC", None)
+                if det:
+                    os.environ["SSMCORE_DETERMINISTIC"] = "1"
                 try:
                     t0 = time.perf_counter()
                     fn()
@@ -180,7 +196,9 @@ def main(argv=None):
                     first = time.perf_counter() - t0
                     ours = bench_us(fn)
                 except Exception as err:  # noqa: BLE001 - report and go on with the next row
-                    print(f"{shape} {op} S={forced}: {type(err).__name__}: {err}", flush=True)
+                    print(f"{shape} {op} S={forced}{vname}: {type(err).__name__}: {err}", flush=True)
+                    os.environ.pop("SSMCORE_DETERMINISTIC", None)
+                    scan.bwd_min_blocks = 2
                     continue
                 try:
                     graphed = graph_us(fn)
@@ -188,8 +206,11 @@ def main(argv=None):
                     print(f"{shape} {op} S={forced}: graph capture failed: {type(err).__name__}: {err}",
                           flush=True)
                     graphed = float("nan")
+                finally:
+                    os.environ.pop("SSMCORE_DETERMINISTIC", None)
+                    scan.bwd_min_blocks = 2
                 s, r = scan._layout(N, batch * channels)
-                rows.append((shape, op, f"S{s} R{r}" + ("" if forced is None else " forced"), ours, graphed,
+                rows.append((shape, op, f"S{s} R{r}" + ("" if forced is None else " forced") + vname, ours, graphed,
                              floor, peer_us, PEER_TABLE_US.get((batch, channels, length, N, op)), first))
                 print(rows[-1], flush=True)
             scan.force_states_per_lane = None

@@ -32,7 +32,9 @@
 // - conv_update: one thread per (b, d) row of the decode batch; reads its W-1 history entries
 //   from the state (shift window or circular buffer, any strides), writes Lnew outputs and the
 //   new state entries in place. Padding rows (negative conv_state_indices) write 0 and leave
-//   the state alone.
+//   the state alone; so do rows whose index is >= n_rows (the pool size) or whose cache_seqlens
+//   is negative (the host checks that reject those are skipped during CUDA-graph capture, so
+//   the kernel must never read or write out of bounds on them).
 #include "common.cuh"
 
 #define CONV_THREADS 128
@@ -592,14 +594,16 @@ template <typename TX, typename TS>
 __global__ void __launch_bounds__(128) conv_update(
     const TX* __restrict__ x, TS* __restrict__ state, i64 st_b, i64 st_d, i64 st_t, const float* __restrict__ weight,
     const float* __restrict__ bias, const int* __restrict__ cache_seqlens, const int* __restrict__ state_indices,
-    TX* __restrict__ out, int B, int D, int n_new, int width, int state_len, int silu) {
+    TX* __restrict__ out, int B, int D, int n_new, int width, int state_len, int silu, int n_rows) {
   const unsigned rowid = blockIdx.x * blockDim.x + threadIdx.x;  // B * D < 2**31
   if (rowid >= (unsigned)B * (unsigned)D) return;
   const int b = (int)(rowid / (unsigned)D), d = (int)(rowid % (unsigned)D);
   const TX* xr = x + (i64)rowid * n_new;
   TX* orow = out + (i64)rowid * n_new;
   const i64 slot = state_indices ? state_indices[b] : b;
-  if (slot < 0) {
+  const bool circular = cache_seqlens != nullptr && state_len > 0;
+  const int seqlen = circular ? cache_seqlens[b] : 0;
+  if (slot < 0 || slot >= n_rows || seqlen < 0) {  // padding, or an index the host did not check
     for (int j = 0; j < n_new; ++j) store_f(orow + j, 0.f);
     return;
   }
@@ -607,8 +611,7 @@ __global__ void __launch_bounds__(128) conv_update(
   const float* w = weight + (i64)d * width;
   const float bias_d = bias ? bias[d] : 0.f;
   const int wm1 = width - 1;
-  const bool circular = cache_seqlens != nullptr && state_len > 0;
-  const int c = circular ? cache_seqlens[b] % state_len : 0;
+  const int c = circular ? seqlen % state_len : 0;
   // History entry i (0 = oldest of state_len) of the stream state ++ x.
   auto history = [&](int i) {
     const int pos = circular ? (c + i) % state_len : i;  // (c - state_len + i) mod state_len

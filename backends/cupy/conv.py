@@ -10,6 +10,8 @@ float32; seq_idx, cache_seqlens and conv_state_indices as int32.
 
 from __future__ import annotations
 
+import os
+
 import cupy
 import numpy as np
 
@@ -23,7 +25,9 @@ _CHUNK = 1024  # positions per block of the contiguous backward kernels (128 thr
 _CL_STEPS = 8  # time steps per thread of the channel-last kernel
 # Positions per thread of conv_fwd_vec (the contiguous, aligned, no-seq_idx, W <= 4 forward):
 # 8, 16 or 32, with 2048 / fwd_positions threads per block.
-fwd_positions = 16
+# 8 since 2026-11-29 (H200: 77.9 us vs 93.6 us for 16 at B8 D4096 L2048 W4 bf16);
+# SSMCORE_CONV_FWD_POSITIONS overrides it (benchmarks set the attribute directly).
+fwd_positions = int(os.environ.get("SSMCORE_CONV_FWD_POSITIONS", "8"))
 
 INSTANTIATIONS = (
     [f"conv_fwd<{t}, {w}, 8>" for t in _TYPES for w in _WIDTHS]
@@ -46,6 +50,14 @@ def _channel_last(x) -> bool:
 
 def _int32(a):
     return None if a is None else cupy.ascontiguousarray(a, dtype=cupy.int32)
+
+
+def _indices32(a, n_rows):
+    """Pool indices as int32; int64 ones are clipped to [-1, n_rows] first (no host sync) so that a
+    value past 2**31 cannot wrap into a valid row: the kernel treats -1 and n_rows as padding."""
+    if a is not None and a.dtype.itemsize > 4:
+        a = a.clip(-1, n_rows)
+    return _int32(a)
 
 
 def _param(a):
@@ -174,7 +186,8 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
         _runtime.launch(
             kernel, (cdiv(n_batch * n_chan, 128),), (128,),
             (x3, conv_state, *strides, _param(weight), ptr(_param(bias)), ptr(_int32(cache_seqlens)),
-             ptr(_int32(conv_state_indices)), out, np.int32(n_batch), np.int32(n_chan), np.int32(n_new),
-             np.int32(width), np.int32(conv_state.shape[2]), np.int32(activation is not None)),
+             ptr(_indices32(conv_state_indices, conv_state.shape[0])), out, np.int32(n_batch), np.int32(n_chan),
+             np.int32(n_new), np.int32(width), np.int32(conv_state.shape[2]), np.int32(activation is not None),
+             np.int32(conv_state.shape[0])),
         )
     return out.reshape(x.shape)

@@ -32,10 +32,17 @@
 //   Reductions: dA (registers) and constant dB/dC (shared memory) per (b, d, n) over time, dD and
 //   ddelta_bias per (b, d) through the epilogue; all written as float32 partials per batch entry and
 //   summed over b afterwards (deterministic). Input-dependent dB/dC (sums over the channels of a
-//   group): butterfly reduce-scatter over the rows of a warp, shared-memory atomics (conflict-free
-//   layout) across the block's warps, then one float32 global atomic per (block, n, t) into a
-//   (B, G, N, L) buffer (the order of these adds is not deterministic: dB/dC of input-dependent B/C
-//   may differ in the last bits between runs; every other gradient is deterministic).
+//   group): butterfly reduce-scatter over the rows of a warp, then shared-memory atomics
+//   (conflict-free layout) across the block's warps into NSL copies of the block sums, each
+//   taking at most two warps (two float adds onto 0 commute exactly, so the sums are bitwise
+//   reproducible); the epilogue adds the copies in a fixed order. Layouts whose two copies would not
+//   fit in 48 KiB (R = 32 with N > 32) keep one copy; in deterministic mode (flags & 8) their warps
+//   then add in phases (warps 0+1, then 2, then 3, with barriers). Across blocks: by default one
+//   float32 global atomic per (block, n, t) into a (B, G, N, L) buffer (the order is not
+//   deterministic: dB/dC of input-dependent B/C may differ in the last bits between runs); in
+//   deterministic mode each block stores its sums to its own slice of a (blocks per group, B, G,
+//   N, L) buffer that column_sum adds in a fixed order. Every other gradient is always
+//   deterministic.
 // Traffic (forward): u, delta, z read once, out written once, B/C read once per block (L2 hits);
 //   floor at B8 D4096 L2048 N16 is the SFU (1.07 G exp2). Backward: the forward's reads plus dout,
 //   du/ddelta/dz writes, checkpoints written once and read once; 3 exps per (b, d, n, t).
@@ -403,10 +410,16 @@ scan_fwd(const T* __restrict__ u, const T* __restrict__ delta, const float* __re
 
 // Backward. ckpt from scan_fwd (same S, R). Writes du, ddelta (, dz) of T; float32 partials per
 // batch entry: dA_part (B, D, N), dD_part / dbias_part (B, D) (nullptr when absent), constant
-// dB/dC as (B, D, N); input-dependent dB/dC accumulate (atomics) into zeroed (B, G, N, L) float32;
+// dB/dC as (B, D, N); input-dependent dB/dC accumulate (atomics) into zeroed (B, G, N, L) float32,
+// or with flags & 8 (deterministic) are stored per block into (Gblk / G * ptiles, B, G, N, L);
 // dh0 (B, D, N) float32 (nullptr when there is no initial state).
+// Blocks per SM the backward's registers are capped for (a speed variant: -DSCAN_BWD_MIN_BLOCKS=3
+// caps them at 168 per thread; scan.py sets it from SSMCORE_SCAN_BWD_MIN_BLOCKS).
+#ifndef SCAN_BWD_MIN_BLOCKS
+#define SCAN_BWD_MIN_BLOCKS 2
+#endif
 template <typename T, int S, int R>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, SCAN_BWD_MIN_BLOCKS)
 scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restrict__ delta,
          const float* __restrict__ A, const void* __restrict__ Bp, const void* __restrict__ Cp,
          const float* __restrict__ Dv, const T* __restrict__ z, const float* __restrict__ bias,
@@ -416,6 +429,7 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
          float* __restrict__ dbias_part, float* __restrict__ dh0, int L, int Dm, int N, int Dblk,
          int Gblk, int GB, int GC, int ptiles, int flags, int nchunks) {
   using Cf = Cfg<S, R>;
+  constexpr int kWarps = kThreads / SSM_WARP_SIZE;
   constexpr int RB = Cf::kRows, CH = Cf::kChunk, NP = Cf::kNP, BS = Cf::kBS;
   constexpr int RS = CH + 1;
   constexpr int BC_ROWS = cmax(CH, RB);
@@ -438,7 +452,12 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
   __shared__ float sGB[RB * RS];
   __shared__ float sWA[RB * RS];
   constexpr int RED_S = CH + 1;  // odd: the 32 (kind, n) totals a warp adds at one t hit 32 banks
-  __shared__ float sRed[2 * NP * RED_S];  // [dB|dC][n][t] block sums of input-dependent dB/dC
+  // [copy][dB|dC][n][t] block sums of input-dependent dB/dC; warp w adds into copy w * NSL / kWarps.
+  constexpr int RED_N = 2 * NP * RED_S;
+  constexpr int kSmemOther = 4 * (2 * BC_ROWS * BS + 6 * RB * RS + 2 * S * kThreads + 2 * RB * CH);
+  constexpr int NSL = (kWarps >= 2 && kSmemOther + 4 * 2 * RED_N <= 48 * 1024) ? 2 : 1;
+  constexpr bool kPairs = kWarps <= 2 * NSL;  // at most two warps per copy: adds commute exactly
+  __shared__ float sRed[NSL * RED_N];
   __shared__ float sConst[2 * S * kThreads];  // [dB|dC][s][thread] time sums of constant dB/dC
   __shared__ float sAccD[RB * CH];     // per epilogue slot: sums over chunks of dy u
   __shared__ float sAccBias[RB * CH];  // and of ddelta
@@ -448,7 +467,11 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
   const int tid = threadIdx.x, i = tid / R, j = tid % R, lane = lane_id();
   const bool row_ok = i < blk.rows;
   const int d = blk.row0 + i;
-  const bool softplus = flags & 1, varB = flags & 2, varC = flags & 4;
+  const bool softplus = flags & 1, varB = flags & 2, varC = flags & 4, det = flags & 8;
+  const int warp = tid / SSM_WARP_SIZE;
+  float* sRedW = sRed + (warp * NSL / kWarps) * RED_N;  // this warp's copy
+  // Deterministic with more than two warps on one copy: add in phases (0+1 | 2 | 3 | ...).
+  const bool phased = !kPairs && det;
   const i64 row_state = ((i64)blk.b * Dm + d) * N;  // (b, d, 0) of (B, D, N) arrays
 
   // Registers hold what every step touches; sums that only some layouts need live in shared memory.
@@ -464,7 +487,7 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
     sConst[(S + s) * kThreads + tid] = 0.f;
   }
   for (int e = tid; e < RB * CH; e += kThreads) sAccD[e] = sAccBias[e] = 0.f;
-  for (int e = tid; e < 2 * NP * RED_S; e += kThreads) sRed[e] = 0.f;
+  for (int e = tid; e < NSL * RED_N; e += kThreads) sRed[e] = 0.f;
   if (!varB) load_bc_const<NP, BS>(sB, static_cast<const float*>(Bp), RB, blk.rows, blk.row0, N);
   if (!varC) load_bc_const<NP, BS>(sC, static_cast<const float*>(Cp), RB, blk.rows, blk.row0, N);
   const float* pB = varB ? sB + j * S : sB + i * BS + j * S;
@@ -597,14 +620,18 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
             for (int x = 0; x < 2 * S; ++x) v[q * 2 * S + x] = dbc[k + q][x];
           }
           RedCol::run(v, lane);
-          if (RedCol::owner(lane)) {
-            const int o = RedCol::offset(lane);
+          const int phases = phased ? kWarps - 1 : 1;
+          for (int ph = 0; ph < phases; ++ph) {
+            if (RedCol::owner(lane) && (!phased || (ph == 0 ? warp <= 1 : warp == ph + 1))) {
+              const int o = RedCol::offset(lane);
 #pragma unroll
-            for (int x = 0; x < RedCol::kLeft; ++x) {
-              const int idx = o + x;
-              const int q = idx / (2 * S), kind = (idx / S) % 2, s = idx % S;
-              atomicAdd(&sRed[(kind * NP + j * S + s) * RED_S + tg + k + q], v[x]);
+              for (int x = 0; x < RedCol::kLeft; ++x) {
+                const int idx = o + x;
+                const int q = idx / (2 * S), kind = (idx / S) % 2, s = idx % S;
+                atomicAdd(&sRedW[(kind * NP + j * S + s) * RED_S + tg + k + q], v[x]);
+              }
             }
+            if (phased) __syncthreads();
           }
         }
       }
@@ -639,13 +666,26 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
       for (int e = tid; e < 2 * NP * CH; e += kThreads) {
         const int kind = e / (NP * CH), n = (e / CH) % NP, tt = e % CH, t = t0 + tt;
         const bool var = kind == 0 ? varB : varC;
-        float& total = sRed[(kind * NP + n) * RED_S + tt];
+        const int cell = (kind * NP + n) * RED_S + tt;
+        float total = sRed[cell];
+#pragma unroll
+        for (int cp = 1; cp < NSL; ++cp) total += sRed[cp * RED_N + cell];
         if (var && n < N && t < L) {
-          float* out = kind == 0 ? dB_out + (((i64)blk.b * GB + blk.gB) * N + n) * L
-                                 : dC_out + (((i64)blk.b * GC + blk.gC) * N + n) * L;
-          atomicAdd(out + t, total);
+          if (det) {  // this block's slice of (blocks per group, B, G, N, L): plain stores
+            const int G = kind == 0 ? GB : GC, g = kind == 0 ? blk.gB : blk.gC;
+            const int per_group = Gblk / G * ptiles;
+            const int slot = blockIdx.x % (Gblk * ptiles) - g * per_group;
+            const int nbatch = gridDim.x / (Gblk * ptiles);
+            float* out = (kind == 0 ? dB_out : dC_out) + ((((i64)slot * nbatch + blk.b) * G + g) * N + n) * L;
+            out[t] = total;
+          } else {
+            float* out = kind == 0 ? dB_out + (((i64)blk.b * GB + blk.gB) * N + n) * L
+                                   : dC_out + (((i64)blk.b * GC + blk.gC) * N + n) * L;
+            atomicAdd(out + t, total);
+          }
         }
-        total = 0.f;
+#pragma unroll
+        for (int cp = 0; cp < NSL; ++cp) sRed[cp * RED_N + cell] = 0.f;
       }
     }
   }

@@ -10,9 +10,12 @@ R lanes per row, S * R = N rounded up to a power of two): few lanes per row when
 from __future__ import annotations
 
 import math
+import os
 
 import cupy
 import numpy as np
+
+from ssmcore._determinism import deterministic
 
 from . import _arrays, _runtime
 from ._arrays import NULL, cdiv, ptr
@@ -29,12 +32,16 @@ _LAYOUTS = ((1, 1), (2, 1), (1, 2), (4, 1), (1, 4), (4, 2), (1, 8), (4, 4), (1, 
 
 INSTANTIATIONS = [f"scan_fwd<{t}, {s}, {r}>" for t in _TYPES for s, r in _LAYOUTS] + [
     f"scan_bwd<{t}, {s}, {r}>" for t in _TYPES for s, r in _LAYOUTS
-]
+] + ["column_sum<float>"]
 
 # Rows * lanes per row at or above which the wide layout keeps the GPU busy (per multiprocessor).
 _WIDE_THREADS_PER_SM = 512
 # Benchmarks may force a layout: S (the state entries per lane) or None.
 force_states_per_lane = None
+# Speed variant of the backward: blocks per SM its registers are capped for (__launch_bounds__
+# minBlocks; 2 = up to 255 registers, 3 = 168 with a few spilled bytes at S4 R4). Read once from
+# SSMCORE_SCAN_BWD_MIN_BLOCKS; benchmarks set it directly.
+bwd_min_blocks = int(os.environ.get("SSMCORE_SCAN_BWD_MIN_BLOCKS", "2"))
 
 
 def _pow2_ceil(n: int) -> int:
@@ -103,15 +110,15 @@ class _Args:
             return _arrays.contiguous(X, cupy.float32), False, 1
         return _arrays.contiguous(X), True, (1 if X.ndim == 3 else int(X.shape[1]))
 
-    def flags(self, softplus: bool) -> np.int32:
-        return np.int32(int(bool(softplus)) | (2 if self.var_B else 0) | (4 if self.var_C else 0))
+    def flags(self, softplus: bool, det: bool = False) -> np.int32:
+        return np.int32(int(bool(softplus)) | (2 if self.var_B else 0) | (4 if self.var_C else 0) | (8 if det else 0))
 
-    def sizes(self, softplus: bool):
+    def sizes(self, softplus: bool, det: bool = False):
         return (
             np.int32(self.length), np.int32(self.channels), np.int32(self.n_states),
             np.int32(self.channels_per_block_group), np.int32(self.block_groups),
             np.int32(self.groups_B if self.var_B else 1), np.int32(self.groups_C if self.var_C else 1),
-            np.int32(self.row_tiles), self.flags(softplus), np.int32(self.n_chunks),
+            np.int32(self.row_tiles), self.flags(softplus, det), np.int32(self.n_chunks),
         )
 
     def empty(self) -> bool:
@@ -144,6 +151,29 @@ def _cast(x, dtype):
     return x if x.dtype == dtype else x.astype(dtype)
 
 
+def _bc_grad_buffer(a: _Args, var: bool, groups: int, det: bool):
+    if not var:
+        return cupy.zeros((a.batch, a.channels, a.n_states), cupy.float32)
+    shape = (a.batch, groups, a.n_states, a.length)
+    if det:
+        return cupy.empty((a.block_groups // groups * a.row_tiles,) + shape, cupy.float32)
+    return cupy.zeros(shape, cupy.float32)
+
+
+def _fixed_order_sum(part):
+    """part (P, ...) float32 -> sum over P, every column added in the same order on every run."""
+    out = cupy.empty(part.shape[1:], cupy.float32)
+    if part.shape[0] == 1:
+        out[...] = part[0]
+        return out
+    cols = out.size
+    if cols >= 2**31:
+        raise ValueError(f"B: deterministic dB/dC support fewer than 2**31 (B, G, N, L) entries, got {out.shape}")
+    _runtime.launch(_runtime.function(FAMILY, "column_sum<float>"), (cdiv(cols, 32),), (32, 8),
+                    (part, np.int64(part.shape[0]), np.int32(cols), out))
+    return out
+
+
 def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        initial_state=None, dlast_state=None):
     """CuPy backward of ``ssmcore.selective_scan``: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias,
@@ -156,8 +186,11 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     ddelta = cupy.empty((nb, nd, L), delta.dtype)
     dz = cupy.empty((nb, nd, L), z.dtype) if z is not None else None
     dA_part = cupy.zeros((nb, nd, N), f32)
-    dB_buf = cupy.zeros((nb, a.groups_B, N, L) if a.var_B else (nb, nd, N), f32)
-    dC_buf = cupy.zeros((nb, a.groups_C, N, L) if a.var_C else (nb, nd, N), f32)
+    # Input-dependent dB/dC: global atomics into (B, G, N, L), or in deterministic mode one slice per
+    # block of a group, (blocks per group, B, G, N, L), summed in a fixed order by column_sum.
+    det = deterministic() and (a.var_B or a.var_C) and not a.empty()
+    dB_buf = _bc_grad_buffer(a, a.var_B, a.groups_B, det)
+    dC_buf = _bc_grad_buffer(a, a.var_C, a.groups_C, det)
     dD_part = cupy.zeros((nb, nd), f32) if D is not None else None
     dbias_part = cupy.zeros((nb, nd), f32) if delta_bias is not None else None
     dlast = _arrays.contiguous(dlast_state, f32)
@@ -170,12 +203,16 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if not a.empty():
         ckpt = cupy.empty((nb, a.n_chunks, nd, a.np), f32)
         _forward(a, delta_softplus, ckpt=ckpt)
-        kernel = _runtime.function(FAMILY, f"scan_bwd<{a.T}, {a.S}, {a.R}>")
+        options = () if bwd_min_blocks == 2 else (f"-DSCAN_BWD_MIN_BLOCKS={int(bwd_min_blocks)}",)
+        kernel = _runtime.function(FAMILY, f"scan_bwd<{a.T}, {a.S}, {a.R}>", options)
         _runtime.launch(kernel, a.grid, (_THREADS,), (
             _arrays.contiguous(dout), a.u, a.delta, a.A, a.B, a.C, ptr(a.D), ptr(a.z),
             ptr(a.delta_bias), ckpt, ptr(dlast), du, ddelta, ptr(dz), dA_part, dB_buf, dC_buf,
-            ptr(dD_part), ptr(dbias_part), ptr(dh0), *a.sizes(delta_softplus),
+            ptr(dD_part), ptr(dbias_part), ptr(dh0), *a.sizes(delta_softplus, det),
         ))
+        if det:
+            dB_buf = _fixed_order_sum(dB_buf) if a.var_B else dB_buf
+            dC_buf = _fixed_order_sum(dC_buf) if a.var_C else dC_buf
     dB = dB_buf.reshape(B.shape) if a.var_B else dB_buf.sum(axis=0)
     dC = dC_buf.reshape(C.shape) if a.var_C else dC_buf.sum(axis=0)
     return (

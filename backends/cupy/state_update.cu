@@ -15,7 +15,9 @@
 // the new state, and the row's out is a shuffle reduction inside the group. x, dt, z, D, dt_bias are per-row scalars (broadcast loads).
 // Traffic: the state is read and written once (the floor: 2 x Bs x H x P x N x sizeof(state));
 // A, B, C stay in L2 (A is H x P x N floats, B/C B x G x N); no shared memory.
-// Padding rows (negative state_batch_indices) write out = 0 and touch no state.
+// Padding rows (negative state_batch_indices) write out = 0 and touch no state; so do rows whose
+// index is >= n_rows (the pool size): the host check rejecting those is skipped during CUDA-graph
+// capture, so the kernel must stay in bounds on its own.
 #include "common.cuh"
 
 #define SSU_THREADS 128
@@ -72,7 +74,7 @@ __global__ void __launch_bounds__(SSU_THREADS) state_update(
     const float* __restrict__ A, const TBC* __restrict__ Bm, const TBC* __restrict__ Cm,
     const float* __restrict__ Dv, const void* __restrict__ z, int z_code, const float* __restrict__ dt_bias,
     const int* __restrict__ state_indices, void* __restrict__ out, int n_batch, int H, int P, int N,
-    int heads_per_group, int softplus,
+    int heads_per_group, int softplus, int n_rows,
     // strides in elements: state (pool row, head, p, n); x, dt, z (batch, head, p); A (head, p, n);
     // B, C (batch, group, n); D, dt_bias (head, p)
     i64 s0, i64 s1, i64 s2, i64 s3, i64 x0, i64 x1, i64 x2, i64 dt0, i64 dt1, i64 dt2, i64 z0, i64 z1, i64 z2,
@@ -85,7 +87,8 @@ __global__ void __launch_bounds__(SSU_THREADS) state_update(
   const int p = live ? (int)(row - bh * (unsigned)P) : 0;
   const int h = live ? (int)(bh % (unsigned)H) : 0;
   const int b = live ? (int)(bh / (unsigned)H) : 0;
-  const i64 slot = !live ? -1 : (state_indices ? state_indices[b] : b);
+  i64 slot = !live ? -1 : (state_indices ? state_indices[b] : b);
+  if (slot >= n_rows) slot = -1;  // out of the pool: padding (only reachable when host checks were skipped)
 
   float y = 0.f;
   float xv = 0.f;

@@ -79,7 +79,10 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         and _vec_ok(B, st_b[2], st_b[:2])
         and _vec_ok(C, st_c[2], st_c[:2])
     )
-    indices = None if state_batch_indices is None else cupy.ascontiguousarray(state_batch_indices, dtype=cupy.int32)
+    indices = state_batch_indices
+    if indices is not None and indices.dtype.itemsize > 4:  # no int64 value may wrap into a valid row
+        indices = indices.clip(-1, state.shape[0])
+    indices = None if indices is None else cupy.ascontiguousarray(indices, dtype=cupy.int32)
     kernel = _runtime.function(FAMILY, f"state_update<{ts}, {tb}, {'true' if vec else 'false'}>")
     strides = st_state + st_x + st_dt + st_z + st_a + st_b + st_c + st_d + st_db
     _runtime.launch(
@@ -87,7 +90,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         (state, x, np.int32(_CODES[x.dtype.name]), dt, np.int32(_CODES[dt.dtype.name]), A, B, C, ptr(D), ptr(z),
          np.int32(_CODES[z.dtype.name] if z is not None else 0), ptr(dt_bias), ptr(indices), out,
          np.int32(n_batch), np.int32(n_heads), np.int32(head_dim), np.int32(n_state),
-         np.int32(n_heads // groups), np.int32(bool(dt_softplus)), *(np.int64(s) for s in strides)),
+         np.int32(n_heads // groups), np.int32(bool(dt_softplus)), np.int32(state.shape[0]),
+         *(np.int64(s) for s in strides)),
     )
     return out
 

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 from ssmcore._checks import (
     ACT, INDEX, Dims, check_bool, check_choice, check_dtype, check_indices, check_writable, dtype_name,
+    stream_capturing,
 )
 from ssmcore._dispatch import resolve
 
@@ -140,6 +141,11 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
         conv_state_indices: (B,) int32/int64, optional: row b uses conv_state[conv_state_indices[b]];
             negative = padding (output 0, no state row touched). Without it Bs must equal B.
 
+    Index checks (indices < Bs and distinct, cache_seqlens >= 0) read the arrays back to the host; while
+    the current CuPy stream captures a CUDA graph they are skipped, and the GPU kernel instead treats a
+    row whose index is >= Bs (or whose cache_seqlens is negative) as padding: output 0, no state row
+    read or written.
+
     Returns:
         out, same shape and dtype as x.
     """
@@ -165,7 +171,8 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     dims.check("bias", bias, "D")
     _check_param("bias", bias, x)
     dims.check("cache_seqlens", cache_seqlens, "B", INDEX)
-    if cache_seqlens is not None and cache_seqlens.size and int(cache_seqlens.min()) < 0:
+    if (cache_seqlens is not None and cache_seqlens.size and not stream_capturing(call.xp)
+            and int(cache_seqlens.min()) < 0):
         raise ValueError(f"cache_seqlens: expected lengths >= 0, got min {int(cache_seqlens.min())}")
     dims.check("conv_state_indices", conv_state_indices, "B", INDEX)
     if conv_state_indices is None and dims["Bs"] != dims["B"]:

@@ -48,6 +48,9 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         dt_softplus: apply softplus to dt + dt_bias.
         state_batch_indices: (B,) int32/int64, optional: row b uses state[state_batch_indices[b]];
             negative = padding (output 0, no state row touched). Without it Bs must equal B.
+            The check that indices are < Bs and distinct reads them back to the host; while the
+            current CuPy stream captures a CUDA graph it is skipped, and the GPU kernel instead
+            treats an index >= Bs as padding (output 0, no state row read or written).
 
     Math runs in float32 (float64 when state or an activation is float64); a float16/bfloat16
     state is read, updated in float32 and rounded back once per step.

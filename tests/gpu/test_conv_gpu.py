@@ -299,3 +299,105 @@ def test_beyond_int32_offsets(channel_last):
         want = pre / (1.0 + np.exp(-pre))
         assert_close(host(out[b, d]), want, "bfloat16", *CONV_TOL["bfloat16"], name=f"row ({b}, {d})")
     del gx, out
+
+
+# --- Index arrays the host does not check (CUDA-graph capture) -------------------------------------
+
+
+def _unchecked(monkeypatch):
+    """Make the ops believe the stream is capturing: the host index checks are skipped."""
+    import importlib
+    for module in ("ssmcore._checks", "ssmcore.ops.conv"):
+        monkeypatch.setattr(importlib.import_module(module), "stream_capturing", lambda xp: True)
+
+
+def _update_expectation(x, state, weight, bias, cache_seqlens, indices):
+    """Reference result with every row the kernel must treat as padding marked -1."""
+    pool_rows = state.shape[0]
+    bad = (indices < 0) | (indices >= pool_rows)
+    if cache_seqlens is not None:
+        bad |= cache_seqlens < 0
+    safe_idx = np.where(bad, -1, indices).astype(np.int64)
+    safe_len = None if cache_seqlens is None else np.where(bad, 0, cache_seqlens).astype(np.int64)
+    return reference.causal_conv1d_update(x, state, weight, bias, "silu", safe_len, safe_idx), bad
+
+
+@pytest.mark.parametrize("index_dtype", ["int32", "int64"])
+@pytest.mark.parametrize("circular", [False, True], ids=["shift", "circular"])
+def test_update_unchecked_indices_stay_in_bounds(rng, monkeypatch, index_dtype, circular):
+    """Without the host checks (as during capture), indices >= Bs or < -1 and negative cache_seqlens
+    make a padding row: output 0, no state row read or written, nothing past the pool touched."""
+    _unchecked(monkeypatch)
+    batch, channels, width, state_len, pool_rows = 6, 24, 4, 5, 5
+    indices = np.array([3, pool_rows, -7, 0, 2**31 + 1 if index_dtype == "int64" else pool_rows + 40, 4],
+                       dtype=index_dtype)
+    cache_seqlens = np.array([7, 3, 1, -4, 2, 11], dtype=index_dtype) if circular else None
+    x = randn(rng, (batch, channels, 2), "bfloat16")
+    weight, bias = randn(rng, (channels, width), "float32"), randn(rng, channels, "float32")
+    # The pool is the head of a bigger buffer: rows past it are sentinels that must not change.
+    buffer = randn(rng, (pool_rows + 3, channels, state_len), "float32")
+    gbuf = gpu(buffer)
+    out = ssmcore.causal_conv1d_update(gpu(x), gbuf[:pool_rows], gpu(weight), gpu(bias), "silu",
+                                       gpu(cache_seqlens), gpu(indices))
+    (ref_out, ref_state), bad = _update_expectation(x, buffer[:pool_rows], weight, bias, cache_seqlens, indices)
+    assert bad.sum() == (4 if circular else 3)
+    got = f64(host(out))
+    assert float(np.abs(got[bad]).max()) == 0.0, "unchecked bad rows output 0"
+    assert_close(got, ref_out, "bfloat16", *CONV_TOL["bfloat16"], name="out")
+    after = host(gbuf)
+    np.testing.assert_array_equal(after[:pool_rows], ref_state.astype(np.float32))
+    np.testing.assert_array_equal(after[pool_rows:], buffer[pool_rows:], err_msg="wrote past the pool")
+
+
+def test_cuda_graph_update_with_indices(rng):
+    """causal_conv1d_update with conv_state_indices and cache_seqlens captured in a CUDA graph (no host
+    sync in the checks); the replay reads the index arrays as they are then, an out-of-pool index
+    included (a padding row)."""
+    batch, channels, width, state_len, pool_rows = 4, 64, 4, 6, 7
+    weight, bias = randn(rng, (channels, width), "float32"), randn(rng, channels, "float32")
+    gw, gb = gpu(weight), gpu(bias)
+    state0 = randn(rng, (pool_rows, channels, state_len), "bfloat16")
+    gstate = gpu(state0)
+    gx = gpu(randn(rng, (batch, channels), "bfloat16"))
+    gidx = gpu(np.array([1, 4, -1, 6], dtype=np.int32))
+    glen = gpu(np.array([0, 5, 2, 9], dtype=np.int32))
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        for _ in range(2):  # compile and fill the memory pool outside the capture
+            ssmcore.causal_conv1d_update(gx, gstate, gw, gb, "silu", glen, gidx)
+        gstate[...] = gpu(state0)
+        stream.synchronize()
+        stream.begin_capture()
+        out = ssmcore.causal_conv1d_update(gx, gstate, gw, gb, "silu", glen, gidx)
+        graph = stream.end_capture()
+    x = randn(rng, (batch, channels), "bfloat16")
+    indices = np.array([5, pool_rows + 3, 0, 2], dtype=np.int32)  # row 1 is outside the pool
+    cache_seqlens = np.array([3, 1, 8, 13], dtype=np.int32)
+    gx[...] = gpu(x)
+    gidx[...] = gpu(indices)
+    glen[...] = gpu(cache_seqlens)
+    graph.launch(stream)
+    stream.synchronize()
+    (ref_out, ref_state), bad = _update_expectation(x, state0, weight, bias, cache_seqlens, indices)
+    assert bad.tolist() == [False, True, False, False]
+    assert float(np.abs(f64(host(out))[1]).max()) == 0.0
+    assert_close(host(out), ref_out, "bfloat16", *CONV_TOL["bfloat16"], name="replayed out")
+    np.testing.assert_array_equal(f64(host(gstate)), ref_state.astype(ml_dtypes.bfloat16).astype(np.float64))
+
+
+# --- deterministic backward ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [300, 2048 + 40])
+def test_backward_bitwise_reproducible(rng, length):
+    """dweight/dbias are sums over batch and time of per-block partials added by column_sum in a
+    fixed order (no atomics, so in every mode): two runs agree bit for bit."""
+    x = randn(rng, (2, 8, length), "bfloat16")
+    dout = randn(rng, x.shape, "bfloat16")
+    weight, bias = randn(rng, (8, 4), "float32"), randn(rng, 8, "float32")
+    init = randn(rng, (2, 8, 3), "bfloat16")
+    g = [gpu(a) for a in (dout, x, weight, bias, init)]
+    runs = [ssmcore.causal_conv1d_bwd(g[0], g[1], g[2], g[3], "silu", None, g[4]) for _ in range(3)]
+    for again in runs[1:]:
+        for name, a, b in zip(runs[0]._fields, runs[0], again):
+            np.testing.assert_array_equal(f64(host(a)), f64(host(b)), err_msg=f"{name} differs between runs")
