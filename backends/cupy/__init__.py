@@ -17,7 +17,7 @@ _OPS = {
     "causal_conv1d_update": "conv",
     "selective_state_update": "state_update",
     "ssd": "state_space_duality",
-    "ssd_bwd": "state_space_duality",
+    "ssd_bwd": "state_space_duality_bwd",
     "rms_norm": "norm",
     "rms_norm_bwd": "norm",
     "layer_norm": "norm",

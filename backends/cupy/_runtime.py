@@ -11,6 +11,7 @@ adapter points at torch's current stream.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import cupy
@@ -39,8 +40,16 @@ def _module(family: str, name_expression: str, options: tuple) -> cupy.RawModule
     )
 
 
+def hip_name(name_expression: str) -> str:
+    """A name expression as hiprtc can look it up: typedef names spelled out (ROCm 5.2's hiprtc
+    matches name expressions against demangled kernel names, where ``half_t`` reads ``__half``)."""
+    return re.sub(r"\bhalf_t\b", "__half", name_expression)
+
+
 def function(family: str, name_expression: str, options: tuple = ()):
     """The compiled kernel for one template instantiation, e.g. ``scan_fwd<float, 16>``."""
+    if is_hip():
+        name_expression = hip_name(name_expression)
     return _module(family, name_expression, tuple(options)).get_function(name_expression)
 
 

@@ -5,18 +5,44 @@
 
 #if defined(__HIPCC__) || defined(__HIP_PLATFORM_AMD__)
 #define SSM_HIP 1
+#if defined(__HIPCC_RTC__)
+// hiprtc predefines __half and its conversions; including <hip/hip_fp16.h> again can clash with
+// its built-in copy (ROCm 5.2). It has no <cstdint>: the clang builtin types stdint.h would use.
+typedef __UINT16_TYPE__ uint16_t;
+typedef __UINT32_TYPE__ uint32_t;
+#else  // hipcc (as CuPy's hipcc backend and `ssmcore check-kernels --hip` compile it)
+#include <hip/hip_runtime.h>
 #include <hip/hip_fp16.h>
-#include <hip/hip_bfloat16.h>
+#endif
 typedef __half half_t;
-typedef hip_bfloat16 bf16_t;
+// bfloat16 as plain 16-bit storage with our own conversions: hip_bfloat16 / __hip_bfloat16 and
+// their headers differ across ROCm versions and between hipcc and hiprtc. Same layout as torch's.
+struct bf16_t {
+  unsigned short bits;
+};
 #define SSM_WARP_SIZE 64
 #define SSM_FULL_MASK 0xffffffffffffffffull
 #define SSM_SHFL_XOR(v, lane) __shfl_xor((v), (lane))
 #define SSM_SHFL_UP(v, delta) __shfl_up((v), (delta))
 #define SSM_SHFL_DOWN(v, delta) __shfl_down((v), (delta))
 #define SSM_SHFL(v, lane) __shfl((v), (lane))
-__device__ __forceinline__ float to_float(bf16_t x) { return static_cast<float>(x); }
-__device__ __forceinline__ bf16_t to_bf16(float x) { return bf16_t(x); }
+// CUDA's __trap() (abort the kernel) has no HIP declaration; clang's builtin does the same.
+#define __trap() __builtin_trap()
+__device__ __forceinline__ float to_float(bf16_t x) {
+  const unsigned int u = static_cast<unsigned int>(x.bits) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+// Round to nearest even; NaN stays a (quiet) NaN.
+__device__ __forceinline__ bf16_t to_bf16(float x) {
+  unsigned int u;
+  __builtin_memcpy(&u, &x, 4);
+  const unsigned int r = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+  bf16_t b;
+  b.bits = static_cast<unsigned short>(r >> 16);
+  return b;
+}
 #else
 #define SSM_HIP 0
 #include <cuda_fp16.h>
@@ -164,3 +190,171 @@ __device__ __forceinline__ float silu_grad_f(float x) {
   const float sig = sigmoid_f(x);
   return sig * (1.f + x * (1.f - sig));
 }
+
+// ---- tensor cores: warp-level mma (SSD kernels) ----------------------------------------------
+// D += A*B on one warp, fp32 accumulate. Fragment layouts are the PTX ISA ones for
+// mma.sync.aligned.m16n8k16.row.col: g = lane >> 2, t = lane & 3; pairs are packed with the
+// lower column/row index in the low half.
+//   a[0] = A[g][2t,2t+1], a[1] = A[g+8][2t,2t+1], a[2] = A[g][2t+8,2t+9], a[3] = A[g+8][2t+8,2t+9]  (A 16x16)
+//   b[0] = B[2t,2t+1][g], b[1] = B[2t+8,2t+9][g]                                                  (B 16x8)
+//   c[0], c[1] = C[g][2t,2t+1];  c[2], c[3] = C[g+8][2t,2t+1]                                      (C 16x8)
+// tf32 m16n8k8: a[0]=A[g][t], a[1]=A[g+8][t], a[2]=A[g][t+4], a[3]=A[g+8][t+4]; b[0]=B[t][g], b[1]=B[t+4][g].
+// CUDA: inline PTX (sm_80+). HIP and the CPU emulator (SSM_EMULATION): a portable warp-shuffle
+// version with the same fragment layout and the same products (slow; for testing/portability).
+#if !SSM_HIP && !defined(SSM_EMULATION)
+#define SSM_MMA_PTX 1
+#if defined(__CUDACC_RTC__)  // NVRTC has no <cstdint>
+typedef unsigned int uint32_t;
+typedef unsigned short uint16_t;
+#endif
+#else
+#define SSM_MMA_PTX 0
+#endif
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+#if SSM_MMA_PTX
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+#else
+  bf16_t l = to_bf16(lo), h = to_bf16(hi);
+  uint16_t lb, hb;
+  __builtin_memcpy(&lb, &l, 2);
+  __builtin_memcpy(&hb, &h, 2);
+  return uint32_t(lb) | (uint32_t(hb) << 16);
+#endif
+}
+
+__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
+#if SSM_MMA_PTX
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+#else
+  half_t l = __float2half_rn(lo), h = __float2half_rn(hi);
+  uint16_t lb, hb;
+  __builtin_memcpy(&lb, &l, 2);
+  __builtin_memcpy(&hb, &h, 2);
+  return uint32_t(lb) | (uint32_t(hb) << 16);
+#endif
+}
+
+// x rounded to tf32 (10-bit mantissa, round to nearest, ties away: cvt.rna), as fp32 bits.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+#if SSM_MMA_PTX
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+#else
+  uint32_t u;
+  __builtin_memcpy(&u, &x, 4);
+  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;  // inf/NaN kept
+  return u;
+#endif
+}
+
+#if !SSM_MMA_PTX
+namespace ssm_mma_detail {
+__device__ __forceinline__ float lo_bf16(uint32_t v) {
+  uint32_t u = v << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+__device__ __forceinline__ float hi_bf16(uint32_t v) {
+  uint32_t u = v & 0xffff0000u;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+__device__ __forceinline__ float half_bits(uint32_t v) {
+  uint16_t b = uint16_t(v & 0xffffu);
+  half_t h;
+  __builtin_memcpy(&h, &b, 2);
+  return __half2float(h);
+}
+__device__ __forceinline__ float lo_f16(uint32_t v) { return half_bits(v); }
+__device__ __forceinline__ float hi_f16(uint32_t v) { return half_bits(v >> 16); }
+__device__ __forceinline__ float f32_bits(uint32_t v) {
+  float f;
+  __builtin_memcpy(&f, &v, 4);
+  return f;
+}
+__device__ __forceinline__ int lane32() { return int(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) & 31; }
+// The hardware lane of lane 0 of this 32-lane group (0, or 32 in the upper half of a HIP wave64).
+__device__ __forceinline__ int group_base() {
+  return (int(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % SSM_WARP_SIZE) & ~31;
+}
+
+// m16n8k16 with 16-bit pairs; LO/HI unpack the low/high element of a pair.
+template <float (*LO)(uint32_t), float (*HI)(uint32_t)>
+__device__ __forceinline__ void mma_16816_generic(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const int lane = lane32(), g = lane >> 2, t = lane & 3, o = group_base();
+  float s[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int tp = 0; tp < 4; ++tp) {  // k pairs 2tp, 2tp+1 and 2tp+8, 2tp+9
+    const uint32_t a0 = SSM_SHFL(a[0], o + g * 4 + tp), a1 = SSM_SHFL(a[1], o + g * 4 + tp);
+    const uint32_t a2 = SSM_SHFL(a[2], o + g * 4 + tp), a3 = SSM_SHFL(a[3], o + g * 4 + tp);
+    for (int j = 0; j < 2; ++j) {  // output column 2t + j lives in lanes (2t + j) * 4 + tp
+      const uint32_t b0 = SSM_SHFL(b[0], o + (2 * t + j) * 4 + tp), b1 = SSM_SHFL(b[1], o + (2 * t + j) * 4 + tp);
+      s[j] += LO(a0) * LO(b0) + HI(a0) * HI(b0) + LO(a2) * LO(b1) + HI(a2) * HI(b1);
+      s[2 + j] += LO(a1) * LO(b0) + HI(a1) * HI(b0) + LO(a3) * LO(b1) + HI(a3) * HI(b1);
+    }
+  }
+  for (int i = 0; i < 4; ++i) c[i] += s[i];
+}
+}  // namespace ssm_mma_detail
+#endif
+
+__device__ __forceinline__ void mma_16816_bf16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if SSM_MMA_PTX
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  ssm_mma_detail::mma_16816_generic<ssm_mma_detail::lo_bf16, ssm_mma_detail::hi_bf16>(c, a, b);
+#endif
+}
+
+__device__ __forceinline__ void mma_16816_f16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if SSM_MMA_PTX
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  ssm_mma_detail::mma_16816_generic<ssm_mma_detail::lo_f16, ssm_mma_detail::hi_f16>(c, a, b);
+#endif
+}
+
+__device__ __forceinline__ void mma_1688_tf32(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if SSM_MMA_PTX
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  using namespace ssm_mma_detail;
+  const int lane = lane32(), g = lane >> 2, t = lane & 3, o = group_base();
+  float s[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int tp = 0; tp < 4; ++tp) {  // k = tp and tp + 4
+    const float a0 = f32_bits(SSM_SHFL(a[0], o + g * 4 + tp)), a1 = f32_bits(SSM_SHFL(a[1], o + g * 4 + tp));
+    const float a2 = f32_bits(SSM_SHFL(a[2], o + g * 4 + tp)), a3 = f32_bits(SSM_SHFL(a[3], o + g * 4 + tp));
+    for (int j = 0; j < 2; ++j) {
+      const float b0 = f32_bits(SSM_SHFL(b[0], o + (2 * t + j) * 4 + tp));
+      const float b1 = f32_bits(SSM_SHFL(b[1], o + (2 * t + j) * 4 + tp));
+      s[j] += a0 * b0 + a2 * b1;
+      s[2 + j] += a1 * b0 + a3 * b1;
+    }
+  }
+  for (int i = 0; i < 4; ++i) c[i] += s[i];
+#endif
+}
+
+// Dynamic shared memory of a kernel, as `unsigned char name[]` aligned to 16 bytes.
+#ifdef SSM_EMULATION
+#define SSM_DYNAMIC_SMEM(name) alignas(16) static unsigned char name[256 * 1024]
+#else
+#define SSM_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif

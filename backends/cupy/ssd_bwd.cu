@@ -1,0 +1,614 @@
+// SSD (Mamba-2) backward on the GPU: the chunked form, chunk matrix products on tensor cores (mma.sync).
+//
+// Notation per (batch b, head h), chunk c of Q positions t0 .. t_end (the last chunk may be short):
+//   d_t   = dt' (softplus / clamp applied), a_t = d_t * A_h, cs_t = sum_{k = t0 .. t} a_k (chunk-local);
+//   seg_t = number of sequence starts at or before t (monotone even if seq_idx is not), so "same
+//           sequence" is seg_s == seg_t; seg_prev = seg_{t0 - 1} (0 for chunk 0: initial_states feed seg 0);
+//   w_t   = [seg_t == seg_prev] (t still sees the chunk-start state), v_s = [seg_s == seg_{t_end}]
+//           (s feeds the chunk-end state), u_c = w_{t_end};
+//   M[t,s] = (C_t . B_s) exp(cs_t - cs_s) [s <= t, seg_s == seg_t]   (CB[t,s] = C_t . B_s, per group);
+//   h0_c  = state before chunk c (P x N), h_end_c = u exp(cs_end) h0 + sum_s v_s exp(cs_end - cs_s) d_s x_s B_s^T;
+//   y_t   = sum_s M[t,s] d_s x_s + w_t exp(cs_t) h0 C_t + D x_t ;  dy = dout * silu(z).
+// Backward: dh_c (gradient of h_end_c) by a reverse pass over chunks, dh_{c-1} = Gl_c + u_c exp(cs_end) dh_c
+// with Gl_c = sum_t w_t exp(cs_t) dy_t C_t^T; then per position dx, dB, dC, the direct d(d_t) and
+// d(cs_t) terms; d(a_k) = sum_{t >= k} d(cs_t) (a reverse cumsum per chunk) gives ddt and dA.
+//
+// Pipeline (launcher: state_space_duality_bwd.py). Work buffers are float32; nothing is saved from the
+// forward. No atomics: every output element has one writer, and sums over batch / chunks / the heads of
+// a group are taken afterwards from partial buffers, so results are deterministic.
+//   ssdb_cumsum      (b, h, c)       d, slope = d d_t / d raw (0 where clamped), cs
+//   ssdb_dy          (b, l, h, p)    dy = dout * silu(z) in fp32
+//   ssdb_mm<T, KIND> tensor cores:   CB, DX (Q x Q per chunk), chunk states S and Gl (P x N), hC = h0 C_t,
+//                                    dhB = dh B_t, dx, dz (y recomputed), dC, dB per head (table below)
+//   ssdb_pass        (b, h, p, n)    forward state passing (S -> h0 in place), reverse (Gl -> dh), dinitial
+//   ssdb_dcs<T>      (b, h, l)       d(cs_t), the direct d(d_t) and the state term E_t (SIMT, reads CB, DX)
+//   ssdb_dt          (b, h, c)       reverse cumsum -> ddt, partial dA / ddt_bias per (b, c, h)
+// The plain SIMT kernels ssdb_cb / ssdb_dx_dot / ssdb_states / ssdb_dx / ssdb_dbc (one thread per output
+// element, loops over the reduction axis) compute the same products; they are the launcher's fallback
+// (USE_TENSOR_CORES = False) and the reference the tests hold the tensor-core path to.
+// Traffic (B8 L4096 H64 P64 N128, Q 256): DX is B*nc*H*Q*Q fp32 = 2 GiB written once and read by dc, db
+// and dcs; CB is per group (33 MB). Not yet fused: each product re-reads its operands from global memory
+// (L2), and the Q x Q matrices go through HBM.
+#include "common.cuh"
+
+__device__ __forceinline__ i64 gtid() { return (i64)blockIdx.x * blockDim.x + threadIdx.x; }
+
+// d, slope, cs: (B, H, L) fp32. dt (B, L, H) fp32, A and dt_bias (H,) fp32.
+extern "C" __global__ void ssdb_cumsum(const float* __restrict__ dt, const float* __restrict__ A,
+                                       const float* __restrict__ dt_bias, int softplus, int clamp, float lo, float hi,
+                                       float* __restrict__ d, float* __restrict__ slope, float* __restrict__ cs,
+                                       int batch, i64 L, int H, int Q, int nc) {
+  const i64 i = gtid();
+  if (i >= (i64)batch * H * nc) return;
+  const int c = (int)(i % nc);
+  const int h = (int)((i / nc) % H);
+  const i64 b = i / ((i64)nc * H);
+  const i64 t0 = (i64)c * Q, t1 = t0 + Q < L ? t0 + Q : L;
+  const float a = A[h], bias = dt_bias[h];
+  float acc = 0.f;
+  for (i64 t = t0; t < t1; ++t) {
+    const float raw = dt[(b * L + t) * H + h] + bias;
+    float v = raw, sl = 1.f;
+    if (softplus && raw <= 20.f) {
+      v = log1pf(expf(raw));
+      sl = 1.f / (1.f + expf(-raw));
+    }
+    if (clamp && (v < lo || v > hi)) {
+      v = v < lo ? lo : hi;
+      sl = 0.f;
+    }
+    acc += v * a;
+    const i64 o = (b * H + h) * L + t;
+    d[o] = v;
+    slope[o] = sl;
+    cs[o] = acc;
+  }
+}
+
+// dy = dout * silu(z) (or dout), fp32, (B, L, H, P).
+template <typename T>
+__global__ void ssdb_dy(const T* __restrict__ dout, const T* __restrict__ z, float* __restrict__ dy, i64 n) {
+  const i64 i = gtid();
+  if (i >= n) return;
+  float g = load_f(dout + i);
+  if (z != nullptr) g *= silu_f(load_f(z + i));
+  dy[i] = g;
+}
+
+// CB[b, c, g, t, s] = C_t . B_s for s <= t (0 above the diagonal and past the end). (B, nc, G, Q, Q).
+template <typename T>
+__global__ void ssdb_cb(const T* __restrict__ Bm, const T* __restrict__ Cm, float* __restrict__ cb, int batch,
+                        i64 L, int G, int N, int Q, int nc) {
+  const i64 i = gtid();
+  if (i >= (i64)batch * nc * G * Q * Q) return;
+  const int s = (int)(i % Q), t = (int)((i / Q) % Q);
+  const i64 r = i / ((i64)Q * Q);  // (b, c, g)
+  const int g = (int)(r % G), c = (int)((r / G) % nc);
+  const i64 b = r / ((i64)G * nc);
+  const i64 ts = (i64)c * Q + t, ss = (i64)c * Q + s;
+  float acc = 0.f;
+  if (s <= t && ts < L) {
+    const T* cp = Cm + ((b * L + ts) * G + g) * N;
+    const T* bp = Bm + ((b * L + ss) * G + g) * N;
+    for (int n = 0; n < N; ++n) acc += load_f(cp + n) * load_f(bp + n);
+  }
+  cb[i] = acc;
+}
+
+// DX[b, c, h, t, s] = dy_t . x_s over p (all t, s of the chunk; 0 past the end). (B, nc, H, Q, Q).
+template <typename T>
+__global__ void ssdb_dx_dot(const float* __restrict__ dy, const T* __restrict__ x, float* __restrict__ dxd,
+                            int batch, i64 L, int H, int P, int Q, int nc) {
+  const i64 i = gtid();
+  if (i >= (i64)batch * nc * H * Q * Q) return;
+  const int s = (int)(i % Q), t = (int)((i / Q) % Q);
+  const i64 r = i / ((i64)Q * Q);  // (b, c, h)
+  const int h = (int)(r % H), c = (int)((r / H) % nc);
+  const i64 b = r / ((i64)H * nc);
+  const i64 ts = (i64)c * Q + t, ss = (i64)c * Q + s;
+  float acc = 0.f;
+  if (ts < L && ss < L) {
+    const float* yp = dy + ((b * L + ts) * H + h) * P;
+    const T* xp = x + ((b * L + ss) * H + h) * P;
+    for (int p = 0; p < P; ++p) acc += yp[p] * load_f(xp + p);
+  }
+  dxd[i] = acc;
+}
+
+// kind 0: S_c[p, n] = sum_s v_s exp(cs_end - cs_s) d_s x_s[p] B_s[n]   (chunk states; V = x, W = B)
+// kind 1: Gl_c[p, n] = sum_t w_t exp(cs_t) dy_t[p] C_t[n]              (V = dy fp32, W = C)
+// out (B, nc, H, P, N) fp32.
+template <typename T>
+__global__ void ssdb_states(int kind, const T* __restrict__ x, const float* __restrict__ dy,
+                            const T* __restrict__ W, const float* __restrict__ d, const float* __restrict__ cs,
+                            const int* __restrict__ seg, float* __restrict__ out, int batch, i64 L, int H, int G,
+                            int P, int N, int Q, int nc) {
+  const i64 i = gtid();
+  if (i >= (i64)batch * nc * H * P * N) return;
+  const int n = (int)(i % N), p = (int)((i / N) % P);
+  const i64 r = i / ((i64)N * P);
+  const int h = (int)(r % H), c = (int)((r / H) % nc);
+  const i64 b = r / ((i64)H * nc);
+  const int g = h / (H / G);
+  const i64 t0 = (i64)c * Q, t1 = t0 + Q < L ? t0 + Q : L;
+  const i64 hrow = (b * H + h) * L;
+  const int seg_end = seg[b * L + t1 - 1], seg_prev = t0 > 0 ? seg[b * L + t0 - 1] : 0;
+  const float cs_end = cs[hrow + t1 - 1];
+  float acc = 0.f;
+  for (i64 t = t0; t < t1; ++t) {
+    const int sg = seg[b * L + t];
+    const i64 xo = ((b * L + t) * H + h) * P + p;
+    const float w = load_f(W + ((b * L + t) * G + g) * N + n);
+    if (kind == 0) {
+      if (sg == seg_end) acc += expf(cs_end - cs[hrow + t]) * d[hrow + t] * load_f(x + xo) * w;
+    } else {
+      if (sg == seg_prev) acc += expf(cs[hrow + t]) * dy[xo] * w;
+    }
+  }
+  out[i] = acc;
+}
+
+// Sequential over chunks per (b, h, p, n). reverse = 0: buf holds S_c, becomes h0_c (state before chunk c),
+// init = initial_states (fp32) or null. reverse = 1: buf holds Gl_c, becomes dh_c (gradient of the state at the
+// end of chunk c), init = dfinal_states or null; dinit (fp32) gets the gradient of the initial state (or null).
+extern "C" __global__ void ssdb_pass(int reverse, float* __restrict__ buf, const float* __restrict__ init,
+                                     float* __restrict__ dinit, const float* __restrict__ cs,
+                                     const int* __restrict__ seg, int batch, i64 L, int H, int PN, int Q, int nc) {
+  const i64 i = gtid();
+  if (i >= (i64)batch * H * PN) return;
+  const int e = (int)(i % PN);
+  const i64 bh = i / PN;
+  const int h = (int)(bh % H);
+  const i64 b = bh / H;
+  float carry = init != nullptr ? init[i] : 0.f;
+  for (int k = 0; k < nc; ++k) {
+    const int c = reverse ? nc - 1 - k : k;
+    const i64 t0 = (i64)c * Q, t1 = t0 + Q < L ? t0 + Q : L;
+    const bool u = seg[b * L + t1 - 1] == (t0 > 0 ? seg[b * L + t0 - 1] : 0);
+    const float decay = u ? expf(cs[bh * L + t1 - 1]) : 0.f;
+    const i64 o = (((b * nc + c) * H + h) * (i64)PN) + e;
+    const float v = buf[o];
+    buf[o] = carry;
+    carry = decay * carry + v;
+  }
+  if (reverse && dinit != nullptr) dinit[i] = carry;
+}
+
+// Per (b, t, h, p): dx, dz (y recomputed when z is given), hC = h0 C_t and dhB = dh B_t (fp32, for ssdb_dcs).
+template <typename T>
+__global__ void ssdb_dx(const T* __restrict__ x, const T* __restrict__ Bm, const T* __restrict__ Cm,
+                        const T* __restrict__ dout, const T* __restrict__ z, const float* __restrict__ dy,
+                        const float* __restrict__ Dp, const float* __restrict__ d, const float* __restrict__ cs,
+                        const int* __restrict__ seg, const float* __restrict__ cb, const float* __restrict__ h0,
+                        const float* __restrict__ dh, float* __restrict__ dx, float* __restrict__ dz,
+                        float* __restrict__ hC, float* __restrict__ dhB, int batch, i64 L, int H, int G, int P,
+                        int N, int Q, int nc) {
+  const i64 i = gtid();
+  if (i >= (i64)batch * L * H * P) return;
+  const int p = (int)(i % P), h = (int)((i / P) % H);
+  const i64 t = (i / ((i64)P * H)) % L, b = i / ((i64)P * H * L);
+  const int g = h / (H / G), c = (int)(t / Q);
+  const i64 t0 = (i64)c * Q, t1 = t0 + Q < L ? t0 + Q : L;
+  const i64 hrow = (b * H + h) * L, srow = b * L;
+  const int sg = seg[srow + t], seg_end = seg[srow + t1 - 1], seg_prev = t0 > 0 ? seg[srow + t0 - 1] : 0;
+  const float cs_t = cs[hrow + t], d_t = d[hrow + t], cs_end = cs[hrow + t1 - 1];
+  const float* cbm = cb + (((b * nc + c) * G + g) * (i64)Q) * Q;
+  const i64 so = (((b * nc + c) * H + h) * (i64)P + p) * N;
+  const T* brow = Bm + ((srow + t) * G + g) * N;
+  const T* crow = Cm + ((srow + t) * G + g) * N;
+  float hc = 0.f, db = 0.f;
+  for (int n = 0; n < N; ++n) {
+    hc += h0[so + n] * load_f(crow + n);
+    db += dh[so + n] * load_f(brow + n);
+  }
+  hC[i] = hc;
+  dhB[i] = db;
+  const float Dv = Dp[h * P + p];
+  // dx_t = d_t sum_{t' >= t} M[t', t] dy_t' + d_t v_t exp(cs_end - cs_t) dh B_t + D dy_t
+  float acc = 0.f;
+  for (i64 tp = t; tp < t1; ++tp) {
+    if (seg[srow + tp] != sg) break;  // seg is monotone: later positions are other sequences too
+    acc += cbm[(tp - t0) * Q + (t - t0)] * expf(cs[hrow + tp] - cs_t) * dy[((srow + tp) * H + h) * P + p];
+  }
+  float g_dx = d_t * acc + Dv * dy[i];
+  if (sg == seg_end) g_dx += d_t * expf(cs_end - cs_t) * db;
+  dx[i] = g_dx;
+  if (z != nullptr) {
+    // y_t = sum_{s <= t} M[t, s] d_s x_s + w_t exp(cs_t) h0 C_t + D x_t
+    float y = 0.f;
+    for (i64 s = t; s >= t0; --s) {
+      if (seg[srow + s] != sg) break;
+      y += cbm[(t - t0) * Q + (s - t0)] * expf(cs_t - cs[hrow + s]) * d[hrow + s] *
+           load_f(x + ((srow + s) * H + h) * P + p);
+    }
+    if (sg == seg_prev) y += expf(cs_t) * hc;
+    y += Dv * load_f(x + i);
+    dz[i] = load_f(dout + i) * y * silu_grad_f(load_f(z + i));
+  }
+}
+
+// Per (b, t, h, n): dB, dC of head h (fp32, (B, L, H, N)).
+//   dC_t = sum_{s <= t} L[t,s] d_s DX[t,s] B_s + w_t exp(cs_t) h0^T dy_t
+//   dB_s = sum_{t >= s} L[t,s] d_s DX[t,s] C_t + v_s exp(cs_end - cs_s) d_s dh^T x_s
+template <typename T>
+__global__ void ssdb_dbc(const T* __restrict__ x, const T* __restrict__ Bm, const T* __restrict__ Cm,
+                         const float* __restrict__ dy, const float* __restrict__ d, const float* __restrict__ cs,
+                         const int* __restrict__ seg, const float* __restrict__ dxd, const float* __restrict__ h0,
+                         const float* __restrict__ dh, float* __restrict__ dB, float* __restrict__ dC, int batch,
+                         i64 L, int H, int G, int P, int N, int Q, int nc) {
+  const i64 i = gtid();
+  if (i >= (i64)batch * L * H * N) return;
+  const int n = (int)(i % N), h = (int)((i / N) % H);
+  const i64 t = (i / ((i64)N * H)) % L, b = i / ((i64)N * H * L);
+  const int g = h / (H / G), c = (int)(t / Q);
+  const i64 t0 = (i64)c * Q, t1 = t0 + Q < L ? t0 + Q : L;
+  const i64 hrow = (b * H + h) * L, srow = b * L;
+  const int sg = seg[srow + t], seg_end = seg[srow + t1 - 1], seg_prev = t0 > 0 ? seg[srow + t0 - 1] : 0;
+  const float cs_t = cs[hrow + t], d_t = d[hrow + t], cs_end = cs[hrow + t1 - 1];
+  const float* dxm = dxd + (((b * nc + c) * H + h) * (i64)Q) * Q;
+  const int tl = (int)(t - t0);
+  float gc = 0.f, gb = 0.f;
+  for (i64 s = t; s >= t0; --s) {
+    if (seg[srow + s] != sg) break;
+    gc += expf(cs_t - cs[hrow + s]) * d[hrow + s] * dxm[tl * Q + (s - t0)] * load_f(Bm + ((srow + s) * G + g) * N + n);
+  }
+  for (i64 tp = t; tp < t1; ++tp) {
+    if (seg[srow + tp] != sg) break;
+    gb += expf(cs[hrow + tp] - cs_t) * dxm[(tp - t0) * Q + tl] * load_f(Cm + ((srow + tp) * G + g) * N + n);
+  }
+  gb *= d_t;
+  const i64 so = (((b * nc + c) * H + h) * (i64)P) * N + n;
+  if (sg == seg_prev) {
+    float a = 0.f;
+    for (int p = 0; p < P; ++p) a += h0[so + (i64)p * N] * dy[((srow + t) * H + h) * P + p];
+    gc += expf(cs_t) * a;
+  }
+  if (sg == seg_end) {
+    float a = 0.f;
+    for (int p = 0; p < P; ++p) a += dh[so + (i64)p * N] * load_f(x + ((srow + t) * H + h) * P + p);
+    gb += expf(cs_end - cs_t) * d_t * a;
+  }
+  dB[i] = gb;
+  dC[i] = gc;
+}
+
+// Per (b, h, t): dcs_t (gradient of cs_t, intra-chunk + chunk-start terms, minus the state term E_t),
+// ddir_t (gradient of d_t through everything but cs), E_t (the state term; its sum goes to cs_end).
+template <typename T>
+__global__ void ssdb_dcs(const T* __restrict__ x, const float* __restrict__ dy,
+                                    const float* __restrict__ d, const float* __restrict__ cs,
+                                    const int* __restrict__ seg, const float* __restrict__ cb,
+                                    const float* __restrict__ dxd, const float* __restrict__ hC,
+                                    const float* __restrict__ dhB, float* __restrict__ dcs,
+                                    float* __restrict__ ddir, float* __restrict__ est, int batch, i64 L, int H, int G,
+                                    int P, int Q, int nc) {
+  const i64 i = gtid();
+  if (i >= (i64)batch * H * L) return;
+  const i64 t = i % L, bh = i / L;
+  const int h = (int)(bh % H);
+  const i64 b = bh / H;
+  const int g = h / (H / G), c = (int)(t / Q);
+  const i64 t0 = (i64)c * Q, t1 = t0 + Q < L ? t0 + Q : L;
+  const i64 hrow = bh * L, srow = b * L;
+  const int sg = seg[srow + t], seg_end = seg[srow + t1 - 1], seg_prev = t0 > 0 ? seg[srow + t0 - 1] : 0;
+  const float cs_t = cs[hrow + t], d_t = d[hrow + t], cs_end = cs[hrow + t1 - 1];
+  const float* cbm = cb + (((b * nc + c) * G + g) * (i64)Q) * Q;
+  const float* dxm = dxd + (((b * nc + c) * H + h) * (i64)Q) * Q;
+  const int tl = (int)(t - t0);
+  float row = 0.f, col = 0.f;
+  for (i64 s = t; s >= t0; --s) {
+    if (seg[srow + s] != sg) break;
+    const int sl = (int)(s - t0);
+    row += cbm[tl * Q + sl] * expf(cs_t - cs[hrow + s]) * d[hrow + s] * dxm[tl * Q + sl];
+  }
+  for (i64 tp = t; tp < t1; ++tp) {
+    if (seg[srow + tp] != sg) break;
+    const int pl = (int)(tp - t0);
+    col += cbm[pl * Q + tl] * expf(cs[hrow + tp] - cs_t) * dxm[pl * Q + tl];
+  }
+  const i64 xo = ((srow + t) * H + h) * P;
+  float term = 0.f, state = 0.f;
+  if (sg == seg_prev) {
+    for (int p = 0; p < P; ++p) term += dy[xo + p] * hC[xo + p];
+    term *= expf(cs_t);
+  }
+  if (sg == seg_end) {
+    for (int p = 0; p < P; ++p) state += load_f(x + xo + p) * dhB[xo + p];
+    state *= expf(cs_end - cs_t);
+  }
+  const float e = d_t * state;
+  dcs[i] = row - d_t * col + term - e;
+  ddir[i] = col + state;
+  est[i] = e;
+}
+
+// Per (b, h, c): reverse cumsum of dcs (plus the chunk-end terms) -> da; ddt = (ddir + A da) * slope;
+// partial sums dA_part[(b * nc + c) * H + h] = sum d da, dtb_part likewise = sum ddt.
+// fro (B, nc, H) = <dh_c, h0_c>.
+extern "C" __global__ void ssdb_dt(const float* __restrict__ A, const float* __restrict__ d,
+                                   const float* __restrict__ slope, const float* __restrict__ cs,
+                                   const int* __restrict__ seg, const float* __restrict__ dcs,
+                                   const float* __restrict__ ddir, const float* __restrict__ est,
+                                   const float* __restrict__ h0, const float* __restrict__ dh, float* __restrict__ ddt,
+                                   float* __restrict__ dA_part, float* __restrict__ dtb_part, int batch, i64 L, int H,
+                                   int PN, int Q, int nc) {
+  const i64 i = gtid();
+  if (i >= (i64)batch * H * nc) return;
+  const int c = (int)(i % nc), h = (int)((i / nc) % H);
+  const i64 b = i / ((i64)nc * H);
+  const i64 t0 = (i64)c * Q, t1 = t0 + Q < L ? t0 + Q : L;
+  const i64 hrow = (b * H + h) * L, srow = b * L;
+  const bool u = seg[srow + t1 - 1] == (t0 > 0 ? seg[srow + t0 - 1] : 0);
+  float extra = 0.f;
+  if (u) {
+    const i64 so = ((b * nc + c) * H + h) * (i64)PN;
+    float f = 0.f;
+    for (int e = 0; e < PN; ++e) f += dh[so + e] * h0[so + e];
+    extra = expf(cs[hrow + t1 - 1]) * f;
+  }
+  for (i64 t = t0; t < t1; ++t) extra += est[hrow + t];
+  const float a = A[h];
+  float acc = extra, sa = 0.f, sb = 0.f;
+  for (i64 t = t1 - 1; t >= t0; --t) {
+    acc += dcs[hrow + t];
+    const float dd = ddir[hrow + t] + a * acc;
+    const float g = dd * slope[hrow + t];
+    ddt[(srow + t) * H + h] = g;
+    sa += d[hrow + t] * acc;
+    sb += g;
+  }
+  dA_part[(b * nc + c) * H + h] = sa;
+  dtb_part[(b * nc + c) * H + h] = sb;
+}
+
+// =====================================================================================================
+// Tensor-core path: the chunk matrix products as one batched-GEMM kernel, ssdb_mm<T, KIND>.
+// Grid (nc * HH, tiles of the I x J output, B) with HH = H (G for KIND 0), 128 threads (4 warps): one
+// 64 x 64 output tile of one (batch, chunk, head); warp w owns rows 16w .. 16w + 16 (8 mma column
+// tiles). K runs in slices of 32 staged in shared memory as float (operands converted and
+// decay-weighted on load); up to two K phases accumulate into the same tile. Operands go through
+// mma.sync: bf16/f16 inputs on m16n8k16 (operands rounded to the input type, fp32 accumulation, as the
+// reference package does), float32 inputs on 3xTF32 m16n8k8 (about fp32 accuracy).
+//   KIND  out (I x J)      phase 1 (K1)                      phase 2 (K2)                 epilogue
+//   0     CB[t,s]  QxQ     C_t . B_s (N)                                                  0 above diagonal
+//   1     DX[t,s]  QxQ     dy_t . x_s (P)
+//   2     S[p,n]   PxN     x_s d_s e^(cs_end-cs_s) v_s B_s (Q)
+//   3     Gl[p,n]  PxN     dy_t e^(cs_t) w_t C_t (Q)
+//   4     hC[t,p]  QxP     C_t . h0[p,:] (N)
+//   5     dhB[t,p] QxP     B_t . dh[p,:] (N)
+//   6     dx[s,p]  QxP     M[t,s] dy_t (Q)                   B_s e^(cs_end-cs_s) v_s dh (N) d_s * acc + D dy
+//   7     dz[t,p]  QxP     M[t,s] d_s x_s (Q)                                             y -> dz
+//   8     dC[t,n]  QxN     E[t,s] d_s B_s (Q)                dy_t e^(cs_t) w_t h0 (P)
+//   9     dB[s,n]  QxN     E[t,s] C_t (Q)                    x_s e^(cs_end-cs_s) v_s dh (P)  d_s * acc
+// with M[t,s] = CB[t,s] e^(cs_t-cs_s), E[t,s] = DX[t,s] e^(cs_t-cs_s), both masked to s <= t, same sequence.
+// Traffic per (b, c, h): the Q x Q matrices CB / DX are read once per output column tile; x, dy, B, C
+// once per tile of the other dimension.
+
+template <typename T>
+struct BMma;
+template <typename T, uint32_t (*PACK)(float, float),
+          void (*MMA)(float (&)[4], const uint32_t (&)[4], const uint32_t (&)[2])>
+struct BMma16 {
+  static constexpr int K = 16;
+  template <int NT, class FA, class FB>
+  __device__ __forceinline__ static void step(float (&acc)[NT][4], const FA& a, const FB& b, int k0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int k = k0 + 2 * t;
+    const uint32_t af[4] = {PACK(a(g, k), a(g, k + 1)), PACK(a(g + 8, k), a(g + 8, k + 1)),
+                            PACK(a(g, k + 8), a(g, k + 9)), PACK(a(g + 8, k + 8), a(g + 8, k + 9))};
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int c = 8 * j + g;
+      const uint32_t bf[2] = {PACK(b(k, c), b(k + 1, c)), PACK(b(k + 8, c), b(k + 9, c))};
+      MMA(acc[j], af, bf);
+    }
+  }
+};
+template <>
+struct BMma<bf16_t> : BMma16<bf16_t, pack_bf16x2, mma_16816_bf16> {};
+template <>
+struct BMma<half_t> : BMma16<half_t, pack_f16x2, mma_16816_f16> {};
+
+__device__ __forceinline__ float tf32_as_float(uint32_t u) {
+#if SSM_MMA_PTX
+  return __uint_as_float(u);
+#else
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+template <>
+struct BMma<float> {  // 3xTF32: hi*hi + hi*lo + lo*hi
+  static constexpr int K = 8;
+  template <int NT, class FA, class FB>
+  __device__ __forceinline__ static void step(float (&acc)[NT][4], const FA& a, const FB& b, int k0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int k = k0 + t;
+    const float av[4] = {a(g, k), a(g + 8, k), a(g, k + 4), a(g + 8, k + 4)};
+    uint32_t ahi[4], alo[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      ahi[i] = to_tf32(av[i]);
+      alo[i] = to_tf32(av[i] - tf32_as_float(ahi[i]));
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int c = 8 * j + g;
+      const float bv[2] = {b(k, c), b(k + 4, c)};
+      uint32_t bhi[2], blo[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        bhi[i] = to_tf32(bv[i]);
+        blo[i] = to_tf32(bv[i] - tf32_as_float(bhi[i]));
+      }
+      mma_1688_tf32(acc[j], alo, bhi);
+      mma_1688_tf32(acc[j], ahi, blo);
+      mma_1688_tf32(acc[j], ahi, bhi);
+    }
+  }
+};
+
+constexpr int MM_TILE = 64, MM_KS = 32, MM_THREADS = 128;
+
+template <typename T, int KIND>
+__global__ void __launch_bounds__(128) ssdb_mm(
+    const T* __restrict__ x, const T* __restrict__ Bm, const T* __restrict__ Cm, const T* __restrict__ dout,
+    const T* __restrict__ z, const float* __restrict__ dy, const float* __restrict__ Dp,
+    const float* __restrict__ d, const float* __restrict__ cs, const int* __restrict__ seg,
+    const float* __restrict__ cb, const float* __restrict__ dxd, const float* __restrict__ h0,
+    const float* __restrict__ dh, const float* __restrict__ hC, float* __restrict__ out, int batch, i64 L, int H,
+    int G, int P, int N, int Q, int nc) {
+  __shared__ float As[MM_TILE][MM_KS + 1];
+  __shared__ float Bs[MM_KS][MM_TILE + 4];
+  constexpr bool PER_GROUP = KIND == 0;
+  const int HH = PER_GROUP ? G : H;
+  const int c = (int)(blockIdx.x / HH), hh = (int)(blockIdx.x % HH);
+  const int h = PER_GROUP ? 0 : hh, g = PER_GROUP ? hh : hh / (H / G);
+  const i64 b = blockIdx.z;
+  const i64 t0 = (i64)c * Q;
+  const int len = (int)(t0 + Q < L ? Q : L - t0);
+  const i64 srow = b * L + t0;            // (b, t0) row of (B, L, ...) arrays
+  const i64 hrow = (b * H + h) * L + t0;  // (b, h, t0) of (B, H, L) arrays
+  const int seg_end = seg[srow + len - 1], seg_prev = t0 > 0 ? seg[srow - 1] : 0;
+  const float cs_end = cs[hrow + len - 1];
+  const i64 st = ((b * nc + c) * H + h) * (i64)P * N;                // (P, N) state blocks
+  const i64 mq = (((b * nc + c) * (i64)HH + hh) * Q) * (i64)Q;       // Q x Q blocks (per group for CB)
+  const i64 mqg = (((b * nc + c) * (i64)G + g) * Q) * (i64)Q;        // the group's CB block
+
+  int I, J, K1, K2 = 0;
+  if (KIND == 0 || KIND == 1) { I = Q; J = Q; K1 = KIND == 0 ? N : P; }
+  else if (KIND == 2 || KIND == 3) { I = P; J = N; K1 = Q; }
+  else if (KIND == 4 || KIND == 5) { I = Q; J = P; K1 = N; }
+  else if (KIND == 6) { I = Q; J = P; K1 = Q; K2 = N; }
+  else if (KIND == 7) { I = Q; J = P; K1 = Q; }
+  else { I = Q; J = N; K1 = Q; K2 = P; }
+  const int tiles_j = (J + MM_TILE - 1) / MM_TILE;
+  const int i0 = (int)(blockIdx.y / tiles_j) * MM_TILE, j0 = (int)(blockIdx.y % tiles_j) * MM_TILE;
+
+  auto X = [&](int l, int p) { return load_f(x + ((srow + l) * H + h) * P + p); };
+  auto DY = [&](int l, int p) { return dy[((srow + l) * H + h) * P + p]; };
+  auto Bv = [&](int l, int n) { return load_f(Bm + ((srow + l) * G + g) * N + n); };
+  auto Cv = [&](int l, int n) { return load_f(Cm + ((srow + l) * G + g) * N + n); };
+  auto SG = [&](int l) { return seg[srow + l]; };
+  auto CS = [&](int l) { return cs[hrow + l]; };
+  auto DT = [&](int l) { return d[hrow + l]; };
+  // decayed, masked Q x Q entries (t, s)
+  auto Mw = [&](int t, int s) {
+    return (s <= t && t < len && SG(s) == SG(t)) ? cb[mqg + (i64)t * Q + s] * expf(CS(t) - CS(s)) : 0.f;
+  };
+  auto Ew = [&](int t, int s) {
+    return (s <= t && t < len && SG(s) == SG(t)) ? dxd[mq + (i64)t * Q + s] * expf(CS(t) - CS(s)) : 0.f;
+  };
+  // A(i, k) and B(k, j) of phase 1 / 2 (i, j, k in range; positions may be past len).
+  auto A1 = [&](int i, int k) -> float {
+    if (KIND == 0) return i < len ? Cv(i, k) : 0.f;
+    if (KIND == 1) return i < len ? DY(i, k) : 0.f;
+    if (KIND == 2) return (k < len && SG(k) == seg_end) ? X(k, i) * DT(k) * expf(cs_end - CS(k)) : 0.f;
+    if (KIND == 3) return (k < len && SG(k) == seg_prev) ? DY(k, i) * expf(CS(k)) : 0.f;
+    if (KIND == 4) return i < len ? Cv(i, k) : 0.f;
+    if (KIND == 5) return i < len ? Bv(i, k) : 0.f;
+    if (KIND == 6) return Mw(k, i);
+    if (KIND == 7) return k < len ? Mw(i, k) * DT(k) : 0.f;
+    if (KIND == 8) return k < len ? Ew(i, k) * DT(k) : 0.f;
+    return Ew(k, i);  // 9
+  };
+  auto B1 = [&](int k, int j) -> float {
+    if (KIND == 0) return j < len ? Bv(j, k) : 0.f;
+    if (KIND == 1) return j < len ? X(j, k) : 0.f;
+    if (KIND == 2) return k < len ? Bv(k, j) : 0.f;
+    if (KIND == 3) return k < len ? Cv(k, j) : 0.f;
+    if (KIND == 4) return h0[st + (i64)j * N + k];
+    if (KIND == 5) return dh[st + (i64)j * N + k];
+    if (KIND == 6) return k < len ? DY(k, j) : 0.f;
+    if (KIND == 7) return k < len ? X(k, j) : 0.f;
+    if (KIND == 8) return k < len ? Bv(k, j) : 0.f;
+    return k < len ? Cv(k, j) : 0.f;  // 9
+  };
+  auto A2 = [&](int i, int k) -> float {
+    if (i >= len) return 0.f;
+    if (KIND == 6) return SG(i) == seg_end ? Bv(i, k) * expf(cs_end - CS(i)) : 0.f;
+    if (KIND == 8) return SG(i) == seg_prev ? DY(i, k) * expf(CS(i)) : 0.f;
+    if (KIND == 9) return SG(i) == seg_end ? X(i, k) * expf(cs_end - CS(i)) : 0.f;
+    return 0.f;
+  };
+  auto B2 = [&](int k, int j) -> float {
+    if (KIND == 6) return dh[st + (i64)j * N + k];
+    if (KIND == 8) return h0[st + (i64)k * N + j];
+    return dh[st + (i64)k * N + j];  // 9
+  };
+
+  const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  float acc[8][4];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  auto fa = [&](int r, int k) { return As[16 * w + r][k]; };
+  auto fb = [&](int k, int col) { return Bs[k][col]; };
+  for (int phase = 0; phase < (K2 > 0 ? 2 : 1); ++phase) {
+    const int K = phase == 0 ? K1 : K2;
+    for (int k0 = 0; k0 < K; k0 += MM_KS) {
+      // Triangular products: skip K slices that are all zero for this tile (uniform per block).
+      if (phase == 0 && (KIND == 6 || KIND == 9) && k0 + MM_KS <= i0) continue;          // A(s, t) = 0 for t < s
+      if (phase == 0 && (KIND == 7 || KIND == 8) && k0 >= i0 + MM_TILE) continue;       // A(t, s) = 0 for s > t
+      if (KIND == 0 && j0 >= i0 + MM_TILE) break;                                        // output tile above diagonal
+      __syncthreads();  // the previous slice's readers are done
+      for (int e = tid; e < MM_TILE * MM_KS; e += MM_THREADS) {
+        const int r = e / MM_KS, k = e % MM_KS;
+        const int gi = i0 + r, gk = k0 + k;
+        As[r][k] = (gi < I && gk < K) ? (phase == 0 ? A1(gi, gk) : A2(gi, gk)) : 0.f;
+      }
+      for (int e = tid; e < MM_TILE * MM_KS; e += MM_THREADS) {
+        const int k = e / MM_TILE, col = e % MM_TILE;
+        const int gj = j0 + col, gk = k0 + k;
+        Bs[k][col] = (gj < J && gk < K) ? (phase == 0 ? B1(gk, gj) : B2(gk, gj)) : 0.f;
+      }
+      __syncthreads();
+#if defined(SSM_EMULATION) && !defined(SSDB_EMULATE_MMA)
+      // CPU emulator: the same fragment ownership, plain products from shared memory (operands
+      // rounded to T like the mma path), because emulated warp shuffles are very slow.
+      for (int jt = 0; jt < 8; ++jt)
+        for (int q = 0; q < 4; ++q) {
+          const int r = 16 * w + gq + (q >= 2 ? 8 : 0), col = 8 * jt + 2 * tq + (q & 1);
+          float sum = 0.f;
+          for (int k = 0; k < MM_KS; ++k) {
+            T av, bv;
+            store_f(&av, As[r][k]);
+            store_f(&bv, Bs[k][col]);
+            sum += load_f(&av) * load_f(&bv);
+          }
+          acc[jt][q] += sum;
+        }
+#else
+      for (int kk = 0; kk < MM_KS; kk += BMma<T>::K) BMma<T>::template step<8>(acc, fa, fb, kk);
+#endif
+    }
+  }
+
+  // Epilogue: element (i, j) of the tile.
+#pragma unroll
+  for (int jt = 0; jt < 8; ++jt) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int i = i0 + 16 * w + gq + (q >= 2 ? 8 : 0), j = j0 + 8 * jt + 2 * tq + (q & 1);
+      if (i >= I || j >= J) continue;
+      const float v = acc[jt][q];
+      if (KIND == 0) out[mq + (i64)i * Q + j] = j <= i ? v : 0.f;
+      else if (KIND == 1) out[mq + (i64)i * Q + j] = v;
+      else if (KIND == 2 || KIND == 3) out[st + (i64)i * N + j] = v;
+      else {
+        if (i >= len) continue;
+        const i64 xo = ((srow + i) * H + h) * P + j;  // (t, p) element of (B, L, H, P)
+        const i64 no = ((srow + i) * H + h) * N + j;  // (t, n) element of (B, L, H, N)
+        if (KIND == 4 || KIND == 5) out[xo] = v;
+        else if (KIND == 6) out[xo] = DT(i) * v + Dp[h * P + j] * dy[xo];
+        else if (KIND == 7) {
+          float y = v + Dp[h * P + j] * load_f(x + xo);
+          if (SG(i) == seg_prev) y += expf(CS(i)) * hC[xo];
+          out[xo] = load_f(dout + xo) * y * silu_grad_f(load_f(z + xo));
+        } else if (KIND == 8) out[no] = v;
+        else out[no] = DT(i) * v;
+      }
+    }
+  }
+}

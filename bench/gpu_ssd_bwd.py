@@ -1,0 +1,156 @@
+"""GPU benchmark of the SSD backward (CuPy backend) vs the peer's mamba_chunk_scan_combined.
+
+    python bench/gpu_ssd_bwd.py [--quick] [--json PATH]
+
+Shape of PERFORMANCE.md: B8 L4096 H64 P64 N128 G1, chunk 256, bf16 x/B/C, fp32 dt/A/D/dt_bias,
+dt_softplus, D per head (inputs from bench/gpu_ssd.py's make_inputs); without --quick also
+L 2048 and N 64 / 256. Prints and writes to JSON (default $OUT/ssd_bwd_bench.json):
+  bwd_us            ssmcore.ssd_bwd alone (triton do_bench median)
+  fwd_bwd_us        ssmcore.ssd + ssmcore.ssd_bwd, and the peer's forward + backward (autograd)
+  kernels_us        per-kernel times of one ssd_bwd call (CUDA events around each launch)
+  rel_diff_vs_peer  max |ours - peer| / max |peer| of each gradient the peer also returns
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_ssd import bench_us, make_inputs  # noqa: E402
+
+MAIN = (8, 4096, 64, 64, 128)
+
+
+def kernel_times(call):
+    """{kernel name: us} of one call, by wrapping the launcher's _launch with CUDA events."""
+    import cupy
+
+    from ssmcore.backends.cupy import state_space_duality_bwd as S
+
+    events = []
+    original = S._launch
+
+    def timed(name, n, args):
+        a, b = cupy.cuda.Event(), cupy.cuda.Event()
+        a.record()
+        original(name, n, args)
+        b.record()
+        events.append((name, a, b))
+
+    S._launch = timed
+    try:
+        call()
+    finally:
+        S._launch = original
+    cupy.cuda.Device().synchronize()
+    out = collections.defaultdict(float)
+    for name, a, b in events:
+        out[name] += cupy.cuda.get_elapsed_time(a, b) * 1e3
+    return dict(out)
+
+
+def peer_grads(x, dout):
+    """(fwd+bwd closure, grads dict) of the peer, or (None, None)."""
+    try:
+        import torch
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as err:  # noqa: BLE001
+        print(f"peer: mamba_ssm not importable ({type(err).__name__}: {err})", flush=True)
+        return None, None
+    t = {n: torch.from_dlpack(a) for n, a in x.items()}
+    leaves = {n: v.detach().clone().requires_grad_(True) for n, v in t.items()}
+    dout_t = torch.from_dlpack(dout)
+
+    def fwd_bwd():
+        for v in leaves.values():
+            v.grad = None
+        out = mamba_chunk_scan_combined(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], 256,
+                                        D=leaves["D"], dt_bias=leaves["dt_bias"], dt_softplus=True)
+        out.backward(dout_t)
+
+    fwd_bwd()
+    torch.cuda.synchronize()
+    return fwd_bwd, {n: v.grad.detach().float() for n, v in leaves.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    out_json = args.json or (os.path.join(os.environ["OUT"], "ssd_bwd_bench.json") if os.environ.get("OUT") else None)
+
+    import cupy
+
+    import ssmcore
+
+    shapes = [MAIN] + ([] if args.quick else [(8, 2048, 64, 64, 128), (8, 4096, 64, 64, 64), (8, 4096, 64, 64, 256)])
+    rows = []
+    for shape in shapes:
+        batch, length, heads, headdim, dstate = shape
+        x = make_inputs(*shape)
+        dout = make_inputs(*shape, seed=1)["x"]
+        row = {"shape": f"B{batch} L{length} H{heads} P{headdim} N{dstate}"}
+        bwd = lambda: ssmcore.ssd_bwd(dout, **x, chunk_size=256, dt_softplus=True)
+
+        def fwd_bwd():
+            ssmcore.ssd(**x, chunk_size=256, dt_softplus=True)
+            bwd()
+
+        try:
+            t0 = time.perf_counter()
+            grads = bwd()
+            cupy.cuda.Device().synchronize()
+            row["first_call_s"] = time.perf_counter() - t0
+            row["bwd_us"] = bench_us(bwd)
+            row["kernels_us"] = kernel_times(bwd)
+            try:
+                row["fwd_bwd_us"] = bench_us(fwd_bwd)
+            except Exception as err:  # noqa: BLE001 - the forward is another helper's
+                print(f"{row['shape']}: forward failed: {type(err).__name__}: {err}", flush=True)
+        except Exception as err:  # noqa: BLE001
+            print(f"{row['shape']}: ours failed: {type(err).__name__}: {err}", flush=True)
+            rows.append(row)
+            continue
+        pfb, pg = peer_grads(x, dout)
+        if pfb is not None:
+            row["peer_fwd_bwd_us"] = bench_us(pfb)
+            if "fwd_bwd_us" in row:
+                row["fwd_bwd_ratio"] = row["fwd_bwd_us"] / row["peer_fwd_bwd_us"]
+            diffs = {}
+            for name, key in (("dx", "x"), ("ddt", "dt"), ("dA", "A"), ("dB", "B"), ("dC", "C"), ("dD", "D"),
+                              ("ddt_bias", "dt_bias")):
+                ours = getattr(grads, name).astype(cupy.float32)
+                ref = cupy.from_dlpack(pg[key]).reshape(ours.shape)
+                diffs[name] = float(cupy.abs(ours - ref).max() / cupy.abs(ref).max())
+            row["rel_diff_vs_peer"] = diffs
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del x, grads
+        cupy.get_default_memory_pool().free_all_blocks()
+
+    print()
+    print(f"{'shape':26s} {'bwd us':>10s} {'fwd+bwd us':>11s} {'peer f+b us':>11s} {'ratio':>7s}")
+    g = lambda r, k, f: (f % r[k]) if k in r else "-"
+    for r in rows:
+        print(f"{r['shape']:26s} {g(r, 'bwd_us', '%10.1f'):>10s} {g(r, 'fwd_bwd_us', '%11.1f'):>11s} "
+              f"{g(r, 'peer_fwd_bwd_us', '%11.1f'):>11s} {g(r, 'fwd_bwd_ratio', '%7.2f'):>7s}")
+        if "kernels_us" in r:
+            print("    kernels: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["kernels_us"].items(),
+                                                                            key=lambda kv: -kv[1])))
+        if "rel_diff_vs_peer" in r:
+            print("    rel diff vs peer: " + ", ".join(f"{k} {v:.1e}" for k, v in r["rel_diff_vs_peer"].items()))
+    if out_json:
+        Path(out_json).write_text(json.dumps(rows, indent=1))
+        print(f"wrote {out_json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""ssd_bwd on the GPU (CuPy backend) against the Numba backend (float64) and float64 finite differences.
+
+Every gradient (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states) is compared with the Numba
+backend run in float64 on the same dtype-rounded inputs, for every option of OPS.md: seq_idx (also
+not monotone), cu_seqlens, initial_states, dfinal_states, dt_limit (clamped entries get 0), softplus,
+D per head or per channel, z, groups, float32/float16/bfloat16, L not a multiple of the chunk, L = 1.
+A few entries are also checked against central differences of ssmcore.reference.ssd (independent of
+both backends). Small shapes run in the CPU emulator; the large ones only on a GPU.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from helpers import TOL, assert_close, f64, numeric_grad, randn
+
+import ssmcore
+from ssmcore import reference
+from ssmcore.reference.state_space_duality import effective_dt
+from ssmcore.backends import numba as cpu
+
+pytestmark = pytest.mark.gpu
+
+cupy = pytest.importorskip("cupy")
+
+EMULATED = "emu" in sys.modules
+if EMULATED:  # CPU emulation: the launcher takes NumPy arrays
+    import ssmcore.backends.cupy.state_space_duality_bwd as _launcher
+
+    _launcher.cupy = sys.modules["emu"]._shim()
+
+NAMES = ("dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias", "dinitial_states")
+
+
+def gpu(a):
+    return None if a is None else cupy.asarray(a)
+
+
+def host(a):
+    return None if a is None else cupy.asnumpy(a)
+
+
+def big():
+    if EMULATED:
+        pytest.skip("large shape: GPU only")
+
+
+def make(rng, batch, length, heads, headdim, groups, dstate, dtype, *, options="all", seq="sorted",
+         d_per_channel=False, limit=False):
+    """(args dict of NumPy arrays in their dtypes, kwargs dict) for ssd_bwd."""
+    x = randn(rng, (batch, length, heads, headdim), dtype)
+    dout = randn(rng, (batch, length, heads, headdim), dtype)
+    dt = (np.abs(rng.standard_normal((batch, length, heads))) * 0.5 + 0.05).astype(np.float32)
+    A = (-np.exp(rng.standard_normal(heads) * 0.5)).astype(np.float32)
+    B = randn(rng, (batch, length, groups, dstate), dtype)
+    C = randn(rng, (batch, length, groups, dstate), dtype)
+    kw = dict(dt_softplus=False)
+    if options == "all":
+        kw.update(
+            D=randn(rng, (heads, headdim) if d_per_channel else (heads,), "float32"),
+            z=randn(rng, (batch, length, heads, headdim), dtype),
+            dt_bias=randn(rng, (heads,), "float32", 0.5),
+            dt_softplus=True,
+            initial_states=randn(rng, (batch, heads, headdim, dstate), "float32"),
+            dfinal_states=randn(rng, (batch, heads, headdim, dstate), "float32"),
+        )
+    if limit:
+        kw["dt_limit"] = (0.3, 0.9)
+    if seq == "sorted" and length > 1:
+        kw["seq_idx"] = np.sort(rng.integers(0, 4, size=(batch, length)), axis=1).astype(np.int32)
+    elif seq == "unsorted" and length > 1:  # ids that come back: every change is a reset
+        kw["seq_idx"] = (np.arange(length)[None, :] // 3 % 2 + np.zeros((batch, 1), np.int64)).astype(np.int64)
+    elif seq == "cu" and length > 2:
+        cuts = np.sort(rng.choice(np.arange(1, length), size=min(3, length - 1), replace=False))
+        kw["cu_seqlens"] = np.concatenate([[0], cuts, [length]]).astype(np.int32)
+    return dict(dout=dout, x=x, dt=dt, A=A, B=B, C=C), kw
+
+
+def run_gpu(args, kw, chunk_size):
+    g = {k: gpu(v) for k, v in args.items()}
+    gk = {k: (gpu(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    return [host(a) for a in ssmcore.ssd_bwd(**g, **gk, chunk_size=chunk_size)]
+
+
+def run_cpu64(args, kw, chunk_size):
+    a64 = {k: f64(v) for k, v in args.items()}
+    k64 = {k: (f64(v) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v) for k, v in kw.items()}
+    return list(cpu.ssd_bwd(**a64, **k64, chunk_size=chunk_size))
+
+
+def compare(got, want, args, kw):
+    """Each gradient vs the float64 one: float32 tolerances when x, B, C, dout are float32 (3xTF32 products),
+    16-bit ones otherwise (tensor-core operands are rounded to the input type) or for 16-bit outputs."""
+    low = min(np.dtype(args[k].dtype).itemsize for k in ("x", "B", "C", "dout")) < 4
+    for name, g, w in zip(NAMES, got, want):
+        if w is None:
+            assert g is None, name
+            continue
+        # Each gradient has its input's dtype.
+        src = {"dx": args["x"], "ddt": args["dt"], "dA": args["A"], "dB": args["B"], "dC": args["C"],
+               "dD": kw.get("D"), "dz": kw.get("z"), "ddt_bias": kw.get("dt_bias"),
+               "dinitial_states": kw.get("initial_states")}[name]
+        assert g.dtype == src.dtype and g.shape == src.shape, (name, g.dtype, g.shape)
+        scale = max(np.abs(w).max(), 1e-30)
+        dtype = g.dtype.name
+        if low and dtype == "float32":
+            dtype = "bfloat16"
+        if dtype == "float32":
+            rtol, atol = 2e-3, 2e-4 * scale
+        else:  # 16-bit outputs: relative to the largest magnitude, like the reference package's tests
+            rtol, atol = TOL[dtype][0], 2e-2 * scale
+        assert_close(g, w, dtype, rtol=rtol, atol=atol, name=name)
+
+
+# (batch, length, heads, headdim, groups, dstate, chunk)
+SMALL = [
+    (2, 37, 4, 6, 2, 8, 16),   # L not a multiple of the chunk, 2 groups
+    (1, 1, 2, 4, 1, 16, 64),   # one step
+    (1, 64, 2, 8, 1, 4, 32),   # exact multiple
+    (2, 20, 3, 5, 3, 6, 300),  # chunk > L (and > the cap)
+    (1, 150, 2, 70, 1, 72, 128),  # several 64-wide tiles of Q, P and N (triangular tile skipping)
+]
+LARGE = [
+    (2, 600, 8, 64, 2, 128, 256),
+    (1, 1000, 4, 32, 1, 64, 64),
+    (2, 300, 4, 64, 4, 256, 128),
+]
+
+
+@pytest.mark.parametrize("shape", SMALL)
+@pytest.mark.parametrize("seq", ["sorted", "cu", None])
+def test_matches_cpu_backend_float32(rng, shape, seq):
+    batch, length, heads, headdim, groups, dstate, chunk = shape
+    if seq == "cu":
+        batch = 1
+    args, kw = make(rng, batch, length, heads, headdim, groups, dstate, "float32", seq=seq)
+    compare(run_gpu(args, kw, chunk), run_cpu64(args, kw, chunk), args, kw)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_matches_cpu_backend_16bit(rng, dtype):
+    args, kw = make(rng, 2, 29, 4, 6, 2, 8, dtype, d_per_channel=True)
+    compare(run_gpu(args, kw, 8), run_cpu64(args, kw, 8), args, kw)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_simt_path(rng, dtype, monkeypatch):
+    """The plain SIMT kernels (USE_TENSOR_CORES = False), the reference of the tensor-core path."""
+    import ssmcore.backends.cupy.state_space_duality_bwd as launcher
+
+    args, kw = make(rng, 2, 37, 4, 6, 2, 8, dtype, d_per_channel=True)
+    monkeypatch.setattr(launcher, "USE_TENSOR_CORES", False)
+    simt = run_gpu(args, kw, 16)
+    compare(simt, run_cpu64(args, kw, 16), args, kw)
+    monkeypatch.setattr(launcher, "USE_TENSOR_CORES", True)
+    if dtype == "float32":  # 3xTF32 products: the two paths agree to float32 rounding
+        for name, a, b in zip(NAMES, run_gpu(args, kw, 16), simt):
+            if b is not None:
+                assert_close(a, b, "float32", rtol=1e-4, atol=1e-5 * np.abs(b).max(), name=name)
+
+
+@pytest.mark.parametrize("variant", ["no_options", "limit", "d_per_channel", "unsorted_seq", "mixed_dtypes"])
+def test_options(rng, variant):
+    opts = dict(no_options=dict(options=None), limit=dict(limit=True), d_per_channel=dict(d_per_channel=True),
+                unsorted_seq=dict(seq="unsorted"), mixed_dtypes=dict())[variant]
+    args, kw = make(rng, 2, 23, 4, 5, 2, 6, "float32", **opts)
+    if variant == "mixed_dtypes":  # B, C, dout in bfloat16 with float32 x; float64 parameters
+        import ml_dtypes
+
+        for k in ("B", "C", "dout"):
+            args[k] = args[k].astype(ml_dtypes.bfloat16)
+        for k in ("D", "dt_bias", "initial_states"):
+            kw[k] = kw[k].astype(np.float64)
+        args["A"] = args["A"].astype(np.float64)
+    got, want = run_gpu(args, kw, 8), run_cpu64(args, kw, 8)
+    compare(got, want, args, kw)
+    if variant == "limit":  # clamped entries get exactly 0
+        d = effective_dt(args["dt"], kw["dt_bias"], True)
+        clamped = (d < 0.3) | (d > 0.9)
+        assert clamped.any() and (got[1][clamped] == 0).all()
+
+
+@pytest.mark.parametrize("shape", LARGE)
+def test_matches_cpu_backend_large(rng, shape):
+    big()
+    batch, length, heads, headdim, groups, dstate, chunk = shape
+    for dtype in ("float32", "bfloat16"):
+        args, kw = make(rng, batch, length, heads, headdim, groups, dstate, dtype)
+        compare(run_gpu(args, kw, chunk), run_cpu64(args, kw, chunk), args, kw)
+
+
+def test_numeric_gradients(rng):
+    """Central differences of the float64 recurrence at a few entries of every input."""
+    args, kw = make(rng, 1, 19, 2, 3, 2, 4, "float32", d_per_channel=True)
+    got = dict(zip(NAMES, run_gpu(args, kw, 8)))
+    dout = f64(args["dout"])
+    dfinal = f64(kw["dfinal_states"])
+    inputs = {k: f64(v) for k, v in args.items() if k != "dout"}
+    inputs.update({k: f64(kw[k]) for k in ("D", "z", "dt_bias", "initial_states")})
+    seq_idx = kw["seq_idx"]
+
+    def loss_terms():
+        out, final = reference.ssd(**inputs, dt_softplus=True, seq_idx=seq_idx, return_final_states=True)
+        return np.concatenate([out.ravel(), final.ravel()])
+
+    weights = np.concatenate([dout.ravel(), dfinal.ravel()])
+    for name, key in [("dx", "x"), ("ddt", "dt"), ("dA", "A"), ("dB", "B"), ("dC", "C"), ("dD", "D"),
+                      ("dz", "z"), ("ddt_bias", "dt_bias"), ("dinitial_states", "initial_states")]:
+        num = numeric_grad(loss_terms, inputs[key], weights, eps=1e-6, max_points=6, rng=rng)
+        mask = ~np.isnan(num)
+        scale = np.abs(num[mask]).max()
+        assert_close(got[name][mask], num[mask], "float64", rtol=2e-3, atol=1e-3 * scale + 1e-6, name=name)
+
+
+def test_chunk_size_does_not_matter(rng):
+    args, kw = make(rng, 1, 45, 2, 4, 1, 8, "float32")
+    base = run_gpu(args, kw, 256)
+    for chunk in (1, 7, 16):
+        for name, a, b in zip(NAMES, run_gpu(args, kw, chunk), base):
+            assert_close(a, b, "float32", rtol=1e-4, atol=1e-4 * np.abs(b).max(), name=f"{name} chunk {chunk}")
+
+
+def test_deterministic_and_inputs_untouched(rng):
+    args, kw = make(rng, 2, 21, 4, 4, 2, 8, "bfloat16")
+    g = {k: gpu(v) for k, v in args.items()}
+    gk = {k: (gpu(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+    before = {k: host(v).copy() for k, v in list(g.items()) + list(gk.items()) if v is not None and hasattr(v, "shape")}
+    first = [host(a) for a in ssmcore.ssd_bwd(**g, **gk, chunk_size=8)]
+    second = [host(a) for a in ssmcore.ssd_bwd(**g, **gk, chunk_size=8)]
+    for name, a, b in zip(NAMES, first, second):
+        assert np.array_equal(f64(a), f64(b)), name
+    for k, v in before.items():
+        src = g.get(k, gk.get(k))
+        assert np.array_equal(f64(host(src)), f64(v)), k
+
+
+def test_rejects_float64_streams(rng):
+    args, kw = make(rng, 1, 5, 2, 3, 1, 4, "float32", options=None)
+    args["x"] = args["x"].astype(np.float64)
+    with pytest.raises(TypeError, match="^x:"):
+        from ssmcore.backends.cupy import ssd_bwd
+
+        ssd_bwd(**{k: gpu(v) for k, v in args.items()})
