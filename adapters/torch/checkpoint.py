@@ -22,6 +22,8 @@ import dataclasses
 import json
 import math
 import os
+import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -38,11 +40,101 @@ WEIGHT_FILES = (SAFETENSORS_NAME, SAFETENSORS_NAME + ".index.json", BIN_NAME, BI
 _HF_PREFIX_MAP = {"backbone.embeddings.": "backbone.embedding."}
 
 
+class CheckpointError(ValueError, RuntimeError):
+    """A checkpoint that cannot be loaded: malformed config, unreadable weights, or weights that do not
+    fit the model. The message lists everything found wrong. (A RuntimeError too, as torch's
+    ``load_state_dict`` errors are.)"""
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError, CheckpointError):
+    """A ``.bin`` file holding objects other than tensors and plain containers: refused, never executed."""
+
+
+# ---------------------------------------------------------------------------------- validation
+
+# MambaConfig fields and the JSON types they take (bool is not an int here).
+_CONFIG_TYPES = {"d_model": int, "d_intermediate": int, "n_layer": int, "vocab_size": int, "ssm_cfg": dict,
+                 "attn_layer_idx": list, "attn_cfg": dict, "rms_norm": bool, "residual_in_fp32": bool,
+                 "fused_add_norm": bool, "pad_vocab_size_multiple": int, "tie_embeddings": bool}
+_CONFIG_MIN = {"d_model": 1, "d_intermediate": 0, "n_layer": 0, "vocab_size": 1, "pad_vocab_size_multiple": 1}
+# transformers layout: keys that must be there, with their types.
+_HF_REQUIRED = {"hidden_size": 1, "num_hidden_layers": 0, "vocab_size": 1}
+
+
+def _type_problem(key, value, kind, minimum=None):
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"{key} must be an integer, got {type(value).__name__} {value!r}"
+        if minimum is not None and value < minimum:
+            return f"{key} must be >= {minimum}, got {value}"
+        return None
+    if not isinstance(value, kind):
+        return f"{key} must be a JSON {'object' if kind is dict else kind.__name__}, got {type(value).__name__} {value!r}"
+    return None
+
+
+def _check_raw_config(raw) -> None:
+    """Raise one CheckpointError listing every wrong type/value in config.json's contents."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"config: expected a JSON object in {CONFIG_NAME}, got {type(raw).__name__}")
+    problems = []
+    if _is_transformers_config(raw):
+        for key, minimum in _HF_REQUIRED.items():
+            if key not in raw:
+                problems.append(f"{key} is missing")
+            else:
+                problems.append(_type_problem(key, raw[key], int, minimum))
+    else:
+        for key, kind in _CONFIG_TYPES.items():
+            if key in raw:
+                problems.append(_type_problem(key, raw[key], kind, _CONFIG_MIN.get(key)))
+        idx = raw.get("attn_layer_idx")
+        if isinstance(idx, list) and not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+            problems.append(f"attn_layer_idx must be a list of integers, got {idx!r}")
+    problems = [p for p in problems if p]
+    if problems:
+        raise CheckpointError(f"config: {CONFIG_NAME} has {len(problems)} bad value(s): " + "; ".join(problems))
+
+
+def _read_config_json(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"config: {path} is not valid JSON ({err})") from None
+    _check_raw_config(raw)
+    return raw
+
+
+def _check_state_dict(model, state_dict: dict) -> None:
+    """Raise one CheckpointError listing all missing keys, unexpected keys and shape mismatches."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in want]
+    not_tensors = [f"{k} ({type(v).__name__})" for k, v in state_dict.items()
+                   if k in want and not isinstance(v, torch.Tensor)]
+    shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(want[k].shape)}" for k, v in state_dict.items()
+              if k in want and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(want[k].shape)]
+    parts = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("values that are not tensors", not_tensors), ("shape mismatches", shapes)):
+        if items:
+            parts.append(f"{len(items)} {title}: " + ", ".join(items))
+    if parts:
+        raise CheckpointError("path_or_hub_id: the weights do not fit the model of config.json: " + "; ".join(parts))
+
+
 # ---------------------------------------------------------------------------------- configs
 
 
 def _is_transformers_config(raw: dict) -> bool:
     return raw.get("model_type") in ("mamba", "mamba2") or ("hidden_size" in raw and "d_model" not in raw)
+
+
+def _json_float(value) -> float:
+    """A float from config.json; transformers 5 writes inf as {"__float__": "Infinity"}."""
+    if isinstance(value, dict) and "__float__" in value:
+        value = value["__float__"]
+    return float(value)
 
 
 def config_from_transformers(raw: dict) -> MambaConfig:
@@ -67,7 +159,7 @@ def config_from_transformers(raw: dict) -> MambaConfig:
                              f"= {ssm_cfg['expand'] * d_model}")
         ssm_cfg.update(layer="Mamba2", headdim=headdim, ngroups=raw.get("n_groups", 1),
                        chunk_size=raw.get("chunk_size", 256),
-                       dt_limit=tuple(float(v) for v in raw.get("time_step_limit", (0.0, math.inf))))
+                       dt_limit=tuple(_json_float(v) for v in raw.get("time_step_limit", (0.0, math.inf))))
     else:
         rank = raw.get("time_step_rank", "auto")
         ssm_cfg.update(layer="Mamba1", dt_rank=rank if rank == "auto" else int(rank),
@@ -84,6 +176,7 @@ def config_from_transformers(raw: dict) -> MambaConfig:
 
 def config_from_dict(raw: dict) -> MambaConfig:
     """A MambaConfig from config.json's contents, in either layout. Unknown keys are ignored with a warning."""
+    _check_raw_config(raw)
     if _is_transformers_config(raw):
         return config_from_transformers(raw)
     names = {f.name for f in dataclasses.fields(MambaConfig)}
@@ -111,11 +204,50 @@ def convert_transformers_state_dict(state_dict: dict) -> dict:
 
 
 def _read_weight_file(path: Path) -> dict:
+    """A weight file's tensors. ``.bin`` files go through torch's weights-only unpickler: anything but
+    tensors and plain containers is refused before it can run."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"path_or_hub_id: the weight file {path} does not exist")
     if path.name.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except Exception as err:  # SafetensorError: truncated header or data, bad JSON header
+            raise CheckpointError(f"path_or_hub_id: {path} is not a readable safetensors file (truncated or "
+                                  f"corrupt?): {type(err).__name__}: {err}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines() if ln.strip()]
+        first = [ln for ln in lines if "Unsupported" in ln or "GLOBAL" in ln] or lines[-1:]
+        raise UnsafeCheckpointError(
+            f"path_or_hub_id: {path} was refused: it holds Python objects other than tensors, and loading it "
+            f"would run their code (only weights_only loading is done; nothing in it was executed). Convert it to "
+            f"safetensors where you trust it. Details: {first[0] if first else type(err).__name__}"
+        ) from None
+    except Exception as err:  # truncated zip archive, not a torch file
+        raise CheckpointError(f"path_or_hub_id: {path} is not a readable torch checkpoint (truncated or "
+                              f"corrupt?): {type(err).__name__}: {err}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"path_or_hub_id: {path} holds a {type(state).__name__}, expected a state dict")
+    return state
+
+
+def _weight_map(path: Path) -> dict:
+    """The weight map of a ``*.index.json``; shard names must be plain file names in the same folder."""
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"path_or_hub_id: {path} is not a valid index file (needs a JSON "
+                              f"\"weight_map\"): {type(err).__name__}: {err}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"path_or_hub_id: {path}: weight_map must map names to shard file names")
+    bad = sorted({v for v in weight_map.values()
+                  if not v or v in (".", "..") or "/" in v or "\\" in v or os.path.isabs(v)})
+    if bad:
+        raise CheckpointError(f"path_or_hub_id: {path} names shards outside its folder: {bad}")
+    return weight_map
 
 
 def _read_weights(folder: Path, files: dict) -> dict:
@@ -126,7 +258,7 @@ def _read_weights(folder: Path, files: dict) -> dict:
         path = files[name]
         if not name.endswith(".index.json"):
             return _read_weight_file(path)
-        weight_map = json.loads(path.read_text())["weight_map"]
+        weight_map = _weight_map(path)
         state_dict = {}
         for shard in sorted(set(weight_map.values())):
             state_dict.update(_read_weight_file(files.get(shard, path.parent / shard)))
@@ -195,7 +327,7 @@ def _hub_files(hub_id: str, revision, cache_dir, local_files_only) -> tuple[Path
             continue
         files = {name: path}
         if name.endswith(".index.json"):
-            for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
+            for shard in sorted(set(_weight_map(path).values())):
                 files[shard] = fetch(shard)
         return config, files
     raise FileNotFoundError(f"path_or_hub_id: the Hub repo {hub_id!r} has none of {', '.join(WEIGHT_FILES)}")
@@ -223,7 +355,7 @@ def _checkpoint_files(path_or_hub_id, revision=None, cache_dir=None, local_files
 def load_config(path_or_hub_id, **hub_kwargs) -> MambaConfig:
     """The MambaConfig of a checkpoint folder or Hub id (either config layout)."""
     config_path, _ = _checkpoint_files(path_or_hub_id, **hub_kwargs)
-    return config_from_dict(json.loads(config_path.read_text()))
+    return config_from_dict(_read_config_json(config_path))
 
 
 def _torch_dtype(dtype):
@@ -254,17 +386,18 @@ def from_pretrained(path_or_hub_id, device=None, dtype=None, *, revision=None, c
     """
     dtype = _torch_dtype(dtype)
     config_path, files = _checkpoint_files(path_or_hub_id, revision, cache_dir, local_files_only)
-    raw = json.loads(config_path.read_text())
+    raw = _read_config_json(config_path)
     config = config_from_dict(raw)
     state_dict = _read_weights(config_path.parent, files)
     if _is_transformers_config(raw) or any(k.startswith("backbone.embeddings.") for k in state_dict):
         state_dict = convert_transformers_state_dict(state_dict)
-    if config.tie_embeddings and "lm_head.weight" not in state_dict:
-        state_dict["lm_head.weight"] = state_dict.get("backbone.embedding.weight")
+    if config.tie_embeddings and "lm_head.weight" not in state_dict and "backbone.embedding.weight" in state_dict:
+        state_dict["lm_head.weight"] = state_dict["backbone.embedding.weight"]
 
     # Build without initialising (the checkpoint overwrites every parameter), then fill.
     with torch.device("meta"):
         model = MambaLMHeadModel(config, dtype=dtype)
+    _check_state_dict(model, state_dict)
     flags = {name: {a: getattr(p, a) for a in ("_no_weight_decay", "_no_reinit") if hasattr(p, a)}
              for name, p in model.named_parameters()}
     model.to_empty(device=device if device is not None else "cpu")
@@ -297,5 +430,5 @@ def save_pretrained(model: MambaLMHeadModel, save_directory, *, save_bin: bool =
         torch.save(state_dict, folder / BIN_NAME)
 
 
-__all__ = ["config_from_dict", "config_from_transformers", "convert_transformers_state_dict", "from_pretrained",
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "config_from_dict", "config_from_transformers", "convert_transformers_state_dict", "from_pretrained",
            "load_config", "save_pretrained"]

@@ -88,6 +88,22 @@ def _decode_one_token(name: str, hidden_states: Tensor) -> None:
                          f"got {tuple(hidden_states.shape)}")
 
 
+def _check_hidden(name: str, x, d_model: int, seqlen=None) -> None:
+    """A mixer's input: a floating (B, L, D) tensor with D = d_model and L >= 1, or (B*L, D) with
+    ``seqlen`` given. ValueError/TypeError naming ``name`` instead of an unpacking or matmul error."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating tensor (float32, float16, bfloat16), got {x.dtype}")
+    shape = tuple(x.shape)
+    if seqlen is None:
+        if x.dim() != 3 or shape[2] != d_model or shape[1] < 1:
+            raise ValueError(f"{name}: expected shape (B, L, D) with D = d_model = {d_model} and L >= 1, got {shape}")
+    elif x.dim() != 2 or shape[1] != d_model or seqlen < 1 or shape[0] % seqlen:
+        raise ValueError(f"{name}: expected shape (B*L, D) with D = d_model = {d_model} and B*L a multiple of "
+                         f"seqlen = {seqlen}, got {shape}")
+
+
 # ---------------------------------------------------------------------------------- norms, MLP
 
 
@@ -223,6 +239,7 @@ class Mamba(nn.Module):
 
     def forward(self, hidden_states, inference_params=None):
         """hidden_states: (B, L, D). Returns (B, L, D)."""
+        _check_hidden("hidden_states", hidden_states, self.d_model)
         batch, seqlen, _ = hidden_states.shape
         conv_state = ssm_state = None
         if inference_params is not None:
@@ -415,6 +432,7 @@ class Mamba2(nn.Module):
         sequences. cu_seqlens: (S+1,) int32 sequence starts (B == 1), with inference_params: one
         cache row per sequence. Returns the shape of u."""
         seqlen_og = seqlen
+        _check_hidden("u", u, self.d_model, seqlen)
         if seqlen is None:
             batch, seqlen, _ = u.shape
         else:

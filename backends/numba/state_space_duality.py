@@ -282,7 +282,8 @@ def _common_arguments(cdt, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, se
     batch, length, nheads, headdim = x.shape
     D_full = np.zeros((nheads, headdim), dtype=cdt)  # per head or per channel -> per channel
     if D is not None:
-        D_full[...] = to_compute(D, cdt).reshape(nheads, -1)
+        D_c = to_compute(D, cdt)
+        D_full[...] = D_c[:, None] if D_c.ndim == 1 else D_c  # (also for nheads == 0)
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     return (
         to_compute(x, cdt), to_compute(dt, cdt), to_compute(A, cdt), to_compute(B, cdt), to_compute(C, cdt),
