@@ -1,0 +1,458 @@
+// SSD (Mamba-2 state space duality) forward on tensor cores: the chunked form.
+//
+// The sequence is cut into chunks of Q positions (Q in {64, 128, 256}; the launcher picks it
+// from chunk_size). Work buffers, all float32, positions padded to nc * Q (padding: dt' = 0,
+// so the cumulative decay stays constant and padded positions contribute nothing):
+//   dtp   (B, H, nc*Q)   dt' = clamp(softplus(dt + dt_bias) | dt + dt_bias)
+//   dacs  (B, H, nc*Q)   inclusive within-chunk cumulative sum of dt' * A
+//   seg   (B, nc*Q) int  within-chunk index of the latest sequence start at or before the
+//                        position (a change of seq_idx), -1 if none: the position continues the
+//                        previous chunk's sequence. Null when there is a single sequence per row.
+//   states (B, nc, H, P, N)  chunk_states: the chunk's own contribution to its end state;
+//                        state_passing turns it, in place, into the state at the chunk START.
+// Using "latest reset" instead of comparing seq_idx values keeps the reference's semantics
+// (a change of seq_idx resets) even for non-monotonic seq_idx.
+//
+// Matrix products: mma.sync through the Mma<T> policies below. bf16/f16 inputs use m16n8k16
+// with fp32 accumulation; the decay-weighted operands (x * dt' * decay in chunk_states, the
+// masked decay-weighted C B^T in chunk_scan, the fp32 chunk-start state) are rounded to the
+// input type, as the reference package does. float32 inputs use 3xTF32 (hi*hi + hi*lo + lo*hi
+// on m16n8k8), about fp32 accuracy. Shared-memory tiles are float32 (converted on load), so one
+// code path serves all three types.
+#include "common.cuh"
+
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
+
+__device__ __forceinline__ float bits_as_float(uint32_t u) {
+#if SSM_MMA_PTX
+  return __uint_as_float(u);
+#else
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+// ---- warp GEMM on shared-memory tiles ------------------------------------------------------
+// Operands live in shared memory in the input type T, k-contiguous: A(r, k) = a.p[r * ld + k]
+// and B(k, c) = b.p[c * ld + k] (B stored transposed). Then a 16-bit fragment register is one
+// 32-bit shared load of a (k, k+1) pair, with no conversion. Row strides: ld/2 = 4 (mod 32)
+// words for 16-bit types (72, 40) and ld = 4 (mod 32) for float (68, 36): the 32 lanes of a
+// fragment load (rows g, k offsets t) hit 32 different banks.
+template <typename T>
+struct KView {
+  const T* p;
+  int ld;
+  __device__ __forceinline__ float val(int r, int k) const { return load_f(p + r * ld + k); }
+  __device__ __forceinline__ uint32_t pair(int r, int k) const {
+    return *reinterpret_cast<const uint32_t*>(p + r * ld + k);
+  }
+};
+template <typename T>
+struct Ld {  // the padded row strides of 64- and 32-wide k
+  static constexpr int K64 = sizeof(T) == 2 ? 72 : 68;
+  static constexpr int K32 = sizeof(T) == 2 ? 40 : 36;
+};
+
+// step(acc, a, b, k0): acc[j] (16 x 8 tile j of a warp's 16 x 8*NT output) += A[0:16, k0:k0+K]
+// * B[k0:k0+K, 8j:8j+8].
+template <typename T>
+struct Mma;
+
+template <typename T, void (*MMA)(float (&)[4], const uint32_t (&)[4], const uint32_t (&)[2])>
+struct Mma16 {
+  static constexpr int K = 16;
+  template <int NT>
+  __device__ __forceinline__ static void step(float (&acc)[NT][4], const KView<T>& a, const KView<T>& b, int k0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int k = k0 + 2 * t;
+    const uint32_t af[4] = {a.pair(g, k), a.pair(g + 8, k), a.pair(g, k + 8), a.pair(g + 8, k + 8)};
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int c = 8 * j + g;
+      const uint32_t bf[2] = {b.pair(c, k), b.pair(c, k + 8)};
+      MMA(acc[j], af, bf);
+    }
+  }
+};
+template <>
+struct Mma<bf16_t> : Mma16<bf16_t, mma_16816_bf16> {};
+template <>
+struct Mma<half_t> : Mma16<half_t, mma_16816_f16> {};
+
+template <>
+struct Mma<float> {  // 3xTF32: a*b ~ ahi*bhi + ahi*blo + alo*bhi
+  static constexpr int K = 8;
+  template <int NT>
+  __device__ __forceinline__ static void step(float (&acc)[NT][4], const KView<float>& a, const KView<float>& b,
+                                              int k0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int k = k0 + t;
+    const float av[4] = {a.val(g, k), a.val(g + 8, k), a.val(g, k + 4), a.val(g + 8, k + 4)};
+    uint32_t ahi[4], alo[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      ahi[i] = to_tf32(av[i]);
+      alo[i] = to_tf32(av[i] - bits_as_float(ahi[i]));
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int c = 8 * j + g;
+      const float bv[2] = {b.val(c, k), b.val(c, k + 4)};
+      uint32_t bhi[2], blo[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        bhi[i] = to_tf32(bv[i]);
+        blo[i] = to_tf32(bv[i] - bits_as_float(bhi[i]));
+      }
+      mma_1688_tf32(acc[j], alo, bhi);
+      mma_1688_tf32(acc[j], ahi, blo);
+      mma_1688_tf32(acc[j], ahi, bhi);
+    }
+  }
+};
+
+// acc += A (16 x K, rows of view a) * B (K x 8*NT, columns of view b); K a multiple of 16.
+template <typename T, int NT>
+__device__ __forceinline__ void warp_gemm(float (&acc)[NT][4], const KView<T>& a, const KView<T>& b, int K) {
+#pragma unroll 2
+  for (int k0 = 0; k0 < K; k0 += Mma<T>::K) Mma<T>::template step<NT>(acc, a, b, k0);
+}
+
+// Elements [i0, i0 + 8) of a row of n elements at `row` (0 past n, or everywhere unless valid),
+// times w, to shared dst[k * stride], k < 8. vec: row is 16-byte aligned and i0 a multiple of 8
+// (one or two 16-byte loads, see load_chunk8).
+template <typename TG, typename TS>
+__device__ __forceinline__ void stage8(const TG* row, int i0, int n, bool vec, bool valid, float w, TS* dst,
+                                       int stride) {
+  float v[8];
+  if (valid) {
+    load_chunk8(row, i0, n, vec, v);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = 0.f;
+  }
+#pragma unroll
+  for (int k = 0; k < 8; ++k) store_f(dst + k * stride, v[k] * w);
+}
+
+template <int NT>
+__device__ __forceinline__ void zero_acc(float (&acc)[NT][4]) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+}
+
+// ---- mma self-test: one warp, C (16x8 float) = A (16x16) * B (16x8) through Mma<T> ----------
+// (float: 3xTF32.) Checks the fragment layouts on the device and in the emulator.
+template <typename T>
+__global__ void ssd_mma_selftest(const float* __restrict__ A, const float* __restrict__ Bm, float* __restrict__ C) {
+  __shared__ float4 raw_a[16 * 24 * 4 / 16 + 1], raw_b[8 * 24 * 4 / 16 + 1];
+  T* as = reinterpret_cast<T*>(raw_a);
+  T* bs = reinterpret_cast<T*>(raw_b);
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  for (int e = lane; e < 256; e += 32) store_f(as + (e / 16) * 24 + e % 16, A[e]);
+  for (int e = lane; e < 128; e += 32) store_f(bs + (e % 8) * 24 + e / 8, Bm[e]);  // B (k=e/8, c=e%8)
+  __syncthreads();
+  float acc[1][4];
+  zero_acc(acc);
+  warp_gemm<T, 1>(acc, KView<T>{as, 24}, KView<T>{bs, 24}, 16);
+  C[g * 8 + 2 * t] = acc[0][0];
+  C[g * 8 + 2 * t + 1] = acc[0][1];
+  C[(g + 8) * 8 + 2 * t] = acc[0][2];
+  C[(g + 8) * 8 + 2 * t + 1] = acc[0][3];
+}
+
+// ---- 1. chunk_cumsum -----------------------------------------------------------------------
+// Grid (nc, H, B), block Q threads (one per position). Reads dt once, writes dtp and dacs
+// (8 bytes per position and head); blocks of head 0 also write seg from seq (int64, null: none).
+// The scan: warp inclusive scans (shuffles) + a pass over the warp totals in shared memory.
+template <typename TDT>
+__global__ void __launch_bounds__(256) ssd_chunk_cumsum(
+    const TDT* __restrict__ dt, const float* __restrict__ A, const float* __restrict__ dt_bias,
+    const long long* __restrict__ seq, int L, int H, int Q, int softplus, int clamp, float lo, float hi,
+    float* __restrict__ dtp, float* __restrict__ dacs, int* __restrict__ seg) {
+  __shared__ float wsum[8];
+  __shared__ int wmax[8];
+  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, q = threadIdx.x;
+  const int nc = gridDim.x;
+  const i64 pos = i64(c) * Q + q;
+  const int lane = q & 31, w = q >> 5;
+  float d = 0.f;
+  if (pos < L) {
+    float raw = load_f(dt + (i64(b) * L + pos) * H + h) + (dt_bias ? dt_bias[h] : 0.f);
+    d = softplus ? (raw <= 20.f ? log1pf(expf(raw)) : raw) : raw;
+    if (clamp) d = fminf(fmaxf(d, lo), hi);
+  }
+  float v = d * A[h];
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const float u = SSM_SHFL_UP(v, o);
+    if (lane >= o) v += u;
+  }
+  if (lane == 31) wsum[w] = v;
+  int r = -1;
+  if (seq != nullptr && h == 0 && pos < L && pos > 0 && seq[i64(b) * L + pos] != seq[i64(b) * L + pos - 1]) r = q;
+  if (seq != nullptr && h == 0) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int u = SSM_SHFL_UP(r, o);
+      if (lane >= o) r = imax(r, u);
+    }
+    if (lane == 31) wmax[w] = r;
+  }
+  __syncthreads();
+  for (int k = 0; k < w; ++k) v += wsum[k];
+  const i64 row = (i64(b) * H + h) * nc * Q + pos;
+  dtp[row] = d;
+  dacs[row] = v;
+  if (seq != nullptr && h == 0) {
+    for (int k = 0; k < w; ++k) r = imax(r, wmax[k]);
+    seg[i64(b) * nc * Q + pos] = r;
+  }
+}
+
+// ---- 2. chunk_states -------------------------------------------------------------------------
+// S[p][n] = sum_s x[s][p] * dt'_s * exp(dacs[end] - dacs[s]) * B[s][n] over the positions s of a
+// chunk in the sequence of its end. Grid (tilesP * tilesN * H * nc, B), 128 threads (4 warps):
+// one 64 (p) x 64 (n) tile of one (batch, chunk, head); warp w owns rows p0 + 16w .. +16.
+// K loop over 64-position slices staged in shared memory as float. Traffic: x once per n-tile,
+// B once per (head, p-tile), states written once (float32).
+template <typename T>
+__global__ void __launch_bounds__(128) ssd_chunk_states(
+    const T* __restrict__ x, const T* __restrict__ Bm, const float* __restrict__ dtp, const float* __restrict__ dacs,
+    const int* __restrict__ seg, int L, int H, int G, int P, int N, int Q, int nc, int vec,
+    float* __restrict__ states) {
+  constexpr int LD = Ld<T>::K64;
+  __shared__ float4 raw_x[64 * LD * sizeof(T) / 16], raw_b[64 * LD * sizeof(T) / 16];
+  T* xs = reinterpret_cast<T*>(raw_x);  // [p][s]: x * dt' * decay, the A operand (rows p, k = s)
+  T* bs = reinterpret_cast<T*>(raw_b);  // [n][s]: B, the B operand (columns n, k = s)
+  __shared__ float wgt[64];
+  const int tilesP = (P + 63) / 64, tilesN = (N + 63) / 64;
+  i64 id = blockIdx.x;
+  const int tn = int(id % tilesN); id /= tilesN;
+  const int tp = int(id % tilesP); id /= tilesP;
+  const int h = int(id % H); id /= H;
+  const int c = int(id);
+  const int b = blockIdx.y;
+  const int p0 = tp * 64, n0 = tn * 64;
+  const int g = h / (H / G);
+  const int warp = threadIdx.x >> 5;
+  const i64 row = (i64(b) * H + h) * nc * Q + i64(c) * Q;  // dtp/dacs offset of the chunk
+  const float a_end = dacs[row + Q - 1];
+  const int seg_end = seg ? seg[i64(b) * nc * Q + i64(c) * Q + Q - 1] : -1;
+  const int s_first = imax(seg_end, 0);
+  float acc[8][4];
+  zero_acc(acc);
+  for (int s0 = (s_first / 64) * 64; s0 < Q && i64(c) * Q + s0 < L; s0 += 64) {
+    __syncthreads();
+    if (threadIdx.x < 64) {
+      const int q = s0 + threadIdx.x;
+      wgt[threadIdx.x] = (i64(c) * Q + q < L && q >= s_first) ? dtp[row + q] * expf(a_end - dacs[row + q]) : 0.f;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < 64 * 8; e += 128) {  // 64 positions x 8 chunks of 8
+      const int s = e >> 3, col = (e & 7) * 8;
+      const i64 pos = i64(c) * Q + s0 + s;
+      const float w = wgt[s];
+      stage8(x + ((i64(b) * L + pos) * H + h) * P + p0, col, P - p0, vec, w != 0.f, w, xs + col * LD + s, LD);
+      stage8(Bm + ((i64(b) * L + pos) * G + g) * N + n0, col, N - n0, vec, w != 0.f, 1.f, bs + col * LD + s, LD);
+    }
+    __syncthreads();
+    warp_gemm<T, 8>(acc, KView<T>{xs + warp * 16 * LD, LD}, KView<T>{bs, LD}, 64);
+  }
+  const int lane = threadIdx.x & 31, gg = lane >> 2, t = lane & 3;
+  float* out = states + ((i64(b) * nc + c) * H + h) * i64(P) * N;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int p = p0 + warp * 16 + gg + (i >> 1) * 8, n = n0 + 8 * j + 2 * t + (i & 1);
+      if (p < P && n < N) out[i64(p) * N + n] = acc[j][i];
+    }
+}
+
+// ---- 3. state_passing ----------------------------------------------------------------------
+// Sequential over chunks, one thread per (batch, head, state element): h = exp(dA_chunk) h + S_c
+// (h = S_c when a sequence starts inside chunk c). states[c] is replaced by the state at the
+// start of chunk c (initial_states, or 0, for chunk 0); final gets the state after the last one.
+// Grid (ceil(P*N / 256), H, B), 256 threads; each chunk state is read and written once.
+__global__ void __launch_bounds__(256) ssd_state_passing(
+    float* __restrict__ states, const float* __restrict__ dacs, const int* __restrict__ seg,
+    const float* __restrict__ initial, int H, int PN, int Q, int nc, float* __restrict__ final_states) {
+  const int e = blockIdx.x * 256 + threadIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  if (e >= PN) return;
+  float s = initial ? initial[(i64(b) * H + h) * PN + e] : 0.f;
+  const i64 row = (i64(b) * H + h) * nc * Q;
+  for (int c = 0; c < nc; ++c) {
+    float* p = states + ((i64(b) * nc + c) * H + h) * PN + e;
+    const float own = *p;
+    *p = s;
+    const bool reset = seg && seg[i64(b) * nc * Q + i64(c) * Q + Q - 1] >= 0;
+    s = reset ? own : expf(dacs[row + i64(c) * Q + Q - 1]) * s + own;
+  }
+  final_states[(i64(b) * H + h) * PN + e] = s;
+}
+
+// ---- 4. chunk_scan ---------------------------------------------------------------------------
+// Y[t][p] = sum_{s <= t, same sequence} (C_t . B_s) exp(dacs_t - dacs_s) dt'_s x[s][p]
+//         + [t continues the previous chunk's sequence] exp(dacs_t) (C_t . h_prev[p])
+//         + D[p] x[t][p];   out = Y * silu(z).
+// Grid (tilesP * (Q/64) * nc * H, B), 128 threads: one 64 (t) x 64 (p) output tile of one
+// (batch, chunk, head); warp w owns rows t0 + 16w .. +16. The state term (K = N) goes first
+// into the accumulator, which is then scaled per row by exp(dacs_t); then for each 64-position
+// s-slice at or before the t-tile: CB = C_t B_s^T (K = N, 32-wide n slices), masked and decay-
+// weighted into shared M, and Y += M X_s (K = 64). The block's C tile stays in (dynamic) shared
+// memory throughout. Traffic: C once per block, x and B about (Q/64+1)/2 times per p-tile
+// (mostly L2), the chunk-start state once per t-tile, out written once.
+template <typename T>
+__global__ void __launch_bounds__(128, 3) ssd_chunk_scan(
+    const T* __restrict__ x, const T* __restrict__ z, const T* __restrict__ Bm, const T* __restrict__ Cm,
+    const float* __restrict__ dtp, const float* __restrict__ dacs, const int* __restrict__ seg,
+    const float* __restrict__ prev, const float* __restrict__ D, int L, int H, int G, int P, int N, int Q, int nc,
+    int vec, int ldc, T* __restrict__ out) {
+  constexpr int L64 = Ld<T>::K64, L32 = Ld<T>::K32;
+  // Dynamic: cs [t][n], the block's whole C tile (64 x ldc, ldc = roundup(N, 32) + pad), loaded
+  // once. Static: ms [t][s] (A operand of M X); pool: bs [s][n] (CB^T), hs [p][n] (state term)
+  // or xs [p][s] (B operand of M X). All in T, k-contiguous.
+  SSM_DYNAMIC_SMEM(dyn);
+  __shared__ float4 raw_m[64 * L64 * sizeof(T) / 16];
+  __shared__ float4 raw_pool[64 * L64 * sizeof(T) / 16];
+  T* cs = reinterpret_cast<T*>(dyn);
+  T* ms = reinterpret_cast<T*>(raw_m);
+  T* bs = reinterpret_cast<T*>(raw_pool);
+  T* hs = bs;
+  T* xs = bs;
+  __shared__ float at_s[64], dt_s[64], at_t[64];
+  __shared__ int seg_t[64];
+
+  const int tilesP = (P + 63) / 64, tilesT = Q / 64;
+  i64 id = blockIdx.x;
+  const int tp = int(id % tilesP); id /= tilesP;
+  const int tt = int(id % tilesT); id /= tilesT;
+  const int h = int(id % H); id /= H;
+  const int c = int(id);
+  const int b = blockIdx.y;
+  const int p0 = tp * 64, t0 = tt * 64;
+  const i64 cpos = i64(c) * Q;  // first position of the chunk
+  if (cpos + t0 >= L) return;
+  const int g = h / (H / G);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gg = lane >> 2, tq = lane & 3;
+  const int r0 = warp * 16;
+  const i64 row = (i64(b) * H + h) * nc * Q + cpos;
+  const i64 segrow = i64(b) * nc * Q + cpos;
+
+  if (threadIdx.x < 64) {
+    at_t[threadIdx.x] = dacs[row + t0 + threadIdx.x];
+    seg_t[threadIdx.x] = seg ? seg[segrow + t0 + threadIdx.x] : -1;
+  }
+  const int npad = (N + 31) / 32 * 32;
+  for (int e = threadIdx.x; e < 64 * (npad / 8); e += 128) {  // the C tile, 64 rows x npad/8 chunks
+    const int r = e / (npad / 8), k = (e % (npad / 8)) * 8;
+    const i64 pos = cpos + t0 + r;
+    stage8(Cm + ((i64(b) * L + pos) * G + g) * N, k, N, vec, pos < L, 1.f, cs + r * ldc + k, 1);
+  }
+  float acc[8][4];
+  zero_acc(acc);
+  // State term: C_t (64 x N) . h_prev^T (N x 64), n-slices of 32.
+  const float* hp = prev + ((i64(b) * nc + c) * H + h) * i64(P) * N;
+  for (int n0 = 0; n0 < N; n0 += 32) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < 64 * 4; e += 128) {  // 64 rows x 4 chunks of 8
+      const int r = e >> 2, k = (e & 3) * 8;
+      stage8(hp + i64(p0 + r) * N + n0, k, N - n0, vec, p0 + r < P, 1.f, hs + r * L32 + k, 1);
+    }
+    __syncthreads();
+    warp_gemm<T, 8>(acc, KView<T>{cs + r0 * ldc + n0, ldc}, KView<T>{hs, L32}, 32);
+  }
+  {
+    const float s0 = seg_t[r0 + gg] < 0 ? expf(at_t[r0 + gg]) : 0.f;
+    const float s1 = seg_t[r0 + gg + 8] < 0 ? expf(at_t[r0 + gg + 8]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      acc[j][0] *= s0;
+      acc[j][1] *= s0;
+      acc[j][2] *= s1;
+      acc[j][3] *= s1;
+    }
+  }
+  // Intra-chunk term, s-slices up to and including the t-tile.
+  for (int sb = 0; sb <= t0; sb += 64) {
+    __syncthreads();
+    if (threadIdx.x < 64) {
+      at_s[threadIdx.x] = dacs[row + sb + threadIdx.x];
+      dt_s[threadIdx.x] = dtp[row + sb + threadIdx.x];
+    }
+    float cb[8][4];
+    zero_acc(cb);
+    for (int n0 = 0; n0 < N; n0 += 32) {
+      __syncthreads();
+      for (int e = threadIdx.x; e < 64 * 4; e += 128) {
+        const int r = e >> 2, k = (e & 3) * 8;
+        const i64 spos = cpos + sb + r;
+        stage8(Bm + ((i64(b) * L + spos) * G + g) * N + n0, k, N - n0, vec, spos < L, 1.f, bs + r * L32 + k, 1);
+      }
+      __syncthreads();
+      warp_gemm<T, 8>(cb, KView<T>{cs + r0 * ldc + n0, ldc}, KView<T>{bs, L32}, 32);
+    }
+    // Mask + weights, into ms (each warp writes its own rows).
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = r0 + gg + (i >> 1) * 8, sc = 8 * j + 2 * tq + (i & 1);
+        const int tl = t0 + r, sl = sb + sc;  // chunk-local indices
+        const bool keep = sl <= tl && sl >= seg_t[r];
+        store_f(ms + r * L64 + sc, keep ? cb[j][i] * expf(at_t[r] - at_s[sc]) * dt_s[sc] : 0.f);
+      }
+    __syncthreads();  // everyone is done with bs: load X_s^T into the pool
+    for (int e = threadIdx.x; e < 64 * 8; e += 128) {
+      const int s = e >> 3, col = (e & 7) * 8;
+      const i64 spos = cpos + sb + s;
+      stage8(x + ((i64(b) * L + spos) * H + h) * P + p0, col, P - p0, vec, spos < L, 1.f, xs + col * L64 + s, L64);
+    }
+    __syncthreads();
+    warp_gemm<T, 8>(acc, KView<T>{ms + r0 * L64, L64}, KView<T>{xs, L64}, 64);
+  }
+  // Epilogue: + D x, gate, store.
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = r0 + gg + (i >> 1) * 8, p = p0 + 8 * j + 2 * tq + (i & 1);
+      const i64 pos = cpos + t0 + r;
+      if (pos >= L || p >= P) continue;
+      const i64 off = ((i64(b) * L + pos) * H + h) * P + p;
+      float y = acc[j][i];
+      if (D) y += D[h * P + p] * load_f(x + off);
+      if (z) y *= silu_f(load_f(z + off));
+      store_f(out + off, y);
+    }
+}
+
+// ---- 5. varlen_states --------------------------------------------------------------------------
+// The state at the last position e of each sequence of cu_seqlens (batch 1): the chunk-start
+// state decayed to e (unless the sequence starts inside e's chunk) plus e's in-chunk partial sum.
+// Grid (ceil(P*N / 128), H, S), 128 threads, one state element each; at most Q steps.
+template <typename T>
+__global__ void __launch_bounds__(128) ssd_varlen_states(
+    const T* __restrict__ x, const T* __restrict__ Bm, const float* __restrict__ dtp, const float* __restrict__ dacs,
+    const int* __restrict__ seg, const float* __restrict__ prev, const long long* __restrict__ ends, int L, int H,
+    int G, int P, int N, int Q, int nc, float* __restrict__ out) {
+  const int e = blockIdx.x * 128 + threadIdx.x;
+  const int h = blockIdx.y, sq = blockIdx.z;
+  if (e >= P * N) return;
+  const int p = e / N, n = e % N, g = h / (H / G);
+  const i64 end = ends[sq];
+  const int c = int(end / Q), qe = int(end % Q);
+  const i64 row = i64(h) * nc * Q + i64(c) * Q;
+  const int first = seg ? seg[i64(c) * Q + qe] : -1;
+  const float a_end = dacs[row + qe];
+  float s = first < 0 ? expf(a_end) * prev[(i64(c) * H + h) * i64(P) * N + e] : 0.f;
+  for (int q = imax(first, 0); q <= qe; ++q) {
+    const i64 pos = i64(c) * Q + q;
+    s += expf(a_end - dacs[row + q]) * dtp[row + q] * load_f(x + (pos * H + h) * P + p) *
+         load_f(Bm + (pos * G + g) * N + n);
+  }
+  out[(i64(sq) * H + h) * i64(P) * N + e] = s;
+}

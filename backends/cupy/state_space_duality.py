@@ -1,0 +1,238 @@
+"""CuPy launcher for the SSD forward (kernels in ssd.cu): the chunked form on tensor cores.
+
+Arguments arrive validated by ssmcore.ops.ssd. Pipeline (each step a separate kernel and a
+helper function below, reused by the backward for recomputation):
+
+    _chunk_cumsum   dt' and the within-chunk cumulative decay (float32), sequence starts
+    _chunk_states   each chunk's own end state (float32, B x nc x H x P x N)
+    _state_passing  -> the state at the start of every chunk (in place) and the final state
+    _chunk_scan     out = (intra-chunk C B^T masked/decayed . dt' x + decayed C h_prev + D x) * silu(z)
+    _varlen_states  the state at the end of each sequence of cu_seqlens
+
+Chunk size: the kernels use Q in {64, 128, 256}; ``_internal_chunk`` picks the one nearest to
+chunk_size on a log scale (the result does not depend on it beyond rounding). Element types:
+x, z, B and C run in x's dtype when B and C share it, else all in float32; dt in its own dtype
+(x's or float32); A, D, dt_bias and initial_states as float32. seq_idx (or the sequences of
+cu_seqlens) enter as "sequence starts": any change of seq_idx resets the state, as in the
+reference recurrence, even when seq_idx is not sorted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cupy
+import numpy as np
+
+from . import _arrays, _runtime
+from ._arrays import cdiv, ptr
+
+FAMILY = "ssd"
+_TYPES = ("float", "half_t", "bf16_t")
+
+INSTANTIATIONS = (
+    [f"ssd_mma_selftest<{t}>" for t in _TYPES]
+    + [f"ssd_chunk_cumsum<{t}>" for t in _TYPES]
+    + [f"ssd_chunk_states<{t}>" for t in _TYPES]
+    + ["ssd_state_passing"]
+    + [f"ssd_chunk_scan<{t}>" for t in _TYPES]
+    + [f"ssd_varlen_states<{t}>" for t in _TYPES]
+)
+
+_NO_LIMIT = (0.0, math.inf)
+
+
+def _internal_chunk(chunk_size: int) -> int:
+    """The kernels' chunk length Q: 64, 128 or 256, the nearest to chunk_size on a log scale."""
+    return min((64, 128, 256), key=lambda q: abs(math.log(q) - math.log(max(1, chunk_size))))
+
+
+def _f32(a):
+    """A C-contiguous float32 copy-or-view of a parameter array; None stays None."""
+    return None if a is None else _arrays.contiguous(a, cupy.float32)
+
+
+def _seq_ids(seq_idx, cu_seqlens, length):
+    """(B, L) int64 sequence ids, or None when every row is one sequence."""
+    if seq_idx is not None:
+        return _arrays.contiguous(seq_idx, cupy.int64)
+    if cu_seqlens is not None:
+        cu = np.asarray(cu_seqlens.get() if hasattr(cu_seqlens, "get") else cu_seqlens, dtype=np.int64)
+        if cu.shape[0] <= 2:
+            return None
+        ids = np.repeat(np.arange(cu.shape[0] - 1, dtype=np.int64), np.diff(cu))
+        return cupy.asarray(ids.reshape(1, length))
+    return None
+
+
+def _chunk_cumsum(dt, A, dt_bias, dt_softplus, dt_limit, seq, Q):
+    """dt (B, L, H) -> (dtp, dacs, seg).
+
+    dtp, dacs: (B, H, nc*Q) float32, dt' and the inclusive within-chunk cumulative sum of dt' * A
+    (padding past L: dt' = 0, the sum constant). seg: (B, nc*Q) int32, the within-chunk index of
+    the latest sequence start at or before each position (-1: none), or None when seq is None.
+    seq: (B, L) int64 sequence ids or None. A, dt_bias: float32 contiguous (dt_bias may be None).
+    """
+    batch, length, nheads = dt.shape
+    nc = cdiv(length, Q)
+    dtp = cupy.empty((batch, nheads, nc * Q), cupy.float32)
+    dacs = cupy.empty((batch, nheads, nc * Q), cupy.float32)
+    seg = None if seq is None else cupy.empty((batch, nc * Q), cupy.int32)
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    clamp = (lo, hi) != _NO_LIMIT
+    kernel = _runtime.function(FAMILY, f"ssd_chunk_cumsum<{_arrays.kernel_type('dt', dt)}>")
+    _runtime.launch(kernel, (nc, nheads, batch), (Q,),
+                    (dt, A, ptr(dt_bias), ptr(seq), np.int32(length), np.int32(nheads), np.int32(Q),
+                     np.int32(bool(dt_softplus)), np.int32(clamp), np.float32(lo if clamp else 0.0),
+                     np.float32(hi if clamp else 0.0), dtp, dacs, ptr(seg)))
+    return dtp, dacs, seg
+
+
+_SHARED_ALLOWED = {}
+
+
+def _allow_shared(kernel, nbytes: int) -> None:
+    """Let kernel use nbytes of dynamic shared memory (beyond the default 48 KiB when needed)."""
+    ptr_ = getattr(kernel, "ptr", None)
+    if ptr_ is None or _runtime.is_hip() or nbytes <= _SHARED_ALLOWED.get(ptr_, 0) or nbytes <= 8 * 1024:
+        return
+    from cupy_backends.cuda.api import driver
+
+    driver.funcSetAttribute(ptr_, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
+    _SHARED_ALLOWED[ptr_] = nbytes
+
+
+def _vec(x, B, C=None) -> int:
+    """1 when the kernels may stage x/B/C rows with 16-byte loads (P and N multiples of 8, aligned)."""
+    return int(x.shape[3] % 8 == 0 and B.shape[3] % 8 == 0 and _arrays.aligned16(x, B, C))
+
+
+def _chunk_states(x, B, dtp, dacs, seg, Q):
+    """Each chunk's own contribution to its end state: (B, nc, H, P, N) float32.
+
+    x (B, L, H, P) and B (B, L, G, N) contiguous, same dtype; dtp/dacs/seg from _chunk_cumsum.
+    """
+    batch, length, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    nc = cdiv(length, Q)
+    states = cupy.empty((batch, nc, nheads, headdim, dstate), cupy.float32)
+    kernel = _runtime.function(FAMILY, f"ssd_chunk_states<{_arrays.kernel_type('x', x)}>")
+    blocks = cdiv(headdim, 64) * cdiv(dstate, 64) * nheads * nc
+    _runtime.launch(kernel, (blocks, batch), (128,),
+                    (x, B, dtp, dacs, ptr(seg), np.int32(length), np.int32(nheads), np.int32(ngroups),
+                     np.int32(headdim), np.int32(dstate), np.int32(Q), np.int32(nc), np.int32(_vec(x, B)), states))
+    return states
+
+
+def _state_passing(states, dacs, seg, initial_states, Q):
+    """Turns states (B, nc, H, P, N) float32 from _chunk_states, in place, into the state at the
+    start of each chunk; returns the final state (B, H, P, N) float32. initial_states: float32
+    contiguous (B, H, P, N) or None."""
+    batch, nc, nheads, headdim, dstate = states.shape
+    final = cupy.empty((batch, nheads, headdim, dstate), cupy.float32)
+    pn = headdim * dstate
+    kernel = _runtime.function(FAMILY, "ssd_state_passing")
+    _runtime.launch(kernel, (cdiv(pn, 256), nheads, batch), (256,),
+                    (states, dacs, ptr(seg), ptr(initial_states), np.int32(nheads), np.int32(pn), np.int32(Q),
+                     np.int32(nc), final))
+    return final
+
+
+def _chunk_scan(x, z, B, C, dtp, dacs, seg, prev, D, Q):
+    """out (B, L, H, P) in x's dtype from the chunk-start states prev (B, nc, H, P, N) float32.
+
+    D: (H, P) float32 contiguous or None; z like x or None.
+    """
+    batch, length, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    nc = cdiv(length, Q)
+    out = cupy.empty(x.shape, x.dtype)
+    kernel = _runtime.function(FAMILY, f"ssd_chunk_scan<{_arrays.kernel_type('x', x)}>")
+    blocks = cdiv(headdim, 64) * (Q // 64) * nheads * nc
+    # The block's C tile in dynamic shared memory: 64 rows of roundup(N, 32) + pad (conflict-free rows).
+    ldc = cdiv(dstate, 32) * 32 + (8 if x.itemsize == 2 else 4)
+    smem = 64 * ldc * x.itemsize
+    _allow_shared(kernel, smem)
+    _runtime.launch(kernel, (blocks, batch), (128,),
+                    (x, ptr(z), B, C, dtp, dacs, ptr(seg), prev, ptr(D), np.int32(length), np.int32(nheads),
+                     np.int32(ngroups), np.int32(headdim), np.int32(dstate), np.int32(Q), np.int32(nc),
+                     np.int32(_vec(x, B, C)), np.int32(ldc), out), shared_mem=smem)
+    return out
+
+
+def _varlen_states(x, B, dtp, dacs, seg, prev, cu_seqlens, Q):
+    """The state at the end of each sequence of cu_seqlens (batch 1): (S, H, P, N) float32."""
+    _, length, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    cu = np.asarray(cu_seqlens.get() if hasattr(cu_seqlens, "get") else cu_seqlens, dtype=np.int64)
+    ends = cupy.asarray(cu[1:] - 1)
+    nseq = ends.shape[0]
+    out = cupy.empty((nseq, nheads, headdim, dstate), cupy.float32)
+    kernel = _runtime.function(FAMILY, f"ssd_varlen_states<{_arrays.kernel_type('x', x)}>")
+    _runtime.launch(kernel, (cdiv(headdim * dstate, 128), nheads, nseq), (128,),
+                    (x, B, dtp, dacs, ptr(seg), prev, ends, np.int32(length), np.int32(nheads), np.int32(ngroups),
+                     np.int32(headdim), np.int32(dstate), np.int32(Q), np.int32(cdiv(length, Q)), out))
+    return out
+
+
+def _prepare(x, dt, A, B, C, D, z, dt_bias, initial_states):
+    """Contiguous arrays in the kernels' types (see the module docstring)."""
+    _arrays.check_kernel_dtypes(x=x, dt=dt, B=B, C=C, z=z)
+    work = x.dtype if (B.dtype == x.dtype and C.dtype == x.dtype) else cupy.dtype(cupy.float32)
+    x, z, B, C = (_arrays.contiguous(a, work) for a in (x, z, B, C))
+    dt = _arrays.contiguous(dt, dt.dtype if dt.dtype in (x.dtype, cupy.float32) else cupy.float32)
+    nheads, headdim = x.shape[2], x.shape[3]
+    D_full = None
+    if D is not None:
+        D_full = _f32(D)
+        if D_full.ndim == 1:
+            D_full = D_full[:, None] + cupy.zeros((nheads, headdim), cupy.float32)
+    return x, dt, _f32(A), B, C, D_full, z, _f32(dt_bias), _f32(initial_states)
+
+
+def _grid_limits(x, cu_seqlens, return_varlen_states):
+    """Launch-grid limits (grid y/z dimensions < 2**16)."""
+    batch, _, nheads, _ = x.shape
+    if batch > 65535:
+        raise ValueError(f"x: expected a batch of at most 65535 on the GPU, got {batch}")
+    if nheads > 65535:
+        raise ValueError(f"x: expected at most 65535 heads on the GPU, got {nheads}")
+    if return_varlen_states and cu_seqlens.shape[0] - 1 > 65535:
+        raise ValueError(f"cu_seqlens: expected at most 65535 sequences on the GPU, got {cu_seqlens.shape[0] - 1}")
+
+
+def _cast_state(a, state_dtype):
+    if state_dtype is None or a.dtype == state_dtype:
+        return a
+    return a.astype(state_dtype)
+
+
+def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
+        dt_limit=_NO_LIMIT, initial_states=None, seq_idx=None, cu_seqlens=None,
+        return_final_states=False, return_varlen_states=False, state_dtype=None):
+    """CuPy SSD forward; arguments already validated by ssmcore.ops.ssd.ssd (same returns)."""
+    _grid_limits(x, cu_seqlens, return_varlen_states)
+    out_dtype = x.dtype
+    xk, dtk, Ak, Bk, Ck, Dk, zk, biask, initk = _prepare(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    batch, length, nheads, headdim = x.shape
+    dstate = B.shape[3]
+    if length == 0:
+        out = cupy.empty(x.shape, out_dtype)
+        final = initk.copy() if initk is not None else cupy.zeros((batch, nheads, headdim, dstate), cupy.float32)
+        varlen = cupy.zeros((0, nheads, headdim, dstate), cupy.float32)
+    else:
+        Q = _internal_chunk(chunk_size)
+        seq = _seq_ids(seq_idx, cu_seqlens, length)
+        dtp, dacs, seg = _chunk_cumsum(dtk, Ak, biask, dt_softplus, dt_limit, seq, Q)
+        states = _chunk_states(xk, Bk, dtp, dacs, seg, Q)
+        final = _state_passing(states, dacs, seg, initk, Q)
+        out = _chunk_scan(xk, zk, Bk, Ck, dtp, dacs, seg, states, Dk, Q)
+        if out.dtype != out_dtype:
+            out = out.astype(out_dtype)
+        varlen = _varlen_states(xk, Bk, dtp, dacs, seg, states, cu_seqlens, Q) if return_varlen_states else None
+    result = [out]
+    if return_final_states:
+        result.append(_cast_state(final, state_dtype))
+    if return_varlen_states:
+        result.append(_cast_state(varlen, state_dtype))
+    return result[0] if len(result) == 1 else tuple(result)

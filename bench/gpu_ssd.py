@@ -1,0 +1,210 @@
+"""GPU benchmark of the SSD forward (CuPy backend) vs the peer's mamba_chunk_scan_combined.
+
+    python bench/gpu_ssd.py [--quick] [--json PATH]
+
+PERFORMANCE.md shape B8 L4096 H64 P64 N128 G1, chunk 256, bf16 x/B/C/z-less, fp32 dt/A/D/dt_bias,
+dt_softplus, D per head; plus a sweep L in {512, 2048, 16384} x N in {64, 128, 256} (same B/H/P).
+Times: triton.testing.do_bench medians (after a warm-up that also runs the peer's Triton autotune),
+of ssmcore.ssd on CuPy arrays and of mamba_chunk_scan_combined on the same memory (torch via
+DLPack). Also per-stage times of our pipeline (cumsum / states / passing / scan), the agreement of
+ours and the peer's outputs (max |diff| / max |peer|), and, when ssmcore.backends.cupy.
+state_space_duality_bwd imports, forward+backward of both.
+Floor (PERFORMANCE.md): forward ~140 us at the main shape (matmul-bound); scaled by B*L*H*P*N*Q
+for the sweep (matmul work: chunk_states 2LPN, chunk_scan 2L(Q/2)(N+P) + 2LPN per head).
+JSON (every row) goes to --json (default $OUT/ssd_bench.json when $OUT is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+MAIN = (8, 4096, 64, 64, 128)  # B, L, H, P, N
+MAIN_FLOOR_US = 140.0
+
+
+def matmul_flops(batch, length, heads, headdim, dstate, Q=256):
+    per_head_pos = 2 * headdim * dstate + 2 * (Q / 2) * (dstate + headdim) + 2 * headdim * dstate
+    return batch * length * heads * per_head_pos
+
+
+def floor_us(shape):
+    return MAIN_FLOOR_US * matmul_flops(*shape) / matmul_flops(*MAIN)
+
+
+def make_inputs(batch, length, heads, headdim, dstate, seed=0):
+    import cupy
+    import ml_dtypes
+
+    bf16 = ml_dtypes.bfloat16
+    rs = cupy.random.RandomState(seed)
+    act = lambda *shape, s=1.0: (s * rs.standard_normal(shape, dtype=cupy.float32)).astype(bf16)
+    dt_init = cupy.exp(rs.random_sample(heads, dtype=cupy.float32) * (math.log(0.1) - math.log(0.001))
+                       + math.log(0.001))
+    return dict(
+        x=act(batch, length, heads, headdim),
+        dt=(0.5 * rs.standard_normal((batch, length, heads), dtype=cupy.float32)),
+        A=-cupy.exp(rs.random_sample(heads, dtype=cupy.float32) * math.log(16)),
+        B=act(batch, length, 1, dstate, s=0.5),
+        C=act(batch, length, 1, dstate, s=0.5),
+        D=cupy.ones(heads, dtype=cupy.float32),
+        dt_bias=(dt_init + cupy.log(-cupy.expm1(-dt_init))).astype(cupy.float32),
+    )
+
+
+def bench_us(fn):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+
+
+def cupy_us(fn, reps=20):
+    """Median over reps of fn timed with CUDA events (for the stages)."""
+    import cupy
+
+    times = []
+    for _ in range(reps):
+        a, b = cupy.cuda.Event(), cupy.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(a, b) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def peer(x):
+    try:
+        import torch
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as err:  # noqa: BLE001 - any import failure means no peer
+        print(f"peer: mamba_ssm not importable ({type(err).__name__}: {err})", flush=True)
+        return None, None
+    t = {n: torch.from_dlpack(a) for n, a in x.items()}
+    fwd = lambda: mamba_chunk_scan_combined(t["x"], t["dt"], t["A"], t["B"], t["C"], 256, D=t["D"],
+                                            dt_bias=t["dt_bias"], dt_softplus=True)
+    leaves = {n: v.detach().clone().requires_grad_(True) for n, v in t.items()}
+    dout = torch.randn_like(t["x"])
+
+    def fwd_bwd():
+        out = mamba_chunk_scan_combined(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], 256,
+                                        D=leaves["D"], dt_bias=leaves["dt_bias"], dt_softplus=True)
+        out.backward(dout)
+
+    return fwd, fwd_bwd
+
+
+def stages(x):
+    """Per-stage times (us) of our pipeline at chunk 256."""
+    from ssmcore.backends.cupy import state_space_duality as S
+
+    xk, dtk, Ak, Bk, Ck, Dk, zk, bk, ik = S._prepare(x["x"], x["dt"], x["A"], x["B"], x["C"], x["D"], None,
+                                                      x["dt_bias"], None)
+    Q = 256
+    seq = None
+    dtp, dacs, seg = S._chunk_cumsum(dtk, Ak, bk, True, (0.0, math.inf), seq, Q)
+    states = S._chunk_states(xk, Bk, dtp, dacs, seg, Q)
+    scratch = states.copy()
+    S._state_passing(states, dacs, seg, ik, Q)
+    return {
+        "cumsum": cupy_us(lambda: S._chunk_cumsum(dtk, Ak, bk, True, (0.0, math.inf), seq, Q)),
+        "states": cupy_us(lambda: S._chunk_states(xk, Bk, dtp, dacs, seg, Q)),
+        "passing": cupy_us(lambda: S._state_passing(scratch, dacs, seg, ik, Q)),  # in place; values irrelevant
+        "scan": cupy_us(lambda: S._chunk_scan(xk, zk, Bk, Ck, dtp, dacs, seg, states, Dk, Q)),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the main shape only")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    out_json = args.json or (os.path.join(os.environ["OUT"], "ssd_bench.json") if os.environ.get("OUT") else None)
+
+    import cupy
+
+    import ssmcore
+
+    try:
+        from ssmcore.backends.cupy import state_space_duality_bwd  # noqa: F401
+
+        have_bwd = True
+    except Exception:  # noqa: BLE001
+        have_bwd = False
+    print(f"device: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, cupy {cupy.__version__}, "
+          f"backward: {'yes' if have_bwd else 'no'}", flush=True)
+    shapes = [MAIN] + ([] if args.quick else [(8, L, 64, 64, N) for L in (512, 2048, 16384) for N in (64, 128, 256)])
+    rows = []
+    for shape in shapes:
+        batch, length, heads, headdim, dstate = shape
+        x = make_inputs(*shape)
+        fwd = lambda: ssmcore.ssd(**x, chunk_size=256, dt_softplus=True)
+        row = {"shape": f"B{batch} L{length} H{heads} P{headdim} N{dstate}", "floor_us": floor_us(shape)}
+        try:
+            t0 = time.perf_counter()
+            ours = fwd()
+            cupy.cuda.Device().synchronize()
+            row["first_call_s"] = time.perf_counter() - t0
+            row["fwd_us"] = bench_us(fwd)
+            row["stages_us"] = stages(x)
+        except Exception as err:  # noqa: BLE001
+            print(f"{row['shape']}: ours failed: {type(err).__name__}: {err}", flush=True)
+            rows.append(row)
+            continue
+        pf, pfb = peer(x)
+        if pf is not None:
+            try:
+                ref = pf()  # also runs the Triton autotune
+                import torch
+
+                torch.cuda.synchronize()
+                row["peer_fwd_us"] = bench_us(pf)
+                ref_c = cupy.from_dlpack(ref.detach()).astype(cupy.float32)
+                row["max_rel_diff_vs_peer"] = float(cupy.abs(ours.astype(cupy.float32) - ref_c).max()
+                                                    / cupy.abs(ref_c).max())
+                row["fwd_ratio"] = row["fwd_us"] / row["peer_fwd_us"]
+            except Exception as err:  # noqa: BLE001
+                print(f"{row['shape']}: peer failed: {type(err).__name__}: {err}", flush=True)
+        if have_bwd:
+            dout = make_inputs(*shape, seed=1)["x"]
+
+            def fwd_bwd():
+                ssmcore.ssd(**x, chunk_size=256, dt_softplus=True)
+                ssmcore.ssd_bwd(dout, **x, chunk_size=256, dt_softplus=True)
+
+            try:
+                row["fwd_bwd_us"] = bench_us(fwd_bwd)
+                if pfb is not None:
+                    row["peer_fwd_bwd_us"] = bench_us(pfb)
+                    row["fwd_bwd_ratio"] = row["fwd_bwd_us"] / row["peer_fwd_bwd_us"]
+            except Exception as err:  # noqa: BLE001
+                print(f"{row['shape']}: fwd+bwd failed: {type(err).__name__}: {err}", flush=True)
+        row["fraction_of_floor"] = row["floor_us"] / row["fwd_us"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del x
+        cupy.get_default_memory_pool().free_all_blocks()
+
+    print()
+    print(f"{'shape':26s} {'ours us':>9s} {'peer us':>9s} {'ratio':>6s} {'floor us':>9s} {'frac':>5s} "
+          f"{'fb us':>9s} {'peer fb':>9s} {'fb ratio':>8s}  stages us (cumsum/states/passing/scan)  diff")
+    g = lambda r, k, f: (f % r[k]) if k in r else "-"
+    for r in rows:
+        st = r.get("stages_us", {})
+        print(f"{r['shape']:26s} {g(r, 'fwd_us', '%9.1f'):>9s} {g(r, 'peer_fwd_us', '%9.1f'):>9s} "
+              f"{g(r, 'fwd_ratio', '%6.2f'):>6s} {r['floor_us']:9.1f} {g(r, 'fraction_of_floor', '%5.2f'):>5s} "
+              f"{g(r, 'fwd_bwd_us', '%9.1f'):>9s} {g(r, 'peer_fwd_bwd_us', '%9.1f'):>9s} "
+              f"{g(r, 'fwd_bwd_ratio', '%8.2f'):>8s}  "
+              + "/".join(f"{st[k]:.0f}" for k in ("cumsum", "states", "passing", "scan") if k in st)
+              + f"  {g(r, 'max_rel_diff_vs_peer', '%.2e')}")
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {out_json}")
+
+
+if __name__ == "__main__":
+    main()

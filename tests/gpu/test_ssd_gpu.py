@@ -1,0 +1,225 @@
+"""ssd forward on the GPU (CuPy backend, tensor-core chunked form) against the float64 recurrence
+(ssmcore.reference) and the Numba CPU backend.
+
+Covers float32/float16/bfloat16, the internal chunk lengths 64/128/256 (from chunk_size), L not a
+multiple of the chunk, groups, state sizes, D per head or per channel, z, dt_bias, softplus,
+dt_limit, initial_states, packed sequences (seq_idx, also unsorted), cu_seqlens varlen states,
+final states and state_dtype, batch 1 and > 1, a CUDA-graph capture + replay, inputs untouched,
+and the mma fragment layouts alone. Shapes with ids ``big*`` are skipped in the CPU emulator
+(its plugin swaps cupy for a NumPy shim).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import DTYPES, f64, randn
+
+import ssmcore
+from ssmcore import reference
+from ssmcore.backends import numba as cpu
+
+pytestmark = pytest.mark.gpu
+
+cupy = pytest.importorskip("cupy")
+
+# Relative to the largest |reference| value: fp32 3xTF32 is close to fp32; bf16/f16 round the
+# decay-weighted operands to 16 bits (as the reference package does).
+REL = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
+
+
+def emulated():
+    """True in the CPU emulator (its plugin swaps this module's cupy for a NumPy shim)."""
+    return not hasattr(cupy, "cuda")
+
+
+def gpu(a):
+    return None if a is None else cupy.asarray(a)
+
+
+def host(a):
+    return None if a is None else np.asarray(cupy.asnumpy(a), dtype=np.float64)
+
+
+def check(name, got, want, dtype, scale=1.0):
+    got, want = host(got), f64(want)
+    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+    err = np.abs(got - want).max() if got.size else 0.0
+    ref = max(np.abs(want).max() if want.size else 0.0, 1e-6)
+    tol = REL[dtype] * scale
+    assert err <= tol * ref, f"{name}: max |err| {err:.3g} > {tol:.1e} * max |ref| {ref:.3g} ({dtype})"
+
+
+def make(rng, batch, length, heads, headdim, groups, dstate, dtype, *, D="head", z=True, bias=True,
+         initial=False, seq=None):
+    """Keyword arguments (NumPy) for ssd."""
+    kw = dict(
+        x=randn(rng, (batch, length, heads, headdim), dtype),
+        dt=(rng.uniform(-3.0, 0.0, (batch, length, heads))).astype(DTYPES[dtype]),
+        A=-np.exp(randn(rng, (heads,), "float32", 0.5)),
+        B=randn(rng, (batch, length, groups, dstate), dtype, 0.5),
+        C=randn(rng, (batch, length, groups, dstate), dtype, 0.5),
+    )
+    if D == "head":
+        kw["D"] = randn(rng, (heads,), "float32")
+    elif D == "channel":
+        kw["D"] = randn(rng, (heads, headdim), "float32")
+    if z:
+        kw["z"] = randn(rng, (batch, length, heads, headdim), dtype)
+    if bias:
+        kw["dt_bias"] = randn(rng, (heads,), "float32", 0.5)
+    if initial:
+        kw["initial_states"] = randn(rng, (batch, heads, headdim, dstate), "float32")
+    if seq is not None:
+        kw["seq_idx"] = seq
+    return kw
+
+
+def run_gpu(kw, **options):
+    return ssmcore.ssd(**{k: gpu(v) for k, v in kw.items()}, **options)
+
+
+def as_list(r):
+    return list(r) if isinstance(r, tuple) else [r]
+
+
+BASE = [
+    # (batch, L, H, P, G, N, dtype, chunk_size)
+    (2, 37, 2, 16, 1, 16, "float32", 64),
+    (1, 300, 2, 24, 2, 32, "float32", 128),
+    (2, 130, 2, 16, 1, 16, "bfloat16", 64),
+    (1, 1, 2, 8, 1, 16, "float16", 256),
+    (1, 300, 4, 32, 2, 32, "float16", 256),
+    (2, 200, 2, 20, 2, 24, "bfloat16", 100),  # chunk 100 -> internal 128; P % 8 != 0: no 16-byte staging
+    pytest.param(2, 1000, 8, 64, 2, 128, "bfloat16", 256, id="big1"),
+    pytest.param(2, 777, 8, 80, 1, 64, "float32", 128, id="big2"),
+    pytest.param(1, 2048, 4, 64, 1, 256, "float16", 64, id="big3"),
+    pytest.param(3, 513, 6, 64, 3, 16, "bfloat16", 256, id="big4"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _skip_big_in_emulator(request):
+    if emulated() and "[big" in request.node.name:
+        pytest.skip("big shape: device only")
+
+
+@pytest.mark.parametrize("batch,length,heads,headdim,groups,dstate,dtype,chunk", BASE)
+def test_forward_vs_reference(rng, batch, length, heads, headdim, groups, dstate, dtype, chunk):
+    kw = make(rng, batch, length, heads, headdim, groups, dstate, dtype, D="channel" if length % 2 else "head",
+              initial=True)
+    before = {k: np.array(v, copy=True) for k, v in kw.items()}
+    gkw = {k: gpu(v) for k, v in kw.items()}
+    out, final = ssmcore.ssd(**gkw, chunk_size=chunk, dt_softplus=True, return_final_states=True)
+    ref_out, ref_final = reference.ssd(**kw, dt_softplus=True, return_final_states=True)
+    assert out.dtype == kw["x"].dtype and final.dtype == np.float32
+    check("out", out, ref_out, dtype)
+    check("final", final, ref_final, dtype)
+    for k, v in gkw.items():  # inputs untouched
+        assert np.array_equal(host(v), f64(before[k])), k
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_forward_vs_numba_bare(rng, dtype):
+    """No D, z, dt_bias, softplus or initial states; against the CPU backend too."""
+    kw = make(rng, 2, 150, 2, 16, 2, 16, dtype, D=None, z=False, bias=False)
+    kw["dt"] = np.abs(kw["dt"].astype(np.float32)).astype(DTYPES[dtype]) * 0.1
+    out, final = run_gpu(kw, chunk_size=64, return_final_states=True)
+    cpu_out, cpu_final = cpu.ssd(**kw, return_final_states=True)
+    ref_out, ref_final = reference.ssd(**kw, return_final_states=True)
+    check("out vs ref", out, ref_out, dtype)
+    check("final vs ref", final, ref_final, dtype)
+    check("out vs numba", out, cpu_out, dtype, 1.5)
+
+
+def test_dt_limit_and_float32_dt(rng):
+    kw = make(rng, 1, 90, 2, 16, 1, 16, "bfloat16")
+    kw["dt"] = kw["dt"].astype(np.float32)
+    out = run_gpu(kw, chunk_size=64, dt_softplus=True, dt_limit=(0.05, 0.3))
+    check("out", out, reference.ssd(**kw, dt_softplus=True, dt_limit=(0.05, 0.3)), "bfloat16")
+
+
+@pytest.mark.parametrize("dtype,scale", [("float32", 1), ("bfloat16", 1), pytest.param("bfloat16", 4, id="big5"),
+                                         pytest.param("float32", 4, id="big6")])
+def test_seq_idx_packed(rng, dtype, scale):
+    """Packed sequences, boundaries inside and on chunk edges, one unsorted (a change resets)."""
+    length = 200 * scale
+    seq = np.zeros((2, length), np.int32)
+    seq[0, 50:64] = 1
+    seq[0, 64:150] = 2
+    seq[0, 150 * scale:] = 3
+    seq[1, 10:130] = 5
+    seq[1, 130:] = 0  # back to an earlier id: still a new sequence
+    seq[1, 700:] = 6
+    heads, headdim, dstate = (2, 16, 16) if scale == 1 else (4, 72, 128)
+    kw = make(rng, 2, length, heads, headdim, 2, dstate, dtype, initial=True, seq=seq)
+    out, final = run_gpu(kw, chunk_size=64 * scale, dt_softplus=True, return_final_states=True)
+    ref_out, ref_final = reference.ssd(**kw, dt_softplus=True, return_final_states=True)
+    check("out", out, ref_out, dtype)
+    check("final", final, ref_final, dtype)
+
+
+@pytest.mark.parametrize("state_dtype,big", [(None, False), ("float16", False), ("bfloat16", False),
+                                             pytest.param(None, True, id="big7")])
+def test_cu_seqlens_varlen_states(rng, state_dtype, big):
+    if big:
+        cu = np.array([0, 5, 300, 301, 700, 1025], np.int32)
+        kw = make(rng, 1, 1025, 4, 64, 2, 128, "float32", initial=True)
+    else:
+        cu = np.array([0, 5, 64, 65, 140, 201], np.int32)
+        kw = make(rng, 1, 201, 2, 16, 2, 16, "float32", initial=True)
+    sd = None if state_dtype is None else DTYPES[state_dtype]
+    out, final, varlen = run_gpu(dict(kw, cu_seqlens=cu), chunk_size=256 if big else 64, dt_softplus=True,
+                                 return_final_states=True, return_varlen_states=True, state_dtype=sd)
+    ref_out, ref_final, ref_varlen = reference.ssd(**kw, cu_seqlens=cu, dt_softplus=True,
+                                                   return_final_states=True, return_varlen_states=True)
+    want_dtype = np.float32 if sd is None else np.dtype(sd)
+    assert final.dtype == want_dtype and varlen.dtype == want_dtype
+    rel = "float32" if state_dtype is None else ("float16" if state_dtype == "float16" else "bfloat16")
+    check("out", out, ref_out, "float32")
+    check("final", final, ref_final, rel)
+    check("varlen", varlen, ref_varlen, rel)
+
+
+def test_chunk_size_does_not_matter(rng):
+    kw = make(rng, 1, 300, 2, 16, 1, 32, "float32", initial=True)
+    outs = [host(run_gpu(kw, chunk_size=c, dt_softplus=True)) for c in (64, 128, 256)]
+    for o in outs[1:]:
+        check("chunk", o, outs[0], "float32")
+
+
+def test_mma_fragment_layouts(rng):
+    from ssmcore.backends.cupy import _runtime
+
+    import ml_dtypes
+
+    for t, rd in (("bf16_t", ml_dtypes.bfloat16), ("half_t", np.float16), ("float", None)):
+        A = randn(rng, (16, 16), "float32")
+        Bm = randn(rng, (16, 8), "float32")
+        C = cupy.zeros((16, 8), cupy.float32)
+        _runtime.launch(_runtime.function("ssd", f"ssd_mma_selftest<{t}>"), (1,), (32,), (gpu(A), gpu(Bm), C))
+        if rd is None:
+            want = f64(A) @ f64(Bm)
+            tol = 1e-5
+        else:
+            want = f64(A.astype(rd)) @ f64(Bm.astype(rd))
+            tol = 1e-5
+        err = np.abs(host(C) - want).max()
+        assert err <= tol * np.abs(want).max(), (t, err)
+
+
+def test_cuda_graph_capture_replay(rng):
+    kw = make(rng, 2, 300, 4, 64, 1, 64, "bfloat16", initial=True)
+    gkw = {k: gpu(v) for k, v in kw.items()}
+    ssmcore.ssd(**gkw, dt_softplus=True)  # compile outside the capture
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        out = ssmcore.ssd(**gkw, dt_softplus=True)
+        graph = stream.end_capture()
+    fresh = make(rng, 2, 300, 4, 64, 1, 64, "bfloat16", initial=True)
+    for k, v in fresh.items():
+        gkw[k][...] = gpu(v)
+    graph.launch(stream)
+    stream.synchronize()
+    check("replay", out, reference.ssd(**fresh, dt_softplus=True), "bfloat16")
