@@ -31,13 +31,54 @@ FLOAT = ACT
 INDEX = ("int32", "int64")
 
 
+# dtype -> its name: NumPy builds ``dtype.name`` in Python on every access (several microseconds),
+# and every op reads it for each argument. Keyed by the dtype itself (hashable, compares by value).
+_DTYPE_NAMES: dict = {}
+
+
 def dtype_name(a) -> str:
     """The dtype's name as NumPy/CuPy spell it ('bfloat16' for ml_dtypes' bfloat16)."""
-    return a.dtype.name
+    dtype = a.dtype
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        name = _DTYPE_NAMES[dtype] = dtype.name
+        return name
+    except TypeError:  # an unhashable dtype-like object
+        return dtype.name
 
 
 def _shape_text(letters) -> str:
     return "(" + ", ".join(str(x) for x in letters) + ")"
+
+
+_LETTERS: dict = {}
+
+
+def _letters(spec) -> tuple:
+    """A shape spec as a tuple of letters (str) and fixed sizes (int), memoised per spec."""
+    try:
+        return _LETTERS[spec]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable (a list)
+        return _normalise_letters(spec)
+    letters = _normalise_letters(spec)
+    if len(_LETTERS) < 1024:
+        _LETTERS[spec] = letters
+    return letters
+
+
+def _normalise_letters(spec) -> tuple:
+    out = []
+    for x in spec:
+        if isinstance(x, str):
+            out.append(x)
+        elif isinstance(x, numbers.Integral) and not isinstance(x, bool):
+            out.append(int(x))
+        else:
+            raise TypeError(f"shape spec: expected dimension letters or ints, got {x!r}")
+    return tuple(out)
 
 
 class Dims:
@@ -70,29 +111,69 @@ class Dims:
                 return None
             raise TypeError(f"{name}: an array is required, got None")
         check_is_array(name, a)
-        letters = tuple(letters)
-        shape = tuple(int(s) for s in a.shape)
-        expected = _shape_text(letters)
+        letters = _letters(letters)
+        shape = a.shape
+        if type(shape) is not tuple or not all(type(s) is int for s in shape):
+            shape = tuple(int(s) for s in shape)
         if len(shape) != len(letters):
             raise ValueError(
-                f"{name}: expected a {len(letters)}-d array of shape {expected}, got shape {shape}"
+                f"{name}: expected a {len(letters)}-d array of shape {_shape_text(letters)}, got shape {shape}"
             )
+        sizes = self.sizes
         for letter, size in zip(letters, shape):
-            if isinstance(letter, numbers.Integral):
+            if type(letter) is not str:  # a fixed size
                 if size != letter:
-                    raise ValueError(f"{name}: expected shape {expected}, got shape {shape}")
+                    raise ValueError(f"{name}: expected shape {_shape_text(letters)}, got shape {shape}")
                 continue
-            if letter in self.sizes and self.sizes[letter] != size:
-                want = _shape_text(self.sizes.get(x, x) for x in letters)
+            bound = sizes.get(letter)
+            if bound is None:
+                sizes[letter] = size
+                self.source[letter] = name
+            elif bound != size:
+                want = _shape_text(sizes.get(x, x) for x in letters)
                 raise ValueError(
-                    f"{name}: expected shape {expected} = {want} ({letter}={self.sizes[letter]} "
+                    f"{name}: expected shape {_shape_text(letters)} = {want} ({letter}={bound} "
                     f"from {self.source[letter]}), got shape {shape}"
                 )
-            self.sizes.setdefault(letter, size)
-            self.source.setdefault(letter, name)
         if dtypes is not None:
             check_dtype(name, a, dtypes)
         return a
+
+
+class ValidCache:
+    """Signatures of argument sets that passed an op's shape and dtype checks.
+
+    The checks of ``Dims`` depend only on each array's shape and dtype, on which arguments are
+    None, and on a few hashable options; an op whose checks passed for one signature passes them
+    again for the same signature, so a decode loop validates once. Checks that read values or flags
+    (indices, lengths, writability) are not covered and run every call. Bounded: cleared when full.
+    """
+
+    __slots__ = ("_seen", "_maxsize")
+
+    def __init__(self, maxsize: int = 256):
+        self._seen: set = set()
+        self._maxsize = maxsize
+
+    @staticmethod
+    def signature(library: str, arrays, options=()) -> tuple | None:
+        """The key of one call: (library, (shape, dtype) or None per array, options); None when unhashable."""
+        try:
+            key = (library, tuple(None if a is None else (a.shape, a.dtype) for a in arrays), options)
+            hash(key)
+        except (TypeError, AttributeError):
+            return None
+        return key
+
+    def __contains__(self, key) -> bool:
+        return key is not None and key in self._seen
+
+    def add(self, key) -> None:
+        if key is None:
+            return
+        if len(self._seen) >= self._maxsize:
+            self._seen.clear()
+        self._seen.add(key)
 
 
 def check_is_array(name: str, a) -> None:

@@ -17,17 +17,27 @@ _BACKEND_MODULES = {"numpy": "ssmcore.backends.numba", "cupy": "ssmcore.backends
 _DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_ROCM, _DL_ROCM_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 10, 11, 13
 
 
+# type -> 'numpy' / 'cupy' for the array types met so far (the per-call test is then one dict lookup).
+_LIBRARY_OF_TYPE: dict = {}
+
+
 def library_of(a) -> str:
     """'numpy' or 'cupy' for arrays we take as they are, else 'dlpack' or 'other'."""
+    lib = _LIBRARY_OF_TYPE.get(type(a))
+    if lib is not None:
+        return lib
     import numpy as np
 
     if isinstance(a, np.ndarray):
-        return "numpy"
-    if type(a).__module__.split(".")[0] == "cupy":
-        return "cupy"
-    if hasattr(a, "__dlpack__") and hasattr(a, "__dlpack_device__"):
+        lib = "numpy"
+    elif type(a).__module__.split(".")[0] == "cupy":
+        lib = "cupy"
+    elif hasattr(a, "__dlpack__") and hasattr(a, "__dlpack_device__"):
         return "dlpack"
-    return "other"
+    else:
+        return "other"
+    _LIBRARY_OF_TYPE[type(a)] = lib
+    return lib
 
 
 def _import_dlpack(name: str, a):
@@ -119,6 +129,12 @@ def resolve(**named_arrays) -> Call:
     return Call(first[1], out)
 
 
+_BACKENDS: dict = {}
+
+
 def load_backend(library: str):
     """Import (once) and return the backend module for an array library."""
-    return importlib.import_module(_BACKEND_MODULES[library])
+    backend = _BACKENDS.get(library)
+    if backend is None:
+        backend = _BACKENDS[library] = importlib.import_module(_BACKEND_MODULES[library])
+    return backend

@@ -31,13 +31,42 @@ def span_bytes(t: torch.Tensor) -> int:
     return (last + 1) * t.element_size()
 
 
+class _HostView:
+    """``__array_interface__`` over a CPU tensor's memory; the NumPy array built from it keeps it (and so
+    the tensor) alive. About twice as fast as ``np.from_dlpack(t.detach())``, and like DLPack it leaves
+    the storage resizable (``Tensor.numpy()`` would not)."""
+
+    __slots__ = ("__array_interface__", "owner")
+
+    def __init__(self, t: torch.Tensor, typestr: str):
+        self.owner = t
+        size = t.element_size()
+        self.__array_interface__ = {
+            "version": 3, "data": (t.data_ptr(), False), "shape": tuple(t.shape),
+            "strides": tuple(s * size for s in t.stride()), "typestr": typestr,
+        }
+
+
+# torch dtype -> (typestr of the memory, NumPy dtype to view it as or None): the dtypes that take the
+# fast CPU path; any other dtype goes through DLPack (complex with its conj/neg bits resolved).
+_HOST_FAST = {
+    torch.float32: (np.dtype(np.float32).str, None), torch.float16: (np.dtype(np.float16).str, None),
+    torch.float64: (np.dtype(np.float64).str, None), torch.bfloat16: (np.dtype(np.int16).str, _BF16),
+    torch.int32: (np.dtype(np.int32).str, None), torch.int64: (np.dtype(np.int64).str, None),
+}
+
+
 def to_array(name: str, t: torch.Tensor | None):
     """The NumPy (CPU) or CuPy (CUDA) array over ``t``'s memory; None stays None."""
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.device.type == "cpu":
+    if t.is_cpu:
+        fast = _HOST_FAST.get(t.dtype)
+        if fast is not None and t.numel() > 0 and type(t) in _PLAIN and not t.is_neg():
+            a = np.asarray(_HostView(t, fast[0]))
+            return a if fast[1] is None else a.view(fast[1])
         # DLPack, not Tensor.numpy(): numpy() marks the storage non-resizable for good, which
         # breaks FSDP2's freeing of unsharded parameters (storage.resize_(0)) after forward.
         t = t.detach()
@@ -46,7 +75,7 @@ def to_array(name: str, t: torch.Tensor | None):
         if t.dtype == torch.bfloat16:
             return np.from_dlpack(t.view(torch.int16)).view(_BF16)
         return np.from_dlpack(t)
-    if t.device.type == "cuda":
+    if t.is_cuda:
         return _cupy_view(name, t)
     raise TypeError(f"{name}: tensors on {t.device.type} are not supported (CPU or CUDA)")
 
@@ -65,12 +94,20 @@ def to_tensor(a) -> torch.Tensor:
     return torch.from_dlpack(a)
 
 
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.device != b.device:
-        return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    a1, b1 = a0 + span_bytes(a), b0 + span_bytes(b)
-    return a0 < b1 and b0 < a1
+# Tensor types whose data_ptr() is real memory (a subclass such as a fake or functional tensor goes
+# through DLPack, which refuses what has none).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _extent(t: torch.Tensor) -> tuple:
+    """(first byte, one past the last byte) of a non-empty tensor's memory."""
+    start = t.data_ptr()
+    return start, start + (t.numel() * t.element_size() if t.is_contiguous() else span_bytes(t))
+
+
+def _overlaps_any(extent: tuple, others) -> bool:
+    a0, a1 = extent
+    return any(a0 < b1 and b0 < a1 for b0, b1 in others)
 
 
 def _same_layout(t: torch.Tensor, like: torch.Tensor) -> bool:
@@ -89,20 +126,32 @@ def fresh_outputs(results, inputs, device: torch.device, like=()) -> tuple:
     results: those are cloned. ``None`` results become the ``absent`` placeholder.
     """
     out = []
-    inputs = [t for t in inputs if t is not None and t.numel() > 0]
-    like = tuple(like) + (None,) * (len(results) - len(like))
-    for a, reference in zip(results, like):
+    taken = None  # extents of the inputs (on ``device``) and of the outputs so far, built on first need
+    n_like = len(like)
+    for i, a in enumerate(results):
         if a is None:
             out.append(absent(device))
             continue
         t = to_tensor(a)
+        reference = like[i] if i < n_like else None
         if reference is not None and t.shape == reference.shape:
             if not _same_layout(t, reference):
                 t = torch.empty_like(reference, dtype=t.dtype).copy_(t)
         elif not t.is_contiguous():
             t = t.contiguous()
-        if t.numel() > 0 and any(_overlaps(t, other) for other in inputs + out):
-            t = t.clone(memory_format=torch.preserve_format)
+        if t.numel() > 0:
+            # A NumPy array owning its memory (base None), met once, is memory the backend allocated for
+            # this result: every input reached the backend as a view (base not None). Others are checked.
+            fresh = type(a) is np.ndarray and a.base is None and not any(a is r for r in results[:i])
+            if not fresh and taken is None:
+                taken = [_extent(x) for x in inputs if x is not None and x.numel() > 0 and x.device == device]
+                taken += [_extent(x) for x in out if x.numel() > 0]
+            if taken is not None:
+                extent = _extent(t)
+                if not fresh and _overlaps_any(extent, taken):
+                    t = t.clone(memory_format=torch.preserve_format)
+                    extent = _extent(t)
+                taken.append(extent)
         out.append(t)
     return tuple(out)
 
@@ -197,8 +246,16 @@ def _torch_malloc(size: int):
     device = cupy.cuda.runtime.getDevice()
     if size == 0:
         return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(0, 0, None, device), 0)
-    ptr = torch.cuda.caching_allocator_alloc(size, device, torch.cuda.current_stream(device))
+    ptr = torch.cuda.caching_allocator_alloc(size, device, _current_raw_stream(device))
     return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(ptr, size, _TorchBlock(ptr), device), 0)
+
+
+def _current_raw_stream(device: int) -> int:
+    """torch's current CUDA stream on ``device`` as a cudaStream_t int, without building a Stream object."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device)
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 class _cuda_scope:
@@ -211,10 +268,11 @@ class _cuda_scope:
 
     def __enter__(self):
         cupy = _import_cupy("tensor")
-        torch_stream = torch.cuda.current_stream(self.device)
-        key = (self.device, torch_stream.cuda_stream)
+        key = (self.device, _current_raw_stream(self.device))
         stream = _streams.get(key)
         if stream is None:
+            torch_stream = torch.cuda.current_stream(self.device)
+            key = (self.device, torch_stream.cuda_stream)
             stream = _streams[key] = _external_stream(cupy, torch_stream, self.device)
         self._contexts = (cupy.cuda.Device(self.device), stream, cupy.cuda.using_allocator(_torch_malloc))
         for context in self._contexts:

@@ -20,16 +20,32 @@ H heads, P head dim, W conv width, S sequences).
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
+from torch.autograd.graph import increment_version
 
 import ssmcore
 
-from ._bridge import absent, backend_scope, fresh_outputs, to_array
+from ._bridge import _PLAIN, absent, backend_scope, fresh_outputs, to_array
 
-custom_op = torch.library.custom_op
+# name -> (the op's Python implementation, names and positions of the arguments it mutates)
+_IMPLS: dict = {}
+
+
+def custom_op(qualname: str, *, mutates_args):
+    """``torch.library.custom_op``, also recording the implementation for :data:`eager`."""
+
+    def register(fn):
+        params = list(inspect.signature(fn).parameters)
+        mutated = tuple((name, params.index(name)) for name in mutates_args)
+        _IMPLS[qualname.split("::", 1)[1]] = (fn, mutated)
+        return torch.library.custom_op(qualname, mutates_args=mutates_args)(fn)
+
+    return register
 
 
 def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
@@ -459,3 +475,65 @@ def _gated_backward(ctx, dy):
 
 
 gated_rms_norm_fwd.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+# ------------------------------------------------------------------------------- plain eager calls
+
+
+def _plain_eager(args, kwargs) -> bool:
+    """True when calling an op's implementation directly is what ``torch.ops.ssmcore.<op>`` would do.
+
+    That is: nothing traces or intercepts the call (not compiling, no torch-function or dispatch
+    mode, no functorch transform, no jit trace, no forward-mode AD level), every tensor is a plain
+    tensor or Parameter (no fake, functional or other subclass), and autograd has nothing to record
+    (grad mode off, or no tensor requires grad).
+    """
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._get_tracing_state() is not None  # torch.jit.trace
+            or _forward_ad._current_level >= 0):  # inside forward_ad.dual_level()
+        return False
+    grad = torch.is_grad_enabled()
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN or (grad and a.requires_grad)):
+            return False
+    return True
+
+
+def _direct(name: str, op):
+    """``op`` (a ``torch.ops.ssmcore`` overload packet), short-cut to its implementation in plain eager mode."""
+    fn, mutated = _IMPLS[name]
+
+    def call(*args, **kwargs):
+        if not _plain_eager(args, kwargs):
+            return op(*args, **kwargs)
+        out = fn(*args, **kwargs)
+        for arg_name, index in mutated:  # what the op's ADInplaceOrView kernel does for a mutated input
+            t = args[index] if index < len(args) else kwargs.get(arg_name)
+            if t is not None:
+                increment_version(t)
+        return out
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = fn.__doc__
+    return call
+
+
+class _EagerOps:
+    """``torch.ops.ssmcore`` with a fast path: ``eager.<op>(...)`` equals ``torch.ops.ssmcore.<op>(...)``,
+    but in plain eager mode (see :func:`_plain_eager`: inference and decoding, under ``no_grad`` or
+    with inputs that need no grad) it calls the op's implementation directly, skipping the
+    ``torch.library`` dispatch layers (tens of microseconds per call). Anything that traces, compiles,
+    fakes, transforms or differentiates goes through the custom op as before."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        op = getattr(torch.ops.ssmcore, name)
+        value = _direct(name, op) if name in _IMPLS else op
+        setattr(self, name, value)
+        return value
+
+
+eager = _EagerOps()

@@ -14,14 +14,37 @@ KERNEL_DTYPES = ("float32", "float16", "bfloat16")
 NULL = np.uint64(0)  # a null pointer argument
 
 
+# dtype -> kernel type name, for the kernel dtypes only (NumPy builds ``dtype.name`` on every access).
+_KERNEL_TYPES: dict = {}
+
+
 def kernel_type(name: str, a) -> str:
     """The kernel type name of ``a``'s dtype; TypeError naming ``name`` for dtypes with no kernel."""
-    if a.dtype.name not in KERNEL_DTYPES:
+    dtype = a.dtype
+    try:
+        return _KERNEL_TYPES[dtype]
+    except KeyError:
+        pass
+    if dtype.name not in KERNEL_DTYPES:
         raise TypeError(
             f"{name}: dtype {a.dtype.name} has no GPU kernel (float32, float16 or bfloat16); "
             "pass NumPy arrays to run float64 on the CPU backend"
         )
-    return _runtime.ctype(a.dtype)
+    result = _KERNEL_TYPES[dtype] = _runtime.ctype(dtype)
+    return result
+
+
+_DTYPE_CODES: dict = {}
+
+
+def dtype_code(a, codes: dict) -> int:
+    """``codes[a.dtype.name]`` without building the name each call (codes: a module-level constant)."""
+    key = (a.dtype, id(codes))
+    try:
+        return _DTYPE_CODES[key]
+    except KeyError:
+        code = _DTYPE_CODES[key] = codes[a.dtype.name]
+        return code
 
 
 def check_kernel_dtypes(**arrays) -> None:
@@ -72,7 +95,7 @@ def _sm_count(device_id: int) -> int:
 
 def sm_count() -> int:
     """Multiprocessors of the current device."""
-    return _sm_count(cupy.cuda.Device().id)
+    return _sm_count(cupy.cuda.runtime.getDevice())
 
 
 def cdiv(a: int, b: int) -> int:

@@ -46,11 +46,23 @@ def hip_name(name_expression: str) -> str:
     return re.sub(r"\bhalf_t\b", "__half", name_expression)
 
 
+# (family, name expression, options, device) -> kernel. RawModule.get_function looks the kernel up in
+# the driver (and builds a new Function object) on every call; a launch needs it once per device.
+_FUNCTIONS: dict = {}
+
+
 def function(family: str, name_expression: str, options: tuple = ()):
     """The compiled kernel for one template instantiation, e.g. ``scan_fwd<float, 16>``."""
-    if is_hip():
-        name_expression = hip_name(name_expression)
-    return _module(family, name_expression, tuple(options)).get_function(name_expression)
+    key = (family, name_expression, options, cupy.cuda.runtime.getDevice())
+    try:
+        return _FUNCTIONS[key]
+    except (KeyError, TypeError):  # TypeError: options given as a list
+        pass
+    options = tuple(options)
+    lookup = hip_name(name_expression) if is_hip() else name_expression
+    kernel = _module(family, lookup, options).get_function(lookup)
+    _FUNCTIONS[key[:2] + (options,) + key[3:]] = kernel
+    return kernel
 
 
 def launch(kernel, grid, block, args, shared_mem: int = 0) -> None:
@@ -58,11 +70,24 @@ def launch(kernel, grid, block, args, shared_mem: int = 0) -> None:
     kernel(grid, block, args, shared_mem=shared_mem, stream=cupy.cuda.get_current_stream())
 
 
+_CTYPES = {"float32": "float", "float16": "half_t", "bfloat16": "bf16_t", "float64": "double",
+           "int32": "int", "int64": "long long"}
+_CTYPE_OF_DTYPE: dict = {}  # dtype -> kernel type (dtype.name is slow to build in NumPy)
+
+
 def ctype(dtype) -> str:
     """The kernel-side type name of an array dtype."""
+    try:
+        return _CTYPE_OF_DTYPE[dtype]
+    except (KeyError, TypeError):
+        pass
     name = cupy.dtype(dtype).name if not hasattr(dtype, "name") else dtype.name
     try:
-        return {"float32": "float", "float16": "half_t", "bfloat16": "bf16_t", "float64": "double",
-                "int32": "int", "int64": "long long"}[name]
+        result = _CTYPES[name]
     except KeyError:
         raise TypeError(f"dtype {name} has no kernel type") from None
+    try:
+        _CTYPE_OF_DTYPE[dtype] = result
+    except TypeError:
+        pass
+    return result

@@ -19,6 +19,7 @@ FAMILY = "state_update"
 _TYPES = ("float", "half_t", "bf16_t")
 _CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 _THREADS = 128
+_F32 = np.dtype(np.float32)
 
 INSTANTIATIONS = [f"state_update<{ts}, {tb}, {v}>" for ts in _TYPES for tb in _TYPES for v in ("true", "false")]
 
@@ -40,7 +41,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
                            state_batch_indices=None):
     _arrays.check_kernel_dtypes(state=state, x=x, dt=dt, B=B, C=C, z=z)
     for name, a in (("A", A), ("D", D), ("dt_bias", dt_bias)):
-        if a is not None and a.dtype != cupy.float32:
+        if a is not None and a.dtype != _F32:
             raise TypeError(f"{name}: expected dtype float32 on the GPU, got {a.dtype.name}")
     ts = _arrays.kernel_type("state", state)
     if B.dtype != C.dtype:
@@ -87,8 +88,9 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     strides = st_state + st_x + st_dt + st_z + st_a + st_b + st_c + st_d + st_db
     _runtime.launch(
         kernel, (cdiv(rows, rows_per_block),), (tpr, rows_per_block),
-        (state, x, np.int32(_CODES[x.dtype.name]), dt, np.int32(_CODES[dt.dtype.name]), A, B, C, ptr(D), ptr(z),
-         np.int32(_CODES[z.dtype.name] if z is not None else 0), ptr(dt_bias), ptr(indices), out,
+        (state, x, np.int32(_arrays.dtype_code(x, _CODES)), dt, np.int32(_arrays.dtype_code(dt, _CODES)), A, B, C,
+         ptr(D), ptr(z), np.int32(_arrays.dtype_code(z, _CODES) if z is not None else 0), ptr(dt_bias), ptr(indices),
+         out,
          np.int32(n_batch), np.int32(n_heads), np.int32(head_dim), np.int32(n_state),
          np.int32(n_heads // groups), np.int32(bool(dt_softplus)), np.int32(state.shape[0]),
          *(np.int64(s) for s in strides)),

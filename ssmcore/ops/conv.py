@@ -20,10 +20,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ssmcore._checks import (
-    ACT, INDEX, Dims, check_bool, check_choice, check_dtype, check_indices, check_writable, dtype_name,
+    ACT, INDEX, Dims, ValidCache, check_bool, check_choice, check_dtype, check_indices, check_writable, dtype_name,
     stream_capturing,
 )
 from ssmcore._dispatch import resolve
+
+_VALID_UPDATE = ValidCache()  # signatures whose shape/dtype checks passed (a decode loop checks once)
 
 MAX_WIDTH = 64
 ACTIVATIONS = (None, "silu", "swish")
@@ -152,8 +154,13 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     check_choice("activation", activation, ACTIVATIONS)
     call = resolve(x=x, conv_state=conv_state, weight=weight, bias=bias, cache_seqlens=cache_seqlens,
                    conv_state_indices=conv_state_indices)
-    x, conv_state, weight, bias = call["x"], call["conv_state"], call["weight"], call["bias"]
-    cache_seqlens, conv_state_indices = call["cache_seqlens"], call["conv_state_indices"]
+    x, conv_state, weight, bias, cache_seqlens, conv_state_indices = call.arrays.values()
+    key = ValidCache.signature(call.library, call.arrays.values(), activation)
+    if key in _VALID_UPDATE:
+        check_writable("conv_state", conv_state)
+        _check_update_values(cache_seqlens, conv_state_indices, conv_state.shape[0], call.xp)
+        return call.backend.causal_conv1d_update(x, conv_state, weight, bias, activation, cache_seqlens,
+                                                 conv_state_indices)
     dims = Dims()
     if x.ndim == 2:
         dims.check("x", x, "BD", ACT)
@@ -171,15 +178,21 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     dims.check("bias", bias, "D")
     _check_param("bias", bias, x)
     dims.check("cache_seqlens", cache_seqlens, "B", INDEX)
-    if (cache_seqlens is not None and cache_seqlens.size and not stream_capturing(call.xp)
-            and int(cache_seqlens.min()) < 0):
-        raise ValueError(f"cache_seqlens: expected lengths >= 0, got min {int(cache_seqlens.min())}")
     dims.check("conv_state_indices", conv_state_indices, "B", INDEX)
     if conv_state_indices is None and dims["Bs"] != dims["B"]:
         raise ValueError(
             f"conv_state: expected {dims['B']} rows (B of x) when conv_state_indices is not given, "
             f"got shape {tuple(conv_state.shape)}"
         )
-    check_indices("conv_state_indices", conv_state_indices, dims["Bs"], call.xp)
+    _VALID_UPDATE.add(key)
+    _check_update_values(cache_seqlens, conv_state_indices, dims["Bs"], call.xp)
     return call.backend.causal_conv1d_update(x, conv_state, weight, bias, activation, cache_seqlens,
                                              conv_state_indices)
+
+
+def _check_update_values(cache_seqlens, conv_state_indices, n_rows, xp):
+    """The checks of causal_conv1d_update that read values (host syncs; skipped under graph capture)."""
+    if (cache_seqlens is not None and cache_seqlens.size and not stream_capturing(xp)
+            and int(cache_seqlens.min()) < 0):
+        raise ValueError(f"cache_seqlens: expected lengths >= 0, got min {int(cache_seqlens.min())}")
+    check_indices("conv_state_indices", conv_state_indices, n_rows, xp)

@@ -17,8 +17,10 @@ Per channel, with its group's B and C:
 
 from __future__ import annotations
 
-from ssmcore._checks import ACT, INDEX, PARAM, Dims, check_bool, check_indices, check_writable
+from ssmcore._checks import ACT, INDEX, PARAM, Dims, ValidCache, check_bool, check_indices, check_writable
 from ssmcore._dispatch import resolve
+
+_VALID = ValidCache()  # signatures whose shape/dtype checks passed (a decode loop checks once)
 
 
 def _check_groups(dims, name, a, channels, channel_letter, allow_shared):
@@ -61,8 +63,13 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     dt_softplus = check_bool("dt_softplus", dt_softplus)
     call = resolve(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
                    state_batch_indices=state_batch_indices)
-    state, x, dt, A, B, C = (call[k] for k in ("state", "x", "dt", "A", "B", "C"))
-    D, z, dt_bias, state_batch_indices = (call[k] for k in ("D", "z", "dt_bias", "state_batch_indices"))
+    state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices = call.arrays.values()
+    key = ValidCache.signature(call.library, call.arrays.values())
+    if key in _VALID:
+        check_writable("state", state)
+        check_indices("state_batch_indices", state_batch_indices, state.shape[0], call.xp)
+        return call.backend.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                                                   state_batch_indices)
     dims = Dims()
     if state.ndim == 3:
         dims.check("state", state, ("Bs", "D", "N"), ACT)
@@ -89,6 +96,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
             f"state: expected {dims['B']} rows (B of x) when state_batch_indices is not given, "
             f"got shape {tuple(state.shape)}"
         )
+    _VALID.add(key)
     check_indices("state_batch_indices", state_batch_indices, dims["Bs"], call.xp)
     return call.backend.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
                                                state_batch_indices)

@@ -1,0 +1,220 @@
+"""Per-call host overhead of ssmcore's ops at tiny shapes, split by stage (CPU: NumPy and torch CPU).
+
+    python3 bench/overhead.py [--ops conv_update,state_update,...] [--repeat 7] [--number 300] [--device cuda]
+
+At B=1, D=16, L<=4 the Numba kernels do almost nothing, so what a call costs is the Python around
+them: argument checks (``ssmcore/ops``, ``ssmcore/_checks``), dispatch (``ssmcore/_dispatch``), the
+backend's own dtype plumbing, and, through torch, the conversions (``adapters/torch/_bridge``) and the
+``torch.library`` dispatcher. The same Python runs in front of every GPU launch, so cutting it here
+cuts the GPU eager overhead too. Columns (microseconds per call, best of the repeats):
+
+    numpy     ssmcore.<op>(NumPy arrays), the whole call
+    backend   the backend function alone with the same arrays (Numba kernel + its dtype plumbing)
+    resolve   ssmcore._dispatch.resolve(...) alone (library/device binding)
+    checks    numpy - backend - resolve: argument validation
+    torch.op  torch.ops.ssmcore.<op>(CPU tensors): dispatcher + conversions + the numpy call
+    convert   to_array on every argument + fresh_outputs on the results (the bridge alone)
+    dispatch  torch.op - numpy - convert: torch.library's own cost
+    dropin    the mamba_ssm drop-in name in ssmcore.adapters.torch.functional (when there is one)
+    over      torch.op - backend: host overhead of the eager torch path (target <= 25 us)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import numpy as np
+import torch
+
+import ssmcore
+from ssmcore import _dispatch
+from ssmcore.adapters.torch import _bridge
+from ssmcore.adapters.torch import functional as F
+
+B, D, N, W = 1, 16, 8, 4
+H, P, G = 2, 8, 1
+
+
+def _rng():
+    return np.random.default_rng(0)
+
+
+def _f32(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def case_conv_update(rng):
+    a = dict(x=_f32(rng, B, D), conv_state=_f32(rng, B, D, W - 1), weight=_f32(rng, D, W), bias=_f32(rng, D),
+             activation="silu", cache_seqlens=None, conv_state_indices=None)
+    order = ("x", "conv_state", "weight", "bias", "activation", "cache_seqlens", "conv_state_indices")
+    return dict(core=ssmcore.causal_conv1d_update, backend="causal_conv1d_update", kwargs=a, order=order,
+                arrays=("x", "conv_state", "weight", "bias", "cache_seqlens", "conv_state_indices"),
+                op=torch.ops.ssmcore.causal_conv1d_update, dropin=F.causal_conv1d_update,
+                dropin_kw=("x", "conv_state", "weight", "bias", "activation"))
+
+
+def case_state_update(rng):
+    a = dict(state=_f32(rng, B, H, P, N), x=_f32(rng, B, H, P), dt=_f32(rng, B, H, P),
+             A=-np.exp(_f32(rng, H, P, N)), B=_f32(rng, B, G, N), C=_f32(rng, B, G, N), D=_f32(rng, H, P),
+             z=_f32(rng, B, H, P), dt_bias=_f32(rng, H, P), dt_softplus=True, state_batch_indices=None)
+    order = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus", "state_batch_indices")
+    return dict(core=ssmcore.selective_state_update, backend="selective_state_update", kwargs=a, order=order,
+                arrays=("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "state_batch_indices"),
+                op=torch.ops.ssmcore.selective_state_update, dropin=F.selective_state_update,
+                dropin_kw=("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus"))
+
+
+def case_conv(rng, L=4):
+    a = dict(x=_f32(rng, B, D, L), weight=_f32(rng, D, W), bias=_f32(rng, D), seq_idx=None, initial_states=None,
+             activation="silu", return_final_states=False)
+    order = ("x", "weight", "bias", "seq_idx", "initial_states", "activation", "return_final_states")
+    core_kw = ("x", "weight", "bias", "activation", "seq_idx", "initial_states", "return_final_states")
+    return dict(core=ssmcore.causal_conv1d, backend="causal_conv1d", kwargs=a, order=order, core_order=core_kw,
+                arrays=("x", "weight", "bias", "seq_idx", "initial_states"),
+                op=torch.ops.ssmcore.causal_conv1d_fwd, dropin=F.causal_conv1d_fn,
+                dropin_kw=("x", "weight", "bias", "activation"))
+
+
+def case_scan(rng, L=4):
+    a = dict(u=_f32(rng, B, D, L), delta=_f32(rng, B, D, L, scale=0.5), A=-np.exp(_f32(rng, D, N)),
+             B=_f32(rng, B, N, L), C=_f32(rng, B, N, L), D=_f32(rng, D), z=_f32(rng, B, D, L),
+             delta_bias=_f32(rng, D), initial_state=None, delta_softplus=True)
+    order = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state", "delta_softplus")
+    core = dict(a, return_last_state=True)
+    return dict(core=ssmcore.selective_scan, backend="selective_scan", kwargs=core, order=order,
+                core_order=tuple(core), arrays=("u", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                                "initial_state"),
+                op=torch.ops.ssmcore.selective_scan_fwd, dropin=F.selective_scan_fn,
+                dropin_kw=("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus"))
+
+
+def case_ssd(rng, L=4):
+    a = dict(x=_f32(rng, B, L, H, P), dt=_f32(rng, B, L, H, scale=0.5), A=-np.exp(_f32(rng, H)),
+             B=_f32(rng, B, L, G, N), C=_f32(rng, B, L, G, N), chunk_size=4, D=_f32(rng, H), z=None,
+             dt_bias=_f32(rng, H), initial_states=None, seq_idx=None, cu_seqlens=None, dt_softplus=True,
+             dt_min=0.0, dt_max=float("inf"), return_varlen_states=False)
+    order = tuple(a)
+    core = {k: v for k, v in a.items() if k not in ("dt_min", "dt_max")}
+    core.update(dt_limit=(0.0, float("inf")), return_final_states=True)
+    return dict(core=ssmcore.ssd, backend="ssd", kwargs=core, order=order, op_kwargs=a, core_order=tuple(core),
+                arrays=("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states", "seq_idx", "cu_seqlens"),
+                op=torch.ops.ssmcore.ssd_fwd, dropin=None, dropin_kw=())
+
+
+def case_rms_norm(rng, L=4):
+    a = dict(x=_f32(rng, B * L, D), weight=_f32(rng, D), bias=None, residual=_f32(rng, B * L, D), eps=1e-5,
+             prenorm=True, residual_in_fp32=True)
+    order = tuple(a)
+    return dict(core=ssmcore.rms_norm, backend="rms_norm", kwargs=a, order=order,
+                arrays=("x", "weight", "bias", "residual"), op=torch.ops.ssmcore.rms_norm_fwd,
+                dropin=F.rms_norm_fn, dropin_kw=("x", "weight", "bias", "residual", "eps", "prenorm",
+                                                 "residual_in_fp32"))
+
+
+def case_gated_rms_norm(rng, L=4):
+    a = dict(x=_f32(rng, B * L, D), weight=_f32(rng, D), z=_f32(rng, B * L, D), eps=1e-5, group_size=8,
+             norm_before_gate=False)
+    order = tuple(a)
+    return dict(core=ssmcore.gated_rms_norm, backend="gated_rms_norm", kwargs=a, order=order,
+                arrays=("x", "weight", "z"), op=torch.ops.ssmcore.gated_rms_norm_fwd, dropin=None, dropin_kw=())
+
+
+CASES = {
+    "conv_update": case_conv_update, "state_update": case_state_update, "conv": case_conv, "scan": case_scan,
+    "ssd": case_ssd, "rms_norm": case_rms_norm, "gated_rms_norm": case_gated_rms_norm,
+}
+
+
+def _time(fn, number, repeat, sync=None) -> float:
+    """Microseconds per call of ``fn()``: the best repeat (the machine may be shared)."""
+    fn()
+    fn()
+    if sync is not None:
+        sync()
+    runs = []
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeat):
+            t0 = time.perf_counter_ns()
+            for _ in range(number):
+                fn()
+            if sync is not None:
+                sync()
+            runs.append((time.perf_counter_ns() - t0) / number / 1e3)
+    finally:
+        if gc_was:
+            gc.enable()
+    return min(runs)
+
+
+def measure(name, number, repeat, device="cpu") -> dict:
+    """One row of the table; on CUDA the 'numpy' and 'backend' columns run on CuPy views of the tensors."""
+    case = CASES[name](_rng())
+    op_kw = {k: torch.from_numpy(v).to(device) if isinstance(v, np.ndarray) else v
+             for k, v in case.get("op_kwargs", case["kwargs"]).items()}
+    tensors = {k: op_kw[k] for k in case["arrays"]}
+    first = next(t for t in tensors.values() if t is not None)
+    sync = torch.cuda.synchronize if first.is_cuda else None
+    core = case["core"]
+    row = {}
+    with _bridge.backend_scope(first):
+        arrays = {k: _bridge.to_array(k, t) for k, t in tensors.items()}
+        kw = {k: arrays.get(k, v) for k, v in case["kwargs"].items()}
+        backend = getattr(_dispatch.load_backend(_dispatch.library_of(arrays[case["arrays"][0]])), case["backend"])
+        row["numpy"] = _time(lambda: core(**kw), number, repeat, sync)
+        row["backend"] = _time(lambda: backend(**kw), number, repeat, sync)
+        row["resolve"] = _time(lambda: _dispatch.resolve(**arrays), number, repeat, sync)
+        results = core(**kw)
+    row["checks"] = row["numpy"] - row["backend"] - row["resolve"]
+
+    op_args = [op_kw[k] for k in case["order"]]
+    op = case["op"]
+    row["torch.op"] = _time(lambda: op(*op_args), number, repeat, sync)
+
+    results = results if isinstance(results, tuple) else (results,)
+
+    def convert():
+        with _bridge.backend_scope(first):
+            for k, t in tensors.items():
+                _bridge.to_array(k, t)
+            _bridge.fresh_outputs(results, tuple(tensors.values()), first.device)
+
+    row["convert"] = _time(convert, number, repeat, sync)
+    row["dispatch"] = row["torch.op"] - row["numpy"] - row["convert"]
+    if case["dropin"] is not None:
+        dropin_kw = {k: op_kw[k] for k in case["dropin_kw"]}
+        row["dropin"] = _time(lambda: case["dropin"](**dropin_kw), number, repeat, sync)
+    else:
+        row["dropin"] = float("nan")
+    row["over"] = row["torch.op"] - row["backend"]
+    return row
+
+
+COLUMNS = ("numpy", "backend", "resolve", "checks", "torch.op", "convert", "dispatch", "dropin", "over")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
+    parser.add_argument("--number", type=int, default=300, help="calls per repeat")
+    parser.add_argument("--repeat", type=int, default=7, help="repeats (the best is shown)")
+    parser.add_argument("--device", default="cpu", help="cpu (NumPy/Numba) or cuda (CuPy)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"host overhead per call, us (B={B}, D={D}, N={N}, W={W}, L<=4, float32, {args.device}; best of "
+          f"{args.repeat} x {args.number} calls; on cuda 'numpy'/'backend' are the CuPy core/backend)")
+    print(f"{'op':<16}" + "".join(f"{c:>10}" for c in COLUMNS))
+    for name in args.ops.split(","):
+        try:
+            row = measure(name.strip(), args.number, args.repeat, args.device)
+        except Exception as err:  # one op's failure should not hide the others' numbers
+            print(f"{name:<16}  failed: {type(err).__name__}: {err}", flush=True)
+            continue
+        print(f"{name:<16}" + "".join(f"{row[c]:>10.1f}" for c in COLUMNS), flush=True)
+
+
+if __name__ == "__main__":
+    main()
