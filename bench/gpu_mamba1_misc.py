@@ -166,8 +166,36 @@ def bench_conv(quick: bool):
         from causal_conv1d.cpp_functions import causal_conv1d_bwd_function
 
         peer_bwd = lambda: causal_conv1d_bwd_function(tx, tw, tb, tdout, None, None, None, None, False, True)
-    report("causal_conv1d bwd silu (same shape)", 3 * x.size * 2 + x.size * 2 + 2 * x.size * 4,
+    # Floor: x and dout read, dx written once (the fused path; "split" also writes and rereads a
+    # float32 dpre: + 8 bytes per element).
+    report("causal_conv1d bwd silu (same shape)", 3 * x.size * 2,
            lambda: ssmcore.causal_conv1d_bwd(dout, x, weight, bias, "silu"), peer_bwd)
+    default_bwd, default_cl = conv_backend.bwd_path, conv_backend.cl_path
+    for path in ("fused", "split"):
+        if path != default_bwd:
+            conv_backend.bwd_path = path
+            report(f"  variant: bwd_path {path}", 3 * x.size * 2,
+                   lambda: ssmcore.causal_conv1d_bwd(dout, x, weight, bias, "silu"))
+    conv_backend.bwd_path = default_bwd
+    doutl = randn((batch, length, channels), BF16).transpose(0, 2, 1)
+    peer_bwd_cl = None
+    if peer is not None:
+        tdoutl = torch_view(doutl)
+        peer_bwd_cl = lambda: causal_conv1d_bwd_function(txl, tw, tb, tdoutl, None, None, None, None, False, True)
+        try:
+            peer_bwd_cl()
+        except Exception as err:  # noqa: BLE001 - the peer may not take this layout
+            print(f"peer channel-last bwd: {type(err).__name__}: {err}")
+            peer_bwd_cl = None
+    report("  bwd, channel-last x and dout", 3 * x.size * 2,
+           lambda: ssmcore.causal_conv1d_bwd(doutl, xl, weight, bias, "silu"), peer_bwd_cl)
+    for path in ("tile", "old"):
+        if path != default_cl:
+            conv_backend.cl_path = path
+            report(f"  variant: cl_path {path}, fwd", io, lambda: ssmcore.causal_conv1d(xl, weight, bias, "silu"))
+            report(f"  variant: cl_path {path}, bwd", 3 * x.size * 2,
+                   lambda: ssmcore.causal_conv1d_bwd(doutl, xl, weight, bias, "silu"))
+    conv_backend.cl_path = default_cl
     n_dec, dec_channels = 64, 8192
     xd, state = randn((n_dec, dec_channels), BF16), randn((n_dec, dec_channels, width - 1), BF16)
     wd = randn((dec_channels, width))

@@ -16,8 +16,9 @@ each lane layout forced (S state entries per lane). "bwd" is selective_scan_bwd 
 its first kernel alone (the forward pass that stores the checkpoints).
 --variants also times fwd+bwd and bwd under each backward variant (column "layout" names it):
   "det": SSMCORE_DETERMINISTIC=1 (per-block dB/dC slices + column_sum instead of global atomics;
-  must stay <= 1.3x the default), "mb3": scan.bwd_min_blocks = 3 (registers capped at 168 for
-  3 blocks/SM instead of 2), "det mb3": both.
+  must stay <= 1.3x the default), "mb2" / "mb3": scan.bwd_min_blocks = 2 / 3 (registers capped
+  at 255 / 168 for 2 / 3 blocks per SM; the default row uses scan.py's automatic choice, 3 from
+  6 blocks per SM up), "det mb3": both.
 --warm first compiles every scan kernel in parallel processes (fills CuPy's on-disk cache).
 """
 
@@ -173,19 +174,24 @@ def main(argv=None):
 
         ops = (("fwd", fwd, f_floor), ("fwd+bwd", fwd_bwd, fb_floor), ("bwd", bwd, fb_floor - f_floor),
                ("bwd ckpt", ckpt_pass, f_floor))
-        variants = [("", False, 2)]
+        # (name, deterministic, backward min blocks (0: scan.py's choice), output forward kernel, tp states)
+        variants = [("", False, 0, "auto", 2)]
         if args.variants:
-            variants += [(" det", True, 2), (" mb3", False, 3), (" det mb3", True, 3)]
+            variants += [(" det", True, 0, "auto", 2), (" mb2", False, 2, "auto", 2), (" mb3", False, 3, "auto", 2),
+                         (" det mb3", True, 3, "auto", 2), (" lanes", False, 0, "lanes", 2),
+                         (" tp1", False, 0, "tp", 1), (" tp2", False, 0, "tp", 2), (" tp4", False, 0, "tp", 4)]
         for op, fn, floor in ops:
             timed_by_peer = peers and op in ("fwd", "fwd+bwd")
             peer_us = bench_us(peers[0] if op == "fwd" else peers[1]) if timed_by_peer else None
             runs = [(f, v) for f in (layouts if op in ("fwd", "fwd+bwd") else [None]) for v in variants
                     if f is None or not v[0]]
-            for forced, (vname, det, min_blocks) in runs:
-                if vname and op not in ("fwd+bwd", "bwd"):
+            for forced, (vname, det, min_blocks, fwd_kernel, tp_states) in runs:
+                fwd_variant = fwd_kernel != "auto"
+                if vname and op not in (("fwd", "fwd+bwd") if fwd_variant else ("fwd+bwd", "bwd")):
                     continue
                 scan.force_states_per_lane = forced
                 scan.bwd_min_blocks = min_blocks
+                scan.fwd_kernel, scan.tp_states = fwd_kernel, tp_states
                 os.environ.pop("SSMCORE_DETERMINISTIC", None)
                 if det:
                     os.environ["SSMCORE_DETERMINISTIC"] = "1"
@@ -198,7 +204,8 @@ def main(argv=None):
                 except Exception as err:  # noqa: BLE001 - report and go on with the next row
                     print(f"{shape} {op} S={forced}{vname}: {type(err).__name__}: {err}", flush=True)
                     os.environ.pop("SSMCORE_DETERMINISTIC", None)
-                    scan.bwd_min_blocks = 2
+                    scan.bwd_min_blocks = 0
+                    scan.fwd_kernel, scan.tp_states = "auto", 2
                     continue
                 try:
                     graphed = graph_us(fn)
@@ -208,9 +215,13 @@ def main(argv=None):
                     graphed = float("nan")
                 finally:
                     os.environ.pop("SSMCORE_DETERMINISTIC", None)
-                    scan.bwd_min_blocks = 2
+                    scan.bwd_min_blocks = 0
+                    scan.fwd_kernel, scan.tp_states = "auto", 2
                 s, r = scan._layout(N, batch * channels)
-                rows.append((shape, op, f"S{s} R{r}" + ("" if forced is None else " forced") + vname, ours, graphed,
+                auto_tp = scan._use_time_parallel(scan._Args(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                                             x["delta_bias"], None))
+                lay = f"S{s} R{r}" + (" fwd=tp" if auto_tp and forced is None and op != "bwd" and not vname else "")
+                rows.append((shape, op, lay + ("" if forced is None else " forced") + vname, ours, graphed,
                              floor, peer_us, PEER_TABLE_US.get((batch, channels, length, N, op)), first))
                 print(rows[-1], flush=True)
             scan.force_states_per_lane = None

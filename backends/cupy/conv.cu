@@ -29,6 +29,12 @@
 //   reduction through shared memory); conv_bwd_dx gathers dx[s] = sum_k w[k] dpre[s + W-1-k]
 //   (the W-1 following dpre values come from the next lane by shuffle) plus dfinal_states, and
 //   dinitial_states at the chunk holding t = 0. column_sum (common.cuh) adds the partials.
+// - conv_bwd_fused (the backward's common contiguous case, as conv_fwd_vec's conditions): one
+//   kernel instead of dpre + dx: dpre is recomputed in registers (the W-1 values after a
+//   thread's 8 positions come from the next lane by shuffle), so x and dout are read once and
+//   dx written once (the floor); same per-block dweight/dbias partials.
+// - conv_fwd_cl_tile / conv_bwd_cl_tile (channel-last, D % 8 == 0, no seq_idx, W <= 4): shared
+//   memory tiles of 128 bytes of channels x 64 steps (+ halo rows), see their comment.
 // - conv_update: one thread per (b, d) row of the decode batch; reads its W-1 history entries
 //   from the state (shift window or circular buffer, any strides), writes Lnew outputs and the
 //   new state entries in place. Padding rows (negative conv_state_indices) write 0 and leave
@@ -586,6 +592,323 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_bwd_dx(
       store_elem<T>(dinit, dinit_f32, row * wm1 + j, acc);
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused backward for the common contiguous case (L % 8 == 0, 16-byte aligned rows, no seq_idx,
+// W <= 4, dout float32 or T): one pass that reads x and dout once and writes dx once (the split
+// path above also writes and rereads a float32 dpre). A thread owns 8 positions s0..s0+7 of a
+// row: it recomputes pre and dpre there (the W-1 inputs before s0 come from the previous lane by
+// shuffle), takes the W-1 dpre values after its positions from the next lane by shuffle (lane
+// 31 recomputes them from global memory: L1/L2 hits beside the next warp's loads) and gathers
+// dx; the dweight/dbias partials of the block are reduced through shared memory in a fixed
+// order into part[(b * nchunks + chunk), d, 0..W] exactly as conv_bwd_dpre does.
+template <typename T, int W>
+__global__ void __launch_bounds__(CONV_THREADS) conv_bwd_fused(
+    const T* __restrict__ x, const void* __restrict__ dout, int dout_f32, const float* __restrict__ weight,
+    const float* __restrict__ bias, const void* __restrict__ init, int init_f32, const void* __restrict__ dfinal,
+    int dfinal_f32, T* __restrict__ dx, void* __restrict__ dinit, int dinit_f32, float* __restrict__ part, int D,
+    i64 L, i64 nchunks, int silu) {
+  constexpr int WM1 = W - 1;
+  constexpr int NWARP = CONV_THREADS / SSM_WARP_SIZE;
+  __shared__ float red[W + 1][NWARP + 1];
+  const unsigned row32 = blockIdx.x / (unsigned)nchunks;
+  const i64 row = row32;
+  const i64 chunk = blockIdx.x % (unsigned)nchunks;
+  const i64 s0 = chunk * CONV_CHUNK + threadIdx.x * 8;
+  const int b = (int)(row32 / (unsigned)D), d = (int)(row32 % (unsigned)D);
+  const Row<T> r{x + row * L, 1, init ? (init_f32 ? (const void*)((const float*)init + row * WM1)
+                                                   : (const void*)((const T*)init + row * WM1))
+                                      : nullptr,
+                 init_f32, nullptr, WM1};
+  const int lane = threadIdx.x % SSM_WARP_SIZE, warp = threadIdx.x / SSM_WARP_SIZE;
+  const bool live = s0 < L;  // L % 8 == 0: a live thread owns 8 whole positions
+  auto dout_at = [&](i64 t) {
+    return dout_f32 ? static_cast<const float*>(dout)[row * L + t] : load_f(static_cast<const T*>(dout) + row * L + t);
+  };
+
+  float v[8], g[8];
+  load_chunk8(r.x, s0, L, true, v);
+  if (dout_f32)
+    load_chunk8(static_cast<const float*>(dout) + row * L, s0, L, true, g);
+  else
+    load_chunk8(static_cast<const T*>(dout) + row * L, s0, L, true, g);
+  float wk[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) wk[k] = weight[(i64)d * W + k];
+  const float bias_d = bias ? bias[d] : 0.f;
+
+  float win[WM1 + 8];
+  const bool first = lane == 0 && live;  // the previous lane is in the previous warp
+#pragma unroll
+  for (int j = 0; j < WM1; ++j) {
+    const float up = SSM_SHFL_UP(v[8 - WM1 + j], 1);
+    win[j] = first ? r.at(s0 - WM1 + j) : up;
+  }
+#pragma unroll
+  for (int k = 0; k < 8; ++k) win[WM1 + k] = v[k];
+
+  float dp[8], acc_w[W + 1];
+#pragma unroll
+  for (int j = 0; j <= W; ++j) acc_w[j] = 0.f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    float pre = bias_d;
+#pragma unroll
+    for (int j = 0; j < W; ++j) pre = fmaf(wk[j], win[k + j], pre);
+    float gk = live ? g[k] : 0.f;
+    if (silu) gk *= silu_grad_f(pre);
+    dp[k] = gk;
+#pragma unroll
+    for (int j = 0; j < W; ++j) acc_w[j] = fmaf(gk, win[k + j], acc_w[j]);
+    acc_w[W] += gk;
+  }
+  // dpre at the W-1 positions after the thread's 8.
+  float nxt[WM1 > 0 ? WM1 : 1];
+  const bool last_lane = lane == SSM_WARP_SIZE - 1;
+#pragma unroll
+  for (int j = 0; j < WM1; ++j) {
+    const float down = SSM_SHFL_DOWN(dp[j], 1);
+    nxt[j] = down;
+    if (last_lane) {
+      const i64 t = s0 + 8 + j;
+      float gk = 0.f;
+      if (live && t < L) {
+        float pre = bias_d;
+#pragma unroll
+        for (int i = 0; i < W; ++i) {
+          const int u = 8 + j - WM1 + i;  // offset from s0 of the input, >= 8 - WM1 >= 5
+          pre = fmaf(wk[i], u < 8 ? v[u < 8 ? u : 0] : load_f(r.x + s0 + u), pre);
+        }
+        gk = dout_at(t);
+        if (silu) gk *= silu_grad_f(pre);
+      }
+      nxt[j] = gk;
+    }
+  }
+  const i64 L0 = L - WM1;  // dfinal_states[i] flows to input position L0 + i
+  float o[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    float acc = 0.f;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const int u = k + WM1 - j;  // dpre offset from s0
+      acc = fmaf(wk[j], u < 8 ? dp[u < 8 ? u : 0] : nxt[u >= 8 ? u - 8 : 0], acc);
+    }
+    if (dfinal && s0 + k >= L0) acc += load_elem<T>(dfinal, dfinal_f32, row * WM1 + (s0 + k - L0));
+    o[k] = acc;
+  }
+  if (live) store_chunk8(dx + row * L, s0, L, true, o);
+  if (dinit && s0 == 0) {
+    // Initial state j sits at input position j - (W-1) (L >= 8 > W-1: no dfinal reaches it).
+#pragma unroll
+    for (int j = 0; j < WM1; ++j) {
+      float acc = 0.f;
+#pragma unroll
+      for (int k = 0; k <= j; ++k) acc = fmaf(wk[k], dp[j - k], acc);
+      store_elem<T>(dinit, dinit_f32, row * WM1 + j, acc);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j <= W; ++j) {
+    const float s = warp_sum(acc_w[j]);
+    if (lane == 0) red[j][warp] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x <= W) {
+    float t = 0.f;
+#pragma unroll
+    for (int k = 0; k < NWARP; ++k) t += red[threadIdx.x][k];
+    part[(((i64)b * nchunks + chunk) * D + d) * (W + 1) + threadIdx.x] = t;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Channel-last tiles (x stored (B, L, D), D % 8 == 0, 16-byte aligned, no seq_idx, W <= 4,
+// initial states absent or of x's dtype). A block of 128 threads owns TC = 128 bytes of
+// channels (64 16-bit or 32 float32 channels) x CL_TL = 64 time steps of one batch row. The
+// input rows it needs (plus the W-1 halo rows before, and for the backward after) are copied
+// into shared memory with 16-byte loads (8 per 128-byte row: coalesced), each thread then
+// walks one channel down a run of time steps reading shared memory (consecutive channels
+// across a warp: no bank conflicts), results go to a shared tile and leave with 16-byte
+// stores. Traffic: x and out once (+ (W-1)/64 halo rows, L2 hits); the backward reads x and
+// dout once and writes dx once, and one (W+1)-vector of dweight/dbias partials per
+// (channel, block) that column_sum adds in a fixed order.
+#define CL_TL 64
+#define CL_NT 128
+
+namespace {
+// Rows r0 .. r0 + ROWS of the (L, D) slab xb at channels c0 .. c0 + 128 bytes into dst (ROWS x
+// 8 16-byte words). Rows before 0 come from the initial states initb[(c) * wm1 + wm1 + t]
+// (null: zeros), rows at or past L and channels past D are zeros.
+template <typename T, int ROWS>
+__device__ __forceinline__ void cl_load_tile(uint4* dst, const T* xb, const T* initb, i64 r0, int c0, int D, i64 L,
+                                             int wm1) {
+  constexpr int PER = 16 / sizeof(T), N = ROWS * 8, IT = (N + CL_NT - 1) / CL_NT;
+  uint4 buf[IT];
+#pragma unroll
+  for (int k = 0; k < IT; ++k) {
+    const int i = threadIdx.x + k * CL_NT;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (i < N) {
+      const i64 t = r0 + (i >> 3);
+      const int cc = c0 + (i & 7) * PER;
+      if (cc < D) {
+        if (t >= 0 && t < L) {
+          v = *reinterpret_cast<const uint4*>(xb + t * D + cc);
+        } else if (t < 0 && initb) {
+          T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+          for (int p = 0; p < PER; ++p) e[p] = initb[(i64)(cc + p) * wm1 + wm1 + t];
+        }
+      }
+    }
+    buf[k] = v;
+  }
+#pragma unroll
+  for (int k = 0; k < IT; ++k) {
+    const int i = threadIdx.x + k * CL_NT;
+    if (i < N) dst[i] = buf[k];
+  }
+}
+
+template <typename T, int ROWS>
+__device__ __forceinline__ void cl_store_tile(T* ob, const uint4* src, i64 r0, int c0, int D, i64 L) {
+  constexpr int PER = 16 / sizeof(T), N = ROWS * 8;
+  for (int i = threadIdx.x; i < N; i += CL_NT) {
+    const i64 t = r0 + (i >> 3);
+    const int cc = c0 + (i & 7) * PER;
+    if (t < L && cc < D) *reinterpret_cast<uint4*>(ob + t * D + cc) = src[i];
+  }
+}
+}  // namespace
+
+template <typename T, int W>
+__global__ void __launch_bounds__(CL_NT) conv_fwd_cl_tile(
+    const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
+    const T* __restrict__ init, T* __restrict__ out, void* __restrict__ final_states, int final_f32, int D, i64 L,
+    int silu) {
+  constexpr int WM1 = W - 1, TC = 128 / sizeof(T), NG = CL_NT / TC, RPG = CL_TL / NG;
+  __shared__ uint4 xs_raw[(CL_TL + WM1) * 8];
+  __shared__ uint4 os_raw[CL_TL * 8];
+  const int c0 = blockIdx.x * TC;
+  const i64 t0 = (i64)blockIdx.y * CL_TL;
+  const i64 b = blockIdx.z;
+  const T* xb = x + b * L * D;
+  const T* initb = init ? init + b * D * WM1 : nullptr;
+  cl_load_tile<T, CL_TL + WM1>(xs_raw, xb, initb, t0 - WM1, c0, D, L, WM1);
+  const int cl = threadIdx.x % TC, grp = threadIdx.x / TC, c = c0 + cl;
+  float wk[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) wk[k] = c < D ? weight[(i64)c * W + k] : 0.f;
+  const float bias_c = (bias && c < D) ? bias[c] : 0.f;
+  __syncthreads();
+  const T* xt = reinterpret_cast<const T*>(xs_raw);
+  T* ot = reinterpret_cast<T*>(os_raw);
+  const int rb = grp * RPG;
+  float win[W];
+#pragma unroll
+  for (int j = 0; j < WM1; ++j) win[j] = load_f(xt + (rb + j) * TC + cl);
+#pragma unroll 8
+  for (int q = 0; q < RPG; ++q) {
+    win[WM1] = load_f(xt + (rb + q + WM1) * TC + cl);
+    float acc = bias_c;
+#pragma unroll
+    for (int j = 0; j < W; ++j) acc = fmaf(wk[j], win[j], acc);
+    store_f(ot + (rb + q) * TC + cl, silu ? silu_fast(acc) : acc);
+#pragma unroll
+    for (int j = 0; j < WM1; ++j) win[j] = win[j + 1];
+  }
+  __syncthreads();
+  cl_store_tile<T, CL_TL>(out + b * L * D, os_raw, t0, c0, D, L);
+  if (final_states && grp == 0 && c < D && t0 <= L - 1 && L - 1 < t0 + CL_TL) {
+    for (int i = 0; i < WM1; ++i) {
+      const i64 s = L - WM1 + i;
+      const float v = s >= 0 ? load_f(xb + s * D + c) : (initb ? load_f(initb + (i64)c * WM1 + WM1 + s) : 0.f);
+      store_elem<T>(final_states, final_f32, (b * D + c) * WM1 + i, v);
+    }
+  }
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(CL_NT) conv_bwd_cl_tile(
+    const T* __restrict__ x, const T* __restrict__ dout, const float* __restrict__ weight,
+    const float* __restrict__ bias, const T* __restrict__ init, const void* __restrict__ dfinal, int dfinal_f32,
+    T* __restrict__ dx, void* __restrict__ dinit, int dinit_f32, float* __restrict__ part, int D, i64 L, i64 ntl,
+    int silu) {
+  constexpr int WM1 = W - 1, TC = 128 / sizeof(T), NG = CL_NT / TC;
+  constexpr int XR = CL_TL + 2 * WM1, GR = CL_TL + WM1;  // x rows from t0 - (W-1), dout/dpre rows from t0
+  __shared__ uint4 xs_raw[XR * 8];
+  __shared__ uint4 gs_raw[GR * 8];  // dout, then the dx tile
+  __shared__ float dps[GR * TC];
+  __shared__ float red[NG][TC][W + 1];
+  const int c0 = blockIdx.x * TC;
+  const i64 t0 = (i64)blockIdx.y * CL_TL;
+  const i64 b = blockIdx.z;
+  const T* xb = x + b * L * D;
+  const T* initb = init ? init + b * D * WM1 : nullptr;
+  cl_load_tile<T, XR>(xs_raw, xb, initb, t0 - WM1, c0, D, L, WM1);
+  cl_load_tile<T, GR>(gs_raw, dout + b * L * D, nullptr, t0, c0, D, L, WM1);
+  const int cl = threadIdx.x % TC, grp = threadIdx.x / TC, c = c0 + cl;
+  float wk[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) wk[k] = c < D ? weight[(i64)c * W + k] : 0.f;
+  const float bias_c = (bias && c < D) ? bias[c] : 0.f;
+  __syncthreads();
+  const T* xt = reinterpret_cast<const T*>(xs_raw);
+  const T* gt = reinterpret_cast<const T*>(gs_raw);
+  float acc_w[W + 1];
+#pragma unroll
+  for (int j = 0; j <= W; ++j) acc_w[j] = 0.f;
+  for (int q = grp; q < GR; q += NG) {  // dpre at t0 + q (0 at or past L: dout rows there are 0)
+    float xv[W];
+#pragma unroll
+    for (int j = 0; j < W; ++j) xv[j] = load_f(xt + (q + j) * TC + cl);
+    float pre = bias_c;
+#pragma unroll
+    for (int j = 0; j < W; ++j) pre = fmaf(wk[j], xv[j], pre);
+    float gk = load_f(gt + q * TC + cl);
+    if (silu) gk *= silu_grad_f(pre);
+    dps[q * TC + cl] = gk;
+    if (q < CL_TL) {
+#pragma unroll
+      for (int j = 0; j < W; ++j) acc_w[j] = fmaf(gk, xv[j], acc_w[j]);
+      acc_w[W] += gk;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j <= W; ++j) red[grp][cl][j] = acc_w[j];
+  __syncthreads();
+  T* ot = reinterpret_cast<T*>(gs_raw);
+  const i64 L0 = L - WM1;  // dfinal_states[i] flows to input position L0 + i
+  for (int q = grp; q < CL_TL; q += NG) {
+    float acc = 0.f;
+#pragma unroll
+    for (int j = 0; j < W; ++j) acc = fmaf(wk[j], dps[(q + WM1 - j) * TC + cl], acc);
+    const i64 s = t0 + q;
+    if (dfinal && c < D && s >= L0 && s < L) acc += load_elem<T>(dfinal, dfinal_f32, (b * D + c) * WM1 + (s - L0));
+    store_f(ot + q * TC + cl, acc);
+  }
+  if (dinit && t0 == 0 && grp == 0 && c < D) {
+    for (int j = 0; j < WM1; ++j) {  // initial state j sits at input position s = j - (W-1)
+      const i64 s = j - WM1;
+      float acc = (dfinal && s >= L0) ? load_elem<T>(dfinal, dfinal_f32, (b * D + c) * WM1 + (s - L0)) : 0.f;
+      for (int k = 0; k <= j; ++k) acc = fmaf(wk[k], dps[(j - k) * TC + cl], acc);
+      store_elem<T>(dinit, dinit_f32, (b * D + c) * WM1 + j, acc);
+    }
+  }
+  if (threadIdx.x < TC && c < D) {
+#pragma unroll
+    for (int j = 0; j <= W; ++j) {
+      float t = 0.f;
+#pragma unroll
+      for (int k = 0; k < NG; ++k) t += red[k][cl][j];
+      part[((b * ntl + blockIdx.y) * D + c) * (W + 1) + j] = t;
+    }
+  }
+  __syncthreads();
+  cl_store_tile<T, CL_TL>(dx + b * L * D, gs_raw, t0, c0, D, L);
 }
 
 // ---------------------------------------------------------------------------------------------

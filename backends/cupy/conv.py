@@ -29,10 +29,21 @@ _CL_STEPS = 8  # time steps per thread of the channel-last kernel
 # SSMCORE_CONV_FWD_POSITIONS overrides it (benchmarks set the attribute directly).
 fwd_positions = int(os.environ.get("SSMCORE_CONV_FWD_POSITIONS", "8"))
 
+# Backward of the common contiguous case (L % 8 == 0, aligned, no seq_idx, W <= 4): "fused" (one
+# kernel: x, dout read once, dx written once) or "split" (conv_bwd_dpre + conv_bwd_dx through a
+# float32 dpre, the only path before 2026-11-29 and still the one for every other case).
+bwd_path = os.environ.get("SSMCORE_CONV_BWD", "fused")
+# Channel-last x (D % 8 == 0, aligned, no seq_idx, W <= 4, initial states absent or of x's dtype):
+# "tile" (shared-memory tiles, forward and backward) or "old" (conv_fwd_cl forward; the backward
+# copies x to contiguous and dx back).
+cl_path = os.environ.get("SSMCORE_CONV_CL", "tile")
+
 INSTANTIATIONS = (
     [f"conv_fwd<{t}, {w}, 8>" for t in _TYPES for w in _WIDTHS]
     + [f"conv_fwd_vec<{t}, {w}, {e}>" for t in _TYPES for w in (1, 2, 3, 4) for e in (8, 16, 32)]
     + [f"{k}<{t}, {w}>" for k in ("conv_fwd_cl", "conv_bwd_dpre", "conv_bwd_dx") for t in _TYPES for w in _WIDTHS]
+    + [f"{k}<{t}, {w}>" for k in ("conv_bwd_fused", "conv_fwd_cl_tile", "conv_bwd_cl_tile") for t in _TYPES
+       for w in (1, 2, 3, 4)]
     + [f"conv_update<{tx}, {ts}>" for tx in _TYPES for ts in _TYPES]
     + ["column_sum<float>"]
 )
@@ -64,6 +75,18 @@ def _param(a):
     return _arrays.contiguous(a, cupy.float32)
 
 
+_CL_TL, _CL_THREADS = 64, 128  # time steps and threads of a channel-last tile block (CL_TL, CL_NT)
+
+
+def _cl_tile_ok(vec, seq, wa, init, init_f32) -> bool:
+    return cl_path == "tile" and vec and seq is None and wa > 0 and (init is None or not init_f32)
+
+
+def _cl_grid(x):
+    n_batch, n_chan, length = x.shape
+    return (cdiv(n_chan, 128 // x.itemsize), cdiv(length, _CL_TL), n_batch)
+
+
 def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_states=None,
                   return_final_states=False):
     _arrays.check_kernel_dtypes(x=x, weight=weight, bias=bias, initial_states=initial_states)
@@ -82,8 +105,15 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
         xs = cupy.ascontiguousarray(x.transpose(0, 2, 1))  # (B, L, D): no copy for a true channel-last x
         out_store = cupy.empty((n_batch, length, n_chan), x.dtype)
         out = out_store.transpose(0, 2, 1)
-        if x.size:
-            vec = n_chan % 8 == 0 and _arrays.aligned16(xs, out_store)
+        vec = n_chan % 8 == 0 and _arrays.aligned16(xs, out_store)
+        if x.size and _cl_tile_ok(vec, seq, wa, init, init_f32):
+            _runtime.launch(
+                _runtime.function(FAMILY, f"conv_fwd_cl_tile<{t}, {wa}>"), _cl_grid(x), (_CL_THREADS,),
+                (xs, w, ptr(b), ptr(init), out_store, ptr(final_arg),
+                 np.int32(final is not None and final.dtype == cupy.float32), np.int32(n_chan), np.int64(length),
+                 silu),
+            )
+        elif x.size:
             kernel = _runtime.function(FAMILY, f"conv_fwd_cl<{t}, {wa}>")
             grid = (cdiv(n_chan, 256), cdiv(length, 4 * _CL_STEPS), n_batch)
             _runtime.launch(
@@ -116,6 +146,50 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
     return (out, final) if return_final_states else out
 
 
+def _param_grads(part, weight, bias):
+    """dweight, dbias from the per-block partials part (rows, D * (W + 1)), added in a fixed order."""
+    n_chan, width = weight.shape
+    sums = cupy.empty(n_chan * (width + 1), cupy.float32)
+    _runtime.launch(
+        _runtime.function(FAMILY, "column_sum<float>"), (cdiv(sums.size, 32),), (32, 8),
+        (part, np.int64(part.shape[0]), np.int32(sums.size), sums),
+    )
+    sums = sums.reshape(n_chan, width + 1)
+    dweight = sums[:, :width].astype(weight.dtype)
+    dbias = None if bias is None else sums[:, width].astype(bias.dtype)
+    return dweight, dbias
+
+
+def _bwd_cl_tile(dout, x, weight, bias, activation, seq_idx, initial_states, dfinal_states):
+    """The channel-last backward through conv_bwd_cl_tile, or None when its conditions fail."""
+    t = _arrays.kernel_type("x", x)
+    n_batch, n_chan, length = x.shape
+    width = weight.shape[1]
+    wa = _width_arg(width)
+    xs = cupy.ascontiguousarray(x.transpose(0, 2, 1))  # (B, L, D): no copy for a true channel-last x
+    gs = cupy.ascontiguousarray(dout.transpose(0, 2, 1))
+    init, init_f32 = _arrays.row_stream(initial_states, x.dtype)
+    dx_store = cupy.empty((n_batch, length, n_chan), x.dtype)
+    vec = n_chan % 8 == 0 and _arrays.aligned16(xs, gs, dx_store)
+    if not _cl_tile_ok(vec, seq_idx, wa, init, init_f32):
+        return None
+    w, b = _param(weight), _param(bias)
+    dfinal, dfinal_f32 = _arrays.row_stream(dfinal_states, x.dtype) if width > 1 else (None, 0)
+    dinit = None if initial_states is None else cupy.empty(initial_states.shape, init.dtype)
+    grid = _cl_grid(x)
+    part = cupy.empty((n_batch * grid[1], n_chan * (width + 1)), cupy.float32)
+    _runtime.launch(
+        _runtime.function(FAMILY, f"conv_bwd_cl_tile<{t}, {wa}>"), grid, (_CL_THREADS,),
+        (xs, gs, w, ptr(b), ptr(init), ptr(dfinal), np.int32(dfinal_f32), dx_store,
+         ptr(dinit if width > 1 else None), np.int32(init_f32), part, np.int32(n_chan), np.int64(length),
+         np.int64(grid[1]), np.int32(activation is not None)),
+    )
+    if dinit is not None and width == 1:
+        dinit.fill(0)
+    dweight, dbias = _param_grads(part, weight, bias)
+    return dx_store.transpose(0, 2, 1), dweight, dbias, dinit
+
+
 def causal_conv1d_bwd(dout, x, weight, bias=None, activation=None, seq_idx=None, initial_states=None,
                       dfinal_states=None):
     _arrays.check_kernel_dtypes(dout=dout, x=x, weight=weight, bias=bias, initial_states=initial_states,
@@ -125,6 +199,10 @@ def causal_conv1d_bwd(dout, x, weight, bias=None, activation=None, seq_idx=None,
     width = weight.shape[1]
     wa = _width_arg(width)
     channel_last = _channel_last(x)
+    if channel_last and x.size and cl_path == "tile" and dout.dtype == x.dtype:
+        done = _bwd_cl_tile(dout, x, weight, bias, activation, seq_idx, initial_states, dfinal_states)
+        if done is not None:
+            return done
     xs = cupy.ascontiguousarray(x)
     g, g_f32 = _arrays.row_stream(dout, x.dtype)
     w, b, seq = _param(weight), _param(bias), _int32(seq_idx)
@@ -133,12 +211,22 @@ def causal_conv1d_bwd(dout, x, weight, bias=None, activation=None, seq_idx=None,
     dx = cupy.empty(x.shape, x.dtype)
     dinit = None if initial_states is None else cupy.empty(initial_states.shape, init.dtype)
     nchunks = cdiv(length, _CHUNK)
-    dpre = cupy.empty(x.shape, cupy.float32)
     part = cupy.empty((n_batch * nchunks, n_chan * (width + 1)), cupy.float32)
     silu = np.int32(activation is not None)
+    fused = False
     if x.size:
-        vec = length % 8 == 0 and _arrays.aligned16(xs, g, dpre, dx, seq)
+        vec = length % 8 == 0 and _arrays.aligned16(xs, g, dx, seq)  # a fresh dpre is aligned
         grid = (n_batch * n_chan * nchunks,)
+        fused = bwd_path == "fused" and vec and seq is None and wa > 0
+        dpre = None if fused else cupy.empty(x.shape, cupy.float32)
+    if fused:
+        _runtime.launch(
+            _runtime.function(FAMILY, f"conv_bwd_fused<{t}, {wa}>"), grid, (128,),
+            (xs, g, np.int32(g_f32), w, ptr(b), ptr(init), np.int32(init_f32), ptr(dfinal), np.int32(dfinal_f32),
+             dx, ptr(dinit if width > 1 else None), np.int32(init_f32), part, np.int32(n_chan), np.int64(length),
+             np.int64(nchunks), silu),
+        )
+    elif x.size:
         _runtime.launch(
             _runtime.function(FAMILY, f"conv_bwd_dpre<{t}, {wa}>"), grid, (128,),
             (xs, g, np.int32(g_f32), w, ptr(b), ptr(seq), ptr(init), np.int32(init_f32), dpre, part,
@@ -153,14 +241,7 @@ def causal_conv1d_bwd(dout, x, weight, bias=None, activation=None, seq_idx=None,
         part.fill(0)
         if dinit is not None:
             dinit.fill(0)
-    sums = cupy.empty(n_chan * (width + 1), cupy.float32)
-    _runtime.launch(
-        _runtime.function(FAMILY, "column_sum<float>"), (cdiv(sums.size, 32),), (32, 8),
-        (part, np.int64(part.shape[0]), np.int32(sums.size), sums),
-    )
-    sums = sums.reshape(n_chan, width + 1)
-    dweight = sums[:, :width].astype(weight.dtype)
-    dbias = None if bias is None else sums[:, width].astype(bias.dtype)
+    dweight, dbias = _param_grads(part, weight, bias)
     if channel_last:
         dx_store = cupy.empty((n_batch, length, n_chan), x.dtype)
         dx_store[...] = dx.transpose(0, 2, 1)

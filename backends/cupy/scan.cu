@@ -43,6 +43,8 @@
 //   deterministic mode each block stores its sums to its own slice of a (blocks per group, B, G,
 //   N, L) buffer that column_sum adds in a fixed order. Every other gradient is always
 //   deterministic.
+// scan_fwd_tp (the output forward when B*D is small, see scan.py): time-parallel instead, one block
+//   per row, the steps' affine maps h -> a h + b scanned across threads; see its comment.
 // Traffic (forward): u, delta, z read once, out written once, B/C read once per block (L2 hits);
 //   floor at B8 D4096 L2048 N16 is the SFU (1.07 G exp2). Backward: the forward's reads plus dout,
 //   du/ddelta/dz writes, checkpoints written once and read once; 3 exps per (b, d, n, t).
@@ -406,6 +408,133 @@ scan_fwd(const T* __restrict__ u, const T* __restrict__ delta, const float* __re
       if (n < N) last[((i64)blk.b * Dm + d) * N + n] = h[s];
     }
   }
+}
+
+// Time-parallel forward (output pass only: no checkpoints), for grids the lane layouts leave
+// short of work (batch 1). One block of kThreads threads per (b, d) row; a chunk of kThreads * 8
+// steps has thread k own steps c0 + 8k .. c0 + 8k + 7 (16-byte loads of u, delta, z and of each
+// B_n / C_n row for 16-bit types). For NB state entries at a time the thread folds its 8 steps
+// into one affine map h -> a h + b (a = prod exp(dt A), the exps kept in registers), the block
+// scans those maps in order (warp shuffles, then the 4 warp totals through shared memory, then the
+// carried state of the previous chunk; TP_NB = 1, 2 or 4), and the thread replays its 8 steps from the right state,
+// adding C_t h_t to y_t. One exp per (n, t), u/delta/z/out once, B/C rows once per block (L2 hits
+// across the channels of a group). The carried state per n lives in shared memory, double-buffered
+// by chunk parity, as are the warp totals. flags as scan_fwd (bit 0 softplus, 1 / 2 varB / varC).
+// vec: L % 8 == 0 and 16-byte aligned rows (else element loads).
+template <typename T, int TP_NB>
+__global__ void __launch_bounds__(kThreads)
+scan_fwd_tp(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
+            const void* __restrict__ Bp, const void* __restrict__ Cp, const float* __restrict__ Dv,
+            const T* __restrict__ z, const float* __restrict__ bias, const float* __restrict__ h0,
+            T* __restrict__ out, float* __restrict__ last, int L, int Dm, int N, int GB, int GC, int flags,
+            int vec) {
+  constexpr int K = 8, NW = kThreads / SSM_WARP_SIZE;
+  __shared__ float sCarry[2][256];
+  __shared__ float sWa[2][256][NW];
+  __shared__ float sWb[2][256][NW];
+  const i64 rowid = blockIdx.x;  // b * Dm + d
+  const int b = (int)(blockIdx.x / (unsigned)Dm), d = (int)(blockIdx.x % (unsigned)Dm);
+  const bool softplus = flags & 1, varB = flags & 2, varC = flags & 4;
+  const int tid = threadIdx.x, lane = lane_id(), warp = tid / SSM_WARP_SIZE;
+  const T* Bvar = varB ? static_cast<const T*>(Bp) + ((i64)b * GB + d / (Dm / GB)) * N * L : nullptr;
+  const T* Cvar = varC ? static_cast<const T*>(Cp) + ((i64)b * GC + d / (Dm / GC)) * N * L : nullptr;
+  const float* Bc = varB ? nullptr : static_cast<const float*>(Bp) + (i64)d * N;
+  const float* Cc = varC ? nullptr : static_cast<const float*>(Cp) + (i64)d * N;
+  const float bias_d = bias ? bias[d] : 0.f;
+  const float D_d = Dv ? Dv[d] : 0.f;
+  for (int n = tid; n < N; n += kThreads) sCarry[0][n] = h0 ? h0[rowid * N + n] : 0.f;
+
+  int par = 0;
+  for (i64 c0 = 0; c0 < L; c0 += kThreads * K, par ^= 1) {
+    const i64 t0 = c0 + tid * K;
+    float uv[K], dt[K], y[K];
+    load_chunk8(u + rowid * L, t0, (i64)L, vec, uv);
+    load_chunk8(delta + rowid * L, t0, (i64)L, vec, dt);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const float x = dt[k] + bias_d;
+      dt[k] = t0 + k < L ? (softplus ? softplus_f(x) : x) : 0.f;  // past L: the identity map
+      y[k] = 0.f;
+    }
+    for (int n0 = 0; n0 < N; n0 += TP_NB) {
+      float a[TP_NB][K], bu[TP_NB][K], cv[TP_NB][K], ma[TP_NB], mb[TP_NB];
+#pragma unroll
+      for (int q = 0; q < TP_NB; ++q) {
+        const int n = n0 + q < N ? n0 + q : N - 1;  // duplicates past N are computed, not used
+        const float A2 = A[(i64)d * N + n] * kLog2e;
+        float bv[K];
+        if (varB) {
+          load_chunk8(Bvar + (i64)n * L, t0, (i64)L, vec, bv);
+        } else {
+#pragma unroll
+          for (int k = 0; k < K; ++k) bv[k] = Bc[n];
+        }
+        if (varC) {
+          load_chunk8(Cvar + (i64)n * L, t0, (i64)L, vec, cv[q]);
+        } else {
+#pragma unroll
+          for (int k = 0; k < K; ++k) cv[q][k] = Cc[n];
+        }
+        float pa = 1.f, pb = 0.f;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          a[q][k] = exp2_fast(dt[k] * A2);
+          bu[q][k] = dt[k] * uv[k] * bv[k];
+          pb = fmaf(a[q][k], pb, bu[q][k]);
+          pa *= a[q][k];
+        }
+        // Inclusive scan of the maps over the warp's lanes (earlier lanes act first).
+#pragma unroll
+        for (int off = 1; off < SSM_WARP_SIZE; off <<= 1) {
+          const float qa = SSM_SHFL_UP(pa, off), qb = SSM_SHFL_UP(pb, off);
+          if (lane >= off) {
+            pb = fmaf(pa, qb, pb);
+            pa *= qa;
+          }
+        }
+        if (lane == SSM_WARP_SIZE - 1 && n0 + q < N) {
+          sWa[par][n0 + q][warp] = pa;
+          sWb[par][n0 + q][warp] = pb;
+        }
+        // Exclusive: the map of the lanes before this one.
+        const float ea = SSM_SHFL_UP(pa, 1), eb = SSM_SHFL_UP(pb, 1);
+        ma[q] = lane == 0 ? 1.f : ea;
+        mb[q] = lane == 0 ? 0.f : eb;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int q = 0; q < TP_NB; ++q) {
+        if (n0 + q >= N) break;
+        const int n = n0 + q;
+        float h = sCarry[par][n];
+        float hend = h;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+          if (w == warp) h = hend;
+          hend = fmaf(sWa[par][n][w], hend, sWb[par][n][w]);
+        }
+        if (tid == 0) sCarry[par ^ 1][n] = hend;
+        h = fmaf(ma[q], h, mb[q]);
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          h = fmaf(a[q][k], h, bu[q][k]);
+          y[k] = fmaf(cv[q][k], h, y[k]);
+        }
+      }
+    }
+    float zv[K];
+    if (z) load_chunk8(z + rowid * L, t0, (i64)L, vec, zv);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      float o = fmaf(D_d, uv[k], y[k]);
+      if (z) o *= silu_f(zv[k]);
+      y[k] = o;
+    }
+    if (t0 < L) store_chunk8(out + rowid * L, t0, (i64)L, vec, y);
+  }
+  __syncthreads();
+  if (last)
+    for (int n = tid; n < N; n += kThreads) last[rowid * N + n] = sCarry[par][n];
 }
 
 // Backward. ckpt from scan_fwd (same S, R). Writes du, ddelta (, dz) of T; float32 partials per

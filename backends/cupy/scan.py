@@ -31,6 +31,7 @@ _LAYOUTS = ((1, 1), (2, 1), (1, 2), (4, 1), (1, 4), (4, 2), (1, 8), (4, 4), (1, 
             (1, 32), (4, 16), (2, 32), (4, 32), (8, 32))
 
 INSTANTIATIONS = [f"scan_fwd<{t}, {s}, {r}>" for t in _TYPES for s, r in _LAYOUTS] + [
+    f"scan_fwd_tp<{t}, {nb}>" for t in _TYPES for nb in (1, 2, 4)] + [
     f"scan_bwd<{t}, {s}, {r}>" for t in _TYPES for s, r in _LAYOUTS
 ] + ["column_sum<float>"]
 
@@ -40,8 +41,26 @@ _WIDE_THREADS_PER_SM = 512
 force_states_per_lane = None
 # Speed variant of the backward: blocks per SM its registers are capped for (__launch_bounds__
 # minBlocks; 2 = up to 255 registers, 3 = 168 with a few spilled bytes at S4 R4). Read once from
-# SSMCORE_SCAN_BWD_MIN_BLOCKS; benchmarks set it directly.
-bwd_min_blocks = int(os.environ.get("SSMCORE_SCAN_BWD_MIN_BLOCKS", "2"))
+# SSMCORE_SCAN_BWD_MIN_BLOCKS; benchmarks set it directly. 0 (the default since 2026-11-29) =
+# automatic: 3 when the grid has at least _MB3_BLOCKS_PER_SM blocks per SM (H200, bf16 N16: B8
+# D4096 L2048, 1024 blocks, fwd+bwd 8301 -> 7154 us with 3), else 2 (B1 D4096, 512 blocks:
+# 1740 us with 2, 1845 with 3).
+bwd_min_blocks = int(os.environ.get("SSMCORE_SCAN_BWD_MIN_BLOCKS", "0"))
+_MB3_BLOCKS_PER_SM = 6
+
+
+def _bwd_min_blocks(grid_blocks: int) -> int:
+    if bwd_min_blocks:
+        return bwd_min_blocks
+    return 3 if grid_blocks >= _MB3_BLOCKS_PER_SM * _arrays.sm_count() else 2
+
+
+# Output forward kernel: "lanes" (scan_fwd, sequential in time per lane), "tp" (scan_fwd_tp, time
+# split over a block's threads, one block per row) or "auto" (tp where the lanes layout would be
+# the narrow one: batch 1 at D4096 N16). SSMCORE_SCAN_FWD overrides it; benchmarks set it directly.
+fwd_kernel = os.environ.get("SSMCORE_SCAN_FWD", "auto")
+# State entries scan_fwd_tp scans per block barrier (1: 90 registers, 2: 126, 4: 182 at sm_90).
+tp_states = int(os.environ.get("SSMCORE_SCAN_TP_STATES", "2"))
 
 
 def _pow2_ceil(n: int) -> int:
@@ -142,9 +161,31 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if a.empty():
         if last is not None:
             last[...] = 0 if a.initial_state is None else a.initial_state
+    elif _use_time_parallel(a):
+        kernel = _runtime.function(FAMILY, f"scan_fwd_tp<{a.T}, {tp_states}>")
+        vec = a.length % 8 == 0 and _arrays.aligned16(a.u, a.delta, a.z, out, a.B if a.var_B else None,
+                                                       a.C if a.var_C else None)
+        _runtime.launch(kernel, (a.batch * a.channels,), (_THREADS,), (
+            a.u, a.delta, a.A, a.B, a.C, ptr(a.D), ptr(a.z), ptr(a.delta_bias), ptr(a.initial_state),
+            out, ptr(last), np.int32(a.length), np.int32(a.channels), np.int32(a.n_states),
+            np.int32(a.groups_B if a.var_B else 1), np.int32(a.groups_C if a.var_C else 1),
+            a.flags(delta_softplus), np.int32(vec),
+        ))
     else:
         _forward(a, delta_softplus, out=out, last=last)
     return (out, last) if return_last_state else out
+
+
+def _use_time_parallel(a: _Args) -> bool:
+    """scan_fwd_tp (one block per row, time split over its threads) for the output forward?"""
+    if fwd_kernel == "tp":
+        return True
+    if fwd_kernel == "lanes" or force_states_per_lane is not None:
+        return False
+    # auto: where the lane layouts fall back to the narrow one (too few rows to fill the GPU).
+    npad = _pow2_ceil(max(a.n_states, 1))
+    wide = max(min(npad, 4), npad // 32)
+    return a.batch * a.channels * (npad // wide) < _arrays.sm_count() * _WIDE_THREADS_PER_SM
 
 
 def _cast(x, dtype):
@@ -203,7 +244,8 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if not a.empty():
         ckpt = cupy.empty((nb, a.n_chunks, nd, a.np), f32)
         _forward(a, delta_softplus, ckpt=ckpt)
-        options = () if bwd_min_blocks == 2 else (f"-DSCAN_BWD_MIN_BLOCKS={int(bwd_min_blocks)}",)
+        min_blocks = _bwd_min_blocks(a.grid[0])
+        options = () if min_blocks == 2 else (f"-DSCAN_BWD_MIN_BLOCKS={int(min_blocks)}",)
         kernel = _runtime.function(FAMILY, f"scan_bwd<{a.T}, {a.S}, {a.R}>", options)
         _runtime.launch(kernel, a.grid, (_THREADS,), (
             _arrays.contiguous(dout), a.u, a.delta, a.A, a.B, a.C, ptr(a.D), ptr(a.z),

@@ -401,3 +401,46 @@ def test_backward_bitwise_reproducible(rng, length):
     for again in runs[1:]:
         for name, a, b in zip(runs[0]._fields, runs[0], again):
             np.testing.assert_array_equal(f64(host(a)), f64(host(b)), err_msg=f"{name} differs between runs")
+
+
+# --- the fused contiguous backward and the channel-last tile kernels (and the paths they replace) ---
+
+
+@pytest.mark.parametrize("path", ["new", "old"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("channel_last,shape", [(False, (2, 3, 16)), (False, (1, 2, 1040)),
+                                                (True, (2, 24, 70)), (True, (1, 72, 9))],
+                         ids=["contig-short", "contig-2chunks", "cl-2tiles", "cl-2ctiles"])
+def test_fast_paths(rng, monkeypatch, path, dtype, width, channel_last, shape):
+    """conv_bwd_fused (contiguous, L % 8 == 0), conv_fwd_cl_tile / conv_bwd_cl_tile (channel-last,
+    D % 8 == 0): partial channel and time tiles, several chunks, initial states of x's dtype and
+    dfinal_states, against the float64 oracles; "old" runs the paths they replace."""
+    conv_backend = pytest.importorskip("ssmcore.backends.cupy.conv")
+    monkeypatch.setattr(conv_backend, "bwd_path", "fused" if path == "new" else "split")
+    monkeypatch.setattr(conv_backend, "cl_path", "tile" if path == "new" else "old")
+    batch, channels, length = shape
+    x = make_x(rng, batch, channels, length, dtype, channel_last)
+    weight = randn(rng, (channels, width), "float32")
+    rtol, atol = CONV_TOL[dtype]
+    for activation, use_init, use_bias in (("silu", True, True), (None, False, False)):
+        bias = randn(rng, channels, "float32") if use_bias else None
+        init = randn(rng, (batch, channels, width - 1), dtype) if use_init else None
+        gx = to_gpu_layout(x)
+        args = (gpu(weight), gpu(bias), activation, None, gpu(init))
+        out, final = ssmcore.causal_conv1d(gx, *args, return_final_states=True)
+        what = f"W{width} act {activation} init {use_init}"
+        ref_out, ref_final = reference.causal_conv1d(x, weight, bias, activation, None, init, True)
+        assert_close(host(out), ref_out, dtype, rtol=rtol, atol=atol, name=f"out ({what})")
+        np.testing.assert_array_equal(f64(host(final)), ref_final, err_msg=f"final_states ({what})")
+        dout = to_gpu_layout(make_x(rng, batch, channels, length, dtype, channel_last))
+        dfinal = randn(rng, (batch, channels, width - 1), "float32")
+        grads = ssmcore.causal_conv1d_bwd(dout, gx, *args, dfinal_states=gpu(dfinal))
+        want = conv_grads(host(dout), x, weight, bias, activation, None, init, dfinal)
+        for name, g, w, like in zip(grads._fields, grads, want, (x, weight, bias, init)):
+            if w is None:
+                assert g is None, name
+                continue
+            assert g.dtype == like.dtype, f"{name}: dtype {g.dtype}, expected {like.dtype}"
+            scale = max(1.0, float(np.abs(w).max(initial=0.0)))
+            assert_close(host(g), w, dtype, rtol=2 * rtol, atol=2 * atol * scale, name=f"{name} ({what})")

@@ -391,3 +391,24 @@ def test_forward_beyond_int32_offsets():
         ref_out, ref_last = reference.selective_scan(**row, delta_softplus=True, return_last_state=True)
         assert_close(host(out[b:b + 1, d:d + 1]), ref_out, "bfloat16", name=f"out[{b}, {d}]")
         assert_close(host(last[b:b + 1, d:d + 1]), ref_last, "bfloat16", name=f"last[{b}, {d}]")
+
+
+# --- the time-parallel forward (scan_fwd_tp) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("tp_states", [1, 2, 4])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("length,N,B_kind,C_kind", [(1, 5, "BNL", "DN"), (17, 16, "DN", 2), (264, 17, 2, "BNL"),
+                                                    (1030, 3, "BNL", "BNL"), (2056, 4, "DN", "DN"),
+                                                    (40, 256, "BNL", 2)])
+def test_time_parallel_forward(rng, monkeypatch, tp_states, dtype, length, N, B_kind, C_kind):
+    """scan_fwd_tp forced: steps split over a block's threads (8 each, chunks of 1024), the maps
+    scanned across lanes, warps and chunks; N not a multiple of the states per barrier; lengths
+    inside one warp, across warps, across chunks, unaligned (element loads); all options, then none."""
+    from ssmcore.backends.cupy import scan as gpu_scan
+
+    monkeypatch.setattr(gpu_scan, "fwd_kernel", "tp")
+    monkeypatch.setattr(gpu_scan, "tp_states", tp_states)
+    check_forward(make_inputs(rng, 2, 4, length, N, B_kind=B_kind, C_kind=C_kind, dtype=dtype), dtype)
+    check_forward(make_inputs(rng, 1, 2, length, N, B_kind=B_kind, C_kind=C_kind, dtype=dtype, options=()),
+                  dtype, softplus=False)
