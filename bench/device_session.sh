@@ -26,6 +26,22 @@ if [ -n "${TESTS-tests}" ]; then
   stamp "GPU tests rc=$rc: $(tail -1 /tmp/gpu_tests.txt)"
   cp /tmp/gpu_tests.txt "$OUT/gpu_tests.txt"
 fi
+if [ -n "${PAR_TESTS:-}" ]; then  # groups of test paths separated by ';', one pytest process each, in parallel
+  stamp "GPU tests in parallel groups: $PAR_TESTS"
+  i=0; pids=()
+  IFS=';' read -ra groups <<< "$PAR_TESTS"
+  for g in "${groups[@]}"; do
+    i=$((i + 1))
+    ( eval "timeout $(( $(left) - ${BENCH_RESERVE:-0} )) python3 -m pytest -q -m gpu -p no:cacheprovider -rfE $g ${PYTEST_ARGS:-}" > /tmp/gpu_tests_$i.txt 2>&1; echo "exit $?" >> /tmp/gpu_tests_$i.txt ) &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+  for j in $(seq 1 $i); do
+    grep -E "^(FAILED|ERROR)" /tmp/gpu_tests_$j.txt | head -30 >> "$LOG"
+    stamp "group $j (${groups[$((j - 1))]}): $(grep -E "passed|failed|error" /tmp/gpu_tests_$j.txt | tail -1) $(tail -1 /tmp/gpu_tests_$j.txt)"
+  done
+  cat /tmp/gpu_tests_*.txt > "$OUT/gpu_tests.txt"
+fi
 wait $PEER
 cat /tmp/peer_build.txt >> "$LOG"
 eval "$(grep '^export PYTHONPATH' /tmp/peer_build.txt)"
@@ -41,7 +57,7 @@ for b in ${BENCH:-}; do
   case $b in
     scan) timeout $t python3 bench/gpu_scan.py --warm --peer --variants >> "$LOG" 2>&1 ;;
     conv) timeout $t python3 bench/gpu_mamba1_misc.py --only conv >> "$LOG" 2>&1 ;;
-    ssd) timeout $t python3 bench/gpu_ssd.py >> "$LOG" 2>&1; cp "$OUT"/ssd_bench.json /dev/null 2>&1 ;;
+    ssd) timeout $t python3 bench/gpu_ssd.py ${SSD_ARGS:-} >> "$LOG" 2>&1 ;;
     ssd_bwd) timeout $t python3 bench/gpu_ssd_bwd.py >> "$LOG" 2>&1 ;;
     ops|blocks|e2e) BENCH_SUITES=$b timeout $t bash bench/run_gpu.sh /tmp/bench_$b ${BENCH_ARGS:-} > /dev/null 2>&1
        tail -40 /tmp/bench_$b/bench.txt >> "$LOG"; cp /tmp/bench_$b/bench.json "$OUT/bench_$b.json" 2>/dev/null ;;

@@ -8,6 +8,7 @@ L 2048 and N 64 / 256. Prints and writes to JSON (default $OUT/ssd_bwd_bench.jso
   bwd_us            ssmcore.ssd_bwd alone (triton do_bench median)
   fwd_bwd_us        ssmcore.ssd + ssmcore.ssd_bwd, and the peer's forward + backward (autograd)
   kernels_us        per-kernel times of one ssd_bwd call (CUDA events around each launch)
+  bwd_us_v1, kernels_us_v1   the same with SSMCORE_SSD_BWD_IMPL=v1 (the previous kernels; main shape only)
   rel_diff_vs_peer  max |ours - peer| / max |peer| of each gradient the peer also returns
 """
 
@@ -35,20 +36,20 @@ def kernel_times(call):
     from ssmcore.backends.cupy import state_space_duality_bwd as S
 
     events = []
-    original = S._launch
+    original = S._launch_grid
 
-    def timed(name, n, args):
+    def timed(name, grid, args, **kw):
         a, b = cupy.cuda.Event(), cupy.cuda.Event()
         a.record()
-        original(name, n, args)
+        original(name, grid, args, **kw)
         b.record()
         events.append((name, a, b))
 
-    S._launch = timed
+    S._launch_grid = timed
     try:
         call()
     finally:
-        S._launch = original
+        S._launch_grid = original
     cupy.cuda.Device().synchronize()
     out = collections.defaultdict(float)
     for name, a, b in events:
@@ -111,6 +112,25 @@ def main(argv=None):
             row["first_call_s"] = time.perf_counter() - t0
             row["bwd_us"] = bench_us(bwd)
             row["kernels_us"] = kernel_times(bwd)
+            if shape == MAIN:  # the previous kernels, same process (SSMCORE_SSD_BWD_IMPL=v1)
+                from ssmcore.backends.cupy import state_space_duality_bwd as S
+
+                saved = os.environ.get(S.IMPL_ENV)
+                os.environ[S.IMPL_ENV] = "v1"
+                try:
+                    g1 = bwd()
+                    row["bwd_us_v1"] = bench_us(bwd)
+                    row["kernels_us_v1"] = kernel_times(bwd)
+                    row["max_rel_diff_v1_v2"] = max(
+                        float(cupy.abs(a.astype(cupy.float32) - b.astype(cupy.float32)).max()
+                              / max(float(cupy.abs(b.astype(cupy.float32)).max()), 1e-30))
+                        for a, b in zip(grads, g1) if a is not None)
+                    del g1
+                finally:
+                    if saved is None:
+                        os.environ.pop(S.IMPL_ENV, None)
+                    else:
+                        os.environ[S.IMPL_ENV] = saved
             try:
                 row["fwd_bwd_us"] = bench_us(fwd_bwd)
             except Exception as err:  # noqa: BLE001 - the forward is another helper's
@@ -142,9 +162,13 @@ def main(argv=None):
     for r in rows:
         print(f"{r['shape']:26s} {g(r, 'bwd_us', '%10.1f'):>10s} {g(r, 'fwd_bwd_us', '%11.1f'):>11s} "
               f"{g(r, 'peer_fwd_bwd_us', '%11.1f'):>11s} {g(r, 'fwd_bwd_ratio', '%7.2f'):>7s}")
-        if "kernels_us" in r:
-            print("    kernels: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["kernels_us"].items(),
-                                                                            key=lambda kv: -kv[1])))
+        for key in ("kernels_us", "kernels_us_v1"):
+            if key in r:
+                print(f"    {key}: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r[key].items(),
+                                                                                key=lambda kv: -kv[1])))
+        if "bwd_us_v1" in r:
+            print(f"    v1 (previous kernels): bwd {r['bwd_us_v1']:.1f} us, max rel diff v1/v2 "
+                  f"{r.get('max_rel_diff_v1_v2', float('nan')):.1e}")
         if "rel_diff_vs_peer" in r:
             print("    rel diff vs peer: " + ", ".join(f"{k} {v:.1e}" for k, v in r["rel_diff_vs_peer"].items()))
     if out_json:

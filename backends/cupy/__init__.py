@@ -28,6 +28,44 @@ _OPS = {
 
 __all__ = sorted(_OPS)
 
+# Ops whose kernels assume non-empty tiles: with a zero-sized dimension (or N == 0) the result is
+# trivial or empty, so it is computed by the CPU backend (the arrays are empty or tiny; one host copy).
+# name -> (position of x, position of B) among the positional arguments.
+_DEGENERATE_ON_HOST = {"ssd": (0, 3), "ssd_bwd": (1, 4)}
+
+
+def _degenerate_on_host(name, fn, ix, ib):
+    import functools
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        x = args[ix] if len(args) > ix else kwargs["x"]
+        B = args[ib] if len(args) > ib else kwargs["B"]
+        if x.size and B.shape[-1]:
+            return fn(*args, **kwargs)
+        import numpy
+
+        from ssmcore.backends import numba as cpu
+
+        cupy = importlib.import_module(fn.__module__).cupy  # (the module's cupy: a NumPy stand-in when emulated)
+
+        def host(a):
+            return a.get() if isinstance(a, cupy.ndarray) and not isinstance(a, numpy.ndarray) else a
+
+        def device(a):
+            if isinstance(a, numpy.ndarray):
+                return cupy.asarray(a)  # (copies to the device)
+            if isinstance(a, list):
+                return [device(v) for v in a]
+            if isinstance(a, tuple):
+                return type(a)(*(device(v) for v in a)) if hasattr(a, "_fields") else tuple(device(v) for v in a)
+            return a
+
+        result = getattr(cpu, name)(*(host(a) for a in args), **{k: host(v) for k, v in kwargs.items()})
+        return device(result)
+
+    return call
+
 
 def __getattr__(name):
     if name in _OPS:
@@ -40,6 +78,8 @@ def __getattr__(name):
                 f"{name}: the CuPy GPU backend has no kernel for this op yet; pass NumPy arrays to run it on the CPU"
             ) from None
         value = getattr(module, name)
+        if name in _DEGENERATE_ON_HOST:
+            value = _degenerate_on_host(name, value, *_DEGENERATE_ON_HOST[name])
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,9 +26,14 @@
 // The plain SIMT kernels ssdb_cb / ssdb_dx_dot / ssdb_states / ssdb_dx / ssdb_dbc (one thread per output
 // element, loops over the reduction axis) compute the same products; they are the launcher's fallback
 // (USE_TENSOR_CORES = False) and the reference the tests hold the tensor-core path to.
-// Traffic (B8 L4096 H64 P64 N128, Q 256): DX is B*nc*H*Q*Q fp32 = 2 GiB written once and read by dc, db
-// and dcs; CB is per group (33 MB). Not yet fused: each product re-reads its operands from global memory
-// (L2), and the Q x Q matrices go through HBM.
+// Traffic (B8 L4096 H64 P64 N128, Q 256): DX is B*nc*H*Q*Q fp32 = 2 GiB (its lower-triangle tiles, 1.3 GiB,
+// with SSMCORE_SSD_BWD_IMPL=v2) written once and read by dc, db and dcs; CB is per group (33 MB). Not yet
+// fused: each product re-reads its operands from global memory (L2), and the Q x Q matrices go through HBM.
+// v2 (default) vs v1 (SSMCORE_SSD_BWD_IMPL=v1, the previous kernels): ssdb_mm fills every operand tile
+// along the operand's contiguous global axis (v1 read x, dy, CB, DX, h0, dh transposed: one 32-byte sector
+// per element), skips DX's upper tiles, ssdb_dcs2 (a block per chunk, coalesced rows) replaces ssdb_dcs (a
+// thread per position walking a row of CB and DX each), and ssdb_fro (a block per chunk) replaces
+// ssdb_dt's serial P*N loop for <dh_c, h0_c>.
 #include "common.cuh"
 
 __device__ __forceinline__ i64 gtid() { return (i64)blockIdx.x * blockDim.x + threadIdx.x; }
@@ -329,7 +334,8 @@ extern "C" __global__ void ssdb_dt(const float* __restrict__ A, const float* __r
                                    const float* __restrict__ slope, const float* __restrict__ cs,
                                    const int* __restrict__ seg, const float* __restrict__ dcs,
                                    const float* __restrict__ ddir, const float* __restrict__ est,
-                                   const float* __restrict__ h0, const float* __restrict__ dh, float* __restrict__ ddt,
+                                   const float* __restrict__ h0, const float* __restrict__ dh,
+                                   const float* __restrict__ fro, float* __restrict__ ddt,
                                    float* __restrict__ dA_part, float* __restrict__ dtb_part, int batch, i64 L, int H,
                                    int PN, int Q, int nc) {
   const i64 i = gtid();
@@ -341,9 +347,13 @@ extern "C" __global__ void ssdb_dt(const float* __restrict__ A, const float* __r
   const bool u = seg[srow + t1 - 1] == (t0 > 0 ? seg[srow + t0 - 1] : 0);
   float extra = 0.f;
   if (u) {
-    const i64 so = ((b * nc + c) * H + h) * (i64)PN;
     float f = 0.f;
-    for (int e = 0; e < PN; ++e) f += dh[so + e] * h0[so + e];
+    if (fro != nullptr) {
+      f = fro[(b * nc + c) * H + h];
+    } else {
+      const i64 so = ((b * nc + c) * H + h) * (i64)PN;
+      for (int e = 0; e < PN; ++e) f += dh[so + e] * h0[so + e];
+    }
     extra = expf(cs[hrow + t1 - 1]) * f;
   }
   for (i64 t = t0; t < t1; ++t) extra += est[hrow + t];
@@ -359,6 +369,101 @@ extern "C" __global__ void ssdb_dt(const float* __restrict__ A, const float* __r
   }
   dA_part[(b * nc + c) * H + h] = sa;
   dtb_part[(b * nc + c) * H + h] = sb;
+}
+
+// fro[(b * nc + c) * H + h] = <dh_c, h0_c> (P*N elements): one block of SSDB_RED_THREADS per (b, c, h),
+// coalesced (float4 where aligned). Replaces ssdb_dt's serial loop over P*N (one thread per chunk).
+constexpr int SSDB_RED_THREADS = 256;
+extern "C" __global__ void __launch_bounds__(256) ssdb_fro(const float* __restrict__ h0,
+                                                           const float* __restrict__ dh, float* __restrict__ fro,
+                                                           int PN) {
+  __shared__ float red[2 * SSDB_RED_THREADS / 32 + 2];
+  const i64 so = (i64)blockIdx.x * PN;
+  float f = 0.f;
+  if ((PN & 3) == 0) {
+    const float4* a4 = reinterpret_cast<const float4*>(dh + so);
+    const float4* b4 = reinterpret_cast<const float4*>(h0 + so);
+    for (int e = threadIdx.x; e < PN / 4; e += blockDim.x) {
+      const float4 a = a4[e], b = b4[e];
+      f += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+    }
+  } else {
+    for (int e = threadIdx.x; e < PN; e += blockDim.x) f += dh[so + e] * h0[so + e];
+  }
+  f = row_sum(f, red);
+  if (threadIdx.x == 0) fro[blockIdx.x] = f;
+}
+
+// ssdb_dcs (same outputs) with one block per (b, c, h) chunk: row sums over s by a warp per row t
+// (lanes along the row: coalesced reads of CB / DX / dy / hC / x / dhB), column sums by a thread per
+// column s (threads along the row again). The per-position scalars go through shared memory.
+constexpr int SSDB_DCS_THREADS = 256, SSDB_DCS_MAXQ = 256;
+template <typename T>
+__global__ void __launch_bounds__(256) ssdb_dcs2(const T* __restrict__ x, const float* __restrict__ dy,
+                                                 const float* __restrict__ d, const float* __restrict__ cs,
+                                                 const int* __restrict__ seg, const float* __restrict__ cb,
+                                                 const float* __restrict__ dxd, const float* __restrict__ hC,
+                                                 const float* __restrict__ dhB, float* __restrict__ dcs,
+                                                 float* __restrict__ ddir, float* __restrict__ est, int batch, i64 L,
+                                                 int H, int G, int P, int Q, int nc) {
+  __shared__ float s_cs[SSDB_DCS_MAXQ], s_d[SSDB_DCS_MAXQ], s_row[SSDB_DCS_MAXQ], s_term[SSDB_DCS_MAXQ],
+      s_state[SSDB_DCS_MAXQ];
+  __shared__ int s_seg[SSDB_DCS_MAXQ];
+  const i64 blk = blockIdx.x;  // (b, c, h)
+  const int h = (int)(blk % H), c = (int)((blk / H) % nc);
+  const i64 b = blk / ((i64)H * nc);
+  const int g = h / (H / G);
+  const i64 t0 = (i64)c * Q;
+  const int len = (int)(t0 + Q < L ? Q : L - t0);
+  const i64 hrow = (b * H + h) * L + t0, srow = b * L + t0;
+  const int seg_end = seg[srow + len - 1], seg_prev = t0 > 0 ? seg[srow - 1] : 0;
+  const float* cbm = cb + (((b * nc + c) * G + g) * (i64)Q) * Q;
+  const float* dxm = dxd + (((b * nc + c) * H + h) * (i64)Q) * Q;
+  for (int l = threadIdx.x; l < len; l += blockDim.x) {
+    s_cs[l] = cs[hrow + l];
+    s_d[l] = d[hrow + l];
+    s_seg[l] = seg[srow + l];
+  }
+  __syncthreads();
+  const float cs_end = s_cs[len - 1];
+  const int lane = threadIdx.x % SSM_WARP_SIZE, warp = threadIdx.x / SSM_WARP_SIZE;
+  const int nwarps = blockDim.x / SSM_WARP_SIZE;
+  for (int t = warp; t < len; t += nwarps) {
+    const int sg = s_seg[t];
+    const float cs_t = s_cs[t];
+    float row = 0.f, term = 0.f, state = 0.f;
+    for (int s = lane; s <= t; s += SSM_WARP_SIZE)
+      if (s_seg[s] == sg) row += cbm[(i64)t * Q + s] * expf(cs_t - s_cs[s]) * s_d[s] * dxm[(i64)t * Q + s];
+    const i64 xo = ((srow + t) * H + h) * P;
+    if (sg == seg_prev)
+      for (int p = lane; p < P; p += SSM_WARP_SIZE) term += dy[xo + p] * hC[xo + p];
+    if (sg == seg_end)
+      for (int p = lane; p < P; p += SSM_WARP_SIZE) state += load_f(x + xo + p) * dhB[xo + p];
+    row = warp_sum(row);
+    term = warp_sum(term);
+    state = warp_sum(state);
+    if (lane == 0) {
+      s_row[t] = row;
+      s_term[t] = sg == seg_prev ? term * expf(cs_t) : 0.f;
+      s_state[t] = sg == seg_end ? state * expf(cs_end - cs_t) : 0.f;
+    }
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < len; t += blockDim.x) {
+    const int sg = s_seg[t];
+    const float cs_t = s_cs[t];
+    float col = 0.f;
+    for (int tp = t; tp < len; ++tp) {
+      if (s_seg[tp] != sg) break;  // seg is monotone
+      col += cbm[(i64)tp * Q + t] * expf(s_cs[tp] - cs_t) * dxm[(i64)tp * Q + t];
+    }
+    const float d_t = s_d[t], state = s_state[t];
+    const float e = d_t * state;
+    const i64 o = hrow + t;
+    dcs[o] = s_row[t] - d_t * col + s_term[t] - e;
+    ddir[o] = col + state;
+    est[o] = e;
+  }
 }
 
 // =====================================================================================================
@@ -459,7 +564,7 @@ __global__ void __launch_bounds__(128) ssdb_mm(
     const float* __restrict__ d, const float* __restrict__ cs, const int* __restrict__ seg,
     const float* __restrict__ cb, const float* __restrict__ dxd, const float* __restrict__ h0,
     const float* __restrict__ dh, const float* __restrict__ hC, float* __restrict__ out, int batch, i64 L, int H,
-    int G, int P, int N, int Q, int nc) {
+    int G, int P, int N, int Q, int nc, int coalesce) {
   __shared__ float As[MM_TILE][MM_KS + 1];
   __shared__ float Bs[MM_KS][MM_TILE + 4];
   constexpr bool PER_GROUP = KIND == 0;
@@ -486,6 +591,9 @@ __global__ void __launch_bounds__(128) ssdb_mm(
   else { I = Q; J = N; K1 = Q; K2 = P; }
   const int tiles_j = (J + MM_TILE - 1) / MM_TILE;
   const int i0 = (int)(blockIdx.y / tiles_j) * MM_TILE, j0 = (int)(blockIdx.y % tiles_j) * MM_TILE;
+  // DX is only ever read at s <= t: with coalesce (v2) its tiles above the diagonal are not computed
+  // (left unwritten; 6 of 16 tiles at Q = 256).
+  if (KIND == 1 && coalesce && j0 >= i0 + MM_TILE) return;
 
   auto X = [&](int l, int p) { return load_f(x + ((srow + l) * H + h) * P + p); };
   auto DY = [&](int l, int p) { return dy[((srow + l) * H + h) * P + p]; };
@@ -539,6 +647,10 @@ __global__ void __launch_bounds__(128) ssdb_mm(
     return dh[st + (i64)k * N + j];  // 9
   };
 
+  // Operands whose global layout is contiguous along the tile's row axis (A) or K axis (B).
+  constexpr bool A1_T = KIND == 2 || KIND == 3 || KIND == 6 || KIND == 9;
+  constexpr bool B1_T = KIND == 0 || KIND == 1 || KIND == 4 || KIND == 5;
+  constexpr bool B2_T = KIND == 6;
   const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
   float acc[8][4];
 #pragma unroll
@@ -553,13 +665,17 @@ __global__ void __launch_bounds__(128) ssdb_mm(
       if (phase == 0 && (KIND == 7 || KIND == 8) && k0 >= i0 + MM_TILE) continue;       // A(t, s) = 0 for s > t
       if (KIND == 0 && j0 >= i0 + MM_TILE) break;                                        // output tile above diagonal
       __syncthreads();  // the previous slice's readers are done
+      // coalesce: consecutive threads walk the operand's contiguous axis in global memory (the
+      // row axis for the transposed A operands, the K axis for the transposed B operands).
       for (int e = tid; e < MM_TILE * MM_KS; e += MM_THREADS) {
-        const int r = e / MM_KS, k = e % MM_KS;
+        const bool tr = coalesce && (phase == 0 ? A1_T : false);
+        const int r = tr ? e % MM_TILE : e / MM_KS, k = tr ? e / MM_TILE : e % MM_KS;
         const int gi = i0 + r, gk = k0 + k;
         As[r][k] = (gi < I && gk < K) ? (phase == 0 ? A1(gi, gk) : A2(gi, gk)) : 0.f;
       }
       for (int e = tid; e < MM_TILE * MM_KS; e += MM_THREADS) {
-        const int k = e / MM_TILE, col = e % MM_TILE;
+        const bool tr = coalesce && (phase == 0 ? B1_T : B2_T);
+        const int k = tr ? e % MM_KS : e / MM_TILE, col = tr ? e / MM_KS : e % MM_TILE;
         const int gj = j0 + col, gk = k0 + k;
         Bs[k][col] = (gj < J && gk < K) ? (phase == 0 ? B1(gk, gj) : B2(gk, gj)) : 0.f;
       }

@@ -14,11 +14,15 @@ chunk_size: a speed/memory knob only (results do not depend on it beyond roundin
 backward keeps two float32 (Q x Q) matrices per chunk (C_t . B_s per group, dy_t . x_s per
 head), so the chunk is capped at 256 and at L. Scratch: about B*L*H*(Q + 4P + 2N) + 2*B*nc*H*P*N
 floats (2 GiB of DX plus ~2.7 GiB at B8 L4096 H64 P64 N128).
+
+Speed knob: the environment variable SSMCORE_SSD_BWD_IMPL (read at each call): v2 (default) or v1
+(the previous kernels, kept for comparison; see IMPL_ENV below).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import cupy
 import numpy as np
@@ -29,16 +33,30 @@ from ._arrays import NULL, cdiv, ptr
 FAMILY = "ssd_bwd"
 _TYPES = ("float", "half_t", "bf16_t")
 _THREADS = 128
-_MAX_CHUNK = 256
+_MAX_CHUNK = 256  # also SSDB_DCS_MAXQ of ssd_bwd.cu
+_DCS_THREADS = 256  # ssdb_dcs2 / ssdb_fro blocks (SSDB_DCS_THREADS / SSDB_RED_THREADS)
 _NO_LIMIT = (0.0, math.inf)
 
 # Tensor-core path (ssdb_mm) by default; False: the plain SIMT kernels (the reference for the former).
 USE_TENSOR_CORES = True
 _MM_TILE = 64
+# Speed knob, read at each call: SSMCORE_SSD_BWD_IMPL=v1 selects the previous kernels (operand tiles
+# filled along the tile axes whatever the global layout, ssdb_dcs with one thread per position,
+# ssdb_dt's serial <dh, h0> loop); v2 (default) fills every operand tile along its contiguous global
+# axis, and uses ssdb_dcs2 (a block per chunk) and ssdb_fro (a block per chunk). Same math.
+IMPL_ENV = "SSMCORE_SSD_BWD_IMPL"
+
+
+def _impl():
+    v = os.environ.get(IMPL_ENV, "v2").strip().lower()
+    return "v1" if v == "v1" else "v2"
+
+
 _MM = {"cb": 0, "dxdot": 1, "states": 2, "gl": 3, "hc": 4, "dhb": 5, "dx": 6, "dz": 7, "dc": 8, "db": 9}
 
-INSTANTIATIONS = ["ssdb_cumsum", "ssdb_pass", "ssdb_dt"] + [
-    f"{k}<{t}>" for k in ("ssdb_dy", "ssdb_cb", "ssdb_dx_dot", "ssdb_states", "ssdb_dx", "ssdb_dbc", "ssdb_dcs")
+INSTANTIATIONS = ["ssdb_cumsum", "ssdb_pass", "ssdb_dt", "ssdb_fro"] + [
+    f"{k}<{t}>" for k in ("ssdb_dy", "ssdb_cb", "ssdb_dx_dot", "ssdb_states", "ssdb_dx", "ssdb_dbc", "ssdb_dcs",
+                          "ssdb_dcs2")
     for t in _TYPES
 ] + [f"ssdb_mm<{t}, {k}>" for t in _TYPES for k in range(10)]
 
@@ -50,7 +68,7 @@ def _launch(name, n, args):
     blocks = cdiv(n, _THREADS)
     if blocks >= 2**31:
         raise ValueError(f"ssd_bwd: problem too large for one launch ({n} threads)")
-    _runtime.launch(_runtime.function(FAMILY, name), (blocks,), (_THREADS,), args)
+    _launch_grid(name, (blocks,), args)
 
 
 def _mm(kind, T, rows, cols, per, batch, args):
@@ -63,8 +81,9 @@ def _mm(kind, T, rows, cols, per, batch, args):
     _launch_grid(f"ssdb_mm<{T}, {_MM[kind]}>", grid, args)
 
 
-def _launch_grid(name, grid, args):
-    _runtime.launch(_runtime.function(FAMILY, name), grid, (_THREADS,), args)
+def _launch_grid(name, grid, args, threads=_THREADS):
+    """Every launch goes through here (bench/gpu_ssd_bwd.py times the kernels by wrapping it)."""
+    _runtime.launch(_runtime.function(FAMILY, name), grid, (threads,), args)
 
 
 def _f32(a):
@@ -90,6 +109,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
         ct = cupy.float32
     xs, Bs, Cs, douts, zs = (_arrays.contiguous(a, ct) for a in (x, B, C, dout, z))
     T = _runtime.ctype(xs.dtype)
+    v2 = _impl() == "v2"
 
     dtf = _f32(dt)
     Af = _f32(A)
@@ -141,7 +161,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     if USE_TENSOR_CORES:
         def mm(kind, rows, cols, out, per=nc * H):
             _mm(kind, T, rows, cols, per, batch, (xs, Bs, Cs, ptr(douts), ptr(zs), dy, Df, dtp, cs, seg, cb, dxd, h0,
-                                                  dh, hC, out) + dims)
+                                                  dh, hC, out) + dims + (i32(v2),))
 
         mm("cb", Q, Q, cb, per=nc * G)
         mm("dxdot", Q, Q, dxd)
@@ -170,13 +190,22 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     dcs = cupy.empty((batch, H, L), cupy.float32)
     ddir = cupy.empty((batch, H, L), cupy.float32)
     est = cupy.empty((batch, H, L), cupy.float32)
-    _launch(f"ssdb_dcs<{T}>", batch * H * L, (xs, dy, dtp, cs, seg, cb, dxd, hC, dhB, dcs, ddir, est,
-                                             i32(batch), i64(L), i32(H), i32(G), i32(P), i32(Q), i32(nc)))
+    dcs_args = (xs, dy, dtp, cs, seg, cb, dxd, hC, dhB, dcs, ddir, est, i32(batch), i64(L), i32(H), i32(G),
+                i32(P), i32(Q), i32(nc))
+    fro = None
+    if v2:
+        if batch * nc * H >= 2**31:
+            raise ValueError(f"ssd_bwd: problem too large for one launch ({batch * nc * H} chunks)")
+        _launch_grid(f"ssdb_dcs2<{T}>", (batch * nc * H,), dcs_args, threads=_DCS_THREADS)
+        fro = cupy.empty((batch * nc * H,), cupy.float32)
+        _launch_grid("ssdb_fro", (batch * nc * H,), (h0, dh, fro, i32(P * N)), threads=_DCS_THREADS)
+    else:
+        _launch(f"ssdb_dcs<{T}>", batch * H * L, dcs_args)
     ddt = cupy.empty((batch, L, H), cupy.float32)
     dA_part = cupy.empty((batch * nc, H), cupy.float32)
     dtb_part = cupy.empty((batch * nc, H), cupy.float32)
-    _launch("ssdb_dt", batch * H * nc, (Af, dtp, slope, cs, seg, dcs, ddir, est, h0, dh, ddt, dA_part, dtb_part,
-                                        i32(batch), i64(L), i32(H), i32(P * N), i32(Q), i32(nc)))
+    _launch("ssdb_dt", batch * H * nc, (Af, dtp, slope, cs, seg, dcs, ddir, est, h0, dh, ptr(fro), ddt, dA_part,
+                                        dtb_part, i32(batch), i64(L), i32(H), i32(P * N), i32(Q), i32(nc)))
 
     def cast(a, like):
         return a.astype(like.dtype) if a.dtype != like.dtype else a

@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(SSU_THREADS) state_update(
     const TBC* br = Bm + b * b0 + g * b1;
     const TBC* cr = Cm + b * c0 + g * c1;
     const bool a_scalar = a2 == 0;  // A constant along n (a per-head scalar): one exp per row
-    const float dA_row = a_scalar ? __expf(delta * ar[0]) : 0.f;
+    const float dA_row = (a_scalar && N > 0) ? __expf(delta * ar[0]) : 0.f;  // N == 0: A may have no element
     // Two chunks per iteration: their loads are all in flight before the first use.
     for (int c = threadIdx.x; c * 8 < N; c += 2 * tpr) {
       float s[2][8], a[2][8], bv[2][8], cv[2][8];
