@@ -150,6 +150,23 @@ def main(argv=None):
             row["first_call_s"] = time.perf_counter() - t0
             row["fwd_us"] = bench_us(fwd)
             row["stages_us"] = stages(x)
+            # The other kernel generation (SSMCORE_SSD_FWD knob) in the same process, for the ratio.
+            from ssmcore.backends.cupy import state_space_duality as S
+
+            default_path = S.fwd_path
+            other = "v1" if default_path == "v2" else "v2"
+            row["fwd_path"] = default_path
+            try:
+                S.fwd_path = other
+                alt = fwd()
+                row[f"fwd_{other}_us"] = bench_us(fwd)
+                row[f"stages_{other}_us"] = stages(x)
+                o32, a32 = ours.astype(cupy.float32), alt.astype(cupy.float32)
+                row[f"max_rel_diff_{other}"] = float(cupy.abs(a32 - o32).max() / cupy.abs(o32).max())
+            except Exception as err:  # noqa: BLE001
+                print(f"{row['shape']}: path {other} failed: {type(err).__name__}: {err}", flush=True)
+            finally:
+                S.fwd_path = default_path
         except Exception as err:  # noqa: BLE001
             print(f"{row['shape']}: ours failed: {type(err).__name__}: {err}", flush=True)
             rows.append(row)
@@ -200,6 +217,13 @@ def main(argv=None):
               f"{g(r, 'fwd_bwd_ratio', '%8.2f'):>8s}  "
               + "/".join(f"{st[k]:.0f}" for k in ("cumsum", "states", "passing", "scan") if k in st)
               + f"  {g(r, 'max_rel_diff_vs_peer', '%.2e')}")
+        for other in ("v1", "v2"):
+            if f"fwd_{other}_us" in r:
+                st = r.get(f"stages_{other}_us", {})
+                pad = " " * 62
+                print(f"{'  (path ' + other + ')':26s} {r[f'fwd_{other}_us']:9.1f}{pad}  "
+                      + "/".join(f"{st[k]:.0f}" for k in ("cumsum", "states", "passing", "scan") if k in st)
+                      + f"  vs default {r.get(f'max_rel_diff_{other}', float('nan')):.2e}")
     if out_json:
         with open(out_json, "w") as f:
             json.dump(rows, f, indent=1)

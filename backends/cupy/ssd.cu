@@ -456,3 +456,247 @@ __global__ void __launch_bounds__(128) ssd_varlen_states(
   }
   out[(i64(sq) * H + h) * i64(P) * N + e] = s;
 }
+
+// ==== v2 forward kernels (launcher knob SSMCORE_SSD_FWD=v2, the default; v1 = the kernels above) ====
+// Same math, same results (identical rounding points); they differ in how the work is scheduled:
+// fewer exposed global-load phases per block, vectorised/prefetched state passing, and transposed
+// shared-memory stores mapped so that a warp's lanes cover 16 positions x 2 adjacent 8-column
+// groups (full 32-byte sectors in global memory, 2-way instead of 8-way bank conflicts).
+
+// Item e (< 512) of a 64 (s) x 64 (8 groups of 8 columns) transposed staging: s and column.
+__device__ __forceinline__ void xmap(int e, int& s, int& col) {
+  const int lane = e & 31, w = e >> 5;
+  s = (w & 3) * 16 + (lane >> 1);
+  col = ((w >> 2) * 2 + (lane & 1)) * 8;
+}
+
+// ---- 2'. chunk_states: the weights of the whole chunk computed once up front ------------------
+template <typename T>
+__global__ void __launch_bounds__(128) ssd_chunk_states_v2(
+    const T* __restrict__ x, const T* __restrict__ Bm, const float* __restrict__ dtp, const float* __restrict__ dacs,
+    const int* __restrict__ seg, int L, int H, int G, int P, int N, int Q, int nc, int vec,
+    float* __restrict__ states) {
+  constexpr int LD = Ld<T>::K64;
+  __shared__ float4 raw_x[64 * LD * sizeof(T) / 16], raw_b[64 * LD * sizeof(T) / 16];
+  T* xs = reinterpret_cast<T*>(raw_x);  // [p][s]
+  T* bs = reinterpret_cast<T*>(raw_b);  // [n][s]
+  __shared__ float wgt[256];
+  const int tilesP = (P + 63) / 64, tilesN = (N + 63) / 64;
+  i64 id = blockIdx.x;
+  const int tn = int(id % tilesN); id /= tilesN;
+  const int tp = int(id % tilesP); id /= tilesP;
+  const int h = int(id % H); id /= H;
+  const int c = int(id);
+  const int b = blockIdx.y;
+  const int p0 = tp * 64, n0 = tn * 64;
+  const int g = h / (H / G);
+  const int warp = threadIdx.x >> 5;
+  const i64 row = (i64(b) * H + h) * nc * Q + i64(c) * Q;
+  const float a_end = dacs[row + Q - 1];
+  const int seg_end = seg ? seg[i64(b) * nc * Q + i64(c) * Q + Q - 1] : -1;
+  const int s_first = imax(seg_end, 0);
+  for (int q = threadIdx.x; q < Q; q += 128)
+    wgt[q] = (i64(c) * Q + q < L && q >= s_first) ? dtp[row + q] * expf(a_end - dacs[row + q]) : 0.f;
+  float acc[8][4];
+  zero_acc(acc);
+  for (int s0 = (s_first / 64) * 64; s0 < Q && i64(c) * Q + s0 < L; s0 += 64) {
+    __syncthreads();  // wgt ready (first pass); everyone done with xs/bs (later passes)
+    for (int e = threadIdx.x; e < 64 * 8; e += 128) {
+      int s, col;
+      xmap(e, s, col);
+      const i64 pos = i64(c) * Q + s0 + s;
+      const float w = wgt[s0 + s];
+      stage8(x + ((i64(b) * L + pos) * H + h) * P + p0, col, P - p0, vec, w != 0.f, w, xs + col * LD + s, LD);
+      stage8(Bm + ((i64(b) * L + pos) * G + g) * N + n0, col, N - n0, vec, w != 0.f, 1.f, bs + col * LD + s, LD);
+    }
+    __syncthreads();
+    warp_gemm<T, 8>(acc, KView<T>{xs + warp * 16 * LD, LD}, KView<T>{bs, LD}, 64);
+  }
+  const int lane = threadIdx.x & 31, gg = lane >> 2, t = lane & 3;
+  float* out = states + ((i64(b) * nc + c) * H + h) * i64(P) * N;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int p = p0 + warp * 16 + gg + (i >> 1) * 8, n = n0 + 8 * j + 2 * t + (i & 1);
+      if (p < P && n < N) out[i64(p) * N + n] = acc[j][i];
+    }
+}
+
+// ---- 3'. state_passing: V consecutive elements per thread (float4 when V = 4), the loads of 8
+// chunks issued before the dependent chain runs over them (8 x 16 bytes in flight per thread).
+// Grid (ceil(P*N / (256 V)), H, B), 256 threads. V = 4 needs P*N % 4 == 0.
+template <int V>
+__device__ __forceinline__ void ldv(const float* p, float (&v)[V]) {
+  if constexpr (V == 4) {
+    const float4 t = *reinterpret_cast<const float4*>(p);
+    v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) v[k] = p[k];
+  }
+}
+template <int V>
+__device__ __forceinline__ void stv(float* p, const float (&v)[V]) {
+  if constexpr (V == 4) {
+    float4 t;
+    t.x = v[0]; t.y = v[1]; t.z = v[2]; t.w = v[3];
+    *reinterpret_cast<float4*>(p) = t;
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) p[k] = v[k];
+  }
+}
+
+template <int V>
+__global__ void __launch_bounds__(256) ssd_state_passing_v2(
+    float* __restrict__ states, const float* __restrict__ dacs, const int* __restrict__ seg,
+    const float* __restrict__ initial, int H, int PN, int Q, int nc, float* __restrict__ final_states) {
+  constexpr int CH = 8;
+  const int e = (blockIdx.x * 256 + threadIdx.x) * V;
+  const int h = blockIdx.y, b = blockIdx.z;
+  if (e >= PN) return;
+  float s[V];
+  if (initial) {
+    ldv<V>(initial + (i64(b) * H + h) * PN + e, s);
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) s[k] = 0.f;
+  }
+  const i64 row = (i64(b) * H + h) * nc * Q;
+  const i64 cstride = i64(H) * PN;
+  float* base = states + (i64(b) * nc * H + h) * PN + e;
+  for (int c0 = 0; c0 < nc; c0 += CH) {
+    float own[CH][V], dec[CH];
+    bool rst[CH];
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+      const int c = c0 + k;
+      if (c < nc) {
+        ldv<V>(base + c * cstride, own[k]);
+        dec[k] = expf(dacs[row + i64(c) * Q + Q - 1]);
+        rst[k] = seg && seg[i64(b) * nc * Q + i64(c) * Q + Q - 1] >= 0;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+      if (c0 + k < nc) {
+        stv<V>(base + (c0 + k) * cstride, s);
+#pragma unroll
+        for (int v = 0; v < V; ++v) s[v] = rst[k] ? own[k][v] : dec[k] * s[v] + own[k][v];
+      }
+    }
+  }
+  stv<V>(final_states + (i64(b) * H + h) * PN + e, s);
+}
+
+// ---- 4'. chunk_scan: the whole N of C, h_prev and B staged at once (dynamic shared memory) -----
+// Per block: one load phase for C + h_prev, then one load phase per s-slice (B_s and X_s
+// together), instead of N/32 + 1 + (N/32 + 1) per slice. Dynamic shared memory, all in T:
+// cs [t][n] (64 x ldc), bs [p][n] h_prev then [s][n] B_s (64 x ldc), ms [t][s], xs [p][s]
+// (64 x Ld::K64 each): 2 * 64 * (ldc + K64) * sizeof(T) bytes (53 KiB for bf16, N = 128).
+template <typename T>
+__global__ void __launch_bounds__(128, 3) ssd_chunk_scan_v2(
+    const T* __restrict__ x, const T* __restrict__ z, const T* __restrict__ Bm, const T* __restrict__ Cm,
+    const float* __restrict__ dtp, const float* __restrict__ dacs, const int* __restrict__ seg,
+    const float* __restrict__ prev, const float* __restrict__ D, int L, int H, int G, int P, int N, int Q, int nc,
+    int vec, int ldc, T* __restrict__ out) {
+  constexpr int L64 = Ld<T>::K64;
+  SSM_DYNAMIC_SMEM(dyn);
+  T* cs = reinterpret_cast<T*>(dyn);
+  T* bs = cs + 64 * ldc;
+  T* ms = bs + 64 * ldc;
+  T* xs = ms + 64 * L64;
+  __shared__ float at_s[64], dt_s[64], at_t[64];
+  __shared__ int seg_t[64];
+
+  const int tilesP = (P + 63) / 64, tilesT = Q / 64;
+  i64 id = blockIdx.x;
+  const int tp = int(id % tilesP); id /= tilesP;
+  const int tt = int(id % tilesT); id /= tilesT;
+  const int h = int(id % H); id /= H;
+  const int c = int(id);
+  const int b = blockIdx.y;
+  const int p0 = tp * 64, t0 = tt * 64;
+  const i64 cpos = i64(c) * Q;
+  if (cpos + t0 >= L) return;
+  const int g = h / (H / G);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gg = lane >> 2, tq = lane & 3;
+  const int r0 = warp * 16;
+  const i64 row = (i64(b) * H + h) * nc * Q + cpos;
+  const i64 segrow = i64(b) * nc * Q + cpos;
+  const int npad = (N + 31) / 32 * 32, nch = npad / 8;
+
+  if (threadIdx.x < 64) {
+    at_t[threadIdx.x] = dacs[row + t0 + threadIdx.x];
+    seg_t[threadIdx.x] = seg ? seg[segrow + t0 + threadIdx.x] : -1;
+  }
+  const float* hp = prev + ((i64(b) * nc + c) * H + h) * i64(P) * N;
+  for (int e = threadIdx.x; e < 64 * nch; e += 128) {  // C tile and h_prev tile, 64 rows x npad
+    const int r = e / nch, k = (e % nch) * 8;
+    const i64 pos = cpos + t0 + r;
+    stage8(Cm + ((i64(b) * L + pos) * G + g) * N, k, N, vec, pos < L, 1.f, cs + r * ldc + k, 1);
+    stage8(hp + i64(p0 + r) * N, k, N, vec, p0 + r < P, 1.f, bs + r * ldc + k, 1);
+  }
+  __syncthreads();
+  float acc[8][4];
+  zero_acc(acc);
+  warp_gemm<T, 8>(acc, KView<T>{cs + r0 * ldc, ldc}, KView<T>{bs, ldc}, npad);
+  {
+    const float s0 = seg_t[r0 + gg] < 0 ? expf(at_t[r0 + gg]) : 0.f;
+    const float s1 = seg_t[r0 + gg + 8] < 0 ? expf(at_t[r0 + gg + 8]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      acc[j][0] *= s0;
+      acc[j][1] *= s0;
+      acc[j][2] *= s1;
+      acc[j][3] *= s1;
+    }
+  }
+  for (int sb = 0; sb <= t0; sb += 64) {
+    __syncthreads();  // everyone is done with bs (h_prev or the last B_s), ms and xs
+    if (threadIdx.x < 64) {
+      at_s[threadIdx.x] = dacs[row + sb + threadIdx.x];
+      dt_s[threadIdx.x] = dtp[row + sb + threadIdx.x];
+    }
+    for (int e = threadIdx.x; e < 64 * nch; e += 128) {
+      const int r = e / nch, k = (e % nch) * 8;
+      const i64 spos = cpos + sb + r;
+      stage8(Bm + ((i64(b) * L + spos) * G + g) * N, k, N, vec, spos < L, 1.f, bs + r * ldc + k, 1);
+    }
+    for (int e = threadIdx.x; e < 64 * 8; e += 128) {
+      int s, col;
+      xmap(e, s, col);
+      const i64 spos = cpos + sb + s;
+      stage8(x + ((i64(b) * L + spos) * H + h) * P + p0, col, P - p0, vec, spos < L, 1.f, xs + col * L64 + s, L64);
+    }
+    __syncthreads();
+    float cb[8][4];
+    zero_acc(cb);
+    warp_gemm<T, 8>(cb, KView<T>{cs + r0 * ldc, ldc}, KView<T>{bs, ldc}, npad);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = r0 + gg + (i >> 1) * 8, sc = 8 * j + 2 * tq + (i & 1);
+        const int tl = t0 + r, sl = sb + sc;
+        const bool keep = sl <= tl && sl >= seg_t[r];
+        store_f(ms + r * L64 + sc, keep ? cb[j][i] * expf(at_t[r] - at_s[sc]) * dt_s[sc] : 0.f);
+      }
+    __syncthreads();  // (each warp reads back only its own rows of ms; a block barrier keeps it simple)
+    warp_gemm<T, 8>(acc, KView<T>{ms + r0 * L64, L64}, KView<T>{xs, L64}, 64);
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = r0 + gg + (i >> 1) * 8, p = p0 + 8 * j + 2 * tq + (i & 1);
+      const i64 pos = cpos + t0 + r;
+      if (pos >= L || p >= P) continue;
+      const i64 off = ((i64(b) * L + pos) * H + h) * P + p;
+      float y = acc[j][i];
+      if (D) y += D[h * P + p] * load_f(x + off);
+      if (z) y *= silu_f(load_f(z + off));
+      store_f(out + off, y);
+    }
+}

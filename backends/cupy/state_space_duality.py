@@ -20,6 +20,7 @@ reference recurrence, even when seq_idx is not sorted.
 from __future__ import annotations
 
 import math
+import os
 
 import cupy
 import numpy as np
@@ -37,7 +38,15 @@ INSTANTIATIONS = (
     + ["ssd_state_passing"]
     + [f"ssd_chunk_scan<{t}>" for t in _TYPES]
     + [f"ssd_varlen_states<{t}>" for t in _TYPES]
+    + [f"ssd_chunk_states_v2<{t}>" for t in _TYPES]
+    + ["ssd_state_passing_v2<1>", "ssd_state_passing_v2<4>"]
+    + [f"ssd_chunk_scan_v2<{t}>" for t in _TYPES]
 )
+
+# Kernel generation of chunk_states / state_passing / chunk_scan: "v2" (default: whole-N staging in
+# chunk_scan, float4 + prefetched state passing, conflict-reduced transposed stores) or "v1" (the first
+# tensor-core kernels). Same results; a module attribute so that a benchmark can flip it in-process.
+fwd_path = os.environ.get("SSMCORE_SSD_FWD", "v2")
 
 _NO_LIMIT = (0.0, math.inf)
 
@@ -102,6 +111,22 @@ def _allow_shared(kernel, nbytes: int) -> None:
     _SHARED_ALLOWED[ptr_] = nbytes
 
 
+_MAX_SHARED = {}
+
+
+def _max_shared() -> int:
+    """Dynamic shared memory a block may opt in to on the current device (less 2 KiB for static)."""
+    try:
+        dev = cupy.cuda.runtime.getDevice()
+    except Exception:  # noqa: BLE001 - the CPU emulator (no device; its shared memory is 256 KiB)
+        return 227 * 1024 - 2048
+    if dev not in _MAX_SHARED:
+        # cudaDevAttrMaxSharedMemoryPerBlockOptin = 97; AMD: 64 KiB of LDS per workgroup
+        limit = 64 * 1024 if _runtime.is_hip() else int(cupy.cuda.runtime.deviceGetAttribute(97, dev))
+        _MAX_SHARED[dev] = limit - 2048
+    return _MAX_SHARED[dev]
+
+
 def _vec(x, B, C=None) -> int:
     """1 when the kernels may stage x/B/C rows with 16-byte loads (P and N multiples of 8, aligned)."""
     return int(x.shape[3] % 8 == 0 and B.shape[3] % 8 == 0 and _arrays.aligned16(x, B, C))
@@ -116,7 +141,8 @@ def _chunk_states(x, B, dtp, dacs, seg, Q):
     ngroups, dstate = B.shape[2], B.shape[3]
     nc = cdiv(length, Q)
     states = cupy.empty((batch, nc, nheads, headdim, dstate), cupy.float32)
-    kernel = _runtime.function(FAMILY, f"ssd_chunk_states<{_arrays.kernel_type('x', x)}>")
+    name = "ssd_chunk_states_v2" if fwd_path == "v2" else "ssd_chunk_states"
+    kernel = _runtime.function(FAMILY, f"{name}<{_arrays.kernel_type('x', x)}>")
     blocks = cdiv(headdim, 64) * cdiv(dstate, 64) * nheads * nc
     _runtime.launch(kernel, (blocks, batch), (128,),
                     (x, B, dtp, dacs, ptr(seg), np.int32(length), np.int32(nheads), np.int32(ngroups),
@@ -131,8 +157,14 @@ def _state_passing(states, dacs, seg, initial_states, Q):
     batch, nc, nheads, headdim, dstate = states.shape
     final = cupy.empty((batch, nheads, headdim, dstate), cupy.float32)
     pn = headdim * dstate
-    kernel = _runtime.function(FAMILY, "ssd_state_passing")
-    _runtime.launch(kernel, (cdiv(pn, 256), nheads, batch), (256,),
+    if fwd_path == "v2":
+        v = 4 if pn % 4 == 0 and _arrays.aligned16(initial_states) else 1
+        kernel = _runtime.function(FAMILY, f"ssd_state_passing_v2<{v}>")
+        grid = (cdiv(pn, 256 * v), nheads, batch)
+    else:
+        kernel = _runtime.function(FAMILY, "ssd_state_passing")
+        grid = (cdiv(pn, 256), nheads, batch)
+    _runtime.launch(kernel, grid, (256,),
                     (states, dacs, ptr(seg), ptr(initial_states), np.int32(nheads), np.int32(pn), np.int32(Q),
                      np.int32(nc), final))
     return final
@@ -147,11 +179,17 @@ def _chunk_scan(x, z, B, C, dtp, dacs, seg, prev, D, Q):
     ngroups, dstate = B.shape[2], B.shape[3]
     nc = cdiv(length, Q)
     out = cupy.empty(x.shape, x.dtype)
-    kernel = _runtime.function(FAMILY, f"ssd_chunk_scan<{_arrays.kernel_type('x', x)}>")
     blocks = cdiv(headdim, 64) * (Q // 64) * nheads * nc
     # The block's C tile in dynamic shared memory: 64 rows of roundup(N, 32) + pad (conflict-free rows).
     ldc = cdiv(dstate, 32) * 32 + (8 if x.itemsize == 2 else 4)
     smem = 64 * ldc * x.itemsize
+    name = "ssd_chunk_scan"
+    if fwd_path == "v2":
+        # v2 also keeps h_prev / B_s (64 x ldc) and M, X_s (64 x 72|68) there; v1 when that does not fit.
+        smem_v2 = 2 * 64 * (ldc + (72 if x.itemsize == 2 else 68)) * x.itemsize
+        if smem_v2 <= _max_shared():
+            name, smem = "ssd_chunk_scan_v2", smem_v2
+    kernel = _runtime.function(FAMILY, f"{name}<{_arrays.kernel_type('x', x)}>")
     _allow_shared(kernel, smem)
     _runtime.launch(kernel, (blocks, batch), (128,),
                     (x, ptr(z), B, C, dtp, dacs, ptr(seg), prev, ptr(D), np.int32(length), np.int32(nheads),
