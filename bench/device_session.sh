@@ -61,6 +61,7 @@ for b in ${BENCH:-}; do
     ssd_bwd) timeout $t python3 bench/gpu_ssd_bwd.py >> "$LOG" 2>&1 ;;
     ops|blocks|e2e) BENCH_SUITES=$b timeout $t bash bench/run_gpu.sh /tmp/bench_$b ${BENCH_ARGS:-} > /dev/null 2>&1
        tail -40 /tmp/bench_$b/bench.txt >> "$LOG"; cp /tmp/bench_$b/bench.json "$OUT/bench_$b.json" 2>/dev/null ;;
+    ovh) timeout $t python3 bench/overhead.py --device cuda --repeat 5 --number 100 >> "$LOG" 2>&1 ;;
     det) timeout $t python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/gpu/test_determinism_gpu.py >> "$LOG" 2>&1 ;;
     mgpu) export NCCL_NVLS_ENABLE=0
        timeout $t torchrun --standalone --nproc_per_node=1 bench/multi_gpu_train.py ddp --steps 20 --out /tmp/mg >> "$LOG" 2>&1
