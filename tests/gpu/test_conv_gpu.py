@@ -260,6 +260,7 @@ def test_cuda_graph_capture_and_replay(rng):
     data = fresh()
     for n, a in data.items():
         g[n][...] = gpu(a)
+    cupy.cuda.Device().synchronize()  # the copies ran on the null stream; the replay's stream does not wait for it
     graph.launch(stream)
     graph.launch(stream)  # the decode step runs twice on the state
     stream.synchronize()
@@ -376,6 +377,7 @@ def test_cuda_graph_update_with_indices(rng):
     gx[...] = gpu(x)
     gidx[...] = gpu(indices)
     glen[...] = gpu(cache_seqlens)
+    cupy.cuda.Device().synchronize()  # the copies ran on the null stream; the replay's stream does not wait for it
     graph.launch(stream)
     stream.synchronize()
     (ref_out, ref_state), bad = _update_expectation(x, state0, weight, bias, cache_seqlens, indices)

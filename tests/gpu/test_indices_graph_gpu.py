@@ -125,6 +125,7 @@ def test_cuda_graph_step_with_indices(rng, heads, index_dtype, state_dtype):
     indices[2] = pool_rows + 1
     indices[5] = -1
     gidx[...] = gpu(indices)
+    cupy.cuda.Device().synchronize()  # the copies ran on the null stream; the replay's stream does not wait for it
     graph.launch(stream)
     stream.synchronize()
     check(fresh, pool_rows, indices, out, gbuf, "bfloat16", state_dtype)

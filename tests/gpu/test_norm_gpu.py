@@ -244,6 +244,7 @@ def test_cuda_graph_capture_and_replay(rng):
     fresh = {n: randn(rng, shape, "bfloat16" if n != "residual" else "float32") for n in names}
     for n, a in fresh.items():
         g[n][...] = gpu(a)
+    cupy.cuda.Device().synchronize()  # the copies ran on the null stream; the replay's stream does not wait for it
     graph.launch(stream)
     stream.synchronize()
     assert_close(host(y), reference.rms_norm(fresh["x"], weight, None, fresh["residual"]), "bfloat16", name="y")

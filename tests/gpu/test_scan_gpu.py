@@ -360,6 +360,7 @@ def test_cuda_graph_capture_and_replay(rng):
     fresh = make_inputs(rng, 2, 64, 200, 16, B_kind="BNL", C_kind=2, dtype="bfloat16")
     for n, a in fresh.items():
         g[n][...] = cupy.asarray(a)
+    cupy.cuda.Device().synchronize()  # the copies ran on the null stream; the replay's stream does not wait for it
     graph.launch(stream)
     stream.synchronize()
     ref_out, ref_last = reference.selective_scan(**fresh, delta_softplus=True, return_last_state=True)

@@ -220,6 +220,7 @@ def test_cuda_graph_capture_replay(rng):
     fresh = make(rng, 2, 300, 4, 64, 1, 64, "bfloat16", initial=True)
     for k, v in fresh.items():
         gkw[k][...] = gpu(v)
+    cupy.cuda.Device().synchronize()  # the copies ran on the null stream; the replay's stream does not wait for it
     graph.launch(stream)
     stream.synchronize()
     check("replay", out, reference.ssd(**fresh, dt_softplus=True), "bfloat16")

@@ -154,6 +154,7 @@ def test_cuda_graph_capture_and_replay(rng):
         graph = stream.end_capture()
     xs = randn(rng, args["x"].shape, "bfloat16")
     g["x"][...] = gpu(xs)
+    cupy.cuda.Device().synchronize()  # the copies ran on the null stream; the replay's stream does not wait for it
     graph.launch(stream)
     graph.launch(stream)
     stream.synchronize()
