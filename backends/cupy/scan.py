@@ -60,7 +60,9 @@ def _bwd_min_blocks(grid_blocks: int) -> int:
 # the narrow one: batch 1 at D4096 N16). SSMCORE_SCAN_FWD overrides it; benchmarks set it directly.
 fwd_kernel = os.environ.get("SSMCORE_SCAN_FWD", "auto")
 # State entries scan_fwd_tp scans per block barrier (1: 90 registers, 2: 126, 4: 182 at sm_90).
-tp_states = int(os.environ.get("SSMCORE_SCAN_TP_STATES", "2"))
+# States per thread in scan_fwd_tp. H200 (bench/NOTES.md, run 4): B1 D4096 N16 L2048 tp1 240 us, tp2 262,
+# tp4 434; L16384 tp1 2467, tp2 2789.
+tp_states = int(os.environ.get("SSMCORE_SCAN_TP_STATES", "1"))
 
 
 def _pow2_ceil(n: int) -> int:
@@ -176,13 +178,20 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return (out, last) if return_last_state else out
 
 
+_TP_MAX_LENGTH = 4096
+
+
 def _use_time_parallel(a: _Args) -> bool:
     """scan_fwd_tp (one block per row, time split over its threads) for the output forward?"""
     if fwd_kernel == "tp":
         return True
     if fwd_kernel == "lanes" or force_states_per_lane is not None:
         return False
-    # auto: where the lane layouts fall back to the narrow one (too few rows to fill the GPU).
+    # auto: where the lane layouts fall back to the narrow one (too few rows to fill the GPU), and only up
+    # to L 4096: on the H200 (run 4) the time-parallel kernel won at B1 L2048 (240 vs 280 us) but lost at
+    # L16384 (2467 vs 2214 us), where the lanes kernel's serial loop is long enough to hide its latency.
+    if a.length > _TP_MAX_LENGTH:
+        return False
     npad = _pow2_ceil(max(a.n_states, 1))
     wide = max(min(npad, 4), npad // 32)
     return a.batch * a.channels * (npad // wide) < _arrays.sm_count() * _WIDE_THREADS_PER_SM
