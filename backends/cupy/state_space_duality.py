@@ -46,8 +46,9 @@ INSTANTIATIONS = (
 # Kernel generation of chunk_states / state_passing / chunk_scan: "v1" (default: the first tensor-core
 # kernels, which passed the H200 tests of run 3) or "v2" (whole-N staging in chunk_scan, float4 + prefetched
 # state passing, conflict-reduced transposed stores; its launches failed with CUDA_ERROR_INVALID_VALUE on the
-# H200 in run 4 and are not fixed yet). A module attribute so that a benchmark can flip it in-process.
-fwd_path = os.environ.get("SSMCORE_SSD_FWD", "v1")  # v2 failed to launch on the H200 (run 4: CUDA_ERROR_INVALID_VALUE); v1 passed
+# H200 in run 4: the shared-memory opt-in never happened (see _allow_shared, fixed after that run and not yet
+# re-run on the device). A module attribute so that a benchmark can flip it in-process.
+fwd_path = os.environ.get("SSMCORE_SSD_FWD", "v1")
 
 _NO_LIMIT = (0.0, math.inf)
 
@@ -102,14 +103,19 @@ _SHARED_ALLOWED = {}
 
 
 def _allow_shared(kernel, nbytes: int) -> None:
-    """Let kernel use nbytes of dynamic shared memory (beyond the default 48 KiB when needed)."""
-    ptr_ = getattr(kernel, "ptr", None)
-    if ptr_ is None or _runtime.is_hip() or nbytes <= _SHARED_ALLOWED.get(ptr_, 0) or nbytes <= 8 * 1024:
-        return
-    from cupy_backends.cuda.api import driver
+    """Let kernel use nbytes of dynamic shared memory (beyond the default 48 KiB of static + dynamic).
 
-    driver.funcSetAttribute(ptr_, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
-    _SHARED_ALLOWED[ptr_] = nbytes
+    ``kernel`` is a ``cupy.RawKernel``: its ``max_dynamic_shared_size_bytes`` sets the driver's
+    CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES. (An earlier version looked for a ``ptr`` attribute,
+    which RawKernel does not have, so the opt-in never happened and launches whose static + dynamic shared
+    memory passed 48 KiB failed with CUDA_ERROR_INVALID_VALUE on the H200.)
+    """
+    if _runtime.is_hip() or not hasattr(kernel, "max_dynamic_shared_size_bytes"):  # (the CPU emulator)
+        return
+    if nbytes <= _SHARED_ALLOWED.get(id(kernel), 0):
+        return
+    kernel.max_dynamic_shared_size_bytes = nbytes
+    _SHARED_ALLOWED[id(kernel)] = nbytes
 
 
 _MAX_SHARED = {}
