@@ -32,6 +32,21 @@ _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) b
 _USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
 
+def _instantiations(modules):
+    """(family, full source, name expression) for every instantiation the modules list (HIP checks)."""
+    from . import _runtime
+
+    work = []
+    for family, module in modules.items():
+        names = list(getattr(module, "INSTANTIATIONS", ()))
+        if not names:
+            print(f"{family:13s} (module defines no INSTANTIATIONS)")
+            continue
+        source = _runtime.source(family)
+        work += [(family, source, name) for name in names]
+    return work
+
+
 def _compile_options(arch: str) -> list[str]:
     """The options CuPy's RawModule compiles with (its include paths), for one architecture."""
     from cupy._core import core
@@ -250,8 +265,6 @@ def hip_check(modules: dict, archs: list, jobs: int, hipcc: str | None = None) -
     import subprocess
     import tempfile
 
-    from . import _runtime
-
     hipcc = hipcc or os.environ.get("HIPCC") or shutil.which("hipcc")
     if not hipcc:
         print("hipcc not found (Debian/Ubuntu: apt-get install hipcc; ROCm: /opt/rocm/bin on PATH)")
@@ -259,14 +272,7 @@ def hip_check(modules: dict, archs: list, jobs: int, hipcc: str | None = None) -
     version = subprocess.run([hipcc, "--version"], capture_output=True, text=True,
                              env=dict(os.environ, HIP_PLATFORM="amd"))
     print(f"hipcc {hipcc}: {' '.join((version.stdout or version.stderr).split()[:3])}; targets {','.join(archs)}")
-    work = []
-    for family, module in modules.items():
-        names = list(getattr(module, "INSTANTIATIONS", ()))
-        if not names:
-            print(f"{family:13s} (module defines no INSTANTIATIONS)")
-            continue
-        source = _runtime.source(family)
-        work += [(family, source, name) for name in names]
+    work = _instantiations(modules)
     start = time.perf_counter()
     failures = []
     with tempfile.TemporaryDirectory(prefix="ssmcore-hip-") as workdir, \
@@ -376,14 +382,8 @@ def hiprtc_check(modules: dict, archs: list, jobs: int) -> int:
         return 1
     options = (*_runtime.OPTIONS, "-fcuda-flush-denormals-to-zero", *(f"-I{d}" for d in _hipcc_include_dirs()))
     print(f"hiprtc from {libname}; targets {','.join(archs)}; options {' '.join(options)}")
-    work = []
-    for family, module in modules.items():
-        names = list(getattr(module, "INSTANTIATIONS", ()))
-        if not names:
-            print(f"{family:13s} (module defines no INSTANTIATIONS)")
-            continue
-        source = _runtime.source(family)
-        work += [(family, source, name, arch, options) for name in names for arch in archs]
+    work = [(family, source, name, arch, options) for family, source, name in _instantiations(modules)
+            for arch in archs]
     from concurrent.futures.process import BrokenProcessPool
 
     context = multiprocessing.get_context("spawn")

@@ -65,8 +65,19 @@ def function(family: str, name_expression: str, options: tuple = ()):
     return kernel
 
 
+# id(kernel) -> dynamic shared memory the kernel may use (its CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES).
+_SHARED_ALLOWED: dict = {}
+
+
 def launch(kernel, grid, block, args, shared_mem: int = 0) -> None:
-    """Launch on the current stream (named explicitly, so CUDA-graph capture records it)."""
+    """Launch on the current stream (named explicitly, so CUDA-graph capture records it).
+
+    A launch with dynamic shared memory opts its kernel in to that amount once (static + dynamic above
+    48 KiB needs it; without it the driver refuses the launch with CUDA_ERROR_INVALID_VALUE).
+    """
+    if shared_mem and shared_mem > _SHARED_ALLOWED.get(id(kernel), 0) and not is_hip():
+        kernel.max_dynamic_shared_size_bytes = shared_mem  # (a cupy.RawKernel; cached in _FUNCTIONS, so id is stable)
+        _SHARED_ALLOWED[id(kernel)] = shared_mem
     kernel(grid, block, args, shared_mem=shared_mem, stream=cupy.cuda.get_current_stream())
 
 

@@ -46,8 +46,8 @@ INSTANTIATIONS = (
 # Kernel generation of chunk_states / state_passing / chunk_scan: "v1" (default: the first tensor-core
 # kernels, which passed the H200 tests of run 3) or "v2" (whole-N staging in chunk_scan, float4 + prefetched
 # state passing, conflict-reduced transposed stores; its launches failed with CUDA_ERROR_INVALID_VALUE on the
-# H200 in run 4: the shared-memory opt-in never happened (see _allow_shared, fixed after that run and not yet
-# re-run on the device). A module attribute so that a benchmark can flip it in-process.
+# H200 in run 4: the shared-memory opt-in never happened (now done in _runtime.launch, not yet re-run on the
+# device). A module attribute so that a benchmark can flip it in-process.
 fwd_path = os.environ.get("SSMCORE_SSD_FWD", "v1")
 
 _NO_LIMIT = (0.0, math.inf)
@@ -97,25 +97,6 @@ def _chunk_cumsum(dt, A, dt_bias, dt_softplus, dt_limit, seq, Q):
                      np.int32(bool(dt_softplus)), np.int32(clamp), np.float32(lo if clamp else 0.0),
                      np.float32(hi if clamp else 0.0), dtp, dacs, ptr(seg)))
     return dtp, dacs, seg
-
-
-_SHARED_ALLOWED = {}
-
-
-def _allow_shared(kernel, nbytes: int) -> None:
-    """Let kernel use nbytes of dynamic shared memory (beyond the default 48 KiB of static + dynamic).
-
-    ``kernel`` is a ``cupy.RawKernel``: its ``max_dynamic_shared_size_bytes`` sets the driver's
-    CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES. (An earlier version looked for a ``ptr`` attribute,
-    which RawKernel does not have, so the opt-in never happened and launches whose static + dynamic shared
-    memory passed 48 KiB failed with CUDA_ERROR_INVALID_VALUE on the H200.)
-    """
-    if _runtime.is_hip() or not hasattr(kernel, "max_dynamic_shared_size_bytes"):  # (the CPU emulator)
-        return
-    if nbytes <= _SHARED_ALLOWED.get(id(kernel), 0):
-        return
-    kernel.max_dynamic_shared_size_bytes = nbytes
-    _SHARED_ALLOWED[id(kernel)] = nbytes
 
 
 _MAX_SHARED = {}
@@ -197,7 +178,6 @@ def _chunk_scan(x, z, B, C, dtp, dacs, seg, prev, D, Q):
         if smem_v2 <= _max_shared():
             name, smem = "ssd_chunk_scan_v2", smem_v2
     kernel = _runtime.function(FAMILY, f"{name}<{_arrays.kernel_type('x', x)}>")
-    _allow_shared(kernel, smem)
     _runtime.launch(kernel, (blocks, batch), (128,),
                     (x, ptr(z), B, C, dtp, dacs, ptr(seg), prev, ptr(D), np.int32(length), np.int32(nheads),
                      np.int32(ngroups), np.int32(headdim), np.int32(dstate), np.int32(Q), np.int32(nc),
