@@ -700,3 +700,238 @@ __global__ void __launch_bounds__(128, 3) ssd_chunk_scan_v2(
       store_f(out + off, y);
     }
 }
+
+// ==== v3 forward (16-bit types, 16-byte aligned rows; launcher knob SSMCORE_SSD_FWD=v3, the default) ====
+// Same math and the same rounding points as v1/v2 (bitwise equal outputs). What changes is where the
+// time went in v2: its staging loops had run-time trip counts and did load -> convert -> shared store per
+// iteration, so every 16-byte load paid a full memory latency in series (8-16 per phase, 2-3 phases per
+// s-slice, ~12 warps per SM to hide them). v3:
+//  * C B^T (Q x Q per chunk and GROUP, fp32) is computed once by ssd_chunk_cb_v3, not once per head;
+//    only the 64 x 64 tiles on or below the diagonal, tile-major: tile (tt, sb) of chunk c, group g at
+//    cb + (((b * nc + c) * G + g) * ntri + tt * (tt + 1) / 2 + sb) * 4096, row-major [t][s].
+//  * every staging phase issues its loads in batches of 8 x 16 bytes per thread before storing;
+//  * chunk_scan's s-loop prefetches the next (CB tile, x tile, decays) into registers while the
+//    tensor cores work on the current one.
+
+// 64 rows x npad (16-bit T) from global rows base + r * stride (rows r < rows_valid, columns < N; N % 8
+// == 0, rows 16-byte aligned) into dst[r * ld + k]; zeros elsewhere.
+template <typename T>
+__device__ __forceinline__ void stage_rows_raw(const T* base, i64 stride, int rows_valid, int N, int nch, T* dst,
+                                               int ld) {
+  const int total = 64 * nch;
+  for (int e0 = 0; e0 < total; e0 += 8 * 128) {
+    uint4 v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int e = e0 + i * 128 + threadIdx.x;
+      const int r = e / nch, k = (e % nch) * 8;
+      v[i] = make_uint4(0u, 0u, 0u, 0u);
+      if (e < total && r < rows_valid && k < N) v[i] = *reinterpret_cast<const uint4*>(base + r * stride + k);
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int e = e0 + i * 128 + threadIdx.x;
+      if (e < total) {
+        const int r = e / nch, k = (e % nch) * 8;
+        *reinterpret_cast<uint4*>(dst + r * ld + k) = v[i];
+      }
+    }
+  }
+}
+
+// The same from float32 rows (the fp32 chunk-start states), rounded to T on the way into shared memory.
+template <typename T>
+__device__ __forceinline__ void stage_rows_f32(const float* base, i64 stride, int rows_valid, int N, int nch, T* dst,
+                                               int ld) {
+  const int total = 64 * nch;
+  for (int e0 = 0; e0 < total; e0 += 4 * 128) {
+    float4 v[4][2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int e = e0 + i * 128 + threadIdx.x;
+      const int r = e / nch, k = (e % nch) * 8;
+      v[i][0] = v[i][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (e < total && r < rows_valid && k < N) {
+        v[i][0] = *reinterpret_cast<const float4*>(base + r * stride + k);
+        v[i][1] = *reinterpret_cast<const float4*>(base + r * stride + k + 4);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int e = e0 + i * 128 + threadIdx.x;
+      if (e < total) {
+        const int r = e / nch, k = (e % nch) * 8;
+        uint4 raw;
+        T* o = reinterpret_cast<T*>(&raw);
+        store_f(o + 0, v[i][0].x); store_f(o + 1, v[i][0].y); store_f(o + 2, v[i][0].z); store_f(o + 3, v[i][0].w);
+        store_f(o + 4, v[i][1].x); store_f(o + 5, v[i][1].y); store_f(o + 6, v[i][1].z); store_f(o + 7, v[i][1].w);
+        *reinterpret_cast<uint4*>(dst + r * ld + k) = raw;
+      }
+    }
+  }
+}
+
+// ---- 4a''. C B^T per (b, chunk, group), lower-triangular 64 x 64 tiles ------------------------------
+// Grid (nc * G * ntri, B), 128 threads, dynamic shared memory 2 * 64 * ldc * sizeof(T).
+template <typename T>
+__global__ void __launch_bounds__(128) ssd_chunk_cb_v3(const T* __restrict__ Bm, const T* __restrict__ Cm, int L,
+                                                       int G, int N, int Q, int nc, int ldc, float* __restrict__ cb) {
+  SSM_DYNAMIC_SMEM(dyn);
+  T* cs = reinterpret_cast<T*>(dyn);
+  T* bs = cs + 64 * ldc;
+  const int T4 = Q / 64, ntri = T4 * (T4 + 1) / 2;
+  i64 id = blockIdx.x;
+  const int pair = int(id % ntri); id /= ntri;
+  const int g = int(id % G); id /= G;
+  const int c = int(id);
+  const int b = blockIdx.y;
+  int tt = 0;
+  while ((tt + 1) * (tt + 2) / 2 <= pair) ++tt;
+  const int sb = pair - tt * (tt + 1) / 2;
+  const i64 cpos = i64(c) * Q;
+  const int npad = (N + 31) / 32 * 32, nch = npad / 8;
+  const i64 rstride = i64(G) * N;
+  const i64 tpos = cpos + tt * 64, spos = cpos + sb * 64;
+  const int tvalid = int(L - tpos < 64 ? (L - tpos > 0 ? L - tpos : 0) : 64);
+  const int svalid = int(L - spos < 64 ? (L - spos > 0 ? L - spos : 0) : 64);
+  stage_rows_raw(Cm + (i64(b) * L + tpos) * rstride + i64(g) * N, rstride, tvalid, N, nch, cs, ldc);
+  stage_rows_raw(Bm + (i64(b) * L + spos) * rstride + i64(g) * N, rstride, svalid, N, nch, bs, ldc);
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gg = lane >> 2, tq = lane & 3;
+  float acc[8][4];
+  zero_acc(acc);
+  warp_gemm<T, 8>(acc, KView<T>{cs + warp * 16 * ldc, ldc}, KView<T>{bs, ldc}, npad);
+  float* o = cb + ((((i64(b) * nc + c) * G + g) * ntri) + pair) * 4096;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp * 16 + gg + h * 8, sc = 8 * j + 2 * tq;
+      *reinterpret_cast<float2*>(o + r * 64 + sc) = make_float2(acc[j][2 * h], acc[j][2 * h + 1]);
+    }
+}
+
+// ---- 4''. chunk_scan from the precomputed C B^T tiles ------------------------------------------------
+// Grid and shared memory as ssd_chunk_scan_v2 (cs [t][n], hs [p][n] h_prev in T, ms [t][s], xs [p][s]).
+template <typename T>
+__global__ void __launch_bounds__(128, 3) ssd_chunk_scan_v3(
+    const T* __restrict__ x, const T* __restrict__ z, const T* __restrict__ Cm, const float* __restrict__ dtp,
+    const float* __restrict__ dacs, const int* __restrict__ seg, const float* __restrict__ prev,
+    const float* __restrict__ D, const float* __restrict__ cb, int L, int H, int G, int P, int N, int Q, int nc,
+    int ldc, T* __restrict__ out) {
+  constexpr int L64 = Ld<T>::K64;
+  SSM_DYNAMIC_SMEM(dyn);
+  T* cs = reinterpret_cast<T*>(dyn);
+  T* hs = cs + 64 * ldc;
+  T* ms = hs + 64 * ldc;
+  T* xs = ms + 64 * L64;
+  __shared__ float at_t[64];
+  __shared__ int seg_t[64];
+
+  const int tilesP = (P + 63) / 64, T4 = Q / 64, ntri = T4 * (T4 + 1) / 2;
+  i64 id = blockIdx.x;
+  const int tp = int(id % tilesP); id /= tilesP;
+  const int tt = int(id % T4); id /= T4;
+  const int h = int(id % H); id /= H;
+  const int c = int(id);
+  const int b = blockIdx.y;
+  const int p0 = tp * 64, t0 = tt * 64;
+  const i64 cpos = i64(c) * Q;
+  if (cpos + t0 >= L) return;
+  const int g = h / (H / G);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gg = lane >> 2, tq = lane & 3;
+  const int r0 = warp * 16;
+  const i64 row = (i64(b) * H + h) * nc * Q + cpos;
+  const int npad = (N + 31) / 32 * 32, nch = npad / 8;
+
+  if (tid < 64) {
+    at_t[tid] = dacs[row + t0 + tid];
+    seg_t[tid] = seg ? seg[i64(b) * nc * Q + cpos + t0 + tid] : -1;
+  }
+  {
+    const i64 rstride = i64(G) * N;
+    const i64 tpos = cpos + t0;
+    const int tvalid = int(L - tpos < 64 ? L - tpos : 64);
+    stage_rows_raw(Cm + (i64(b) * L + tpos) * rstride + i64(g) * N, rstride, tvalid, N, nch, cs, ldc);
+    stage_rows_f32(prev + (((i64(b) * nc + c) * H + h) * P + p0) * i64(N), i64(N), P - p0, N, nch, hs, ldc);
+  }
+  __syncthreads();
+  float acc[8][4];
+  zero_acc(acc);
+  warp_gemm<T, 8>(acc, KView<T>{cs + r0 * ldc, ldc}, KView<T>{hs, ldc}, npad);
+  {
+    const float s0 = seg_t[r0 + gg] < 0 ? expf(at_t[r0 + gg]) : 0.f;
+    const float s1 = seg_t[r0 + gg + 8] < 0 ? expf(at_t[r0 + gg + 8]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      acc[j][0] *= s0;
+      acc[j][1] *= s0;
+      acc[j][2] *= s1;
+      acc[j][3] *= s1;
+    }
+  }
+  // This thread's share of a slice: CB rows (tid >> 4) + 8 i, columns sc4 .. sc4 + 3; x items tid + 128 i.
+  const float* cbt = cb + (((i64(b) * nc + c) * G + g) * ntri + tt * (tt + 1) / 2) * 4096;
+  const int sc4 = (tid & 15) * 4;
+  const T* xrow = x + (i64(b) * L * H + h) * i64(P) + p0;
+  float4 cr[8], as4, ds4;
+  uint4 xr[4];
+  auto fetch = [&](int sb) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) cr[i] = reinterpret_cast<const float4*>(cbt + sb * 4096)[tid + 128 * i];
+    as4 = *reinterpret_cast<const float4*>(dacs + row + sb * 64 + sc4);
+    ds4 = *reinterpret_cast<const float4*>(dtp + row + sb * 64 + sc4);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      int s, col;
+      xmap(tid + 128 * i, s, col);
+      const i64 spos = cpos + sb * 64 + s;
+      xr[i] = make_uint4(0u, 0u, 0u, 0u);
+      if (spos < L && p0 + col < P) xr[i] = *reinterpret_cast<const uint4*>(xrow + spos * H * P + col);
+    }
+  };
+  fetch(0);
+  for (int sb = 0; sb <= tt; ++sb) {
+    __syncthreads();  // everyone is done with ms and xs (and, the first time, with cs/hs: not reused)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int r = (tid >> 4) + 8 * i, tl = t0 + r, sl = sb * 64 + sc4;
+      const float cv[4] = {cr[i].x, cr[i].y, cr[i].z, cr[i].w};
+      const float av[4] = {as4.x, as4.y, as4.z, as4.w}, dv[4] = {ds4.x, ds4.y, ds4.z, ds4.w};
+      const float at = at_t[r];
+      const int sg = seg_t[r];
+      uint2 raw;
+      T* o = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const bool keep = sl + k <= tl && sl + k >= sg;
+        store_f(o + k, keep ? cv[k] * expf(at - av[k]) * dv[k] : 0.f);
+      }
+      *reinterpret_cast<uint2*>(ms + r * L64 + sc4) = raw;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      int s, col;
+      xmap(tid + 128 * i, s, col);
+      const T* e = reinterpret_cast<const T*>(&xr[i]);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) xs[(col + k) * L64 + s] = e[k];
+    }
+    __syncthreads();
+    if (sb < tt) fetch(sb + 1);
+    warp_gemm<T, 8>(acc, KView<T>{ms + r0 * L64, L64}, KView<T>{xs, L64}, 64);
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = r0 + gg + (i >> 1) * 8, p = p0 + 8 * j + 2 * tq + (i & 1);
+      const i64 pos = cpos + t0 + r;
+      if (pos >= L || p >= P) continue;
+      const i64 off = ((i64(b) * L + pos) * H + h) * P + p;
+      float y = acc[j][i];
+      if (D) y += D[h * P + p] * load_f(x + off);
+      if (z) y *= silu_f(load_f(z + off));
+      store_f(out + off, y);
+    }
+}

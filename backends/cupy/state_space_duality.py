@@ -41,14 +41,16 @@ INSTANTIATIONS = (
     + [f"ssd_chunk_states_v2<{t}>" for t in _TYPES]
     + ["ssd_state_passing_v2<1>", "ssd_state_passing_v2<4>"]
     + [f"ssd_chunk_scan_v2<{t}>" for t in _TYPES]
+    + [f"ssd_chunk_cb_v3<{t}>" for t in _TYPES[1:]]
+    + [f"ssd_chunk_scan_v3<{t}>" for t in _TYPES[1:]]
 )
 
-# Kernel generation of chunk_states / state_passing / chunk_scan: "v1" (default: the first tensor-core
-# kernels, which passed the H200 tests of run 3) or "v2" (whole-N staging in chunk_scan, float4 + prefetched
-# state passing, conflict-reduced transposed stores; its launches failed with CUDA_ERROR_INVALID_VALUE on the
-# H200 in run 4: the shared-memory opt-in never happened (now done in _runtime.launch, not yet re-run on the
-# device). A module attribute so that a benchmark can flip it in-process.
-fwd_path = os.environ.get("SSMCORE_SSD_FWD", "v1")
+# Kernel generation: "v3" (default; chunk_scan from C B^T computed once per chunk and group, batched and
+# prefetched loads; 16-bit types with 16-byte aligned rows, else v2's chunk_scan), "v2" (whole-N staging in
+# chunk_scan, float4 + prefetched state passing; H200 session 4: bitwise equal to v1, main shape 4068 us vs
+# v1's 5879) or "v1" (the first tensor-core kernels). All three give bitwise equal results. A module
+# attribute so that a benchmark can flip it in-process.
+fwd_path = os.environ.get("SSMCORE_SSD_FWD", "v3")
 
 _NO_LIMIT = (0.0, math.inf)
 
@@ -129,7 +131,7 @@ def _chunk_states(x, B, dtp, dacs, seg, Q):
     ngroups, dstate = B.shape[2], B.shape[3]
     nc = cdiv(length, Q)
     states = cupy.empty((batch, nc, nheads, headdim, dstate), cupy.float32)
-    name = "ssd_chunk_states_v2" if fwd_path == "v2" else "ssd_chunk_states"
+    name = "ssd_chunk_states" if fwd_path == "v1" else "ssd_chunk_states_v2"
     kernel = _runtime.function(FAMILY, f"{name}<{_arrays.kernel_type('x', x)}>")
     blocks = cdiv(headdim, 64) * cdiv(dstate, 64) * nheads * nc
     _runtime.launch(kernel, (blocks, batch), (128,),
@@ -145,7 +147,7 @@ def _state_passing(states, dacs, seg, initial_states, Q):
     batch, nc, nheads, headdim, dstate = states.shape
     final = cupy.empty((batch, nheads, headdim, dstate), cupy.float32)
     pn = headdim * dstate
-    if fwd_path == "v2":
+    if fwd_path != "v1":
         v = 4 if pn % 4 == 0 and _arrays.aligned16(initial_states) else 1
         kernel = _runtime.function(FAMILY, f"ssd_state_passing_v2<{v}>")
         grid = (cdiv(pn, 256 * v), nheads, batch)
@@ -166,22 +168,46 @@ def _chunk_scan(x, z, B, C, dtp, dacs, seg, prev, D, Q):
     batch, length, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nc = cdiv(length, Q)
-    out = cupy.empty(x.shape, x.dtype)
     blocks = cdiv(headdim, 64) * (Q // 64) * nheads * nc
     # The block's C tile in dynamic shared memory: 64 rows of roundup(N, 32) + pad (conflict-free rows).
     ldc = cdiv(dstate, 32) * 32 + (8 if x.itemsize == 2 else 4)
     smem = 64 * ldc * x.itemsize
     name = "ssd_chunk_scan"
-    if fwd_path == "v2":
-        # v2 also keeps h_prev / B_s (64 x ldc) and M, X_s (64 x 72|68) there; v1 when that does not fit.
+    if fwd_path != "v1":
+        # v2/v3 also keep h_prev / B_s (64 x ldc) and M, X_s (64 x 72|68) there; v1 when that does not fit.
         smem_v2 = 2 * 64 * (ldc + (72 if x.itemsize == 2 else 68)) * x.itemsize
         if smem_v2 <= _max_shared():
             name, smem = "ssd_chunk_scan_v2", smem_v2
+            if fwd_path == "v3" and x.itemsize == 2 and _vec(x, B, C):
+                return _chunk_scan_v3(x, z, B, C, dtp, dacs, seg, prev, D, Q, ldc, smem)
+    out = cupy.empty(x.shape, x.dtype)
     kernel = _runtime.function(FAMILY, f"{name}<{_arrays.kernel_type('x', x)}>")
     _runtime.launch(kernel, (blocks, batch), (128,),
                     (x, ptr(z), B, C, dtp, dacs, ptr(seg), prev, ptr(D), np.int32(length), np.int32(nheads),
                      np.int32(ngroups), np.int32(headdim), np.int32(dstate), np.int32(Q), np.int32(nc),
                      np.int32(_vec(x, B, C)), np.int32(ldc), out), shared_mem=smem)
+    return out
+
+
+def _chunk_scan_v3(x, z, B, C, dtp, dacs, seg, prev, D, Q, ldc, smem):
+    """_chunk_scan through C B^T tiles computed once per (batch, chunk, group): ssd_chunk_cb_v3 writes
+    the 64 x 64 tiles on and below each chunk's diagonal (float32), ssd_chunk_scan_v3 consumes them."""
+    batch, length, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    nc = cdiv(length, Q)
+    t4 = Q // 64
+    ntri = t4 * (t4 + 1) // 2
+    typ = _arrays.kernel_type("x", x)
+    cb = cupy.empty((batch, nc, ngroups, ntri, 64, 64), cupy.float32)
+    _runtime.launch(_runtime.function(FAMILY, f"ssd_chunk_cb_v3<{typ}>"), (nc * ngroups * ntri, batch), (128,),
+                    (B, C, np.int32(length), np.int32(ngroups), np.int32(dstate), np.int32(Q), np.int32(nc),
+                     np.int32(ldc), cb), shared_mem=2 * 64 * ldc * x.itemsize)
+    out = cupy.empty(x.shape, x.dtype)
+    blocks = cdiv(headdim, 64) * t4 * nheads * nc
+    _runtime.launch(_runtime.function(FAMILY, f"ssd_chunk_scan_v3<{typ}>"), (blocks, batch), (128,),
+                    (x, ptr(z), C, dtp, dacs, ptr(seg), prev, ptr(D), cb, np.int32(length), np.int32(nheads),
+                     np.int32(ngroups), np.int32(headdim), np.int32(dstate), np.int32(Q), np.int32(nc),
+                     np.int32(ldc), out), shared_mem=smem)
     return out
 
 

@@ -107,6 +107,7 @@ def test_cuda_graph_step_with_indices(rng, heads, index_dtype, state_dtype):
     gbuf = gpu(args["buffer"])
     g = {k: gpu(v) for k, v in args.items() if k != "buffer"}
     gidx = gpu(rng.permutation(pool_rows)[:batch].astype(index_dtype))
+    cupy.cuda.Device().synchronize()  # the copies above ran on the null stream, which a non-blocking stream ignores
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         for _ in range(2):  # compile and fill the memory pool outside the capture
