@@ -935,3 +935,81 @@ __global__ void __launch_bounds__(128, 3) ssd_chunk_scan_v3(
       store_f(out + off, y);
     }
 }
+
+// ---- 2''. chunk_states with the next 64-position slab prefetched into registers --------------------
+// ssd_chunk_states_v2's math and rounding (x * weight rounded to T, B exact), 16-bit T and 16-byte
+// aligned rows (P, N multiples of 8) only; a slab's 8 x 16-byte loads per thread are in flight while the
+// tensor cores work on the previous slab.
+template <typename T>
+__global__ void __launch_bounds__(128) ssd_chunk_states_v3(
+    const T* __restrict__ x, const T* __restrict__ Bm, const float* __restrict__ dtp, const float* __restrict__ dacs,
+    const int* __restrict__ seg, int L, int H, int G, int P, int N, int Q, int nc, float* __restrict__ states) {
+  constexpr int LD = Ld<T>::K64;
+  __shared__ float4 raw_x[64 * LD * sizeof(T) / 16], raw_b[64 * LD * sizeof(T) / 16];
+  T* xs = reinterpret_cast<T*>(raw_x);  // [p][s]
+  T* bs = reinterpret_cast<T*>(raw_b);  // [n][s]
+  __shared__ float wgt[256];
+  const int tilesP = (P + 63) / 64, tilesN = (N + 63) / 64;
+  i64 id = blockIdx.x;
+  const int tn = int(id % tilesN); id /= tilesN;
+  const int tp = int(id % tilesP); id /= tilesP;
+  const int h = int(id % H); id /= H;
+  const int c = int(id);
+  const int b = blockIdx.y;
+  const int p0 = tp * 64, n0 = tn * 64;
+  const int g = h / (H / G);
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const i64 row = (i64(b) * H + h) * nc * Q + i64(c) * Q;
+  const float a_end = dacs[row + Q - 1];
+  const int seg_end = seg ? seg[i64(b) * nc * Q + i64(c) * Q + Q - 1] : -1;
+  const int s_first = imax(seg_end, 0);
+  for (int q = tid; q < Q; q += 128)
+    wgt[q] = (i64(c) * Q + q < L && q >= s_first) ? dtp[row + q] * expf(a_end - dacs[row + q]) : 0.f;
+  const T* xbase = x + (i64(b) * L + i64(c) * Q) * H * i64(P) + i64(h) * P + p0;
+  const T* bbase = Bm + (i64(b) * L + i64(c) * Q) * G * i64(N) + i64(g) * N + n0;
+  uint4 xr[4], br[4];
+  __syncthreads();  // wgt ready
+  auto fetch = [&](int s0) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      int s, col;
+      xmap(tid + 128 * i, s, col);
+      const bool valid = wgt[s0 + s] != 0.f;
+      xr[i] = br[i] = make_uint4(0u, 0u, 0u, 0u);
+      if (valid && p0 + col < P) xr[i] = *reinterpret_cast<const uint4*>(xbase + i64(s0 + s) * H * P + col);
+      if (valid && n0 + col < N) br[i] = *reinterpret_cast<const uint4*>(bbase + i64(s0 + s) * G * N + col);
+    }
+  };
+  int s0 = (s_first / 64) * 64;
+  if (s0 < Q && i64(c) * Q + s0 < L) fetch(s0);
+  float acc[8][4];
+  zero_acc(acc);
+  for (; s0 < Q && i64(c) * Q + s0 < L; s0 += 64) {
+    __syncthreads();  // everyone is done with xs/bs
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      int s, col;
+      xmap(tid + 128 * i, s, col);
+      const float w = wgt[s0 + s];
+      const T* ex = reinterpret_cast<const T*>(&xr[i]);
+      const T* eb = reinterpret_cast<const T*>(&br[i]);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        store_f(xs + (col + k) * LD + s, load_f(ex + k) * w);
+        bs[(col + k) * LD + s] = eb[k];
+      }
+    }
+    __syncthreads();
+    if (s0 + 64 < Q && i64(c) * Q + s0 + 64 < L) fetch(s0 + 64);
+    warp_gemm<T, 8>(acc, KView<T>{xs + warp * 16 * LD, LD}, KView<T>{bs, LD}, 64);
+  }
+  const int lane = tid & 31, gg = lane >> 2, t = lane & 3;
+  float* out = states + ((i64(b) * nc + c) * H + h) * i64(P) * N;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int p = p0 + warp * 16 + gg + (i >> 1) * 8, n = n0 + 8 * j + 2 * t + (i & 1);
+      if (p < P && n < N) out[i64(p) * N + n] = acc[j][i];
+    }
+}

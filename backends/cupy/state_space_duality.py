@@ -41,6 +41,7 @@ INSTANTIATIONS = (
     + [f"ssd_chunk_states_v2<{t}>" for t in _TYPES]
     + ["ssd_state_passing_v2<1>", "ssd_state_passing_v2<4>"]
     + [f"ssd_chunk_scan_v2<{t}>" for t in _TYPES]
+    + [f"ssd_chunk_states_v3<{t}>" for t in _TYPES[1:]]
     + [f"ssd_chunk_cb_v3<{t}>" for t in _TYPES[1:]]
     + [f"ssd_chunk_scan_v3<{t}>" for t in _TYPES[1:]]
 )
@@ -131,9 +132,15 @@ def _chunk_states(x, B, dtp, dacs, seg, Q):
     ngroups, dstate = B.shape[2], B.shape[3]
     nc = cdiv(length, Q)
     states = cupy.empty((batch, nc, nheads, headdim, dstate), cupy.float32)
+    blocks = cdiv(headdim, 64) * cdiv(dstate, 64) * nheads * nc
+    if fwd_path == "v3" and x.itemsize == 2 and _vec(x, B):
+        kernel = _runtime.function(FAMILY, f"ssd_chunk_states_v3<{_arrays.kernel_type('x', x)}>")
+        _runtime.launch(kernel, (blocks, batch), (128,),
+                        (x, B, dtp, dacs, ptr(seg), np.int32(length), np.int32(nheads), np.int32(ngroups),
+                         np.int32(headdim), np.int32(dstate), np.int32(Q), np.int32(nc), states))
+        return states
     name = "ssd_chunk_states" if fwd_path == "v1" else "ssd_chunk_states_v2"
     kernel = _runtime.function(FAMILY, f"{name}<{_arrays.kernel_type('x', x)}>")
-    blocks = cdiv(headdim, 64) * cdiv(dstate, 64) * nheads * nc
     _runtime.launch(kernel, (blocks, batch), (128,),
                     (x, B, dtp, dacs, ptr(seg), np.int32(length), np.int32(nheads), np.int32(ngroups),
                      np.int32(headdim), np.int32(dstate), np.int32(Q), np.int32(nc), np.int32(_vec(x, B)), states))
