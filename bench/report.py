@@ -14,6 +14,7 @@ reference dashed, from the ``sweep`` benchmarks.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from collections import defaultdict
@@ -68,7 +69,9 @@ def _rows(data):
 def _header(data, title):
     machine = data.get("machine_info", {})
     versions = machine.get("ssmcore_bench", {})
-    commit = data.get("commit_info", {})
+    commit = dict(data.get("commit_info", {}))
+    if os.environ.get("SSMCORE_BENCH_COMMIT"):  # a run from a `git archive` copy: the commit it was made from
+        commit = {"id": os.environ["SSMCORE_BENCH_COMMIT"], "dirty": False}
     gpu = versions.get("gpu") or "none (CPU run)"
     lines = [f"# {title}", "",
              f"- GPU: {gpu}",
