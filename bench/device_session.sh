@@ -2,7 +2,8 @@
 # One H200 lease, everything at once: install, the peer (carried build or background build), GPU tests,
 # benchmarks. Everything goes to one log ($OUT/log.txt) to stay within the device tool's 8 returned files.
 #   TESTS="tests/gpu/..." BENCH="scan ops" bash bench/device_session.sh
-# TESTS: pytest paths for the GPU tests ("" to skip). BENCH: words among scan conv ssd ssd_bwd ops blocks e2e mgpu.
+# TESTS: pytest paths for the GPU tests ("" to skip). BENCH: words among scan scanq conv ssd ssdq ssd_bwd ops blocks
+# e2e det mgpu ovh prof.
 # PACK_PEER=1 returns the built peer extensions as $OUT/peerbuild.tgz.* (carry them back in .peers/).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -62,6 +63,9 @@ for b in ${BENCH:-}; do
     ops|blocks|e2e) BENCH_SUITES=$b timeout $t bash bench/run_gpu.sh /tmp/bench_$b ${BENCH_ARGS:-} > /dev/null 2>&1
        tail -40 /tmp/bench_$b/bench.txt >> "$LOG"; cp /tmp/bench_$b/bench.json "$OUT/bench_$b.json" 2>/dev/null ;;
     ovh) timeout $t python3 bench/overhead.py --device cuda --repeat 5 --number 100 >> "$LOG" 2>&1 ;;
+    prof) timeout $t python3 bench/profile_decode.py >> "$LOG" 2>&1 ;;
+    ssdq) timeout $t python3 bench/gpu_ssd.py --quick >> "$LOG" 2>&1 ;;
+    scanq) timeout $t python3 bench/gpu_scan.py --warm --peer >> "$LOG" 2>&1 ;;
     det) timeout $t python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/gpu/test_determinism_gpu.py >> "$LOG" 2>&1 ;;
     mgpu) export NCCL_NVLS_ENABLE=0
        timeout $t torchrun --standalone --nproc_per_node=1 bench/multi_gpu_train.py ddp --steps 20 --out /tmp/mg >> "$LOG" 2>&1

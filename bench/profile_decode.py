@@ -1,0 +1,100 @@
+"""Where a decode step's GPU time goes, ours vs the peer: torch.profiler over eager decode steps of the
+Mamba-1 2.8B / Mamba-2 2.7B configs cut to a few layers (random weights, bf16).
+
+    python3 bench/profile_decode.py [--layers 4] [--steps 20] [--batch 1 64]
+
+Prints, per model and batch, the GPU time of one decode step (sum of kernel times, so host overhead and
+launch gaps are excluded: this is what a CUDA-graph replay costs at best) and the kernels that make it up,
+ours next to the peer's, per layer. For the gaps between kernels, compare with bench/test_gpu_e2e.py's
+tokens/s (CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+PRESET = {"mamba1": "mamba-2.8b", "mamba2": "mamba2-2.7b"}
+
+
+def build(arch, layers, dtype):
+    from ssmcore.adapters.torch import MambaConfig, MambaLMHeadModel
+    from ssmcore.adapters.torch.cli_generate import PRESETS
+
+    cfg = copy.deepcopy(PRESETS[PRESET[arch]])
+    cfg["n_layer"] = layers
+    torch.manual_seed(0)
+    ours = MambaLMHeadModel(MambaConfig(**copy.deepcopy(cfg)), device="cuda", dtype=dtype)
+    try:
+        from mamba_ssm.models.config_mamba import MambaConfig as PeerConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as PeerModel
+        from mamba_ssm.utils.generation import InferenceParams as PeerParams
+
+        torch.manual_seed(0)
+        peer = (PeerModel(PeerConfig(**copy.deepcopy(cfg)), device="cuda", dtype=dtype), PeerParams)
+    except Exception as err:  # noqa: BLE001
+        print(f"peer unavailable: {type(err).__name__}: {err}")
+        peer = None
+    return ours, peer
+
+
+def step_kernels(model, params_cls, batch, steps, vocab):
+    """{kernel name: GPU us per decode step}, total us per step."""
+    ids = torch.randint(1, min(1000, vocab), (batch, 16), device="cuda")
+    params = params_cls(max_seqlen=16 + 3 * steps + 8, max_batch_size=batch)
+    with torch.no_grad():
+        model(ids, inference_params=params, num_last_tokens=1)
+        params.seqlen_offset += ids.shape[1]
+        tok = ids[:, -1:]
+        for _ in range(3):  # warm-up steps (compiles, allocator)
+            model(tok, inference_params=params, num_last_tokens=1)
+            params.seqlen_offset += 1
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                model(tok, inference_params=params, num_last_tokens=1)
+                params.seqlen_offset += 1
+            torch.cuda.synchronize()
+    per = defaultdict(float)
+    count = defaultdict(float)
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = getattr(ev, "cuda_time_total", 0.0)
+        if t and ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.key[:70]] += t / steps
+            count[ev.key[:70]] += ev.count / steps
+    return {k: (v, count[k]) for k, v in per.items()}, sum(per.values())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    args = ap.parse_args()
+    from ssmcore.adapters.torch import InferenceParams
+
+    for arch in ("mamba1", "mamba2"):
+        ours, peer = build(arch, args.layers, torch.bfloat16)
+        vocab = ours.config.vocab_size
+        for batch in args.batch:
+            o, o_total = step_kernels(ours, InferenceParams, batch, args.steps, vocab)
+            p, p_total = step_kernels(peer[0], peer[1], batch, args.steps, vocab) if peer else ({}, float("nan"))
+            print(f"\n{arch} ({PRESET[arch]} config, {args.layers} layers), batch {batch}: GPU us per decode step "
+                  f"ours {o_total:.1f} ({sum(c for _, c in o.values()):.0f} launches) vs peer {p_total:.1f} "
+                  f"({sum(c for _, c in p.values()):.0f}); per layer {o_total / args.layers:.1f} vs "
+                  f"{p_total / args.layers:.1f}. Kernels: us per step, launches per step")
+            for who, table in (("ours", o), ("peer", p)):
+                for name, (t, c) in sorted(table.items(), key=lambda kv: -kv[1][0])[:16]:
+                    print(f"  {who} {t:8.1f} {c:5.0f}  {name}")
+        del ours, peer
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
