@@ -71,11 +71,40 @@ def step_kernels(model, params_cls, batch, steps, vocab):
     return {k: (v, count[k]) for k, v in per.items()}, sum(per.values())
 
 
+def prefill_kernels(model, batch, length, vocab, reps=3):
+    """({kernel: (GPU us per forward, launches)}, GPU us total, wall us per forward) of a no-grad prefill."""
+    import time
+
+    ids = torch.randint(1, min(1000, vocab), (batch, length), device="cuda")
+    with torch.no_grad():
+        for _ in range(2):
+            model(ids, num_last_tokens=1)
+        torch.cuda.synchronize()
+        walls = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model(ids, num_last_tokens=1)
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t0)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(ids, num_last_tokens=1)
+            torch.cuda.synchronize()
+    per = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = getattr(ev, "cuda_time_total", 0.0)
+        if t and ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.key[:70]] = (t, ev.count)
+    return per, sum(t for t, _ in per.values()), sorted(walls)[len(walls) // 2] * 1e6
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--prefill", type=int, default=2048, help="also profile a 1 x PREFILL forward (0: skip)")
     args = ap.parse_args()
     from ssmcore.adapters.torch import InferenceParams
 
@@ -92,6 +121,15 @@ def main():
             for who, table in (("ours", o), ("peer", p)):
                 for name, (t, c) in sorted(table.items(), key=lambda kv: -kv[1][0])[:16]:
                     print(f"  {who} {t:8.1f} {c:5.0f}  {name}")
+        if args.prefill:
+            o, o_gpu, o_wall = prefill_kernels(ours, 1, args.prefill, vocab)
+            p, p_gpu, p_wall = prefill_kernels(peer[0], 1, args.prefill, vocab) if peer else ({}, float("nan"),
+                                                                                               float("nan"))
+            print(f"\n{arch}, prefill 1 x {args.prefill}, {args.layers} layers: wall us ours {o_wall:.0f} vs peer "
+                  f"{p_wall:.0f}; GPU kernel sum ours {o_gpu:.0f} vs peer {p_gpu:.0f} (wall >> GPU: host-bound)")
+            for who, table in (("ours", o), ("peer", p)):
+                for name, (t, c) in sorted(table.items(), key=lambda kv: -kv[1][0])[:12]:
+                    print(f"  {who} {t:8.1f} {c:5d}  {name}")
         del ours, peer
         torch.cuda.empty_cache()
 
