@@ -127,10 +127,17 @@ class MambaInnerFn(torch.autograd.Function):
                 dC_proj_bias = _rows(dC).sum(0) if C_proj_bias is not None else None
                 dC = None
             dx_proj_weight = dx_dbl.t() @ _rows(conv_out)
-            dconv_out = dconv_out + (dx_dbl @ x_proj_weight).view(batch, length, -1).transpose(1, 2)
+            # Peak memory: dz goes into its half of dxz at once (and is freed), the x_proj term is added in
+            # place (the scan's gradient is a fresh tensor of ours), dx fills the other half.
+            dxz = torch.empty(xz.shape, dtype=torch.promote_types(dz.dtype, x.dtype), device=xz.device)
+            dxz[:, x.shape[1]:].copy_(dz)
+            del dz
+            dconv_out.add_((dx_dbl @ x_proj_weight).view(batch, length, -1).transpose(1, 2))
             dx, dconv_weight, dconv_bias, _ = _ops.causal_conv1d_bwd(
                 dconv_out.to(x.dtype), x, conv_weight, conv1d_bias, None, None, None, "silu")
-            dxz = torch.cat([dx, dz], dim=1)
+            del dconv_out
+            dxz[:, :x.shape[1]].copy_(dx)
+            del dx
         xz_dtype, x_proj_dtype, delta_proj_dtype, out_proj_dtype, out_bias_dtype = ctx.input_dtypes
         return (
             dxz.to(xz_dtype),
