@@ -64,6 +64,7 @@ for b in ${BENCH:-}; do
        tail -40 /tmp/bench_$b/bench.txt >> "$LOG"; cp /tmp/bench_$b/bench.json "$OUT/bench_$b.json" 2>/dev/null ;;
     ovh) timeout $t python3 bench/overhead.py --device cuda --repeat 5 --number 100 >> "$LOG" 2>&1 ;;
     prof) timeout $t python3 bench/profile_decode.py >> "$LOG" 2>&1 ;;
+    ovp) timeout $t python3 bench/overhead_parts.py >> "$LOG" 2>&1 ;;
     ssdq) timeout $t python3 bench/gpu_ssd.py --quick >> "$LOG" 2>&1 ;;
     scanq) timeout $t python3 bench/gpu_scan.py --warm --peer >> "$LOG" 2>&1 ;;
     det) timeout $t python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/gpu/test_determinism_gpu.py >> "$LOG" 2>&1 ;;
