@@ -89,6 +89,9 @@ def to_tensor(a) -> torch.Tensor:
         if a.dtype == _BF16:
             return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(a)
+    t = _from_block(a)
+    if t is not None:
+        return t
     if a.dtype == _BF16:
         return torch.from_dlpack(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_dlpack(a)
@@ -142,7 +145,8 @@ def fresh_outputs(results, inputs, device: torch.device, like=()) -> tuple:
         if t.numel() > 0:
             # A NumPy array owning its memory (base None), met once, is memory the backend allocated for
             # this result: every input reached the backend as a view (base not None). Others are checked.
-            fresh = type(a) is np.ndarray and a.base is None and not any(a is r for r in results[:i])
+            fresh = ((type(a) is np.ndarray and a.base is None) or _block_of(a) is not None) and not any(
+                a is r or _shares_block(a, r) for r in results[:i])
             if not fresh and taken is None:
                 taken = [_extent(x) for x in inputs if x is not None and x.numel() > 0 and x.device == device]
                 taken += [_extent(x) for x in out if x.numel() > 0]
@@ -223,16 +227,18 @@ def _external_stream(cupy, torch_stream, device: int):
     return cupy.cuda.ExternalStream(torch_stream.cuda_stream, device)
 
 
-class _TorchBlock:
-    """Owner of a block from torch's caching allocator; gives it back when CuPy lets go."""
+class _Block:
+    """Owner of a CuPy allocation made in an op's scope: the torch uint8 tensor holding the bytes (from torch's
+    caching allocator). A result array over such a block becomes a torch tensor by views of that tensor
+    (``_from_block``), without DLPack; the block goes back to torch when both sides let go."""
 
-    __slots__ = ("ptr",)
+    __slots__ = ("tensor",)
 
-    def __init__(self, ptr: int):
-        self.ptr = ptr
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
 
-    def __del__(self):
-        torch.cuda.caching_allocator_delete(self.ptr)
+
+_TORCH_DEVICES: dict = {}
 
 
 def _torch_malloc(size: int):
@@ -240,14 +246,51 @@ def _torch_malloc(size: int):
 
     Backend outputs and scratch then live in torch's memory pool (no second pool beside it),
     and allocations during a CUDA-graph capture come from the graph's private pool instead of
-    a cudaMalloc, which a capture forbids.
+    a cudaMalloc, which a capture forbids. Sizes are rounded up to 16 bytes, so that a block can be
+    viewed as any element type.
     """
     cupy = _cupy
     device = cupy.cuda.runtime.getDevice()
     if size == 0:
         return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(0, 0, None, device), 0)
-    ptr = torch.cuda.caching_allocator_alloc(size, device, _current_raw_stream(device))
-    return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(ptr, size, _TorchBlock(ptr), device), 0)
+    where = _TORCH_DEVICES.get(device)
+    if where is None:
+        where = _TORCH_DEVICES[device] = torch.device("cuda", device)
+    block = torch.empty(((size + 15) >> 4) << 4, dtype=torch.uint8, device=where)
+    return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(block.data_ptr(), size, _Block(block), device), 0)
+
+
+def _block_of(a):
+    """The _Block under a CuPy array allocated in an op's scope, else None."""
+    if _cupy is None or not isinstance(a, _cupy.ndarray):
+        return None
+    owner = getattr(a.data.mem, "_owner", None)
+    return owner if type(owner) is _Block else None
+
+
+def _shares_block(a, b) -> bool:
+    block = _block_of(a)
+    return block is not None and block is _block_of(b)
+
+
+_TORCH_OF_NP: dict = {}
+
+
+def _from_block(a):
+    """The torch tensor over a result array allocated in an op's scope (views of its block), else None."""
+    block = _block_of(a)
+    if block is None:
+        return None
+    if not _TORCH_OF_NP:
+        _TORCH_OF_NP.update({v: k for k, v in _NP_DTYPES.items()})
+    dtype = _TORCH_OF_NP.get(a.dtype)
+    item = a.itemsize
+    offset = a.data.ptr - a.data.mem.ptr
+    if dtype is None or offset % item or any(st < 0 or st % item for st in a.strides):
+        return None
+    base = block.tensor
+    typed = base.view(dtype) if dtype != torch.uint8 else base
+    return typed.as_strided(a.shape, tuple(st // item for st in a.strides), offset // item)
 
 
 def _current_raw_stream(device: int) -> int:
@@ -259,9 +302,13 @@ def _current_raw_stream(device: int) -> int:
 
 
 class _cuda_scope:
-    """For one op call: CuPy's current device, stream and allocator set to torch's."""
+    """For one op call: CuPy's current device, stream and allocator set to torch's.
 
-    __slots__ = ("device", "_contexts")
+    Plain calls instead of ``cupy.cuda.using_allocator`` (a generator context manager) and no device
+    switch when CuPy's current device is already the tensor's: this runs once per op call.
+    """
+
+    __slots__ = ("device", "_device_ctx", "_stream", "_allocator")
 
     def __init__(self, device: int):
         self.device = device
@@ -274,12 +321,21 @@ class _cuda_scope:
             torch_stream = torch.cuda.current_stream(self.device)
             key = (self.device, torch_stream.cuda_stream)
             stream = _streams[key] = _external_stream(cupy, torch_stream, self.device)
-        self._contexts = (cupy.cuda.Device(self.device), stream, cupy.cuda.using_allocator(_torch_malloc))
-        for context in self._contexts:
-            context.__enter__()
+        if cupy.cuda.runtime.getDevice() != self.device:
+            self._device_ctx = cupy.cuda.Device(self.device)
+            self._device_ctx.__enter__()
+        else:
+            self._device_ctx = None
+        stream.__enter__()
+        self._stream = stream
+        memory = cupy.cuda.memory
+        self._allocator = memory._get_thread_local_allocator()
+        memory._set_thread_local_allocator(_torch_malloc)
         return self
 
     def __exit__(self, *exc):
-        for context in reversed(self._contexts):
-            context.__exit__(*exc)
+        _cupy.cuda.memory._set_thread_local_allocator(self._allocator)
+        self._stream.__exit__(*exc)
+        if self._device_ctx is not None:
+            self._device_ctx.__exit__(*exc)
         return False
