@@ -31,7 +31,8 @@ def test_block_result_maps_to_views(dtype, torch_dtype, shape, strides, offset):
     t = _bridge.to_tensor(a)
     assert t.dtype == torch_dtype and tuple(t.shape) == shape and t.stride() == strides
     assert t.data_ptr() == a.data.ptr
-    assert t.untyped_storage().data_ptr() == base.data_ptr()  # a view of the block: keeps it alive
+    assert t.untyped_storage().data_ptr() == base.data_ptr()  # the block's storage: keeps it alive
+    assert not t._is_view()  # custom-op outputs must not be views (autograd forbids in-place on them)
     # Writing through the tensor lands in the block at the array's addresses.
     t.fill_(1)
     assert int(base.count_nonzero()) > 0 or t.numel() == 0

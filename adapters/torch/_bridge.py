@@ -288,9 +288,11 @@ def _from_block(a):
     offset = a.data.ptr - a.data.mem.ptr
     if dtype is None or offset % item or any(st < 0 or st % item for st in a.strides):
         return None
+    # A tensor over the block's storage that is not a view of it (set_, not as_strided): custom-op outputs
+    # must not be views, or autograd forbids in-place changes of them later.
     base = block.tensor
-    typed = base.view(dtype) if dtype != torch.uint8 else base
-    return typed.as_strided(a.shape, tuple(st // item for st in a.strides), offset // item)
+    return torch.empty((0,), dtype=dtype, device=base.device).set_(
+        base.untyped_storage(), offset // item, a.shape, tuple(st // item for st in a.strides))
 
 
 def _current_raw_stream(device: int) -> int:

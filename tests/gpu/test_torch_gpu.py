@@ -242,3 +242,31 @@ def test_lm_cuda_logits_match_cpu(arch):
     want = cpu(ids).logits
     got = gpu(ids.cuda()).logits.cpu()
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+# --- the bridge's results -------------------------------------------------------------------------------
+
+
+def test_op_outputs_are_plain_tensors_in_torch_memory():
+    """CUDA results come back as tensors over blocks of torch's allocator (no DLPack): not views (so autograd
+    lets a caller change them in place), not aliasing an input or each other, freed back to torch's pool."""
+    from ssmcore.adapters.torch import functional as Fn
+
+    b, d, n, length = 2, 8, 4, 37
+    u, delta = randn(b, d, length, grad=True), randn(b, d, length, scale=0.5, grad=True)
+    A, B, C = negative(d, n, grad=True), randn(b, n, length, grad=True), randn(b, n, length, grad=True)
+    out, last = Fn.selective_scan_fn(u, delta, A, B, C, delta_softplus=True, return_last_state=True)
+    assert not out._is_view() and not last._is_view()
+    assert out.untyped_storage().data_ptr() != last.untyped_storage().data_ptr()
+    assert all(out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() for t in (u, delta, A, B, C))
+    expected = out.detach().clone()
+    out.mul_(2.0)  # in place on a custom-op output under autograd: allowed
+    (out.sum() + last.sum()).backward()
+    assert torch.equal(out.detach(), 2 * expected)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (u, delta, A, B, C))
+    before = torch.cuda.memory_allocated()
+    for _ in range(20):
+        with torch.no_grad():
+            Fn.selective_scan_fn(u, delta, A, B, C, delta_softplus=True)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= before + 4096  # results given back to torch's pool
