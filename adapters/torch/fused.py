@@ -323,13 +323,26 @@ class MambaSplitConv1dScanCombinedFn(torch.autograd.Function):
                 True, dt_min, dt_max)
             if ssd_z is not None:
                 dz = dz_ssd
-            dxBC_conv = torch.cat([dx.reshape(batch, seqlen, -1), dB.reshape(batch, seqlen, -1),
-                                   dC.reshape(batch, seqlen, -1)], dim=-1)
+            del dy, dz_ssd
+            # Peak memory: the gradients go straight into preallocated buffers (in the conv's dtype, then
+            # zxbcdt's) and each is freed as soon as it is copied, instead of float32 concatenations.
+            nx, nbc = dx.shape[2] * dx.shape[3], dB.shape[2] * dB.shape[3]
+            dxBC_conv = torch.empty((batch, seqlen, nx + 2 * nbc), dtype=xBC.dtype, device=xBC.device)
+            dxBC_conv[..., :nx].copy_(dx.reshape(batch, seqlen, nx))
+            dxBC_conv[..., nx:nx + nbc].copy_(dB.reshape(batch, seqlen, nbc))
+            dxBC_conv[..., nx + nbc:].copy_(dC.reshape(batch, seqlen, nbc))
+            del dx, dB, dC
+            dzxbcdt = torch.empty(zxbcdt.shape, dtype=torch.promote_types(zxbcdt.dtype, dzx0.dtype),
+                                  device=zxbcdt.device)
+            dzxbcdt[..., :2 * d_nonssm].copy_(dzx0)
+            dzxbcdt[..., 2 * d_nonssm:2 * d_nonssm + dim].copy_(dz.reshape(batch, seqlen, dim))
+            dzxbcdt[..., zxbcdt.shape[-1] - nheads:].copy_(ddt)
+            del dzx0, dz, ddt
             dxBC, dconv_weight, dconv_bias, _ = _ops.causal_conv1d_bwd(
-                dxBC_conv.to(xBC.dtype).transpose(1, 2), xBC.contiguous().transpose(1, 2), conv1d_weight,
+                dxBC_conv.transpose(1, 2), xBC.contiguous().transpose(1, 2), conv1d_weight,
                 conv1d_bias, seq_idx, None, None, conv_activation)
-            dzxbcdt = torch.cat([dzx0, dz.reshape(batch, seqlen, dim).to(zxbcdt.dtype), dxBC.transpose(1, 2),
-                                 ddt.to(zxbcdt.dtype)], dim=-1)
+            del dxBC_conv
+            dzxbcdt[..., 2 * d_nonssm + dim:zxbcdt.shape[-1] - nheads].copy_(dxBC.transpose(1, 2))
         input_dtype, outproj_weight_dtype, outproj_bias_dtype = ctx.dtypes
         return (
             dzxbcdt.to(input_dtype), dconv_weight, _present(dconv_bias, conv1d_bias), _present(ddt_bias, dt_bias),
