@@ -546,3 +546,39 @@ def test_cuda_graph_decoding_equals_eager(kind):
                        generate(model, prompts, 30, vocab_size=VOCAB))
     clear_decode_graphs(model)
     assert not hasattr(model, _GRAPHS_ATTR)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_constants_follow_parameter_changes(kind, dtype):
+    """step() keeps -exp(A_log), D and dt_bias as float32 between steps; a change of the parameters (in place,
+    as an optimizer does, or by load_state_dict) must be seen by the next step."""
+    from ssmcore.adapters.torch.modules import Mamba, Mamba2
+
+    torch.manual_seed(0)
+    make = (lambda: Mamba(32, d_state=8, layer_idx=0, dtype=dtype)) if kind == "mamba" else \
+        (lambda: Mamba2(64, d_state=16, headdim=16, chunk_size=16, layer_idx=0, dtype=dtype))
+    m = make()
+    initial = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(2, 1, m.d_model, dtype=dtype)
+
+    def one_step(module):
+        conv, ssm = module.allocate_inference_cache(2, 4)
+        conv.copy_(torch.randn(conv.shape, generator=torch.Generator().manual_seed(1)).to(conv.dtype))
+        ssm.copy_(torch.randn(ssm.shape, generator=torch.Generator().manual_seed(2)).to(ssm.dtype))
+        with torch.no_grad():
+            return module.step(x, conv, ssm)[0]
+
+    first = one_step(m)
+    assert torch.equal(one_step(m), first)  # the cached constants give the same step
+    with torch.no_grad():
+        m.A_log.add_(0.25)
+        m.D.mul_(-1.5)
+        (m.dt_proj.bias if kind == "mamba" else m.dt_bias).add_(0.5)
+    changed = one_step(m)
+    fresh = make()
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(changed, one_step(fresh))
+    assert not torch.equal(changed, first)
+    m.load_state_dict(initial)  # back to the initial weights through load_state_dict
+    assert torch.equal(one_step(m), first)

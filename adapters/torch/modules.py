@@ -55,6 +55,25 @@ def _param(t: Tensor) -> Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def _ssm_constants(module: nn.Module, A_log: Tensor, D: Tensor, dt_bias: Tensor) -> tuple:
+    """(A = -exp(A_log), D, dt_bias) as the ops take them (float32), for an inference step.
+
+    In a bfloat16/float16 model each is a conversion kernel (A three) per layer and step; outside autograd
+    they are computed once and kept until a parameter changes (its data pointer or version counter, which
+    optimizer steps and load_state_dict bump). Not cached while a CUDA graph is being captured (its
+    memory pool must not hold tensors that outlive the graph)."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return -torch.exp(_param(A_log)), _param(D), _param(dt_bias)
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (A_log, D, dt_bias))
+    cached = module.__dict__.get("_ssm_constants_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    values = (-torch.exp(_param(A_log)), _param(D), _param(dt_bias))
+    if not (A_log.is_cuda and torch.cuda.is_current_stream_capturing()):
+        module.__dict__["_ssm_constants_cache"] = (key, values)
+    return values
+
+
 def _require_layer_idx(module: nn.Module) -> int:
     if module.layer_idx is None:
         raise ValueError(
@@ -293,9 +312,8 @@ class Mamba(nn.Module):
         x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias, self.activation)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # the bias goes in with the softplus
-        A = -torch.exp(_param(self.A_log))
-        y = selective_state_update(ssm_state, x, dt, A, B, C, _param(self.D), z=z,
-                                   dt_bias=_param(self.dt_proj.bias), dt_softplus=True)
+        A, D, dt_bias = _ssm_constants(self, self.A_log, self.D, self.dt_proj.bias)
+        y = selective_state_update(ssm_state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True)
         return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
 
     def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
@@ -523,14 +541,14 @@ class Mamba2(nn.Module):
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         # Per-head scalars seen as (H, P[, N]) through stride-0 views.
         heads = (self.nheads, self.headdim)
-        A = (-torch.exp(_param(self.A_log)))[:, None, None].expand(*heads, self.d_state)
-        D = self._D()
-        D = D if D.dim() == 2 else D[:, None].expand(heads)
+        A, D, dt_bias = _ssm_constants(self, self.A_log, self.D, self.dt_bias)
+        A = A[:, None, None].expand(*heads, self.d_state)
+        D = D.view(heads) if self.D_has_hdim else D[:, None].expand(heads)
         y = selective_state_update(
             ssm_state, x.reshape(batch, *heads), dt[:, :, None].expand(batch, *heads), A,
             B.reshape(batch, self.ngroups, self.d_state), C.reshape(batch, self.ngroups, self.d_state), D,
             z=None if self.rmsnorm else z.reshape(batch, *heads),
-            dt_bias=_param(self.dt_bias)[:, None].expand(heads), dt_softplus=True)
+            dt_bias=dt_bias[:, None].expand(heads), dt_softplus=True)
         y = y.reshape(batch, self.d_ssm)
         if self.rmsnorm:
             y = self.norm(y, z)
