@@ -272,11 +272,11 @@ class Mamba(nn.Module):
         xz = xz.permute(1, 0, 2)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
-        A = -torch.exp(_param(self.A_log))
+        A, D, dt_bias = _ssm_constants(self, self.A_log, self.D, self.dt_proj.bias)
         if self.use_fast_path and inference_params is None:
             return mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                                  self.out_proj.weight, self.out_proj.bias, A, None, None, _param(self.D),
-                                  delta_bias=_param(self.dt_proj.bias), delta_softplus=True)
+                                  self.out_proj.weight, self.out_proj.bias, A, None, None, D,
+                                  delta_bias=dt_bias, delta_softplus=True)
 
         x, z = xz.chunk(2, dim=1)
         conv_initial = ssm_initial = None
@@ -295,7 +295,7 @@ class Mamba(nn.Module):
         dt = (self.dt_proj.weight @ dt.t()).view(self.d_inner, batch, seqlen).permute(1, 0, 2)
         B = B.reshape(batch, seqlen, self.d_state).transpose(1, 2).contiguous()
         C = C.reshape(batch, seqlen, self.d_state).transpose(1, 2).contiguous()
-        y = selective_scan_fn(x, dt, A, B, C, _param(self.D), z=z, delta_bias=_param(self.dt_proj.bias),
+        y = selective_scan_fn(x, dt, A, B, C, D, z=z, delta_bias=dt_bias,
                               delta_softplus=True, return_last_state=ssm_state is not None,
                               initial_state=ssm_initial)
         if ssm_state is not None:
@@ -436,9 +436,6 @@ class Mamba2(nn.Module):
     def _conv_weight(self) -> Tensor:
         return self.conv1d.weight.reshape(self.conv1d.weight.shape[0], self.d_conv)
 
-    def _D(self) -> Tensor:
-        return _param(self.D).view(self.nheads, self.headdim) if self.D_has_hdim else _param(self.D)
-
     def _dt_limit_kwargs(self) -> dict:
         return {} if self.dt_limit == _NO_DT_LIMIT else {"dt_limit": self.dt_limit}
 
@@ -470,10 +467,12 @@ class Mamba2(nn.Module):
         if seqlen_og is not None:
             zxbcdt = zxbcdt.view(-1, seqlen, zxbcdt.shape[-1])
         batch = zxbcdt.shape[0]
-        A = -torch.exp(_param(self.A_log))
+        A, D, dt_bias = _ssm_constants(self, self.A_log, self.D, self.dt_bias)
+        if self.D_has_hdim:
+            D = D.view(self.nheads, self.headdim)
         if self.use_mem_eff_path and inference_params is None:
             out = mamba_split_conv1d_scan_combined(
-                zxbcdt, self._conv_weight(), self.conv1d.bias, _param(self.dt_bias), A, self._D(),
+                zxbcdt, self._conv_weight(), self.conv1d.bias, dt_bias, A, D,
                 self.chunk_size, seq_idx=seq_idx, activation=self.activation,
                 rmsnorm_weight=self.norm.weight if self.rmsnorm else None,
                 rmsnorm_eps=self.norm.eps if self.rmsnorm else 1e-6, outproj_weight=self.out_proj.weight,
@@ -510,8 +509,8 @@ class Mamba2(nn.Module):
         heads = (batch, seqlen, self.nheads, self.headdim)
         groups = (batch, seqlen, self.ngroups, self.d_state)
         y = mamba_chunk_scan_combined(
-            x.reshape(heads), dt, A, B.reshape(groups), C.reshape(groups), chunk_size=self.chunk_size, D=self._D(),
-            z=None if self.rmsnorm else z.reshape(heads), dt_bias=_param(self.dt_bias), dt_softplus=True,
+            x.reshape(heads), dt, A, B.reshape(groups), C.reshape(groups), chunk_size=self.chunk_size, D=D,
+            z=None if self.rmsnorm else z.reshape(heads), dt_bias=dt_bias, dt_softplus=True,
             initial_states=ssm_initial, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
             return_final_states=ssm_state is not None,
             return_varlen_states=cu_seqlens is not None and inference_params is not None,
