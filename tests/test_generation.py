@@ -551,8 +551,8 @@ def test_cuda_graph_decoding_equals_eager(kind):
 @pytest.mark.parametrize("kind", ["mamba", "mamba2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_step_constants_follow_parameter_changes(kind, dtype):
-    """step() keeps -exp(A_log), D and dt_bias as float32 between steps; a change of the parameters (in place,
-    as an optimizer does, or by load_state_dict) must be seen by the next step."""
+    """step() keeps -exp(A_log), D, dt_bias and the conv weight/bias as float32 between steps; a change of the
+    parameters (in place, as an optimizer does, or by load_state_dict) must be seen by the next step."""
     from ssmcore.adapters.torch.modules import Mamba, Mamba2
 
     torch.manual_seed(0)
@@ -575,7 +575,12 @@ def test_step_constants_follow_parameter_changes(kind, dtype):
         m.A_log.add_(0.25)
         m.D.mul_(-1.5)
         (m.dt_proj.bias if kind == "mamba" else m.dt_bias).add_(0.5)
+    changed_ssm = one_step(m)
+    with torch.no_grad():
+        m.conv1d.weight.mul_(-0.5)
+        m.conv1d.bias.add_(0.25)
     changed = one_step(m)
+    assert not torch.equal(changed, changed_ssm)
     fresh = make()
     fresh.load_state_dict(m.state_dict())
     assert torch.equal(changed, one_step(fresh))

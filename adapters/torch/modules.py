@@ -55,23 +55,37 @@ def _param(t: Tensor) -> Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _ssm_constants(module: nn.Module, A_log: Tensor, D: Tensor, dt_bias: Tensor) -> tuple:
-    """(A = -exp(A_log), D, dt_bias) as the ops take them (float32), for an inference step.
+def _cached(module: nn.Module, slot: str, tensors: tuple, make):
+    """``make(*tensors)``, kept on ``module`` outside autograd until one of ``tensors`` changes.
 
-    In a bfloat16/float16 model each is a conversion kernel (A three) per layer and step; outside autograd
-    they are computed once and kept until a parameter changes (its data pointer or version counter, which
-    optimizer steps and load_state_dict bump). Not cached while a CUDA graph is being captured (its
+    For the float32 forms of parameters that the ops take (A = -exp(A_log), D, dt bias, the conv weight and
+    bias): in a bfloat16/float16 model each is a conversion kernel per layer and call. The key is each
+    tensor's data pointer and version counter (optimizer steps and load_state_dict bump it). Under autograd
+    or torch.compile nothing is kept; while a CUDA graph is being captured nothing is stored either (its
     memory pool must not hold tensors that outlive the graph)."""
     if torch.compiler.is_compiling() or torch.is_grad_enabled():
-        return -torch.exp(_param(A_log)), _param(D), _param(dt_bias)
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (A_log, D, dt_bias))
-    cached = module.__dict__.get("_ssm_constants_cache")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    values = (-torch.exp(_param(A_log)), _param(D), _param(dt_bias))
-    if not (A_log.is_cuda and torch.cuda.is_current_stream_capturing()):
-        module.__dict__["_ssm_constants_cache"] = (key, values)
-    return values
+        return make(*tensors)
+    key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    cache = module.__dict__.setdefault("_float32_cache", {})
+    hit = cache.get(slot)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = make(*tensors)
+    if not (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+        cache[slot] = (key, value)
+    return value
+
+
+def _ssm_constants(module: nn.Module, A_log: Tensor, D: Tensor, dt_bias: Tensor) -> tuple:
+    """(A = -exp(A_log), D, dt_bias) as the ops take them (float32), cached by ``_cached``."""
+    return _cached(module, "ssm", (A_log, D, dt_bias), lambda a, d, b: (-torch.exp(_param(a)), _param(d), _param(b)))
+
+
+def _conv_params(module: nn.Module) -> tuple:
+    """(weight (C, W), bias or None) of the depthwise conv in float32 (the kernels' type), cached by ``_cached``."""
+    conv = module.conv1d
+    return _cached(module, "conv", (conv.weight, conv.bias),
+                   lambda w, b: (_param(w).reshape(w.shape[0], w.shape[-1]), None if b is None else _param(b)))
 
 
 def _require_layer_idx(module: nn.Module) -> int:
@@ -288,8 +302,7 @@ class Mamba(nn.Module):
             else:
                 window = _conv_window(x, self.d_conv)
             conv_state.copy_(window)
-        x = causal_conv1d_fn(x, self._conv_weight(), self.conv1d.bias, initial_states=conv_initial,
-                             activation=self.activation)
+        x = causal_conv1d_fn(x, *_conv_params(self), initial_states=conv_initial, activation=self.activation)
         x_dbl = self.x_proj(x.transpose(1, 2).reshape(batch * seqlen, self.d_inner))  # (B*L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (self.dt_proj.weight @ dt.t()).view(self.d_inner, batch, seqlen).permute(1, 0, 2)
@@ -309,7 +322,7 @@ class Mamba(nn.Module):
         _decode_one_token("hidden_states", hidden_states)
         xz = self.in_proj(hidden_states.squeeze(1))  # (B, 2*D_in)
         x, z = xz.chunk(2, dim=-1)
-        x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias, self.activation)
+        x = causal_conv1d_update(x, conv_state, *_conv_params(self), self.activation)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # the bias goes in with the softplus
         A, D, dt_bias = _ssm_constants(self, self.A_log, self.D, self.dt_proj.bias)
@@ -503,7 +516,7 @@ class Mamba2(nn.Module):
                 conv_state.copy_(_conv_window(xBC_t, self.d_conv))
             else:
                 conv_state.copy_(_varlen_conv_states(xBC[0], cu_seqlens, conv_state.shape[-1]))
-        xBC = causal_conv1d_fn(xBC_t, self._conv_weight(), bias=self.conv1d.bias, seq_idx=seq_idx,
+        xBC = causal_conv1d_fn(xBC_t, *_conv_params(self), seq_idx=seq_idx,
                                initial_states=conv_initial, activation=self.activation).transpose(1, 2)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         heads = (batch, seqlen, self.nheads, self.headdim)
@@ -536,7 +549,7 @@ class Mamba2(nn.Module):
         d_mlp = self._d_mlp(zxbcdt)
         z0, x0, z, xBC, dt = torch.split(
             zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * self.ngroups * self.d_state, self.nheads], dim=-1)
-        xBC = causal_conv1d_update(xBC, conv_state, self._conv_weight(), self.conv1d.bias, self.activation)
+        xBC = causal_conv1d_update(xBC, conv_state, *_conv_params(self), self.activation)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         # Per-head scalars seen as (H, P[, N]) through stride-0 views.
         heads = (self.nheads, self.headdim)
