@@ -148,13 +148,16 @@ def bench_conv(quick: bool):
            lambda: ssmcore.causal_conv1d(x, weight, bias, "silu"),
            (lambda: peer.causal_conv1d_fn(tx, tw, tb, activation="silu")) if peer else None)
     conv_backend = importlib.import_module("ssmcore.backends.cupy.conv")
-    default_positions = conv_backend.fwd_positions
-    for positions in (8, 16, 32):
-        if positions != default_positions:
-            conv_backend.fwd_positions = positions
-            report(f"  variant: {positions} positions per thread", io,
-                   lambda: ssmcore.causal_conv1d(x, weight, bias, "silu"))
-    conv_backend.fwd_positions = default_positions
+    default_fwd = (conv_backend.fwd_path, conv_backend.fwd_words, conv_backend.fwd_positions)
+    # Every forward kernel of the common case, the default's row above: conv_fwd_ws with 2 / 4
+    # words per thread (session 4), conv_fwd_vec with 8 / 16 positions per thread (before).
+    for variant in (("ws", 2, 8), ("ws", 4, 8), ("vec", 4, 8), ("vec", 4, 16)):
+        if variant != default_fwd and not (variant[0] == default_fwd[0] == "vec" and variant[2] == default_fwd[2]):
+            conv_backend.fwd_path, conv_backend.fwd_words, conv_backend.fwd_positions = variant
+            label = (f"fwd_path ws, {variant[1]} words" if variant[0] == "ws"
+                     else f"fwd_path vec, {variant[2]} positions")
+            report(f"  variant: {label}", io, lambda: ssmcore.causal_conv1d(x, weight, bias, "silu"))
+    conv_backend.fwd_path, conv_backend.fwd_words, conv_backend.fwd_positions = default_fwd
     xl = randn((batch, length, channels), BF16).transpose(0, 2, 1)
     txl = torch_view(xl)
     report("  same, channel-last x", io, lambda: ssmcore.causal_conv1d(xl, weight, bias, "silu"),
@@ -170,13 +173,14 @@ def bench_conv(quick: bool):
     # float32 dpre: + 8 bytes per element).
     report("causal_conv1d bwd silu (same shape)", 3 * x.size * 2,
            lambda: ssmcore.causal_conv1d_bwd(dout, x, weight, bias, "silu"), peer_bwd)
-    default_bwd, default_cl = conv_backend.bwd_path, conv_backend.cl_path
-    for path in ("fused", "split"):
-        if path != default_bwd:
-            conv_backend.bwd_path = path
-            report(f"  variant: bwd_path {path}", 3 * x.size * 2,
+    default_bwd, default_cl = (conv_backend.bwd_path, conv_backend.bwd_words), conv_backend.cl_path
+    for variant in (("ws", 2), ("ws", 4), ("fused", 4), ("split", 4)):
+        if variant != default_bwd and not (variant[0] == default_bwd[0] != "ws"):
+            conv_backend.bwd_path, conv_backend.bwd_words = variant
+            label = f"bwd_path ws, {variant[1]} words" if variant[0] == "ws" else f"bwd_path {variant[0]}"
+            report(f"  variant: {label}", 3 * x.size * 2,
                    lambda: ssmcore.causal_conv1d_bwd(dout, x, weight, bias, "silu"))
-    conv_backend.bwd_path = default_bwd
+    conv_backend.bwd_path, conv_backend.bwd_words = default_bwd
     doutl = randn((batch, length, channels), BF16).transpose(0, 2, 1)
     peer_bwd_cl = None
     if peer is not None:
@@ -189,6 +193,13 @@ def bench_conv(quick: bool):
             peer_bwd_cl = None
     report("  bwd, channel-last x and dout", 3 * x.size * 2,
            lambda: ssmcore.causal_conv1d_bwd(doutl, xl, weight, bias, "silu"), peer_bwd_cl)
+    default_cl_bwd = conv_backend.cl_bwd
+    for kernel in ("walk", "tile"):  # conv_bwd_cl_walk (session 4) / conv_bwd_cl_tile (session 3)
+        if kernel != default_cl_bwd:
+            conv_backend.cl_bwd = kernel
+            report(f"  variant: cl_bwd {kernel}", 3 * x.size * 2,
+                   lambda: ssmcore.causal_conv1d_bwd(doutl, xl, weight, bias, "silu"))
+    conv_backend.cl_bwd = default_cl_bwd
     for path in ("tile", "old"):
         if path != default_cl:
             conv_backend.cl_path = path

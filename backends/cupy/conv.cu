@@ -6,6 +6,9 @@
 //   padding (seq_idx < 0) outputs 0; the initial states belong to the sequence of t = 0.
 //
 // Work decomposition:
+// - conv_fwd_ws / conv_bwd_ws (session 4, the default for the common case below): a warp owns
+//   NW x 16 bytes x warp size of a row, warp-strided so that every warp access is one
+//   contiguous 512-byte span, all loads in flight before the first use; see their comment.
 // - conv_fwd_vec (the common case: x contiguous (B, D, L), L % 8 == 0, aligned, no seq_idx,
 //   W <= 4): a block of 2048 / E threads owns 2048 consecutive positions of one (b, d) row (grid
 //   = rows x chunks, 1-d); a thread owns E = 8, 16 or 32 consecutive positions: it issues all
@@ -33,8 +36,9 @@
 //   kernel instead of dpre + dx: dpre is recomputed in registers (the W-1 values after a
 //   thread's 8 positions come from the next lane by shuffle), so x and dout are read once and
 //   dx written once (the floor); same per-block dweight/dbias partials.
-// - conv_fwd_cl_tile / conv_bwd_cl_tile (channel-last, D % 8 == 0, no seq_idx, W <= 4): shared
-//   memory tiles of 128 bytes of channels x 64 steps (+ halo rows), see their comment.
+// - conv_fwd_cl_tile / conv_bwd_cl_tile / conv_bwd_cl_walk (channel-last, D % 8 == 0, no
+//   seq_idx, W <= 4): shared memory tiles of 128 bytes of channels x 64 steps (+ halo rows),
+//   see their comment; conv_bwd_cl_walk (the default backward) keeps dpre in registers.
 // - conv_update: one thread per (b, d) row of the decode batch; reads its W-1 history entries
 //   from the state (shift window or circular buffer, any strides), writes Lnew outputs and the
 //   new state entries in place. Padding rows (negative conv_state_indices) write 0 and leave
@@ -725,6 +729,302 @@ __global__ void __launch_bounds__(CONV_THREADS) conv_bwd_fused(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Warp-strided kernels for the common contiguous case (L % 8 == 0, 16-byte aligned rows, no
+// seq_idx, W <= 4): conv_fwd_ws and conv_bwd_ws (session 4). A warp owns a segment of
+// SEG = warp size x NW x G consecutive positions of one (b, d) row (G = 16 / sizeof(T): one
+// 16-byte word); lane l's word i covers positions base + (i * warp size + l) * G .. + G. So
+// every load / store instruction of the warp touches one contiguous 512-byte span (full
+// sectors, unlike conv_fwd_vec with E > 8, whose lanes' words were 32-64 bytes apart), and a
+// thread issues all NW (forward) or 2 NW (backward: x and dout) 16-byte loads before the first
+// use: 64-128 bytes in flight per thread with compile-time trip counts. The W-1 inputs before
+// a word come from the previous lane by one rotating shuffle (lane 0 takes the last lane's
+// previous word); lane 0 of a segment reads the W-1 inputs before the segment (or the
+// initial states) beside its word loads. Warps are independent (4 per 128-thread block, no
+// shared memory, no __syncthreads): the backward reduces its dweight/dbias partials with one
+// butterfly per tap and lane 0 writes them to part[(b * nseg + seg), d, 0..W], which
+// column_sum adds in a fixed order (deterministic, no atomics). The backward's W-1 dpre
+// values after a segment come from the next segment's first word, which the last lane loads
+// (x and dout) with its own words: no dependent second load.
+// Traffic: forward x read once, out written once; backward x and dout read once, dx written
+// once (the floors), + one 16-byte word per segment edge (L2 hits).
+#define CONV_WS_THREADS 128
+
+namespace {
+template <typename T>
+__device__ __forceinline__ void word_to_f(const uint4& w, float (&v)[16 / sizeof(T)]) {
+  const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+  for (int k = 0; k < (int)(16 / sizeof(T)); ++k) v[k] = load_f(e + k);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 f_to_word(const float (&v)[16 / sizeof(T)]) {
+  uint4 w;
+  T* e = reinterpret_cast<T*>(&w);
+#pragma unroll
+  for (int k = 0; k < (int)(16 / sizeof(T)); ++k) store_f(e + k, v[k]);
+  return w;
+}
+
+// The G dout values of a word: G floats (two or one 16-byte loads) or G elements of T (one).
+template <typename T>
+struct DoutWord {
+  static constexpr int G = 16 / sizeof(T), Q = G / 4;  // 16-byte loads of a float32 word
+  uint4 w[Q];
+  __device__ __forceinline__ void load(const void* row, int is_f32, i64 p, bool valid) {
+#pragma unroll
+    for (int q = 0; q < Q; ++q) w[q] = make_uint4(0, 0, 0, 0);
+    if (!valid) return;
+    if (is_f32) {
+#pragma unroll
+      for (int q = 0; q < Q; ++q) w[q] = *reinterpret_cast<const uint4*>(static_cast<const float*>(row) + p + 4 * q);
+    } else {
+      w[0] = *reinterpret_cast<const uint4*>(static_cast<const T*>(row) + p);
+    }
+  }
+  __device__ __forceinline__ void to_f(int is_f32, float (&v)[G]) const {
+    if (is_f32) {
+#pragma unroll
+      for (int q = 0; q < Q; ++q) {
+        const float* e = reinterpret_cast<const float*>(&w[q]);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) v[4 * q + k] = e[k];
+      }
+    } else {
+      word_to_f<T>(w[0], v);
+    }
+  }
+};
+}  // namespace
+
+template <typename T, int W, int NW>
+__global__ void __launch_bounds__(CONV_WS_THREADS) conv_fwd_ws(
+    const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
+    const void* __restrict__ init, int init_f32, T* __restrict__ out, void* __restrict__ final_states,
+    int final_f32, int D, i64 L, unsigned nseg, unsigned nwarps, int silu) {
+  constexpr int G = 16 / sizeof(T), WM1 = W - 1, WS = SSM_WARP_SIZE, SEG = WS * NW * G;
+  static_assert(G >= WM1, "a word holds the W-1 carried inputs");
+  const int lane = threadIdx.x % WS;
+  const unsigned gw = blockIdx.x * (CONV_WS_THREADS / WS) + threadIdx.x / WS;
+  if (gw >= nwarps) return;  // whole warps leave together: the shuffles below stay full
+  const unsigned row32 = gw / nseg, seg = gw % nseg;
+  const i64 row = row32;
+  const int d = (int)(row32 % (unsigned)D);
+  const i64 base = (i64)seg * SEG;
+  const T* xr = x + row * L;
+
+  uint4 raw[NW];
+#pragma unroll
+  for (int i = 0; i < NW; ++i) {
+    const i64 p = base + (i64)(i * WS + lane) * G;
+    raw[i] = p < L ? *reinterpret_cast<const uint4*>(xr + p) : make_uint4(0, 0, 0, 0);
+  }
+  float head[WM1 > 0 ? WM1 : 1];  // lane 0: the W-1 inputs before the segment
+#pragma unroll
+  for (int j = 0; j < WM1; ++j) {
+    const i64 s = base - WM1 + j;
+    head[j] = 0.f;
+    if (lane == 0) {
+      if (s >= 0)
+        head[j] = load_f(xr + s);
+      else if (init)
+        head[j] = load_elem<T>(init, init_f32, row * WM1 + WM1 + s);
+    }
+  }
+  float wk[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) wk[k] = weight[(i64)d * W + k];
+  const float bias_d = bias ? bias[d] : 0.f;
+
+  T* orow = out + row * L;
+  float tail[WM1 > 0 ? WM1 : 1];  // the last W-1 inputs of this lane's previous word
+#pragma unroll
+  for (int j = 0; j < WM1; ++j) tail[j] = 0.f;
+#pragma unroll
+  for (int i = 0; i < NW; ++i) {
+    const i64 p = base + (i64)(i * WS + lane) * G;
+    float cur[G], prev[WM1 > 0 ? WM1 : 1], o[G];
+    word_to_f<T>(raw[i], cur);
+#pragma unroll
+    for (int j = 0; j < WM1; ++j) {  // lane l - 1's word i; lane 0: the last lane's word i - 1
+      const float send = (lane == WS - 1) ? tail[j] : cur[G - WM1 + j];
+      const float got = SSM_SHFL(send, (lane + WS - 1) % WS);
+      prev[j] = (lane == 0 && i == 0) ? head[j] : got;
+    }
+#pragma unroll
+    for (int k = 0; k < G; ++k) {
+      float acc = bias_d;
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        const int u = k - WM1 + j;  // index into cur, negative: into prev
+        acc = fmaf(wk[j], u >= 0 ? cur[u >= 0 ? u : 0] : prev[u + WM1 >= 0 ? u + WM1 : 0], acc);
+      }
+      o[k] = silu ? silu_fast(acc) : acc;
+    }
+    if (p < L) *reinterpret_cast<uint4*>(orow + p) = f_to_word<T>(o);
+    if (final_states && p + G == L) {  // L >= G >= W-1: the final inputs are this word's last
+#pragma unroll
+      for (int j = 0; j < WM1; ++j) store_elem<T>(final_states, final_f32, row * WM1 + j, cur[G - WM1 + j]);
+    }
+#pragma unroll
+    for (int j = 0; j < WM1; ++j) tail[j] = cur[G - WM1 + j];
+  }
+}
+
+template <typename T, int W, int NW>
+__global__ void __launch_bounds__(CONV_WS_THREADS) conv_bwd_ws(
+    const T* __restrict__ x, const void* __restrict__ dout, int dout_f32, const float* __restrict__ weight,
+    const float* __restrict__ bias, const void* __restrict__ init, int init_f32, const void* __restrict__ dfinal,
+    int dfinal_f32, T* __restrict__ dx, void* __restrict__ dinit, int dinit_f32, float* __restrict__ part, int D,
+    i64 L, unsigned nseg, unsigned nwarps, int silu) {
+  constexpr int G = 16 / sizeof(T), WM1 = W - 1, WS = SSM_WARP_SIZE, SEG = WS * NW * G;
+  constexpr int WM = WM1 > 0 ? WM1 : 1;
+  static_assert(G >= WM1, "a word holds the W-1 carried values");
+  const int lane = threadIdx.x % WS;
+  const unsigned gw = blockIdx.x * (CONV_WS_THREADS / WS) + threadIdx.x / WS;
+  if (gw >= nwarps) return;  // whole warps leave together: the shuffles below stay full
+  const unsigned row32 = gw / nseg, seg = gw % nseg;
+  const i64 row = row32;
+  const int b = (int)(row32 / (unsigned)D), d = (int)(row32 % (unsigned)D);
+  const i64 base = (i64)seg * SEG, seg_end = base + SEG;
+  const T* xr = x + row * L;
+  const void* grow = dout_f32 ? (const void*)(static_cast<const float*>(dout) + row * L)
+                              : (const void*)(static_cast<const T*>(dout) + row * L);
+
+  // All loads first: the lane's NW words of x and dout, lane 0's W-1 inputs before the
+  // segment, the last lane's word of x and dout after the segment.
+  uint4 rx[NW];
+  DoutWord<T> rg[NW];
+#pragma unroll
+  for (int i = 0; i < NW; ++i) {
+    const i64 p = base + (i64)(i * WS + lane) * G;
+    rx[i] = p < L ? *reinterpret_cast<const uint4*>(xr + p) : make_uint4(0, 0, 0, 0);
+    rg[i].load(grow, dout_f32, p, p < L);
+  }
+  float head[WM];
+#pragma unroll
+  for (int j = 0; j < WM1; ++j) {
+    const i64 s = base - WM1 + j;
+    head[j] = 0.f;
+    if (lane == 0) {
+      if (s >= 0)
+        head[j] = load_f(xr + s);
+      else if (init)
+        head[j] = load_elem<T>(init, init_f32, row * WM1 + WM1 + s);
+    }
+  }
+  const bool after_lane = WM1 > 0 && lane == WS - 1 && seg_end < L;
+  uint4 nx = make_uint4(0, 0, 0, 0);
+  DoutWord<T> ng;
+  ng.load(grow, dout_f32, seg_end, after_lane);
+  if (after_lane) nx = *reinterpret_cast<const uint4*>(xr + seg_end);
+  float wk[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) wk[k] = weight[(i64)d * W + k];
+  const float bias_d = bias ? bias[d] : 0.f;
+
+  // dpre = dout * act'(pre) at the lane's positions, and the dweight/dbias partial sums.
+  float dp[NW][G], acc_w[W + 1], tail[WM];
+#pragma unroll
+  for (int j = 0; j <= W; ++j) acc_w[j] = 0.f;
+#pragma unroll
+  for (int j = 0; j < WM1; ++j) tail[j] = 0.f;
+#pragma unroll
+  for (int i = 0; i < NW; ++i) {
+    float cur[G], g[G], prev[WM];
+    word_to_f<T>(rx[i], cur);
+    rg[i].to_f(dout_f32, g);
+#pragma unroll
+    for (int j = 0; j < WM1; ++j) {  // lane l - 1's word i; lane 0: the last lane's word i - 1
+      const float send = (lane == WS - 1) ? tail[j] : cur[G - WM1 + j];
+      const float got = SSM_SHFL(send, (lane + WS - 1) % WS);
+      prev[j] = (lane == 0 && i == 0) ? head[j] : got;
+    }
+#pragma unroll
+    for (int k = 0; k < G; ++k) {
+      float win[W];
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        const int u = k - WM1 + j;
+        win[j] = u >= 0 ? cur[u >= 0 ? u : 0] : prev[u + WM1 >= 0 ? u + WM1 : 0];
+      }
+      float pre = bias_d;
+#pragma unroll
+      for (int j = 0; j < W; ++j) pre = fmaf(wk[j], win[j], pre);
+      float gk = g[k];  // 0 past L (zero-filled loads)
+      if (silu) gk *= silu_grad_f(pre);
+      dp[i][k] = gk;
+#pragma unroll
+      for (int j = 0; j < W; ++j) acc_w[j] = fmaf(gk, win[j], acc_w[j]);
+      acc_w[W] += gk;
+    }
+#pragma unroll
+    for (int j = 0; j < WM1; ++j) tail[j] = cur[G - WM1 + j];
+  }
+  // The last lane: dpre at the W-1 positions after the segment (0 at or past L).
+  float after[WM];
+  {
+    float cur[G], g[G];
+    word_to_f<T>(nx, cur);
+    ng.to_f(dout_f32, g);
+#pragma unroll
+    for (int j = 0; j < WM1; ++j) {
+      float pre = bias_d;
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        const int u = j - WM1 + k;  // index into the next word, negative: into this lane's last word
+        pre = fmaf(wk[k], u >= 0 ? cur[u >= 0 ? u : 0] : tail[u + WM1 >= 0 ? u + WM1 : 0], pre);
+      }
+      float gk = after_lane ? g[j] : 0.f;
+      if (silu) gk *= silu_grad_f(pre);
+      after[j] = gk;
+    }
+  }
+
+  // dx[s] = sum_k w[k] dpre[s + W-1-k] (+ dfinal_states at the last W-1 positions).
+  T* dxr = dx + row * L;
+  const i64 L0 = L - WM1;  // dfinal_states[i] flows to input position L0 + i
+#pragma unroll
+  for (int i = 0; i < NW; ++i) {
+    const i64 p = base + (i64)(i * WS + lane) * G;
+    float next[WM], o[G];
+#pragma unroll
+    for (int j = 0; j < WM1; ++j) {  // lane l + 1's word i; the last lane: lane 0's word i + 1
+      const float send = (lane == 0 && i + 1 < NW) ? dp[i + 1 < NW ? i + 1 : i][j] : dp[i][j];
+      const float got = SSM_SHFL(send, (lane + 1) % WS);
+      next[j] = (lane == WS - 1 && i + 1 == NW) ? after[j] : got;
+    }
+#pragma unroll
+    for (int k = 0; k < G; ++k) {
+      float acc = 0.f;
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        const int u = k + WM1 - j;  // dpre index into this word, past G: into next
+        acc = fmaf(wk[j], u < G ? dp[i][u < G ? u : 0] : next[u >= G ? u - G : 0], acc);
+      }
+      if (dfinal && p + k >= L0 && p + k < L) acc += load_elem<T>(dfinal, dfinal_f32, row * WM1 + (p + k - L0));
+      o[k] = acc;
+    }
+    if (p < L) *reinterpret_cast<uint4*>(dxr + p) = f_to_word<T>(o);
+  }
+  if (dinit && base == 0 && lane == 0) {
+    // Initial state j sits at input position j - (W-1) (L >= 8 > W-1: no dfinal reaches it).
+#pragma unroll
+    for (int j = 0; j < WM1; ++j) {
+      float acc = 0.f;
+#pragma unroll
+      for (int k = 0; k <= j; ++k) acc = fmaf(wk[k], dp[0][j - k], acc);
+      store_elem<T>(dinit, dinit_f32, row * WM1 + j, acc);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j <= W; ++j) {
+    const float s = warp_sum(acc_w[j]);
+    if (lane == 0) part[(((i64)b * nseg + seg) * D + d) * (W + 1) + j] = s;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Channel-last tiles (x stored (B, L, D), D % 8 == 0, 16-byte aligned, no seq_idx, W <= 4,
 // initial states absent or of x's dtype). A block of 128 threads owns TC = 128 bytes of
 // channels (64 16-bit or 32 float32 channels) x CL_TL = 64 time steps of one batch row. The
@@ -909,6 +1209,109 @@ __global__ void __launch_bounds__(CL_NT) conv_bwd_cl_tile(
   }
   __syncthreads();
   cl_store_tile<T, CL_TL>(dx + b * L * D, gs_raw, t0, c0, D, L);
+}
+
+// The channel-last backward without the float32 dpre tile (session 4; conv_bwd_cl_tile above
+// is the previous kernel): same tiles and staging, but each thread walks its channel down its
+// RPG rows plus the W-1 halo rows after them, backwards in time, keeping the W inputs and the W
+// dpre values it needs in sliding register windows. Per position that is one shared-memory
+// load of x, one of dout and one store of dx (conv_bwd_cl_tile: W + 1 loads and a store for
+// dpre, then W loads and a store for dx, ~11 shared-memory instructions per position, which
+// at one warp instruction per clock per SM cost ~90 us of the 240 us measured at B8 D4096
+// L2048 W4). The W-1 halo dpre values of a run are recomputed by the thread (3 / 32 extra
+// for 16-bit types); no __syncthreads between the dpre and dx passes; 28 KiB of shared memory
+// instead of 37 KiB.
+template <typename T, int W>
+__global__ void __launch_bounds__(CL_NT) conv_bwd_cl_walk(
+    const T* __restrict__ x, const T* __restrict__ dout, const float* __restrict__ weight,
+    const float* __restrict__ bias, const T* __restrict__ init, const void* __restrict__ dfinal, int dfinal_f32,
+    T* __restrict__ dx, void* __restrict__ dinit, int dinit_f32, float* __restrict__ part, int D, i64 L, i64 ntl,
+    int silu) {
+  constexpr int WM1 = W - 1, TC = 128 / sizeof(T), NG = CL_NT / TC, RPG = CL_TL / NG;
+  constexpr int XR = CL_TL + 2 * WM1, GR = CL_TL + WM1;  // x rows from t0 - (W-1), dout rows from t0
+  __shared__ uint4 xs_raw[XR * 8];
+  __shared__ uint4 gs_raw[GR * 8];
+  __shared__ uint4 os_raw[CL_TL * 8];
+  __shared__ float red[NG][TC][W + 1];
+  const int c0 = blockIdx.x * TC;
+  const i64 t0 = (i64)blockIdx.y * CL_TL;
+  const i64 b = blockIdx.z;
+  const T* xb = x + b * L * D;
+  const T* initb = init ? init + b * D * WM1 : nullptr;
+  cl_load_tile<T, XR>(xs_raw, xb, initb, t0 - WM1, c0, D, L, WM1);
+  cl_load_tile<T, GR>(gs_raw, dout + b * L * D, nullptr, t0, c0, D, L, WM1);
+  const int cl = threadIdx.x % TC, grp = threadIdx.x / TC, c = c0 + cl;
+  float wk[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) wk[k] = c < D ? weight[(i64)c * W + k] : 0.f;
+  const float bias_c = (bias && c < D) ? bias[c] : 0.f;
+  const i64 L0 = L - WM1;  // dfinal_states[i] flows to input position L0 + i
+  __syncthreads();
+  const T* xt = reinterpret_cast<const T*>(xs_raw);
+  const T* gt = reinterpret_cast<const T*>(gs_raw);
+  T* ot = reinterpret_cast<T*>(os_raw);
+  const int rb = grp * RPG, q0 = rb + RPG + WM1 - 1;  // rows rb .. q0 of dpre, rb .. rb + RPG - 1 of dx
+  // In the step at row q: xv[j] = x tile row q + j (the input at t0 + q - (W-1) + j), dpw[j] = dpre
+  // at t0 + q + j. Both shift up by one at the start of a step: before the first, xv[j] = row q0 + 1 + j.
+  float xv[W], dpw[W], acc_w[W + 1];
+#pragma unroll
+  for (int j = 0; j < W; ++j) {
+    xv[j] = j < WM1 ? load_f(xt + (q0 + 1 + j) * TC + cl) : 0.f;
+    dpw[j] = 0.f;
+  }
+#pragma unroll
+  for (int j = 0; j <= W; ++j) acc_w[j] = 0.f;
+#pragma unroll 4
+  for (int i = 0; i < RPG + WM1; ++i) {
+    const int q = q0 - i;
+#pragma unroll
+    for (int j = WM1; j > 0; --j) {
+      xv[j] = xv[j - 1];
+      dpw[j] = dpw[j - 1];
+    }
+    xv[0] = load_f(xt + q * TC + cl);
+    float pre = bias_c;
+#pragma unroll
+    for (int j = 0; j < W; ++j) pre = fmaf(wk[j], xv[j], pre);
+    float gk = load_f(gt + q * TC + cl);  // 0 at or past L (zero-filled rows)
+    if (silu) gk *= silu_grad_f(pre);
+    dpw[0] = gk;
+    if (i >= WM1) {  // q is one of the thread's own rows
+#pragma unroll
+      for (int j = 0; j < W; ++j) acc_w[j] = fmaf(gk, xv[j], acc_w[j]);
+      acc_w[W] += gk;
+      float acc = 0.f;
+#pragma unroll
+      for (int j = 0; j < W; ++j) acc = fmaf(wk[j], dpw[WM1 - j], acc);
+      const i64 s = t0 + q;
+      if (dfinal && c < D && s >= L0 && s < L) acc += load_elem<T>(dfinal, dfinal_f32, (b * D + c) * WM1 + (s - L0));
+      store_f(ot + q * TC + cl, acc);
+    }
+  }
+  if (dinit && t0 == 0 && grp == 0 && c < D) {
+    // Initial state j sits at input position s = j - (W-1); dpw holds dpre at 0 .. W-1.
+#pragma unroll
+    for (int j = 0; j < WM1; ++j) {
+      const i64 s = j - WM1;
+      float acc = (dfinal && s >= L0) ? load_elem<T>(dfinal, dfinal_f32, (b * D + c) * WM1 + (s - L0)) : 0.f;
+#pragma unroll
+      for (int k = 0; k <= j; ++k) acc = fmaf(wk[k], dpw[j - k], acc);
+      store_elem<T>(dinit, dinit_f32, (b * D + c) * WM1 + j, acc);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j <= W; ++j) red[grp][cl][j] = acc_w[j];
+  __syncthreads();
+  if (threadIdx.x < TC && c < D) {
+#pragma unroll
+    for (int j = 0; j <= W; ++j) {
+      float t = 0.f;
+#pragma unroll
+      for (int k = 0; k < NG; ++k) t += red[k][cl][j];
+      part[((b * ntl + blockIdx.y) * D + c) * (W + 1) + j] = t;
+    }
+  }
+  cl_store_tile<T, CL_TL>(dx + b * L * D, os_raw, t0, c0, D, L);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -28,15 +28,26 @@ _CL_STEPS = 8  # time steps per thread of the channel-last kernel
 # 8 since 2026-11-29 (H200: 77.9 us vs 93.6 us for 16 at B8 D4096 L2048 W4 bf16);
 # SSMCORE_CONV_FWD_POSITIONS overrides it (benchmarks set the attribute directly).
 fwd_positions = int(os.environ.get("SSMCORE_CONV_FWD_POSITIONS", "8"))
+# Forward of that common case: "ws" (conv_fwd_ws, session 4: a warp owns fwd_words x 512 bytes of a
+# row, each warp load one contiguous 512-byte span, all of a thread's words in flight at once) or
+# "vec" (conv_fwd_vec with fwd_positions, the default before session 4).
+fwd_path = os.environ.get("SSMCORE_CONV_FWD", "ws")
+fwd_words = int(os.environ.get("SSMCORE_CONV_FWD_WORDS", "4"))  # 2 or 4 16-byte words per thread
 
 # Backward of the common contiguous case (L % 8 == 0, aligned, no seq_idx, W <= 4): "fused" (one
 # kernel: x, dout read once, dx written once) or "split" (conv_bwd_dpre + conv_bwd_dx through a
 # float32 dpre, the only path before 2026-11-29 and still the one for every other case).
-bwd_path = os.environ.get("SSMCORE_CONV_BWD", "fused")
+# "ws" (conv_bwd_ws, session 4: the warp-strided layout of conv_fwd_ws, x and dout words all in flight
+# at once, warps independent, no __syncthreads) is the default since session 4.
+bwd_path = os.environ.get("SSMCORE_CONV_BWD", "ws")
+bwd_words = int(os.environ.get("SSMCORE_CONV_BWD_WORDS", "4"))  # 2 or 4 words of x (and dout) per thread
 # Channel-last x (D % 8 == 0, aligned, no seq_idx, W <= 4, initial states absent or of x's dtype):
 # "tile" (shared-memory tiles, forward and backward) or "old" (conv_fwd_cl forward; the backward
 # copies x to contiguous and dx back).
 cl_path = os.environ.get("SSMCORE_CONV_CL", "tile")
+# The channel-last backward kernel when cl_path is "tile": "walk" (conv_bwd_cl_walk, session 4: sliding
+# register windows, ~3 shared-memory accesses per position instead of ~11) or "tile" (conv_bwd_cl_tile).
+cl_bwd = os.environ.get("SSMCORE_CONV_CL_BWD", "walk")
 
 INSTANTIATIONS = (
     [f"conv_fwd<{t}, {w}, 8>" for t in _TYPES for w in _WIDTHS]
@@ -44,6 +55,9 @@ INSTANTIATIONS = (
     + [f"{k}<{t}, {w}>" for k in ("conv_fwd_cl", "conv_bwd_dpre", "conv_bwd_dx") for t in _TYPES for w in _WIDTHS]
     + [f"{k}<{t}, {w}>" for k in ("conv_bwd_fused", "conv_fwd_cl_tile", "conv_bwd_cl_tile") for t in _TYPES
        for w in (1, 2, 3, 4)]
+    + [f"conv_bwd_cl_walk<{t}, {w}>" for t in _TYPES for w in (1, 2, 3, 4)]
+    + [f"conv_fwd_ws<{t}, {w}, {n}>" for t in _TYPES for w in (1, 2, 3, 4) for n in (2, 4)]
+    + [f"conv_bwd_ws<{t}, {w}, {n}>" for t in _TYPES for w in (1, 2, 3, 4) for n in (2, 4)]
     + [f"conv_update<{tx}, {ts}>" for tx in _TYPES for ts in _TYPES]
     + ["column_sum<float>"]
 )
@@ -80,6 +94,21 @@ _CL_TL, _CL_THREADS = 64, 128  # time steps and threads of a channel-last tile b
 
 def _cl_tile_ok(vec, seq, wa, init, init_f32) -> bool:
     return cl_path == "tile" and vec and seq is None and wa > 0 and (init is None or not init_f32)
+
+
+_WS_THREADS = 128  # CONV_WS_THREADS
+
+
+def _ws_layout(x, words):
+    """(segments per row, warps, blocks) of conv_fwd_ws / conv_bwd_ws: a warp owns a segment of
+    warp size x words x 16 bytes of one row."""
+    n_batch, n_chan, length = x.shape
+    warp = _arrays.warp_size()
+    nseg = cdiv(length, warp * words * (16 // x.itemsize))
+    nwarps = n_batch * n_chan * nseg
+    if nwarps >= 2**32:
+        raise ValueError(f"x: {nwarps} warp segments do not fit the 32-bit warp index")
+    return nseg, nwarps, cdiv(nwarps, _WS_THREADS // warp)
 
 
 def _cl_grid(x):
@@ -127,7 +156,14 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
         out = cupy.empty(x.shape, x.dtype)
         final_f32 = np.int32(final is not None and final.dtype == cupy.float32)
         vec = length % 8 == 0 and _arrays.aligned16(xs, out, seq)
-        if x.size and vec and seq is None and wa:
+        if x.size and vec and seq is None and wa and fwd_path == "ws":
+            nseg, nwarps, blocks = _ws_layout(xs, fwd_words)
+            _runtime.launch(
+                _runtime.function(FAMILY, f"conv_fwd_ws<{t}, {wa}, {fwd_words}>"), (blocks,), (_WS_THREADS,),
+                (xs, w, ptr(b), ptr(init), np.int32(init_f32), out, ptr(final_arg), final_f32, np.int32(n_chan),
+                 np.int64(length), np.uint32(nseg), np.uint32(nwarps), silu),
+            )
+        elif x.size and vec and seq is None and wa:
             nchunks = cdiv(length, 2048)
             kernel = _runtime.function(FAMILY, f"conv_fwd_vec<{t}, {wa}, {fwd_positions}>")
             _runtime.launch(
@@ -179,7 +215,8 @@ def _bwd_cl_tile(dout, x, weight, bias, activation, seq_idx, initial_states, dfi
     grid = _cl_grid(x)
     part = cupy.empty((n_batch * grid[1], n_chan * (width + 1)), cupy.float32)
     _runtime.launch(
-        _runtime.function(FAMILY, f"conv_bwd_cl_tile<{t}, {wa}>"), grid, (_CL_THREADS,),
+        _runtime.function(FAMILY, f"conv_bwd_cl_{'walk' if cl_bwd == 'walk' else 'tile'}<{t}, {wa}>"), grid,
+        (_CL_THREADS,),
         (xs, gs, w, ptr(b), ptr(init), ptr(dfinal), np.int32(dfinal_f32), dx_store,
          ptr(dinit if width > 1 else None), np.int32(init_f32), part, np.int32(n_chan), np.int64(length),
          np.int64(grid[1]), np.int32(activation is not None)),
@@ -211,15 +248,25 @@ def causal_conv1d_bwd(dout, x, weight, bias=None, activation=None, seq_idx=None,
     dx = cupy.empty(x.shape, x.dtype)
     dinit = None if initial_states is None else cupy.empty(initial_states.shape, init.dtype)
     nchunks = cdiv(length, _CHUNK)
-    part = cupy.empty((n_batch * nchunks, n_chan * (width + 1)), cupy.float32)
     silu = np.int32(activation is not None)
-    fused = False
+    fused = ws = False
     if x.size:
         vec = length % 8 == 0 and _arrays.aligned16(xs, g, dx, seq)  # a fresh dpre is aligned
         grid = (n_batch * n_chan * nchunks,)
+        ws = bwd_path == "ws" and vec and seq is None and wa > 0
         fused = bwd_path == "fused" and vec and seq is None and wa > 0
-        dpre = None if fused else cupy.empty(x.shape, cupy.float32)
-    if fused:
+        dpre = None if fused or ws else cupy.empty(x.shape, cupy.float32)
+    part = None if ws else cupy.empty((n_batch * nchunks, n_chan * (width + 1)), cupy.float32)
+    if ws:  # partials per warp segment instead of per 1024-position chunk
+        nseg, nwarps, blocks = _ws_layout(xs, bwd_words)
+        part = cupy.empty((n_batch * nseg, n_chan * (width + 1)), cupy.float32)
+        _runtime.launch(
+            _runtime.function(FAMILY, f"conv_bwd_ws<{t}, {wa}, {bwd_words}>"), (blocks,), (_WS_THREADS,),
+            (xs, g, np.int32(g_f32), w, ptr(b), ptr(init), np.int32(init_f32), ptr(dfinal), np.int32(dfinal_f32),
+             dx, ptr(dinit if width > 1 else None), np.int32(init_f32), part, np.int32(n_chan), np.int64(length),
+             np.uint32(nseg), np.uint32(nwarps), silu),
+        )
+    elif fused:
         _runtime.launch(
             _runtime.function(FAMILY, f"conv_bwd_fused<{t}, {wa}>"), grid, (128,),
             (xs, g, np.int32(g_f32), w, ptr(b), ptr(init), np.int32(init_f32), ptr(dfinal), np.int32(dfinal_f32),

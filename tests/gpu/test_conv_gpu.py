@@ -408,19 +408,31 @@ def test_backward_bitwise_reproducible(rng, length):
 # --- the fused contiguous backward and the channel-last tile kernels (and the paths they replace) ---
 
 
-@pytest.mark.parametrize("path", ["new", "old"])
+@pytest.mark.parametrize("path", ["ws2", "ws4", "new", "cltile", "old"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("width", [1, 2, 4])
 @pytest.mark.parametrize("channel_last,shape", [(False, (2, 3, 16)), (False, (1, 2, 1040)),
                                                 (True, (2, 24, 70)), (True, (1, 72, 9))],
                          ids=["contig-short", "contig-2chunks", "cl-2tiles", "cl-2ctiles"])
 def test_fast_paths(rng, monkeypatch, path, dtype, width, channel_last, shape):
-    """conv_bwd_fused (contiguous, L % 8 == 0), conv_fwd_cl_tile / conv_bwd_cl_tile (channel-last,
-    D % 8 == 0): partial channel and time tiles, several chunks, initial states of x's dtype and
+    """conv_fwd_ws / conv_bwd_ws ("ws2", "ws4": 2 or 4 words per thread; contiguous, L % 8 == 0:
+    several warp segments, the last one partial), conv_fwd_vec / conv_bwd_fused ("new"),
+    conv_fwd_cl_tile / conv_bwd_cl_walk ("new", channel-last, D % 8 == 0) and conv_bwd_cl_tile
+    ("cltile"): partial channel and time tiles, several chunks, initial states of x's dtype and
     dfinal_states, against the float64 oracles; "old" runs the paths they replace."""
     conv_backend = pytest.importorskip("ssmcore.backends.cupy.conv")
-    monkeypatch.setattr(conv_backend, "bwd_path", "fused" if path == "new" else "split")
-    monkeypatch.setattr(conv_backend, "cl_path", "tile" if path == "new" else "old")
+    ws = path.startswith("ws")
+    if channel_last and ws:
+        pytest.skip("the warp-strided kernels take contiguous x only (channel-last is covered by new/old)")
+    if path == "cltile" and not channel_last:
+        pytest.skip("cltile differs from new in the channel-last backward only")
+    monkeypatch.setattr(conv_backend, "cl_bwd", "tile" if path == "cltile" else "walk")
+    monkeypatch.setattr(conv_backend, "fwd_path", "ws" if ws else "vec")
+    monkeypatch.setattr(conv_backend, "bwd_path", "ws" if ws else "fused" if path == "new" else "split")
+    monkeypatch.setattr(conv_backend, "cl_path", "old" if path == "old" else "tile")
+    if ws:
+        monkeypatch.setattr(conv_backend, "fwd_words", int(path[2:]))
+        monkeypatch.setattr(conv_backend, "bwd_words", int(path[2:]))
     batch, channels, length = shape
     x = make_x(rng, batch, channels, length, dtype, channel_last)
     weight = randn(rng, (channels, width), "float32")
@@ -435,7 +447,9 @@ def test_fast_paths(rng, monkeypatch, path, dtype, width, channel_last, shape):
         ref_out, ref_final = reference.causal_conv1d(x, weight, bias, activation, None, init, True)
         assert_close(host(out), ref_out, dtype, rtol=rtol, atol=atol, name=f"out ({what})")
         np.testing.assert_array_equal(f64(host(final)), ref_final, err_msg=f"final_states ({what})")
-        dout = to_gpu_layout(make_x(rng, batch, channels, length, dtype, channel_last))
+        # The second option set takes a float32 dout (the kernels' other dout stream type).
+        dout_dtype = dtype if activation else "float32"
+        dout = to_gpu_layout(make_x(rng, batch, channels, length, dout_dtype, channel_last))
         dfinal = randn(rng, (batch, channels, width - 1), "float32")
         grads = ssmcore.causal_conv1d_bwd(dout, gx, *args, dfinal_states=gpu(dfinal))
         want = conv_grads(host(dout), x, weight, bias, activation, None, init, dfinal)
