@@ -19,6 +19,9 @@ its first kernel alone (the forward pass that stores the checkpoints).
   must stay <= 1.3x the default), "mb2" / "mb3": scan.bwd_min_blocks = 2 / 3 (registers capped
   at 255 / 168 for 2 / 3 blocks per SM; the default row uses scan.py's automatic choice, 3 from
   6 blocks per SM up), "det mb3": both.
+Every run also times the session-3 kernels in the same process (rows " v2": SSMCORE_SCAN_FWD_IMPL and
+SSMCORE_SCAN_BWD_IMPL = v2, all four ops; the default rows are v3), and with --variants " fwd v2" /
+" bwd v2" (only one of the two passes old) for fwd+bwd.
 --warm first compiles every scan kernel in parallel processes (fills CuPy's on-disk cache).
 """
 
@@ -151,6 +154,7 @@ def main(argv=None):
     from ssmcore.backends.cupy import scan
 
     print(f"device: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, cupy {cupy.__version__}")
+    default_tp_states = scan.tp_states
     rows = []
     for batch, channels, length, N in SHAPES:
         x = make_inputs(batch, channels, length, N)
@@ -174,24 +178,33 @@ def main(argv=None):
 
         ops = (("fwd", fwd, f_floor), ("fwd+bwd", fwd_bwd, fb_floor), ("bwd", bwd, fb_floor - f_floor),
                ("bwd ckpt", ckpt_pass, f_floor))
-        # (name, deterministic, backward min blocks (0: scan.py's choice), output forward kernel, tp states)
-        variants = [("", False, 0, "auto", 2)]
+        # (name, deterministic, backward min blocks (0: scan.py's choice), output forward kernel, tp states
+        # (None: scan.py's default), forward / backward kernel version (None: scan.py's default, v3))
+        variants = [("", False, 0, "auto", None, None, None), (" v2", False, 0, "auto", None, "v2", "v2")]
         if args.variants:
-            variants += [(" det", True, 0, "auto", 2), (" mb2", False, 2, "auto", 2), (" mb3", False, 3, "auto", 2),
-                         (" det mb3", True, 3, "auto", 2), (" lanes", False, 0, "lanes", 2),
-                         (" tp1", False, 0, "tp", 1), (" tp2", False, 0, "tp", 2), (" tp4", False, 0, "tp", 4)]
+            variants += [(" fwd v2", False, 0, "auto", None, "v2", None), (" bwd v2", False, 0, "auto", None, None, "v2"),
+                         (" det", True, 0, "auto", None, None, None), (" mb2", False, 2, "auto", None, None, None),
+                         (" mb3", False, 3, "auto", None, None, None), (" det mb3", True, 3, "auto", None, None, None),
+                         (" lanes", False, 0, "lanes", None, None, None), (" tp1", False, 0, "tp", 1, None, None),
+                         (" tp2", False, 0, "tp", 2, None, None), (" tp4", False, 0, "tp", 4, None, None)]
         for op, fn, floor in ops:
             timed_by_peer = peers and op in ("fwd", "fwd+bwd")
             peer_us = bench_us(peers[0] if op == "fwd" else peers[1]) if timed_by_peer else None
             runs = [(f, v) for f in (layouts if op in ("fwd", "fwd+bwd") else [None]) for v in variants
                     if f is None or not v[0]]
-            for forced, (vname, det, min_blocks, fwd_kernel, tp_states) in runs:
-                fwd_variant = fwd_kernel != "auto"
-                if vname and op not in (("fwd", "fwd+bwd") if fwd_variant else ("fwd+bwd", "bwd")):
+            for forced, (vname, det, min_blocks, fwd_kernel, tp_states, fwd_impl, bwd_impl) in runs:
+                fwd_variant = fwd_kernel != "auto" or tp_states is not None
+                if vname == " v2":
+                    pass  # the old kernels: every op
+                elif vname in (" fwd v2", " bwd v2"):
+                    if op != "fwd+bwd":
+                        continue
+                elif vname and op not in (("fwd", "fwd+bwd") if fwd_variant else ("fwd+bwd", "bwd")):
                     continue
                 scan.force_states_per_lane = forced
                 scan.bwd_min_blocks = min_blocks
-                scan.fwd_kernel, scan.tp_states = fwd_kernel, tp_states
+                scan.fwd_kernel, scan.tp_states = fwd_kernel, tp_states or default_tp_states
+                scan.fwd_impl, scan.bwd_impl = fwd_impl, bwd_impl
                 os.environ.pop("SSMCORE_DETERMINISTIC", None)
                 if det:
                     os.environ["SSMCORE_DETERMINISTIC"] = "1"
@@ -205,7 +218,8 @@ def main(argv=None):
                     print(f"{shape} {op} S={forced}{vname}: {type(err).__name__}: {err}", flush=True)
                     os.environ.pop("SSMCORE_DETERMINISTIC", None)
                     scan.bwd_min_blocks = 0
-                    scan.fwd_kernel, scan.tp_states = "auto", 2
+                    scan.fwd_kernel, scan.tp_states = "auto", default_tp_states
+                    scan.fwd_impl = scan.bwd_impl = None
                     continue
                 try:
                     graphed = graph_us(fn)
@@ -216,7 +230,8 @@ def main(argv=None):
                 finally:
                     os.environ.pop("SSMCORE_DETERMINISTIC", None)
                     scan.bwd_min_blocks = 0
-                    scan.fwd_kernel, scan.tp_states = "auto", 2
+                    scan.fwd_kernel, scan.tp_states = "auto", default_tp_states
+                    scan.fwd_impl = scan.bwd_impl = None
                 s, r = scan._layout(N, batch * channels)
                 auto_tp = scan._use_time_parallel(scan._Args(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                                              x["delta_bias"], None))

@@ -53,8 +53,11 @@
 //   5980 us): v1 fwd 1566 us (S4 R4; its no-output checkpoint pass 897 us), fwd+bwd 16.7 ms;
 //   B1 D4096 L2048 fwd 281 us (S1 R16). v1 was latency-bound (tile loads and the epilogue's z loads
 //   exposed once per tile) and its backward hit 16-way bank conflicts in the shared-memory atomics.
-//   v2 (this file: forward register prefetch + z gate in shared memory, conflict-free sRed, no global
-//   loads in the backward epilogue) is not measured yet.
+//   v2 (scan_fwd / scan_bwd with -DSCAN_BWD_V=2: forward register prefetch + z gate in shared memory,
+//   conflict-free sRed, no global loads in the backward epilogue): fwd 1255 us, fwd+bwd 7112 (mb3).
+//   v3 (session 4, the default; scan_fwd3 and scan_bwd's SCAN_BWD_V=3 paths, see their comments):
+//   branch-free SFU-only gate math, all global loads of a tile/chunk issued together, one barrier
+//   per forward tile, no shared-memory atomics in the backward. Not measured yet.
 #include "common.cuh"
 
 namespace {
@@ -410,6 +413,253 @@ scan_fwd(const T* __restrict__ u, const T* __restrict__ delta, const float* __re
   }
 }
 
+namespace {
+
+// softplus with the SFU only (ex2 + lg2, no log1pf polynomial, no branch): log1p(exp(x)) =
+// max(x, 0) + log(1 + exp(-|x|)), absolute error ~1e-7; x > 20 gives x as the reference does.
+__device__ __forceinline__ float softplus_sfu(float x) {
+  const float e = exp2_fast(-fabsf(x) * kLog2e);
+  const float r = fmaxf(x, 0.f) + __logf(1.f + e);
+  return x > 20.f ? x : r;
+}
+
+// 1 / (1 + exp(-x)) with ex2 + a fast reciprocal (0 for x -> -inf, 1 for x -> inf).
+__device__ __forceinline__ float sigmoid_sfu(float x) { return __fdividef(1.f, 1.f + exp2_fast(-x * kLog2e)); }
+
+// One forward tile of TL steps (fully unrolled) for one lane of scan_fwd3: state update,
+// checkpoints every CH steps, and with kY the output written straight from the lane that owns
+// (row, t) after the reduce-scatter over the row's lanes: out = (y + D u) * gate.
+template <typename T, int S, int R, int TL, int CH, int RS, bool kY>
+__device__ __forceinline__ void fwd3_tile(float (&h)[S], const float (&A2)[S], const float* sDt_i,
+                                          const float* sU_i, const float* sG_i, const float* pB, int sBt,
+                                          const float* pC, int sCt, float* ck, i64 ck_stride, int t0,
+                                          int nchunks, int lane, bool row_ok, float Di, T* out_i, int L) {
+  constexpr int TG = cmin(R, TL);
+  using Red = LaneReduce<TG, 0, ilog2(R)>;
+#pragma unroll
+  for (int tg = 0; tg < TL; tg += TG) {
+    float yv[TG];
+#pragma unroll
+    for (int k = 0; k < TG; ++k) {
+      const int t = tg + k;
+      const float dt = sDt_i[t];
+      const float du = dt * sU_i[t];
+      float bv[S], cv[S];
+      lds_vec<S>(bv, pB + t * sBt);
+      if (kY) lds_vec<S>(cv, pC + t * sCt);
+      float y = 0.f;
+#pragma unroll
+      for (int s = 0; s < S; ++s) {
+        const float dA = exp2_fast(dt * A2[s]);
+        h[s] = fmaf(dA, h[s], du * bv[s]);
+        if (kY) y = fmaf(cv[s], h[s], y);
+      }
+      yv[k] = y;
+      if ((t + 1) % CH == 0 && ck != nullptr) {
+        const int c = (t0 + t + 1) / CH;
+        if (c < nchunks) {
+#pragma unroll
+          for (int s = 0; s < S; ++s) ck[c * ck_stride + s] = h[s];
+        }
+      }
+    }
+    if (kY) {
+      Red::run(yv, lane);
+      const int tt = tg + Red::offset(lane);
+      if (Red::owner(lane) && row_ok && t0 + tt < L)
+        store_f(out_i + t0 + tt, fmaf(Di, sU_i[tt], yv[0]) * sG_i[tt]);
+    }
+  }
+}
+
+}  // namespace
+
+// Forward v3 (scan.py: SSMCORE_SCAN_FWD_IMPL=v3, the default; R >= 2 layouts), same arguments and
+// results as scan_fwd (bitwise equal states: same step order and exps; dt/gate go through the
+// SFU-only softplus / silu instead of log1pf and an IEEE divide). What changed against scan_fwd
+// (v2), from its SASS: v2 staged each tile with one branchy per-element chain (global load of the
+// bias -> log1pf polynomial -> expf -> IEEE reciprocal with its slow-path call -> shared store),
+// serialised over the thread's elements, and spent three barriers per tile (before the staging,
+// after it, before a cooperative epilogue that re-read y, D, u and the gate). v3:
+//  - the staging is branch-free with the bias preloaded per element (its rows never change), so
+//    the KE elements' math overlaps;
+//  - shared tiles are double-buffered (tile parity) and the output is written by the lane that owns
+//    (row, t) after the y reduce-scatter (reading u and the gate of that tile from shared memory):
+//    ONE barrier per tile, no sY, no epilogue phase;
+//  - the tile's steps are fully unrolled (compile-time checkpoint tests; the next group's shared
+//    loads and exps can be scheduled under the previous group's shuffles).
+// Registers capped for 4 blocks per SM (16 warps, 128 registers), 3 (168) for the layouts that would
+// spill at 128 (many staging elements per thread with S >= 4, or NP >= 64).
+template <int S, int R>
+__host__ __device__ constexpr int fwd3_min_blocks() {
+  return ((S >= 4 && (kThreads / R) * Cfg<S, R>::kTile / kThreads >= 8) || S * R >= 64) ? 3 : 4;
+}
+
+template <typename T, int S, int R>
+__global__ void __launch_bounds__(kThreads, (fwd3_min_blocks<S, R>()))
+scan_fwd3(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
+          const void* __restrict__ Bp, const void* __restrict__ Cp, const float* __restrict__ Dv,
+          const T* __restrict__ z, const float* __restrict__ bias, const float* __restrict__ h0,
+          T* __restrict__ out, float* __restrict__ last, float* __restrict__ ckpt, int L, int Dm,
+          int N, int Dblk, int Gblk, int GB, int GC, int ptiles, int flags, int nchunks) {
+  using Cf = Cfg<S, R>;
+  constexpr int RB = Cf::kRows, TL = Cf::kTile, CH = Cf::kChunk, NP = Cf::kNP, BS = Cf::kBS;
+  constexpr int RS = TL + 4;  // TL is a power of two >= 8: RS / 4 odd keeps rows on distinct banks
+  constexpr int BC_ROWS = cmax(TL, RB);
+  constexpr int KE = (RB * TL + kThreads - 1) / kThreads;  // (row, t) elements per thread
+  constexpr int KB = (NP * TL + kThreads - 1) / kThreads;  // (n, t) elements of B or C per thread
+  __shared__ __align__(16) float sB[2][BC_ROWS * BS];
+  __shared__ __align__(16) float sC[2][BC_ROWS * BS];
+  __shared__ __align__(16) float sDt[2][RB * RS];
+  __shared__ __align__(16) float sU[2][RB * RS];
+  __shared__ __align__(16) float sGate[2][RB * RS];  // silu(z), or 1
+
+  if (ckpt != nullptr && nchunks != (L + CH - 1) / CH) __trap();  // launcher and Cfg disagree
+  const BlockRows blk(RB, Dm, Dblk, Gblk, GB, GC, ptiles);
+  const int tid = threadIdx.x, i = tid / R, j = tid % R, lane = lane_id();
+  const bool row_ok = i < blk.rows;
+  const int d = blk.row0 + i;
+  const bool softplus = flags & 1, varB = flags & 2, varC = flags & 4;
+  const bool want_y = out != nullptr;
+  const bool want_C = varC && want_y;
+  const bool want_z = want_y && z != nullptr;
+
+  float A2[S], h[S];
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    const int n = j * S + s;
+    const bool ok = row_ok && n < N;
+    A2[s] = ok ? A[(i64)d * N + n] * kLog2e : 0.f;
+    h[s] = (ok && h0 != nullptr) ? h0[((i64)blk.b * Dm + d) * N + n] : 0.f;
+  }
+  const float Di = (row_ok && Dv != nullptr) ? Dv[d] : 0.f;
+  if (!varB) {
+    load_bc_const<NP, BS>(sB[0], static_cast<const float*>(Bp), RB, blk.rows, blk.row0, N);
+    load_bc_const<NP, BS>(sB[1], static_cast<const float*>(Bp), RB, blk.rows, blk.row0, N);
+  }
+  if (!varC && want_y) {
+    load_bc_const<NP, BS>(sC[0], static_cast<const float*>(Cp), RB, blk.rows, blk.row0, N);
+    load_bc_const<NP, BS>(sC[1], static_cast<const float*>(Cp), RB, blk.rows, blk.row0, N);
+  }
+  const int oB = varB ? j * S : i * BS + j * S;
+  const int oC = varC ? j * S : i * BS + j * S;
+  const int sBt = varB ? BS : 0, sCt = varC ? BS : 0;
+  const T* Bvar = varB ? static_cast<const T*>(Bp) + ((i64)blk.b * GB + blk.gB) * N * L : nullptr;
+  const T* Cvar = varC ? static_cast<const T*>(Cp) + ((i64)blk.b * GC + blk.gC) * N * L : nullptr;
+  T* out_i = want_y ? out + ((i64)blk.b * Dm + (row_ok ? d : blk.row0)) * L : nullptr;
+
+  float* ck = nullptr;
+  const i64 ck_stride = (i64)Dm * NP;
+  if (ckpt != nullptr && row_ok) {
+    ck = ckpt + ((i64)blk.b * nchunks * Dm + d) * NP + j * S;
+#pragma unroll
+    for (int s = 0; s < S; ++s) ck[s] = h[s];
+  }
+
+  // Per staging element k: its row never changes (e = tid + k * kThreads, row e / TL), so the
+  // bias is loaded once.
+  float bias_k[KE];
+#pragma unroll
+  for (int k = 0; k < KE; ++k) {
+    const int ii = (tid + k * kThreads) / TL;
+    bias_k[k] = (bias != nullptr && ii < blk.rows) ? bias[blk.row0 + ii] : 0.f;
+  }
+
+  // The next tile's global loads go into registers before the current tile's steps (raw
+  // elements, converted at staging); elements outside the rows / L keep stale values that the
+  // staging replaces by the identity step (dt 0, u 0, gate 1, B/C 0).
+  T ru[KE], rd[KE], rz[KE], rb[KB], rc[KB];
+  const T zero_t = T{};
+#pragma unroll
+  for (int k = 0; k < KE; ++k) ru[k] = rd[k] = rz[k] = zero_t;
+#pragma unroll
+  for (int k = 0; k < KB; ++k) rb[k] = rc[k] = zero_t;
+  auto element_ok = [&](int k, int t0) {
+    const int e = tid + k * kThreads;
+    return (RB * TL % kThreads == 0 || e < RB * TL) && e / TL < blk.rows && t0 + e % TL < L;
+  };
+  auto bc_ok = [&](int k, int t0) {
+    const int e = tid + k * kThreads;
+    return (NP * TL % kThreads == 0 || e < NP * TL) && e / TL < N && t0 + e % TL < L;
+  };
+  auto fetch = [&](int t0) {
+#pragma unroll
+    for (int k = 0; k < KE; ++k) {
+      if (element_ok(k, t0)) {
+        const int e = tid + k * kThreads;
+        const i64 off = ((i64)blk.b * Dm + blk.row0 + e / TL) * L + t0 + e % TL;
+        ru[k] = u[off];
+        rd[k] = delta[off];
+        if (want_z) rz[k] = z[off];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < KB; ++k) {
+      if (bc_ok(k, t0)) {
+        const int e = tid + k * kThreads;
+        const i64 off = (i64)(e / TL) * L + t0 + e % TL;
+        if (varB) rb[k] = Bvar[off];
+        if (want_C) rc[k] = Cvar[off];
+      }
+    }
+  };
+  auto commit = [&](int t0, int buf) {
+#pragma unroll
+    for (int k = 0; k < KE; ++k) {
+      const int e = tid + k * kThreads;
+      if (RB * TL % kThreads == 0 || e < RB * TL) {
+        const int ii = e / TL, tt = e % TL;
+        const bool ok = element_ok(k, t0);
+        const float x = as_float(rd[k]) + bias_k[k];
+        const float dtv = softplus ? softplus_sfu(x) : x;
+        const float zv = as_float(rz[k]);  // computed without z too (rz = 0): no branch
+        const float gate = want_z ? __fdividef(zv, 1.f + exp2_fast(-zv * kLog2e)) : 1.f;
+        sU[buf][ii * RS + tt] = ok ? as_float(ru[k]) : 0.f;
+        sDt[buf][ii * RS + tt] = ok ? dtv : 0.f;
+        sGate[buf][ii * RS + tt] = ok ? gate : 1.f;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < KB; ++k) {
+      const int e = tid + k * kThreads;
+      if (NP * TL % kThreads == 0 || e < NP * TL) {
+        const int n = e / TL, tt = e % TL;
+        const bool ok = bc_ok(k, t0);
+        if (varB) sB[buf][tt * BS + n] = ok ? as_float(rb[k]) : 0.f;
+        if (want_C) sC[buf][tt * BS + n] = ok ? as_float(rc[k]) : 0.f;
+      }
+    }
+  };
+
+  // One barrier per tile: tile t's staging goes to buffer t & 1, whose last readers (tile t - 2's
+  // steps) finished before the barrier of tile t - 1.
+  if (L > 0) fetch(0);
+  int buf = 0;
+  for (int t0 = 0; t0 < L; t0 += TL, buf ^= 1) {
+    commit(t0, buf);
+    __syncthreads();
+    if (t0 + TL < L) fetch(t0 + TL);
+    const float* sDt_i = sDt[buf] + i * RS;
+    const float* sU_i = sU[buf] + i * RS;
+    const float* sG_i = sGate[buf] + i * RS;
+    if (want_y) {
+      fwd3_tile<T, S, R, TL, CH, RS, true>(h, A2, sDt_i, sU_i, sG_i, sB[buf] + oB, sBt, sC[buf] + oC, sCt,
+                                          ck, ck_stride, t0, nchunks, lane, row_ok, Di, out_i, L);
+    } else {
+      fwd3_tile<T, S, R, TL, CH, RS, false>(h, A2, sDt_i, sU_i, sG_i, sB[buf] + oB, sBt, sC[buf] + oC, sCt,
+                                           ck, ck_stride, t0, nchunks, lane, row_ok, Di, out_i, L);
+    }
+  }
+
+  if (last != nullptr && row_ok) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int n = j * S + s;
+      if (n < N) last[((i64)blk.b * Dm + d) * N + n] = h[s];
+    }
+  }
+}
+
 // Time-parallel forward (output pass only: no checkpoints), for grids the lane layouts leave
 // short of work (batch 1). One block of kThreads threads per (b, d) row; a chunk of kThreads * 8
 // steps has thread k own steps c0 + 8k .. c0 + 8k + 7 (16-byte loads of u, delta, z and of each
@@ -547,6 +797,19 @@ scan_fwd_tp(const T* __restrict__ u, const T* __restrict__ delta, const float* _
 #ifndef SCAN_BWD_MIN_BLOCKS
 #define SCAN_BWD_MIN_BLOCKS 2
 #endif
+// Backward version (scan.py: SSMCORE_SCAN_BWD_IMPL, passed as -DSCAN_BWD_V=2 for the old one).
+// v3 against v2 (from v2's SASS at S4 R4): (1) the chunk's global loads (u, delta, dout, z, bias,
+// B/C tile, checkpoint) are all issued before any of them is used; v2 loaded, converted and stored
+// one element at a time, each behind a branch, so ~6 DRAM latencies per chunk were serial. (2) The
+// per-element math is branch-free on the SFU (softplus, sigmoid, silu, silu'; sigmoid(x) kept in
+// shared memory for the epilogue instead of expm1f there). (3) dB/dC block sums: every warp
+// writes its own copy with plain stores (each (kind, n, t) cell has exactly one owner lane per
+// warp and chunk) and the epilogue adds the copies in a fixed order; v2's shared float atomicAdd
+// compiled to an ATOMS.CAST.SPIN compare-and-swap loop, 16 per thread per chunk on the critical
+// path. Layouts whose per-warp copies do not fit keep v2's shared atomics.
+#ifndef SCAN_BWD_V
+#define SCAN_BWD_V 3
+#endif
 template <typename T, int S, int R>
 __global__ void __launch_bounds__(kThreads, SCAN_BWD_MIN_BLOCKS)
 scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restrict__ delta,
@@ -583,13 +846,21 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
   constexpr int RED_S = CH + 1;  // odd: the 32 (kind, n) totals a warp adds at one t hit 32 banks
   // [copy][dB|dC][n][t] block sums of input-dependent dB/dC; warp w adds into copy w * NSL / kWarps.
   constexpr int RED_N = 2 * NP * RED_S;
-  constexpr int kSmemOther = 4 * (2 * BC_ROWS * BS + 6 * RB * RS + 2 * S * kThreads + 2 * RB * CH);
-  constexpr int NSL = (kWarps >= 2 && kSmemOther + 4 * 2 * RED_N <= 48 * 1024) ? 2 : 1;
+  // v3 needs two more shared arrays; layouts where they would pass 48 KiB (one lane per row) keep v2.
+  constexpr bool kV3 = SCAN_BWD_V >= 3 &&
+      4 * (2 * BC_ROWS * BS + 7 * RB * RS + 3 * S * kThreads + 2 * RB * CH + 2 * NP * RED_S) <= 48 * 1024;
+  constexpr int kSmemOther = 4 * (2 * BC_ROWS * BS + (kV3 ? 7 : 6) * RB * RS + (kV3 ? 3 : 2) * S * kThreads +
+                                  2 * RB * CH);
+  constexpr bool kOwnCopies = kV3 && kWarps >= 2 && kSmemOther + 4 * kWarps * RED_N <= 48 * 1024;
+  constexpr int NSL = kOwnCopies ? kWarps : (kWarps >= 2 && kSmemOther + 4 * 2 * RED_N <= 48 * 1024) ? 2 : 1;
+  constexpr int KBC = (NP * CH + kThreads - 1) / kThreads;  // (n, t) elements of a B/C tile per thread
   constexpr bool kPairs = kWarps <= 2 * NSL;  // at most two warps per copy: adds commute exactly
   __shared__ float sRed[NSL * RED_N];
   __shared__ float sConst[2 * S * kThreads];  // [dB|dC][s][thread] time sums of constant dB/dC
   __shared__ float sAccD[RB * CH];     // per epilogue slot: sums over chunks of dy u
   __shared__ float sAccBias[RB * CH];  // and of ddelta
+  __shared__ float sSl[kV3 ? RB * RS : 1];          // v3: softplus'(x) = sigmoid(x) per (row, t)
+  __shared__ float sH0[kV3 ? S * kThreads : 1];      // v3: the chunk's checkpoint, [s][thread]
 
   if (nchunks != (L + CH - 1) / CH) __trap();  // launcher and Cfg disagree
   const BlockRows blk(RB, Dm, Dblk, Gblk, GB, GC, ptiles);
@@ -634,6 +905,70 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
     const int t0 = c * CH;
     __syncthreads();  // the previous chunk's epilogue is done with shared memory
     float dz_factor[KE];  // dout * silu'(z) of this thread's epilogue elements
+    if constexpr (kV3) {
+      // Every global load of the chunk first (raw elements), then the math, then the stores.
+      T ru[KE], rd[KE], ro[KE], rz[KE], rb[KBC], rc[KBC];
+      float rbias[KE], rh[S];
+#pragma unroll
+      for (int k = 0; k < KE; ++k) {
+        const int e = tid + k * kThreads;
+        const int ii = e / CH, t = t0 + e % CH;
+        ru[k] = rd[k] = ro[k] = rz[k] = T{};
+        rbias[k] = 0.f;
+        if ((RB * CH % kThreads == 0 || e < RB * CH) && ii < blk.rows && t < L) {
+          const i64 off = ((i64)blk.b * Dm + blk.row0 + ii) * L + t;
+          ru[k] = u[off];
+          rd[k] = delta[off];
+          ro[k] = dout[off];
+          if (z != nullptr) rz[k] = z[off];
+          if (bias != nullptr) rbias[k] = bias[blk.row0 + ii];
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < KBC; ++k) {
+        const int e = tid + k * kThreads;
+        const int n = e / CH, t = t0 + e % CH;
+        rb[k] = rc[k] = T{};
+        if ((NP * CH % kThreads == 0 || e < NP * CH) && n < N && t < L) {
+          if (varB) rb[k] = Bvar[(i64)n * L + t];
+          if (varC) rc[k] = Cvar[(i64)n * L + t];
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < S; ++s) rh[s] = row_ok ? ck[c * ck_stride + s] : 0.f;
+#pragma unroll
+      for (int k = 0; k < KE; ++k) {
+        const int e = tid + k * kThreads;
+        if (RB * CH % kThreads == 0 || e < RB * CH) {
+          const int ii = e / CH, tt = e % CH;
+          const bool ok = ii < blk.rows && t0 + tt < L;
+          const float x = as_float(rd[k]) + rbias[k];
+          const float dtv = softplus ? softplus_sfu(x) : x;
+          const float slope = (softplus && x <= 20.f) ? sigmoid_sfu(x) : 1.f;
+          const float zv = as_float(rz[k]);
+          const float sz = sigmoid_sfu(zv);  // also without z (then unused): no branch
+          float dyv = as_float(ro[k]);
+          dz_factor[k] = (ok && z != nullptr) ? dyv * sz * fmaf(zv, 1.f - sz, 1.f) : 0.f;
+          if (z != nullptr) dyv *= zv * sz;
+          sU[ii * RS + tt] = ok ? as_float(ru[k]) : 0.f;
+          sDt[ii * RS + tt] = ok ? dtv : 0.f;
+          sDy[ii * RS + tt] = ok ? dyv : 0.f;
+          sSl[ii * RS + tt] = slope;
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < KBC; ++k) {
+        const int e = tid + k * kThreads;
+        if (NP * CH % kThreads == 0 || e < NP * CH) {
+          const int n = e / CH, tt = e % CH;
+          const bool ok = n < N && t0 + tt < L;
+          if (varB) sB[tt * BS + n] = ok ? as_float(rb[k]) : 0.f;
+          if (varC) sC[tt * BS + n] = ok ? as_float(rc[k]) : 0.f;
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < S; ++s) sH0[s * kThreads + tid] = rh[s];
+    } else {
 #pragma unroll
     for (int k = 0; k < KE; ++k) {
       const int e = tid + k * kThreads;
@@ -662,10 +997,17 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
     }
     if (varB) load_bc_tile<T, NP, CH, BS>(sB, Bvar, N, L, t0);
     if (varC) load_bc_tile<T, NP, CH, BS>(sC, Cvar, N, L, t0);
+    }
     float hstart[S];
+    if constexpr (!kV3) {
 #pragma unroll
-    for (int s = 0; s < S; ++s) hstart[s] = row_ok ? ck[c * ck_stride + s] : 0.f;
+      for (int s = 0; s < S; ++s) hstart[s] = row_ok ? ck[c * ck_stride + s] : 0.f;
+    }
     __syncthreads();
+    if constexpr (kV3) {
+#pragma unroll
+      for (int s = 0; s < S; ++s) hstart[s] = sH0[s * kThreads + tid];
+    }
 
     // Recompute the chunk's states (and y, for dz) from the checkpoint.
     float hist[CH][S];
@@ -757,7 +1099,12 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
               for (int x = 0; x < RedCol::kLeft; ++x) {
                 const int idx = o + x;
                 const int q = idx / (2 * S), kind = (idx / S) % 2, s = idx % S;
-                atomicAdd(&sRedW[(kind * NP + j * S + s) * RED_S + tg + k + q], v[x]);
+                float* cell = &sRedW[(kind * NP + j * S + s) * RED_S + tg + k + q];
+                if constexpr (kOwnCopies) {
+                  *cell = v[x];  // this lane is the cell's only writer in its warp's copy
+                } else {
+                  atomicAdd(cell, v[x]);
+                }
               }
             }
             if (phased) __syncthreads();
@@ -782,7 +1129,7 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
           const float Dd = Dv != nullptr ? Dv[dd] : 0.f;
           float ddt = fmaf(uv, gb, sWA[ii * RS + tt]);
           // softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)); for x > 20 (dt = x) it is 1 in float32.
-          if (softplus) ddt *= -expm1f(-dt);
+          if (softplus) ddt *= kV3 ? sSl[ii * RS + tt] : -expm1f(-dt);
           store_f(du + off, fmaf(dt, gb, Dd * dy));
           store_f(ddelta + off, ddt);
           if (z != nullptr) store_f(dz + off, fmaf(Dd, uv, sY[ii * RS + tt]) * dz_factor[k]);
@@ -813,8 +1160,10 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
             atomicAdd(out + t, total);
           }
         }
+        if constexpr (!kOwnCopies) {  // own copies: every cell is rewritten in the next chunk
 #pragma unroll
-        for (int cp = 0; cp < NSL; ++cp) sRed[cp * RED_N + cell] = 0.f;
+          for (int cp = 0; cp < NSL; ++cp) sRed[cp * RED_N + cell] = 0.f;
+        }
       }
     }
   }

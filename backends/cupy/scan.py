@@ -31,6 +31,7 @@ _LAYOUTS = ((1, 1), (2, 1), (1, 2), (4, 1), (1, 4), (4, 2), (1, 8), (4, 4), (1, 
             (1, 32), (4, 16), (2, 32), (4, 32), (8, 32))
 
 INSTANTIATIONS = [f"scan_fwd<{t}, {s}, {r}>" for t in _TYPES for s, r in _LAYOUTS] + [
+    f"scan_fwd3<{t}, {s}, {r}>" for t in _TYPES for s, r in _LAYOUTS if r >= 2] + [
     f"scan_fwd_tp<{t}, {nb}>" for t in _TYPES for nb in (1, 2, 4)] + [
     f"scan_bwd<{t}, {s}, {r}>" for t in _TYPES for s, r in _LAYOUTS
 ] + ["column_sum<float>"]
@@ -49,9 +50,31 @@ bwd_min_blocks = int(os.environ.get("SSMCORE_SCAN_BWD_MIN_BLOCKS", "0"))
 _MB3_BLOCKS_PER_SM = 6
 
 
-def _bwd_min_blocks(grid_blocks: int) -> int:
+# Backward kernel version: "v3" (default: the chunk's global loads issued together, SFU-only gate math,
+# dB/dC block sums in per-warp shared copies without shared atomics) or "v2" (session 3's kernel,
+# compiled with -DSCAN_BWD_V=2). Layouts whose v3 shared memory would pass 48 KiB (one lane per row)
+# compile as v2 either way. The module attribute wins when set (benchmarks); else
+# SSMCORE_SCAN_BWD_IMPL, read on every call.
+bwd_impl = None
+
+
+def _bwd_impl() -> str:
+    impl = bwd_impl or os.environ.get("SSMCORE_SCAN_BWD_IMPL", "v3")
+    if impl not in ("v2", "v3"):
+        raise ValueError(f"SSMCORE_SCAN_BWD_IMPL: expected 'v2' or 'v3', got {impl!r}")
+    return impl
+
+
+# Layouts whose v3 backward spills inside the chunk loop when capped at 168 registers (NVRTC sm_90, bf16:
+# 100-250 bytes): the automatic choice keeps them at 2 blocks per SM.
+_V3_MB3_SPILLS = frozenset({(1, 8), (2, 32), (4, 32), (8, 32)})
+
+
+def _bwd_min_blocks(grid_blocks: int, layout=None, impl: str = "v2") -> int:
     if bwd_min_blocks:
         return bwd_min_blocks
+    if impl == "v3" and layout in _V3_MB3_SPILLS:
+        return 2
     return 3 if grid_blocks >= _MB3_BLOCKS_PER_SM * _arrays.sm_count() else 2
 
 
@@ -146,8 +169,24 @@ class _Args:
         return self.batch * self.channels * self.length == 0
 
 
+# Lanes forward kernel (the output pass and the backward's checkpoint pass): "v3" (scan_fwd3, the
+# default: branch-free staging, double-buffered tiles, one barrier per tile, output written by the
+# reducing lanes) or "v2" (scan_fwd, the kernel measured in session 3). Layouts with one lane per row
+# (R = 1, N <= 4) always take v2 (v3's double buffers would pass 48 KiB of shared memory). The
+# module attribute wins when set (benchmarks); else SSMCORE_SCAN_FWD_IMPL, read on every call.
+fwd_impl = None
+
+
+def _fwd_impl() -> str:
+    impl = fwd_impl or os.environ.get("SSMCORE_SCAN_FWD_IMPL", "v3")
+    if impl not in ("v2", "v3"):
+        raise ValueError(f"SSMCORE_SCAN_FWD_IMPL: expected 'v2' or 'v3', got {impl!r}")
+    return impl
+
+
 def _forward(a: _Args, softplus, out=None, last=None, ckpt=None):
-    kernel = _runtime.function(FAMILY, f"scan_fwd<{a.T}, {a.S}, {a.R}>")
+    name = "scan_fwd3" if a.R >= 2 and _fwd_impl() == "v3" else "scan_fwd"
+    kernel = _runtime.function(FAMILY, f"{name}<{a.T}, {a.S}, {a.R}>")
     _runtime.launch(kernel, a.grid, (_THREADS,), (
         a.u, a.delta, a.A, a.B, a.C, ptr(a.D), ptr(a.z), ptr(a.delta_bias), ptr(a.initial_state),
         ptr(out), ptr(last), ptr(ckpt), *a.sizes(softplus),
@@ -253,8 +292,11 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if not a.empty():
         ckpt = cupy.empty((nb, a.n_chunks, nd, a.np), f32)
         _forward(a, delta_softplus, ckpt=ckpt)
-        min_blocks = _bwd_min_blocks(a.grid[0])
+        impl = _bwd_impl()
+        min_blocks = _bwd_min_blocks(a.grid[0], (a.S, a.R), impl)
         options = () if min_blocks == 2 else (f"-DSCAN_BWD_MIN_BLOCKS={int(min_blocks)}",)
+        if impl == "v2":
+            options += ("-DSCAN_BWD_V=2",)
         kernel = _runtime.function(FAMILY, f"scan_bwd<{a.T}, {a.S}, {a.R}>", options)
         _runtime.launch(kernel, a.grid, (_THREADS,), (
             _arrays.contiguous(dout), a.u, a.delta, a.A, a.B, a.C, ptr(a.D), ptr(a.z),
