@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .._checks import ACT, PARAM, Dims, check_bool, check_is_array, check_same_dtype
+from .._checks import ACT, PARAM, Dims, ValidCache, check_bool, check_is_array, check_same_dtype
 from .._dispatch import resolve
+
+_VALID = ValidCache()  # (op, signature) whose shape/dtype checks passed: a loop of same-shaped calls checks once
 
 
 class SelectiveScanGrads(NamedTuple):
@@ -109,8 +111,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     call = resolve(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                    initial_state=initial_state)
-    _check_args(call, delta_softplus)
-    check_bool("return_last_state", return_last_state)
+    key = ValidCache.signature(call.library, call.arrays.values(),
+                               ("fwd", delta_softplus, return_last_state)) if type(delta_softplus) is bool \
+        and type(return_last_state) is bool else None
+    if key not in _VALID:
+        _check_args(call, delta_softplus)
+        check_bool("return_last_state", return_last_state)
+        _VALID.add(key)
     a = call.arrays
     return call.backend.selective_scan(
         a["u"], a["delta"], a["A"], a["B"], a["C"], D=a["D"], z=a["z"], delta_bias=a["delta_bias"],
@@ -139,11 +146,15 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """
     call = resolve(dout=dout, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                    initial_state=initial_state, dlast_state=dlast_state)
-    dims = _check_args(call, delta_softplus)
     a = call.arrays
-    dims.check("dout", a["dout"], "BDL", optional=False)
-    check_same_dtype("dout", a["dout"], "u", a["u"])
-    dims.check("dlast_state", a["dlast_state"], "BDN", PARAM)
+    key = ValidCache.signature(call.library, a.values(), ("bwd", delta_softplus)) \
+        if type(delta_softplus) is bool else None
+    if key not in _VALID:
+        dims = _check_args(call, delta_softplus)
+        dims.check("dout", a["dout"], "BDL", optional=False)
+        check_same_dtype("dout", a["dout"], "u", a["u"])
+        dims.check("dlast_state", a["dlast_state"], "BDN", PARAM)
+        _VALID.add(key)
     grads = call.backend.selective_scan_bwd(
         a["dout"], a["u"], a["delta"], a["A"], a["B"], a["C"], D=a["D"], z=a["z"],
         delta_bias=a["delta_bias"], delta_softplus=bool(delta_softplus),
