@@ -55,6 +55,16 @@ def _check_weight(dims, weight, x):
     return width
 
 
+_VALID_PREFILL = ValidCache()  # (direction, signature) of causal_conv1d / _bwd calls whose checks passed
+
+
+def _prefill_key(call, direction, activation):
+    """The ValidCache key of a prefill call; None (always check) for an activation that is not a str/None."""
+    if activation is not None and type(activation) is not str:
+        return None
+    return ValidCache.signature(call.library, call.arrays.values(), (direction, activation))
+
+
 def _check_prefill(x, weight, bias, activation, seq_idx, initial_states):
     """Shared checks of causal_conv1d and causal_conv1d_bwd; returns the Dims."""
     check_choice("activation", activation, ACTIVATIONS)
@@ -96,7 +106,10 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
     call = resolve(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states)
     x, weight, bias = call["x"], call["weight"], call["bias"]
     seq_idx, initial_states = call["seq_idx"], call["initial_states"]
-    _check_prefill(x, weight, bias, activation, seq_idx, initial_states)
+    key = _prefill_key(call, "fwd", activation)
+    if key not in _VALID_PREFILL:
+        _check_prefill(x, weight, bias, activation, seq_idx, initial_states)
+        _VALID_PREFILL.add(key)
     return call.backend.causal_conv1d(x, weight, bias, activation, seq_idx, initial_states, return_final_states)
 
 
@@ -117,9 +130,12 @@ def causal_conv1d_bwd(dout, x, weight, bias=None, activation=None, seq_idx=None,
                    dfinal_states=dfinal_states)
     dout, x, weight, bias = call["dout"], call["x"], call["weight"], call["bias"]
     seq_idx, initial_states, dfinal_states = call["seq_idx"], call["initial_states"], call["dfinal_states"]
-    dims = _check_prefill(x, weight, bias, activation, seq_idx, initial_states)
-    dims.check("dout", dout, "BDL", ACT, optional=False)
-    dims.check("dfinal_states", dfinal_states, ("B", "D", dims["W"] - 1), ACT)
+    key = _prefill_key(call, "bwd", activation)
+    if key not in _VALID_PREFILL:
+        dims = _check_prefill(x, weight, bias, activation, seq_idx, initial_states)
+        dims.check("dout", dout, "BDL", ACT, optional=False)
+        dims.check("dfinal_states", dfinal_states, ("B", "D", dims["W"] - 1), ACT)
+        _VALID_PREFILL.add(key)
     grads = call.backend.causal_conv1d_bwd(dout, x, weight, bias, activation, seq_idx, initial_states,
                                            dfinal_states)
     return CausalConv1dGrads(*grads)
