@@ -8,7 +8,9 @@ L 2048 and N 64 / 256. Prints and writes to JSON (default $OUT/ssd_bwd_bench.jso
   bwd_us            ssmcore.ssd_bwd alone (triton do_bench median)
   fwd_bwd_us        ssmcore.ssd + ssmcore.ssd_bwd, and the peer's forward + backward (autograd)
   kernels_us        per-kernel times of one ssd_bwd call (CUDA events around each launch)
-  bwd_us_v1, kernels_us_v1   the same with SSMCORE_SSD_BWD_IMPL=v1 (the previous kernels; main shape only)
+  impl              the default SSMCORE_SSD_BWD_IMPL (v3 unless set in the environment)
+  bwd_us_vK, kernels_us_vK   the same with SSMCORE_SSD_BWD_IMPL=vK for the other implementations (v1, v2, v3),
+                    in the same process (main shape only); max_rel_diff_vK vs the default
   rel_diff_vs_peer  max |ours - peer| / max |peer| of each gradient the peer also returns
 """
 
@@ -112,20 +114,26 @@ def main(argv=None):
             row["first_call_s"] = time.perf_counter() - t0
             row["bwd_us"] = bench_us(bwd)
             row["kernels_us"] = kernel_times(bwd)
-            if shape == MAIN:  # the previous kernels, same process (SSMCORE_SSD_BWD_IMPL=v1)
-                from ssmcore.backends.cupy import state_space_duality_bwd as S
+            from ssmcore.backends.cupy import state_space_duality_bwd as S
 
+            row["impl"] = S._impl()
+            # The other implementations, same process (SSMCORE_SSD_BWD_IMPL=v1 / v2 / v3).
+            for other in (S.IMPLS if shape == MAIN else ()):
+                if other == row["impl"]:
+                    continue
                 saved = os.environ.get(S.IMPL_ENV)
-                os.environ[S.IMPL_ENV] = "v1"
+                os.environ[S.IMPL_ENV] = other
                 try:
                     g1 = bwd()
-                    row["bwd_us_v1"] = bench_us(bwd)
-                    row["kernels_us_v1"] = kernel_times(bwd)
-                    row["max_rel_diff_v1_v2"] = max(
+                    row[f"bwd_us_{other}"] = bench_us(bwd)
+                    row[f"kernels_us_{other}"] = kernel_times(bwd)
+                    row[f"max_rel_diff_{other}"] = max(
                         float(cupy.abs(a.astype(cupy.float32) - b.astype(cupy.float32)).max()
                               / max(float(cupy.abs(b.astype(cupy.float32)).max()), 1e-30))
                         for a, b in zip(grads, g1) if a is not None)
                     del g1
+                except Exception as err:  # noqa: BLE001 - keep the default's numbers
+                    print(f"{row['shape']}: {other} failed: {type(err).__name__}: {err}", flush=True)
                 finally:
                     if saved is None:
                         os.environ.pop(S.IMPL_ENV, None)
@@ -162,13 +170,15 @@ def main(argv=None):
     for r in rows:
         print(f"{r['shape']:26s} {g(r, 'bwd_us', '%10.1f'):>10s} {g(r, 'fwd_bwd_us', '%11.1f'):>11s} "
               f"{g(r, 'peer_fwd_bwd_us', '%11.1f'):>11s} {g(r, 'fwd_bwd_ratio', '%7.2f'):>7s}")
-        for key in ("kernels_us", "kernels_us_v1"):
+        for key in ("kernels_us", "kernels_us_v1", "kernels_us_v2", "kernels_us_v3"):
             if key in r:
                 print(f"    {key}: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r[key].items(),
                                                                                 key=lambda kv: -kv[1])))
-        if "bwd_us_v1" in r:
-            print(f"    v1 (previous kernels): bwd {r['bwd_us_v1']:.1f} us, max rel diff v1/v2 "
-                  f"{r.get('max_rel_diff_v1_v2', float('nan')):.1e}")
+        for other in ("v1", "v2", "v3"):
+            if f"bwd_us_{other}" in r:
+                print(f"    {other}: bwd {r[f'bwd_us_{other}']:.1f} us (default {r.get('impl')}: "
+                      f"{r['bwd_us']:.1f} us), max rel diff vs default "
+                      f"{r.get(f'max_rel_diff_{other}', float('nan')):.1e}")
         if "rel_diff_vs_peer" in r:
             print("    rel diff vs peer: " + ", ".join(f"{k} {v:.1e}" for k, v in r["rel_diff_vs_peer"].items()))
     if out_json:

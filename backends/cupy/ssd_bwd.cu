@@ -34,6 +34,9 @@
 // per element), skips DX's upper tiles, ssdb_dcs2 (a block per chunk, coalesced rows) replaces ssdb_dcs (a
 // thread per position walking a row of CB and DX each), and ssdb_fro (a block per chunk) replaces
 // ssdb_dt's serial P*N loop for <dh_c, h0_c>.
+// v3 (default) = v2 with ssdb_mm3 (products), ssdb_pass2 (state passing) and ssdb_dcs3: the same math and
+// summation order (bitwise equal to v2), global loads issued together and overlapped with the mma work (the
+// v3 section at the end of this file says how).
 #include "common.cuh"
 
 __device__ __forceinline__ i64 gtid() { return (i64)blockIdx.x * blockDim.x + threadIdx.x; }
@@ -726,5 +729,487 @@ __global__ void __launch_bounds__(128) ssdb_mm(
         else out[no] = DT(i) * v;
       }
     }
+  }
+}
+
+// =====================================================================================================
+// v3 (SSMCORE_SSD_BWD_IMPL=v3): ssdb_mm3<T, KIND>, the ssdb_mm products (same KIND table, same math, same
+// rounding) with the operand staging rebuilt so that global-memory latency is paid once per K slice and
+// hidden behind the tensor-core work of the previous slice:
+//  - the chunk's per-position scalars (cs, d, seg) are staged in shared memory once per block, so the
+//    only global loads of an operand element are the element itself (v2 re-read cs twice, seg twice and
+//    d per element of the decayed Q x Q operands);
+//  - every staging phase has a compile-time trip count (16 elements per thread per operand), and its
+//    loads are unconditional (indices clamped into the tensor, masked with a select afterwards), so all
+//    32 loads of a slice are in flight together;
+//  - register double-buffering: the raw operands of slice k + 1 are loaded into registers before the
+//    mma of slice k and converted / decay-weighted / stored to shared memory after it;
+//  - the K range is cut to the non-zero part (triangle, chunk length) before the loop;
+//  - the output tiles of one (batch, chunk, head) are consecutive blocks (grid x = chunk-head * tiles +
+//    tile), so the tiles that share an operand run together and share it through L2.
+// ssdb_pass2: ssdb_pass with a float4 of 4 consecutive (p, n) per thread and 8 chunks' loads in flight.
+// Build-time experiments (NVRTC check, sm_90, bf16): SSDB_MM3_MINB 2 = at most 128 registers, 2 blocks (16 warps)
+// per SM, spills only in KIND 6 / 8 (20 bytes); 3 (80 registers) spills 150-420 bytes in KIND 6-9.
+// SSDB_MM3_NOPREFETCH 1 loads each slice right before storing it (no overlap with the mma; fewer live registers).
+#ifndef SSDB_MM3_MINB
+#define SSDB_MM3_MINB 2
+#endif
+#ifndef SSDB_MM3_NOPREFETCH
+#define SSDB_MM3_NOPREFETCH 0
+#endif
+constexpr int MM3_MAXQ = 256, MM3_THREADS = 256, MM3_PER = MM_TILE * MM_KS / MM3_THREADS;  // 8 per thread
+template <int V>
+struct ssdb_int {
+  static constexpr int value = V;
+};
+
+template <typename T, int KIND>
+__global__ void __launch_bounds__(256, SSDB_MM3_MINB) ssdb_mm3(
+    const T* __restrict__ x, const T* __restrict__ Bm, const T* __restrict__ Cm, const T* __restrict__ dout,
+    const T* __restrict__ z, const float* __restrict__ dy, const float* __restrict__ Dp,
+    const float* __restrict__ d, const float* __restrict__ cs, const int* __restrict__ seg,
+    const float* __restrict__ cb, const float* __restrict__ dxd, const float* __restrict__ h0,
+    const float* __restrict__ dh, const float* __restrict__ hC, float* __restrict__ out, int batch, i64 L, int H,
+    int G, int P, int N, int Q, int nc, int unused) {
+  // The operand slices, and after the products the output tile (read back coalesced by the epilogue).
+  __shared__ union {
+    struct {
+      float A[MM_TILE][MM_KS + 1];
+      float B[MM_KS][MM_TILE + 4];
+    } ab;
+    float C[MM_TILE][MM_TILE + 1];
+  } sm;
+  auto& As = sm.ab.A;
+  auto& Bs = sm.ab.B;
+  __shared__ float s_cs[MM3_MAXQ], s_d[MM3_MAXQ];
+  __shared__ int s_seg[MM3_MAXQ];
+  constexpr bool PER_GROUP = KIND == 0;
+  const int HH = PER_GROUP ? G : H;
+  int I, J, K1, K2 = 0;
+  if (KIND == 0 || KIND == 1) { I = Q; J = Q; K1 = KIND == 0 ? N : P; }
+  else if (KIND == 2 || KIND == 3) { I = P; J = N; K1 = Q; }
+  else if (KIND == 4 || KIND == 5) { I = Q; J = P; K1 = N; }
+  else if (KIND == 6) { I = Q; J = P; K1 = Q; K2 = N; }
+  else if (KIND == 7) { I = Q; J = P; K1 = Q; }
+  else { I = Q; J = N; K1 = Q; K2 = P; }
+  const int tiles_j = (J + MM_TILE - 1) / MM_TILE, tiles = ((I + MM_TILE - 1) / MM_TILE) * tiles_j;
+  const int blk = (int)(blockIdx.x / tiles), tile = (int)(blockIdx.x % tiles);
+  const int c = blk / HH, hh = blk % HH;
+  const int h = PER_GROUP ? 0 : hh, g = PER_GROUP ? hh : hh / (H / G);
+  const i64 b = blockIdx.z;
+  const i64 t0 = (i64)c * Q;
+  const int len = (int)(t0 + Q < L ? Q : L - t0), lenm = len - 1;
+  const i64 srow = b * L + t0;            // (b, t0) row of (B, L, ...) arrays
+  const i64 hrow = (b * H + h) * L + t0;  // (b, h, t0) of (B, H, L) arrays
+  const i64 st = ((b * nc + c) * H + h) * (i64)P * N;                // (P, N) state blocks
+  const i64 mq = (((b * nc + c) * (i64)HH + hh) * Q) * (i64)Q;       // Q x Q blocks (per group for CB)
+  const i64 mqg = (((b * nc + c) * (i64)G + g) * Q) * (i64)Q;        // the group's CB block
+  const int i0 = (tile / tiles_j) * MM_TILE, j0 = (tile % tiles_j) * MM_TILE;
+  // DX is only ever read at s <= t: its tiles above the diagonal are not computed (left unwritten).
+  if (KIND == 1 && j0 >= i0 + MM_TILE) return;
+  // 8 warps: warp w owns rows 16 (w % 4) .. + 16 and columns 32 (w / 4) .. + 32 of the tile (4 mma column tiles).
+  const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const int wr = 16 * (w & 3), wc = 32 * (w >> 2);
+
+  if (KIND >= 2) {
+    for (int l = tid; l < Q; l += MM3_THREADS) {
+      const bool in = l < len;
+      s_cs[l] = in ? cs[hrow + l] : 0.f;
+      s_d[l] = in ? d[hrow + l] : 0.f;
+      s_seg[l] = in ? seg[srow + l] : -1;
+    }
+    __syncthreads();
+  }
+  const int seg_end = KIND >= 2 ? s_seg[lenm] : 0, seg_prev = t0 > 0 ? seg[srow - 1] : 0;
+  const float cs_end = KIND >= 2 ? s_cs[lenm] : 0.f;
+
+  // The non-zero K range of phase 1 (slices of MM_KS), and phase 2.
+  int ks = 0, ke = K1;
+  if (KIND == 6 || KIND == 9) ks = i0;                           // A(s, t) = 0 for t < s
+  if (KIND == 7 || KIND == 8) ke = ke < i0 + MM_TILE ? ke : i0 + MM_TILE;  // A(t, s) = 0 for s > t
+  if (KIND >= 2 && KIND != 4 && KIND != 5) ke = ke < len ? ke : len;       // K runs over positions
+  int n1 = ke > ks ? (ke - ks + MM_KS - 1) / MM_KS : 0;
+  if (KIND == 0 && j0 >= i0 + MM_TILE) n1 = 0;                   // output tile above the diagonal: zeros
+  const int nsteps = n1 + (K2 + MM_KS - 1) / MM_KS;
+
+  // Operands whose global layout is contiguous along the tile's row axis (A) or K axis (B).
+  constexpr bool A1_T = KIND == 2 || KIND == 3 || KIND == 6 || KIND == 9;
+  constexpr bool B1_T = KIND == 0 || KIND == 1 || KIND == 4 || KIND == 5;
+  constexpr bool B2_T = KIND == 6;
+
+  // Raw operand registers (an fp32 and a T array: which one a phase uses is fixed per KIND and phase).
+  float ra[MM3_PER], rb[MM3_PER];
+  T ta[MM3_PER], tb[MM3_PER];
+  auto a_idx = [&](int ph, int u, int& r, int& k) {
+    const int e = tid + u * MM3_THREADS;
+    const bool tr = ph == 0 && A1_T;
+    r = tr ? e % MM_TILE : e / MM_KS;
+    k = tr ? e / MM_TILE : e % MM_KS;
+  };
+  auto b_idx = [&](int ph, int u, int& k, int& col) {
+    const int e = tid + u * MM3_THREADS;
+    const bool tr = ph == 0 ? B1_T : B2_T;
+    k = tr ? e % MM_KS : e / MM_TILE;
+    col = tr ? e / MM_KS : e % MM_TILE;
+  };
+  // Phase PH (0 or 1) as a compile-time constant: the staging code of a phase has no runtime branches
+  // between its loads.
+  // Operand element (row gi of the tile's row axis, kk of K) at base[gi * si + kk * sk], valid for gi < li and
+  // kk < lk (32-bit offsets: the launcher checks that they fit). Per KIND, phase and operand; f32 sources in
+  // ra / rb, T sources in ta / tb.
+  struct Opd {
+    const float* f;
+    const T* t;
+    int si, li, sk, lk;
+  };
+  const T* xb = x + (srow * H + h) * P;
+  const float* dyb = dy + (srow * H + h) * P;
+  const T* Bb = Bm + (srow * G + g) * N;
+  const T* Cb = Cm + (srow * G + g) * N;
+  const int HP = H * P, GN = G * N;
+  auto opd = [&](int ph, bool isA) -> Opd {
+    if (isA && ph == 0) {
+      if (KIND == 0 || KIND == 4) return {nullptr, Cb, GN, len, 1, N};
+      if (KIND == 5) return {nullptr, Bb, GN, len, 1, N};
+      if (KIND == 1) return {dyb, nullptr, HP, len, 1, P};
+      if (KIND == 2) return {nullptr, xb, 1, P, HP, len};
+      if (KIND == 3) return {dyb, nullptr, 1, P, HP, len};
+      if (KIND == 6) return {cb + mqg, nullptr, 1, Q, Q, len};
+      if (KIND == 7) return {cb + mqg, nullptr, Q, len, 1, len};
+      if (KIND == 8) return {dxd + mq, nullptr, Q, len, 1, len};
+      return {dxd + mq, nullptr, 1, len, Q, len};  // 9
+    }
+    if (isA) {
+      if (KIND == 6) return {nullptr, Bb, GN, len, 1, N};
+      if (KIND == 8) return {dyb, nullptr, HP, len, 1, P};
+      return {nullptr, xb, HP, len, 1, P};  // 9
+    }
+    if (ph == 0) {
+      if (KIND == 0) return {nullptr, Bb, GN, len, 1, N};
+      if (KIND == 1) return {nullptr, xb, HP, len, 1, P};
+      if (KIND == 2 || KIND == 8) return {nullptr, Bb, 1, N, GN, len};
+      if (KIND == 3 || KIND == 9) return {nullptr, Cb, 1, N, GN, len};
+      if (KIND == 4) return {h0 + st, nullptr, N, P, 1, N};
+      if (KIND == 5) return {dh + st, nullptr, N, P, 1, N};
+      if (KIND == 6) return {dyb, nullptr, 1, P, HP, len};
+      return {nullptr, xb, 1, P, HP, len};  // 7
+    }
+    if (KIND == 6) return {dh + st, nullptr, N, P, 1, N};
+    if (KIND == 8) return {h0 + st, nullptr, 1, N, N, P};
+    return {dh + st, nullptr, 1, N, N, P};  // 9
+  };
+  // Which raw array a (KIND, phase, operand) uses.
+  auto a_f32 = [](int ph) { return ph == 0 ? (KIND == 1 || KIND == 3 || KIND >= 6) : KIND == 8; };
+  auto b_f32 = [](int ph) { return ph == 0 ? (KIND == 4 || KIND == 5 || KIND == 6) : true; };
+  auto load = [&](auto PHC, int k0) {
+    constexpr int ph = decltype(PHC)::value;
+    if (ph == 1 && !(KIND == 6 || KIND == 8 || KIND == 9)) return;
+    {
+      const Opd o = opd(ph, true);
+      const bool tr = ph == 0 && A1_T;
+      const int gi = i0 + (tr ? tid % MM_TILE : tid / MM_KS), kk = k0 + (tr ? tid / MM_TILE : tid % MM_KS);
+      const int di = tr ? 0 : MM3_THREADS / MM_KS, dk = tr ? MM3_THREADS / MM_TILE : 0;
+      const int off = gi * o.si + kk * o.sk, ustep = di * o.si + dk * o.sk;
+#pragma unroll
+      for (int u = 0; u < MM3_PER; ++u) {
+        if (gi + di * u < o.li && kk + dk * u < o.lk) {
+          if (a_f32(ph)) ra[u] = o.f[off + u * ustep];
+          else ta[u] = o.t[off + u * ustep];
+        }
+      }
+    }
+    {
+      const Opd o = opd(ph, false);
+      const bool tr = ph == 0 ? B1_T : B2_T;
+      const int gj = j0 + (tr ? tid / MM_KS : tid % MM_TILE), kk = k0 + (tr ? tid % MM_KS : tid / MM_TILE);
+      const int dj = tr ? MM3_THREADS / MM_KS : 0, dk = tr ? 0 : MM3_THREADS / MM_TILE;
+      const int off = gj * o.si + kk * o.sk, ustep = dj * o.si + dk * o.sk;
+#pragma unroll
+      for (int u = 0; u < MM3_PER; ++u) {
+        if (gj + dj * u < o.li && kk + dk * u < o.lk) {
+          if (b_f32(ph)) rb[u] = o.f[off + u * ustep];
+          else tb[u] = o.t[off + u * ustep];
+        }
+      }
+    }
+  };
+  auto store = [&](auto PHC, int k0) {
+    constexpr int ph = decltype(PHC)::value;
+    const int K = ph ? K2 : K1;
+#pragma unroll
+    for (int u = 0; u < MM3_PER; ++u) {
+      int r, k;
+      a_idx(ph, u, r, k);
+      const int i = i0 + r, kk = k0 + k;
+      float v = 0.f;
+      if (i < I && kk < K) {
+        if (ph == 0) {
+          if (KIND == 0 || KIND == 4 || KIND == 5) v = i < len ? load_f(&ta[u]) : 0.f;
+          else if (KIND == 1) v = i < len ? ra[u] : 0.f;
+          else if (KIND == 2)
+            v = (kk < len && s_seg[kk] == seg_end) ? load_f(&ta[u]) * s_d[kk] * expf(cs_end - s_cs[kk]) : 0.f;
+          else if (KIND == 3) v = (kk < len && s_seg[kk] == seg_prev) ? ra[u] * expf(s_cs[kk]) : 0.f;
+          else if (KIND == 6 || KIND == 9)  // M / E at (t, s) = (kk, i)
+            v = (i <= kk && kk < len && s_seg[i] == s_seg[kk]) ? ra[u] * expf(s_cs[kk] - s_cs[i]) : 0.f;
+          else  // 7, 8: M / E at (t, s) = (i, kk), times d_s
+            v = (kk <= i && i < len && s_seg[i] == s_seg[kk]) ? ra[u] * expf(s_cs[i] - s_cs[kk]) * s_d[kk] : 0.f;
+        } else if (i < len) {
+          if (KIND == 6) v = s_seg[i] == seg_end ? load_f(&ta[u]) * expf(cs_end - s_cs[i]) : 0.f;
+          else if (KIND == 8) v = s_seg[i] == seg_prev ? ra[u] * expf(s_cs[i]) : 0.f;
+          else if (KIND == 9) v = s_seg[i] == seg_end ? load_f(&ta[u]) * expf(cs_end - s_cs[i]) : 0.f;
+        }
+      }
+      As[r][k] = v;
+    }
+#pragma unroll
+    for (int u = 0; u < MM3_PER; ++u) {
+      int k, col;
+      b_idx(ph, u, k, col);
+      const int j = j0 + col, kk = k0 + k;
+      float v = 0.f;
+      if (j < J && kk < K) {
+        if (ph == 0) {
+          if (KIND == 0 || KIND == 1) v = j < len ? load_f(&tb[u]) : 0.f;
+          else if (KIND == 4 || KIND == 5 || KIND == 6) v = (KIND == 6 && kk >= len) ? 0.f : rb[u];
+          else v = kk < len ? load_f(&tb[u]) : 0.f;  // 2, 3, 7, 8, 9
+        } else {
+          v = rb[u];
+        }
+      }
+      Bs[k][col] = v;
+    }
+  };
+
+  float acc[4][4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  auto fa = [&](int r, int k) { return As[wr + r][k]; };
+  auto fb = [&](int k, int col) { return Bs[k][wc + col]; };
+  auto products = [&]() {
+#if defined(SSM_EMULATION) && !defined(SSDB_EMULATE_MMA)
+    for (int jt = 0; jt < 4; ++jt)
+      for (int q = 0; q < 4; ++q) {
+        const int r = wr + gq + (q >= 2 ? 8 : 0), col = wc + 8 * jt + 2 * tq + (q & 1);
+        float sum = 0.f;
+        for (int k = 0; k < MM_KS; ++k) {
+          T av, bv;
+          store_f(&av, As[r][k]);
+          store_f(&bv, Bs[k][col]);
+          sum += load_f(&av) * load_f(&bv);
+        }
+        acc[jt][q] += sum;
+      }
+#else
+#pragma unroll
+    for (int kk = 0; kk < MM_KS; kk += BMma<T>::K) BMma<T>::template step<4>(acc, fa, fb, kk);
+#endif
+  };
+  using Ph0 = ssdb_int<0>;
+  using Ph1 = ssdb_int<1>;
+  const int n2 = nsteps - n1;
+#if SSDB_MM3_NOPREFETCH
+  for (int step = 0; step < n1; ++step) {
+    load(Ph0{}, ks + step * MM_KS);
+    __syncthreads();
+    store(Ph0{}, ks + step * MM_KS);
+    __syncthreads();
+    products();
+  }
+  for (int step = 0; step < n2; ++step) {
+    load(Ph1{}, step * MM_KS);
+    __syncthreads();
+    store(Ph1{}, step * MM_KS);
+    __syncthreads();
+    products();
+  }
+#else
+  if (n1 > 0) load(Ph0{}, ks);
+  else if (n2 > 0) load(Ph1{}, 0);
+  for (int step = 0; step < n1; ++step) {
+    __syncthreads();  // the previous slice's readers are done
+    store(Ph0{}, ks + step * MM_KS);
+    __syncthreads();
+    if (step + 1 < n1) load(Ph0{}, ks + (step + 1) * MM_KS);  // in flight during this slice's products
+    else if (n2 > 0) load(Ph1{}, 0);
+    products();
+  }
+  for (int step = 0; step < n2; ++step) {
+    __syncthreads();
+    store(Ph1{}, step * MM_KS);
+    __syncthreads();
+    if (step + 1 < n2) load(Ph1{}, (step + 1) * MM_KS);
+    products();
+  }
+#endif
+
+  // Epilogue: the tile goes through shared memory, then element (i, j) = (i0 + e / 64, j0 + e % 64) per
+  // thread, consecutive threads along j (coalesced stores and epilogue loads, no accumulator indexing).
+  __syncthreads();  // the last slice's readers are done
+#pragma unroll
+  for (int jt = 0; jt < 4; ++jt)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) sm.C[wr + gq + (q >= 2 ? 8 : 0)][wc + 8 * jt + 2 * tq + (q & 1)] = acc[jt][q];
+  __syncthreads();
+#pragma unroll 4
+  for (int u = 0; u < MM_TILE * MM_TILE / MM3_THREADS; ++u) {
+    const int e = tid + u * MM3_THREADS, r = e / MM_TILE, cc = e % MM_TILE;
+    const int i = i0 + r, j = j0 + cc;
+    if (i >= I || j >= J) continue;
+    const float v = sm.C[r][cc];
+    if (KIND == 0) out[mq + (i64)i * Q + j] = j <= i ? v : 0.f;
+    else if (KIND == 1) out[mq + (i64)i * Q + j] = v;
+    else if (KIND == 2 || KIND == 3) out[st + (i64)i * N + j] = v;
+    else {
+      if (i >= len) continue;
+      const i64 xo = ((srow + i) * H + h) * P + j;  // (t, p) element of (B, L, H, P)
+      const i64 no = ((srow + i) * H + h) * N + j;  // (t, n) element of (B, L, H, N)
+      if (KIND == 4 || KIND == 5) out[xo] = v;
+      else if (KIND == 6) out[xo] = s_d[i] * v + Dp[h * P + j] * dy[xo];
+      else if (KIND == 7) {
+        float y = v + Dp[h * P + j] * load_f(x + xo);
+        if (s_seg[i] == seg_prev) y += expf(s_cs[i]) * hC[xo];
+        out[xo] = load_f(dout + xo) * y * silu_grad_f(load_f(z + xo));
+      } else if (KIND == 8) out[no] = v;
+      else out[no] = s_d[i] * v;
+    }
+  }
+}
+
+// ssdb_pass (same arguments and results) for PN % 4 == 0 and 16-byte aligned buf / init / dinit: a thread per
+// 4 consecutive (p, n) of one (b, h), float4 loads, the loads of SSDB_PASS_UNROLL chunks issued together.
+constexpr int SSDB_PASS_UNROLL = 8;
+extern "C" __global__ void ssdb_pass2(int reverse, float* __restrict__ buf, const float* __restrict__ init,
+                                      float* __restrict__ dinit, const float* __restrict__ cs,
+                                      const int* __restrict__ seg, int batch, i64 L, int H, int PN, int Q, int nc) {
+  const int PN4 = PN / 4;
+  const i64 i = gtid();
+  if (i >= (i64)batch * H * PN4) return;
+  const int e4 = (int)(i % PN4);
+  const i64 bh = i / PN4;
+  const int h = (int)(bh % H);
+  const i64 b = bh / H;
+  float4 carry = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (init != nullptr) carry = reinterpret_cast<const float4*>(init)[i];
+  float4* buf4 = reinterpret_cast<float4*>(buf);
+  for (int k0 = 0; k0 < nc; k0 += SSDB_PASS_UNROLL) {
+    float4 v[SSDB_PASS_UNROLL];
+    float dec[SSDB_PASS_UNROLL];
+    i64 o[SSDB_PASS_UNROLL];
+#pragma unroll
+    for (int u = 0; u < SSDB_PASS_UNROLL; ++u) {
+      const int k = k0 + u < nc ? k0 + u : nc - 1;  // clamped: loads stay in range, results unused
+      const int c = reverse ? nc - 1 - k : k;
+      const i64 t0 = (i64)c * Q, t1 = t0 + Q < L ? t0 + Q : L;
+      const bool keep = seg[b * L + t1 - 1] == (t0 > 0 ? seg[b * L + t0 - 1] : 0);
+      const float e = cs[bh * L + t1 - 1];
+      dec[u] = keep ? expf(e) : 0.f;
+      o[u] = ((b * nc + c) * H + h) * (i64)PN4 + e4;
+      v[u] = buf4[o[u]];
+    }
+#pragma unroll
+    for (int u = 0; u < SSDB_PASS_UNROLL; ++u) {
+      if (k0 + u >= nc) break;
+      buf4[o[u]] = carry;
+      carry.x = dec[u] * carry.x + v[u].x;
+      carry.y = dec[u] * carry.y + v[u].y;
+      carry.z = dec[u] * carry.z + v[u].z;
+      carry.w = dec[u] * carry.w + v[u].w;
+    }
+  }
+  if (reverse && dinit != nullptr) reinterpret_cast<float4*>(dinit)[i] = carry;
+}
+
+// ssdb_dcs2 with the row and column walks issuing SSDB_DCS3_U loads of CB and DX at a time (dcs2 paid a
+// global-memory latency per element of a column walk: up to Q in a row). Same sums in the same order.
+constexpr int SSDB_DCS3_U = 8;
+template <typename T>
+__global__ void __launch_bounds__(256) ssdb_dcs3(const T* __restrict__ x, const float* __restrict__ dy,
+                                                 const float* __restrict__ d, const float* __restrict__ cs,
+                                                 const int* __restrict__ seg, const float* __restrict__ cb,
+                                                 const float* __restrict__ dxd, const float* __restrict__ hC,
+                                                 const float* __restrict__ dhB, float* __restrict__ dcs,
+                                                 float* __restrict__ ddir, float* __restrict__ est, int batch, i64 L,
+                                                 int H, int G, int P, int Q, int nc) {
+  __shared__ float s_cs[SSDB_DCS_MAXQ], s_d[SSDB_DCS_MAXQ], s_row[SSDB_DCS_MAXQ], s_term[SSDB_DCS_MAXQ],
+      s_state[SSDB_DCS_MAXQ];
+  __shared__ int s_seg[SSDB_DCS_MAXQ];
+  const i64 blk = blockIdx.x;  // (b, c, h)
+  const int h = (int)(blk % H), c = (int)((blk / H) % nc);
+  const i64 b = blk / ((i64)H * nc);
+  const int g = h / (H / G);
+  const i64 t0 = (i64)c * Q;
+  const int len = (int)(t0 + Q < L ? Q : L - t0);
+  const i64 hrow = (b * H + h) * L + t0, srow = b * L + t0;
+  const int seg_end = seg[srow + len - 1], seg_prev = t0 > 0 ? seg[srow - 1] : 0;
+  const float* cbm = cb + (((b * nc + c) * G + g) * (i64)Q) * Q;
+  const float* dxm = dxd + (((b * nc + c) * H + h) * (i64)Q) * Q;
+  for (int l = threadIdx.x; l < len; l += blockDim.x) {
+    s_cs[l] = cs[hrow + l];
+    s_d[l] = d[hrow + l];
+    s_seg[l] = seg[srow + l];
+  }
+  __syncthreads();
+  const float cs_end = s_cs[len - 1];
+  const int lane = threadIdx.x % SSM_WARP_SIZE, warp = threadIdx.x / SSM_WARP_SIZE;
+  const int nwarps = blockDim.x / SSM_WARP_SIZE;
+  for (int t = warp; t < len; t += nwarps) {
+    const int sg = s_seg[t];
+    const float cs_t = s_cs[t];
+    float row = 0.f, term = 0.f, state = 0.f;
+    // SSDB_DCS3_U strided elements per lane at a time, their loads issued together (same sum order as dcs2).
+    for (int s0 = lane; s0 <= t; s0 += SSDB_DCS3_U * SSM_WARP_SIZE) {
+      float cv[SSDB_DCS3_U], dv[SSDB_DCS3_U];
+#pragma unroll
+      for (int u = 0; u < SSDB_DCS3_U; ++u) {
+        const int s = s0 + u * SSM_WARP_SIZE <= t ? s0 + u * SSM_WARP_SIZE : t;
+        cv[u] = cbm[(i64)t * Q + s];
+        dv[u] = dxm[(i64)t * Q + s];
+      }
+#pragma unroll
+      for (int u = 0; u < SSDB_DCS3_U; ++u) {
+        const int s = s0 + u * SSM_WARP_SIZE;
+        if (s <= t && s_seg[s] == sg) row += cv[u] * expf(cs_t - s_cs[s]) * s_d[s] * dv[u];
+      }
+    }
+    const i64 xo = ((srow + t) * H + h) * P;
+    if (sg == seg_prev)
+      for (int p = lane; p < P; p += SSM_WARP_SIZE) term += dy[xo + p] * hC[xo + p];
+    if (sg == seg_end)
+      for (int p = lane; p < P; p += SSM_WARP_SIZE) state += load_f(x + xo + p) * dhB[xo + p];
+    row = warp_sum(row);
+    term = warp_sum(term);
+    state = warp_sum(state);
+    if (lane == 0) {
+      s_row[t] = row;
+      s_term[t] = sg == seg_prev ? term * expf(cs_t) : 0.f;
+      s_state[t] = sg == seg_end ? state * expf(cs_end - cs_t) : 0.f;
+    }
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < len; t += blockDim.x) {
+    const int sg = s_seg[t];
+    const float cs_t = s_cs[t];
+    float col = 0.f;
+    // The run tp >= t of t's sequence (seg is monotone), SSDB_DCS3_U rows' loads in flight (same order as dcs2).
+    for (int tp0 = t; tp0 < len && s_seg[tp0] == sg; tp0 += SSDB_DCS3_U) {
+      float cv[SSDB_DCS3_U], dv[SSDB_DCS3_U];
+#pragma unroll
+      for (int u = 0; u < SSDB_DCS3_U; ++u) {
+        const int tp = tp0 + u < len ? tp0 + u : len - 1;
+        cv[u] = cbm[(i64)tp * Q + t];
+        dv[u] = dxm[(i64)tp * Q + t];
+      }
+#pragma unroll
+      for (int u = 0; u < SSDB_DCS3_U; ++u) {
+        const int tp = tp0 + u;
+        if (tp < len && s_seg[tp] == sg) col += cv[u] * expf(s_cs[tp] - cs_t) * dv[u];
+      }
+    }
+    const float d_t = s_d[t], state = s_state[t];
+    const float e = d_t * state;
+    const i64 o = hrow + t;
+    dcs[o] = s_row[t] - d_t * col + s_term[t] - e;
+    ddir[o] = col + state;
+    est[o] = e;
   }
 }

@@ -15,7 +15,7 @@ backward keeps two float32 (Q x Q) matrices per chunk (C_t . B_s per group, dy_t
 head), so the chunk is capped at 256 and at L. Scratch: about B*L*H*(Q + 4P + 2N) + 2*B*nc*H*P*N
 floats (2 GiB of DX plus ~2.7 GiB at B8 L4096 H64 P64 N128).
 
-Speed knob: the environment variable SSMCORE_SSD_BWD_IMPL (read at each call): v2 (default) or v1
+Speed knob: the environment variable SSMCORE_SSD_BWD_IMPL (read at each call): v3 (default), v2 or v1
 (the previous kernels, kept for comparison; see IMPL_ENV below).
 """
 
@@ -40,25 +40,32 @@ _NO_LIMIT = (0.0, math.inf)
 # Tensor-core path (ssdb_mm) by default; False: the plain SIMT kernels (the reference for the former).
 USE_TENSOR_CORES = True
 _MM_TILE = 64
+_MM3_THREADS = 256  # ssdb_mm3 blocks (MM3_THREADS of ssd_bwd.cu)
 # Speed knob, read at each call: SSMCORE_SSD_BWD_IMPL=v1 selects the previous kernels (operand tiles
 # filled along the tile axes whatever the global layout, ssdb_dcs with one thread per position,
-# ssdb_dt's serial <dh, h0> loop); v2 (default) fills every operand tile along its contiguous global
-# axis, and uses ssdb_dcs2 (a block per chunk) and ssdb_fro (a block per chunk). Same math.
+# ssdb_dt's serial <dh, h0> loop); v2 fills every operand tile along its contiguous global axis, and
+# uses ssdb_dcs2 (a block per chunk) and ssdb_fro (a block per chunk); v3 (default) is v2 with ssdb_mm3
+# for the products (chunk scalars in shared memory, all loads of a K slice in flight, register
+# double-buffering, the output tiles of a chunk-head in consecutive blocks), ssdb_pass2 (float4, 8
+# chunks' loads in flight) for the state passing and ssdb_dcs3 (8 loads in flight per walk). Same math,
+# bitwise equal to v2.
 IMPL_ENV = "SSMCORE_SSD_BWD_IMPL"
+IMPLS = ("v1", "v2", "v3")
 
 
 def _impl():
-    v = os.environ.get(IMPL_ENV, "v2").strip().lower()
-    return "v1" if v == "v1" else "v2"
+    v = os.environ.get(IMPL_ENV, "v3").strip().lower()
+    return v if v in IMPLS else "v3"
 
 
 _MM = {"cb": 0, "dxdot": 1, "states": 2, "gl": 3, "hc": 4, "dhb": 5, "dx": 6, "dz": 7, "dc": 8, "db": 9}
 
-INSTANTIATIONS = ["ssdb_cumsum", "ssdb_pass", "ssdb_dt", "ssdb_fro"] + [
+INSTANTIATIONS = ["ssdb_cumsum", "ssdb_pass", "ssdb_pass2", "ssdb_dt", "ssdb_fro"] + [
     f"{k}<{t}>" for k in ("ssdb_dy", "ssdb_cb", "ssdb_dx_dot", "ssdb_states", "ssdb_dx", "ssdb_dbc", "ssdb_dcs",
-                          "ssdb_dcs2")
+                          "ssdb_dcs2", "ssdb_dcs3")
     for t in _TYPES
-] + [f"ssdb_mm<{t}, {k}>" for t in _TYPES for k in range(10)]
+] + [f"ssdb_mm<{t}, {k}>" for t in _TYPES for k in range(10)] + [
+    f"ssdb_mm3<{t}, {k}>" for t in _TYPES for k in range(10)]
 
 
 def _launch(name, n, args):
@@ -71,14 +78,19 @@ def _launch(name, n, args):
     _launch_grid(name, (blocks,), args)
 
 
-def _mm(kind, T, rows, cols, per, batch, args):
-    """One ssdb_mm launch: a 64 x 64 tile of the rows x cols output per block, per (chunk, head|group, batch)."""
-    grid = (per, cdiv(rows, _MM_TILE) * cdiv(cols, _MM_TILE), batch)
+def _mm(kind, T, rows, cols, per, batch, args, v3=False):
+    """One ssdb_mm launch: a 64 x 64 tile of the rows x cols output per block, per (chunk, head|group, batch).
+    v3: ssdb_mm3, the tiles of one (chunk, head|group) in consecutive blocks of grid x."""
+    tiles = cdiv(rows, _MM_TILE) * cdiv(cols, _MM_TILE)
+    grid = (per * tiles, 1, batch) if v3 else (per, tiles, batch)
     if min(grid) == 0:
         return
     if grid[2] > 65535:
         raise ValueError(f"x: expected a batch of at most 65535 rows on the GPU, got {batch}")
-    _launch_grid(f"ssdb_mm<{T}, {_MM[kind]}>", grid, args)
+    if grid[0] >= 2**31 or (not v3 and grid[1] > 65535):
+        raise ValueError(f"ssd_bwd: problem too large for one launch ({per} chunk-heads x {tiles} tiles)")
+    _launch_grid(f"ssdb_mm{'3' if v3 else ''}<{T}, {_MM[kind]}>", grid, args,
+                 threads=_MM3_THREADS if v3 else _THREADS)
 
 
 def _launch_grid(name, grid, args, threads=_THREADS):
@@ -109,7 +121,11 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
         ct = cupy.float32
     xs, Bs, Cs, douts, zs = (_arrays.contiguous(a, ct) for a in (x, B, C, dout, z))
     T = _runtime.ctype(xs.dtype)
-    v2 = _impl() == "v2"
+    impl = _impl()
+    v2 = impl != "v1"  # v3 keeps v2's coalesced staging, ssdb_dcs2 and ssdb_fro
+    # ssdb_mm3 addresses operand elements with 32-bit offsets from a chunk's first row: v2 beyond that, and on
+    # ROCm (hipcc: ssdb_mm3 spills there, 230-390 VGPRs).
+    v3 = impl == "v3" and Q * max(H * P, G * N, Q) < 2**31 and not _runtime.is_hip()
 
     dtf = _f32(dt)
     Af = _f32(A)
@@ -161,14 +177,23 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     if USE_TENSOR_CORES:
         def mm(kind, rows, cols, out, per=nc * H):
             _mm(kind, T, rows, cols, per, batch, (xs, Bs, Cs, ptr(douts), ptr(zs), dy, Df, dtp, cs, seg, cb, dxd, h0,
-                                                  dh, hC, out) + dims + (i32(v2),))
+                                                  dh, hC, out) + dims + (i32(v2),), v3=v3)
+
+        def state_pass(reverse, buf, init, dinit_):
+            # ssdb_pass2 needs float4 rows: PN % 4 == 0 and 16-byte aligned pointers (init may be a caller's view).
+            aligned = P * N % 4 == 0 and _arrays.aligned16(buf, init, dinit_)
+            args = (i32(reverse), buf, ptr(init), ptr(dinit_)) + pass_args
+            if v3 and aligned:
+                _launch("ssdb_pass2", batch * H * (P * N // 4), args)
+            else:
+                _launch("ssdb_pass", batch * H * P * N, args)
 
         mm("cb", Q, Q, cb, per=nc * G)
         mm("dxdot", Q, Q, dxd)
         mm("states", P, N, h0)
-        _launch("ssdb_pass", batch * H * P * N, (i32(0), h0, ptr(initf), NULL) + pass_args)
+        state_pass(0, h0, initf, None)
         mm("gl", P, N, dh)
-        _launch("ssdb_pass", batch * H * P * N, (i32(1), dh, ptr(dfinf), ptr(dinit)) + pass_args)
+        state_pass(1, dh, dfinf, dinit)
         mm("hc", Q, P, hC)
         mm("dhb", Q, P, dhB)
         mm("dx", Q, P, dx)
@@ -196,7 +221,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     if v2:
         if batch * nc * H >= 2**31:
             raise ValueError(f"ssd_bwd: problem too large for one launch ({batch * nc * H} chunks)")
-        _launch_grid(f"ssdb_dcs2<{T}>", (batch * nc * H,), dcs_args, threads=_DCS_THREADS)
+        _launch_grid(f"ssdb_dcs{'3' if v3 else '2'}<{T}>", (batch * nc * H,), dcs_args, threads=_DCS_THREADS)
         fro = cupy.empty((batch * nc * H,), cupy.float32)
         _launch_grid("ssdb_fro", (batch * nc * H,), (h0, dh, fro, i32(P * N)), threads=_DCS_THREADS)
     else:

@@ -162,23 +162,26 @@ def test_simt_path(rng, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_impl_knob_v1_matches_v2(rng, dtype, monkeypatch):
-    """SSMCORE_SSD_BWD_IMPL=v1 (the previous kernels) and v2 (default) give the same gradients; both vs float64.
+@pytest.mark.parametrize("dims", [(66, 67), (68, 72)])  # P * N % 4 != 0 (ssdb_pass) / == 0 (v3: ssdb_pass2)
+def test_impl_knob_versions_agree(rng, dtype, dims, monkeypatch):
+    """SSMCORE_SSD_BWD_IMPL=v1, v2 and v3 (default) give the same gradients; each vs float64.
     Two chunks with a sequence boundary inside, P and N past one 64-wide tile, L not a multiple of the chunk."""
     import ssmcore.backends.cupy.state_space_duality_bwd as launcher
 
-    args, kw = make(rng, 1, 45, 2, 66, 1, 67, dtype)
+    args, kw = make(rng, 1, 45, 2, dims[0], 1, dims[1], dtype)
     want = run_cpu64(args, kw, 32)
-    monkeypatch.setenv(launcher.IMPL_ENV, "v1")
-    v1 = run_gpu(args, kw, 32)
-    monkeypatch.setenv(launcher.IMPL_ENV, "v2")
-    v2 = run_gpu(args, kw, 32)
-    compare(v1, want, args, kw)
-    compare(v2, want, args, kw)
-    for name, a, b in zip(NAMES, v2, v1):
-        if b is not None:
-            a, b = a.astype(np.float32), b.astype(np.float32)
-            assert_close(a, b, "float32", rtol=1e-4, atol=1e-4 * np.abs(b).max(), name=name)
+    got = {}
+    for impl in launcher.IMPLS:
+        monkeypatch.setenv(launcher.IMPL_ENV, impl)
+        got[impl] = run_gpu(args, kw, 32)
+        compare(got[impl], want, args, kw)
+    for impl in ("v2", "v3"):
+        for name, a, b in zip(NAMES, got[impl], got["v1"]):
+            if b is not None:
+                a, b = a.astype(np.float32), b.astype(np.float32)
+                assert_close(a, b, "float32", rtol=1e-4, atol=1e-4 * np.abs(b).max(), name=f"{name} {impl}")
+    monkeypatch.delenv(launcher.IMPL_ENV)
+    assert launcher._impl() == "v3"
 
 
 @pytest.mark.parametrize("variant", ["no_options", "limit", "d_per_channel", "unsorted_seq", "mixed_dtypes"])
