@@ -87,8 +87,8 @@ def main():
     row("ops._plain_eager(4 args)", lambda: tops._plain_eager(args, {}))
     x = cupy.random.standard_normal((4, 16, 8), dtype=cupy.float32)
     row("cupy elementwise x * 2 (kernel launch via CuPy ufunc)", lambda: x * 2)
-    raw = cupy.RawKernel(r'extern "C" __global__ void k(float* p, int n, int a, int b, int c, int d, long long e,'
-                         r' long long f, long long g, long long h) { }', "k")
+    raw = cupy.RawKernel(r'extern "C" __global__ void k(float* p, int a, int b, int c, int d, long long e,'
+                         r' long long f, long long g, long long h) { }', "k")  # 9 parameters, as pargs
     pargs = (x, np.int32(1), np.int32(2), np.int32(3), np.int32(4), np.int64(5), np.int64(6), np.int64(7), np.int64(8))
     row("RawKernel launch, 9 args", lambda: raw((1,), (32,), pargs))
     row("RawKernel launch, 9 args, stream=", lambda: raw((1,), (32,), pargs, stream=cupy.cuda.get_current_stream()))
