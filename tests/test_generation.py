@@ -587,3 +587,27 @@ def test_step_constants_follow_parameter_changes(kind, dtype):
     assert not torch.equal(changed, first)
     m.load_state_dict(initial)  # back to the initial weights through load_state_dict
     assert torch.equal(one_step(m), first)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_weights_follow_parameter_changes(dtype):
+    """The norms keep their weights as float32 between no-grad calls; an in-place change must be seen."""
+    from ssmcore.adapters.torch.modules import RMSNorm, RMSNormGated
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 32, dtype=dtype)
+    z = torch.randn(3, 32, dtype=dtype)
+    for norm, call in ((RMSNorm(32, dtype=dtype), lambda n: n(x)),
+                       (RMSNormGated(32, group_size=16, dtype=dtype), lambda n: n(x, z))):
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(32))
+            first = call(norm)
+            assert torch.equal(call(norm), first)
+            norm.weight.mul_(-2.0)
+            changed = call(norm)
+        fresh = type(norm)(32, dtype=dtype) if isinstance(norm, RMSNorm) else RMSNormGated(32, group_size=16,
+                                                                                          dtype=dtype)
+        fresh.load_state_dict(norm.state_dict())
+        with torch.no_grad():
+            assert torch.equal(changed, call(fresh))
+        assert not torch.equal(changed, first)

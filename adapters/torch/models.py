@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .functional import layer_norm_fn
-from .modules import MHA, Block, GatedMLP, Mamba, Mamba2, RMSNorm
+from .modules import MHA, Block, GatedMLP, Mamba, Mamba2, RMSNorm, _norm_params
 
 CausalLMOutput = namedtuple("CausalLMOutput", ["logits"])
 
@@ -132,7 +132,7 @@ class MixerModel(nn.Module):
         if not self.fused_add_norm:
             residual = hidden_states + residual if residual is not None else hidden_states
             return self.norm_f(residual.to(dtype=self.norm_f.weight.dtype))
-        return layer_norm_fn(hidden_states, self.norm_f.weight, self.norm_f.bias, eps=self.norm_f.eps,
+        return layer_norm_fn(hidden_states, *_norm_params(self.norm_f), eps=self.norm_f.eps,
                              residual=residual, prenorm=False, residual_in_fp32=self.residual_in_fp32,
                              is_rms_norm=isinstance(self.norm_f, RMSNorm))
 

@@ -88,6 +88,14 @@ def _conv_params(module: nn.Module) -> tuple:
                    lambda w, b: (_param(w).reshape(w.shape[0], w.shape[-1]), None if b is None else _param(b)))
 
 
+def _norm_params(norm: nn.Module) -> tuple:
+    """(weight, bias or None) of a norm in float32 (the kernels' type), cached by ``_cached``."""
+    if norm.weight is None:  # nn.LayerNorm(elementwise_affine=False)
+        return norm.weight, norm.bias
+    return _cached(norm, "norm", (norm.weight, norm.bias),
+                   lambda w, b: (_param(w), None if b is None else _param(b)))
+
+
 def _require_layer_idx(module: nn.Module) -> int:
     if module.layer_idx is None:
         raise ValueError(
@@ -161,7 +169,7 @@ class RMSNorm(nn.Module):
     def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
         if self.drop is not None:
             x = self.drop(x)
-        return rms_norm_fn(x, self.weight, self.bias, residual=residual, eps=self.eps, prenorm=prenorm,
+        return rms_norm_fn(x, *_norm_params(self), residual=residual, eps=self.eps, prenorm=prenorm,
                            residual_in_fp32=residual_in_fp32)
 
 
@@ -185,7 +193,7 @@ class RMSNormGated(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x, z=None):
-        return rmsnorm_fn(x, self.weight, self.bias, z=z, eps=self.eps, group_size=self.group_size,
+        return rmsnorm_fn(x, *_norm_params(self), z=z, eps=self.eps, group_size=self.group_size,
                           norm_before_gate=self.norm_before_gate)
 
 
@@ -895,7 +903,7 @@ class Block(nn.Module):
             if self.residual_in_fp32:
                 residual = residual.to(torch.float32)
             return hidden_states, residual
-        return layer_norm_fn(hidden_states, norm.weight, norm.bias, residual=residual, prenorm=True,
+        return layer_norm_fn(hidden_states, *_norm_params(norm), residual=residual, prenorm=True,
                              residual_in_fp32=self.residual_in_fp32, eps=norm.eps,
                              is_rms_norm=isinstance(norm, RMSNorm))
 
