@@ -71,6 +71,34 @@ def step_kernels(model, params_cls, batch, steps, vocab):
     return {k: (v, count[k]) for k, v in per.items()}, sum(per.values())
 
 
+def graph_step_us(model, params_cls, batch, vocab, replays=50):
+    """Median-free mean time of one CUDA-graph replay of the decode step (CUDA events), us."""
+    ids = torch.randint(1, min(1000, vocab), (batch, 16), device="cuda")
+    params = params_cls(max_seqlen=64, max_batch_size=batch)
+    tok = ids[:, -1:].clone()
+    with torch.no_grad():
+        model(ids, inference_params=params, num_last_tokens=1)
+        params.seqlen_offset = ids.shape[1]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(tok, inference_params=params, num_last_tokens=1)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(tok, inference_params=params, num_last_tokens=1)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / replays
+
+
 def prefill_kernels(model, batch, length, vocab, reps=3):
     """({kernel: (GPU us per forward, launches)}, GPU us total, wall us per forward) of a no-grad prefill."""
     import time
@@ -121,6 +149,14 @@ def main():
             for who, table in (("ours", o), ("peer", p)):
                 for name, (t, c) in sorted(table.items(), key=lambda kv: -kv[1][0])[:16]:
                     print(f"  {who} {t:8.1f} {c:5.0f}  {name}")
+        for batch in args.batch:
+            try:
+                o_g = graph_step_us(ours, InferenceParams, batch, vocab)
+                p_g = graph_step_us(peer[0], peer[1], batch, vocab) if peer else float("nan")
+                print(f"\n{arch}, batch {batch}: CUDA-graph replay of one decode step ({args.layers} layers) ours "
+                      f"{o_g:.1f} us vs peer {p_g:.1f} us")
+            except Exception as err:  # noqa: BLE001
+                print(f"{arch}, batch {batch}: graph replay failed: {type(err).__name__}: {err}")
         if args.prefill:
             o, o_gpu, o_wall = prefill_kernels(ours, 1, args.prefill, vocab)
             p, p_gpu, p_wall = prefill_kernels(peer[0], 1, args.prefill, vocab) if peer else ({}, float("nan"),
