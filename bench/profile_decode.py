@@ -72,7 +72,7 @@ def step_kernels(model, params_cls, batch, steps, vocab):
 
 
 def graph_step_us(model, params_cls, batch, vocab, replays=50):
-    """Median-free mean time of one CUDA-graph replay of the decode step (CUDA events), us."""
+    """Mean time of one CUDA-graph replay of the decode step over `replays` back-to-back replays (CUDA events), us."""
     ids = torch.randint(1, min(1000, vocab), (batch, 16), device="cuda")
     params = params_cls(max_seqlen=64, max_batch_size=batch)
     tok = ids[:, -1:].clone()
