@@ -21,7 +21,11 @@ from ssmcore.adapters.torch import _bridge
 from ssmcore.adapters.torch import ops as tops
 
 
-def per_call_us(fn, number=2000, repeat=5):
+NUMBER, REPEAT = 2000, 5
+
+
+def per_call_us(fn, number=None, repeat=None):
+    number, repeat = number or NUMBER, repeat or REPEAT
     fn()
     best = float("inf")
     gc.disable()
@@ -37,6 +41,14 @@ def per_call_us(fn, number=2000, repeat=5):
 
 
 def main():
+    import argparse
+
+    global NUMBER, REPEAT
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--number", type=int, default=NUMBER)
+    ap.add_argument("--repeat", type=int, default=REPEAT)
+    args = ap.parse_args()
+    NUMBER, REPEAT = args.number, args.repeat
     dev = torch.device("cuda", 0)
     t = torch.randn(4, 16, 8, device=dev)
     tb = torch.randn(4, 16, 8, device=dev, dtype=torch.bfloat16)
@@ -112,7 +124,7 @@ def main():
         row("functional.selective_scan_fn(torch, no_grad) whole call",
             lambda: F.selective_scan_fn(u, delta, A, Bm, Cm, Dv, z, db, True))
     torch.cuda.synchronize()
-    print("host cost per operation, us (best of 5 x 2000)")
+    print(f"host cost per operation, us (best of {REPEAT} x {NUMBER})")
     for name, us in rows:
         print(f"{us:9.2f}  {name}")
 
