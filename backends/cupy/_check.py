@@ -451,14 +451,7 @@ def main(argv=None) -> int:
         return max(status, hiprtc_check(modules, targets(HIPRTC_ARCHS), args.jobs) if args.hiprtc else 0)
     if args.warm:
         return warm(modules, args.jobs)
-    jobs = []
-    for family, module in modules.items():
-        names = list(getattr(module, "INSTANTIATIONS", ()))
-        if not names:
-            print(f"{family:13s} (module defines no INSTANTIATIONS)")
-            continue
-        source = _runtime.source(family)
-        jobs += [(family, source, name, arch) for name in names for arch in archs]
+    jobs = [(family, source, name, arch) for family, source, name in _instantiations(modules) for arch in archs]
 
     start = time.perf_counter()
     failures = []

@@ -251,6 +251,18 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
 #endif
 }
 
+// v as a sum of two tf32 values, hi + lo (about fp32 precision): the operand split of 3xTF32 products.
+__device__ __forceinline__ void split_tf32(float v, uint32_t& hi, uint32_t& lo) {
+  hi = to_tf32(v);
+#if SSM_MMA_PTX
+  const float h = __uint_as_float(hi);
+#else
+  float h;
+  __builtin_memcpy(&h, &hi, 4);
+#endif
+  lo = to_tf32(v - h);
+}
+
 #if !SSM_MMA_PTX
 namespace ssm_mma_detail {
 __device__ __forceinline__ float lo_bf16(uint32_t v) {

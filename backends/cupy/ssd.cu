@@ -23,16 +23,6 @@
 
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 
-__device__ __forceinline__ float bits_as_float(uint32_t u) {
-#if SSM_MMA_PTX
-  return __uint_as_float(u);
-#else
-  float f;
-  __builtin_memcpy(&f, &u, 4);
-  return f;
-#endif
-}
-
 // ---- warp GEMM on shared-memory tiles ------------------------------------------------------
 // Operands live in shared memory in the input type T, k-contiguous: A(r, k) = a.p[r * ld + k]
 // and B(k, c) = b.p[c * ld + k] (B stored transposed). Then a 16-bit fragment register is one
@@ -92,8 +82,7 @@ struct Mma<float> {  // 3xTF32: a*b ~ ahi*bhi + ahi*blo + alo*bhi
     uint32_t ahi[4], alo[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      ahi[i] = to_tf32(av[i]);
-      alo[i] = to_tf32(av[i] - bits_as_float(ahi[i]));
+      split_tf32(av[i], ahi[i], alo[i]);
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -102,8 +91,7 @@ struct Mma<float> {  // 3xTF32: a*b ~ ahi*bhi + ahi*blo + alo*bhi
       uint32_t bhi[2], blo[2];
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        bhi[i] = to_tf32(bv[i]);
-        blo[i] = to_tf32(bv[i] - bits_as_float(bhi[i]));
+        split_tf32(bv[i], bhi[i], blo[i]);
       }
       mma_1688_tf32(acc[j], alo, bhi);
       mma_1688_tf32(acc[j], ahi, blo);
@@ -140,6 +128,56 @@ template <int NT>
 __device__ __forceinline__ void zero_acc(float (&acc)[NT][4]) {
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+}
+
+// ---- per-warp accumulator tiles (16 rows x 8 x 8 columns of the m16n8 layout) shared by the kernels ----
+// acc[j][i] is at row r + (i >> 1) * 8, column c + 8 j + (i & 1), where r / c are the lane's first row
+// (warp row + g) and column (2 t).
+
+// A chunk_states tile: states (P, N) float32 at rows p, columns n.
+template <int NT>
+__device__ __forceinline__ void store_state_tile(const float (&acc)[NT][4], float* out, int p, int n, int P, int N) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int pp = p + (i >> 1) * 8, nn = n + 8 * j + (i & 1);
+      if (pp < P && nn < N) out[i64(pp) * N + nn] = acc[j][i];
+    }
+}
+
+// The C h_prev term of chunk_scan: rows t scaled by exp(cumulative decay at t), or 0 for rows after a
+// sequence start inside the chunk (seg_t >= 0: the previous chunk's state does not reach them).
+template <int NT>
+__device__ __forceinline__ void decay_prev_rows(float (&acc)[NT][4], const float* at_t, const int* seg_t, int r) {
+  const float s0 = seg_t[r] < 0 ? expf(at_t[r]) : 0.f;
+  const float s1 = seg_t[r + 8] < 0 ? expf(at_t[r + 8]) : 0.f;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    acc[j][0] *= s0;
+    acc[j][1] *= s0;
+    acc[j][2] *= s1;
+    acc[j][3] *= s1;
+  }
+}
+
+// The chunk_scan epilogue: y = acc + D x, times silu(z), stored at positions pos (+8), channels p of head h.
+template <typename T, int NT>
+__device__ __forceinline__ void store_output_tile(const float (&acc)[NT][4], const T* x, const T* z, const float* D,
+                                                  T* out, int b, int h, i64 pos, int p, int L, int H, int P) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const i64 ps = pos + (i >> 1) * 8;
+      const int pp = p + 8 * j + (i & 1);
+      if (ps >= L || pp >= P) continue;
+      const i64 off = ((i64(b) * L + ps) * H + h) * P + pp;
+      float y = acc[j][i];
+      if (D) y += D[h * P + pp] * load_f(x + off);
+      if (z) y *= silu_f(load_f(z + off));
+      store_f(out + off, y);
+    }
 }
 
 // ---- mma self-test: one warp, C (16x8 float) = A (16x16) * B (16x8) through Mma<T> ----------
@@ -261,14 +299,7 @@ __global__ void __launch_bounds__(128) ssd_chunk_states(
     warp_gemm<T, 8>(acc, KView<T>{xs + warp * 16 * LD, LD}, KView<T>{bs, LD}, 64);
   }
   const int lane = threadIdx.x & 31, gg = lane >> 2, t = lane & 3;
-  float* out = states + ((i64(b) * nc + c) * H + h) * i64(P) * N;
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int p = p0 + warp * 16 + gg + (i >> 1) * 8, n = n0 + 8 * j + 2 * t + (i & 1);
-      if (p < P && n < N) out[i64(p) * N + n] = acc[j][i];
-    }
+  store_state_tile(acc, states + ((i64(b) * nc + c) * H + h) * i64(P) * N, p0 + warp * 16 + gg, n0 + 2 * t, P, N);
 }
 
 // ---- 3. state_passing ----------------------------------------------------------------------
@@ -365,17 +396,7 @@ __global__ void __launch_bounds__(128, 3) ssd_chunk_scan(
     __syncthreads();
     warp_gemm<T, 8>(acc, KView<T>{cs + r0 * ldc + n0, ldc}, KView<T>{hs, L32}, 32);
   }
-  {
-    const float s0 = seg_t[r0 + gg] < 0 ? expf(at_t[r0 + gg]) : 0.f;
-    const float s1 = seg_t[r0 + gg + 8] < 0 ? expf(at_t[r0 + gg + 8]) : 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      acc[j][0] *= s0;
-      acc[j][1] *= s0;
-      acc[j][2] *= s1;
-      acc[j][3] *= s1;
-    }
-  }
+  decay_prev_rows(acc, at_t, seg_t, r0 + gg);
   // Intra-chunk term, s-slices up to and including the t-tile.
   for (int sb = 0; sb <= t0; sb += 64) {
     __syncthreads();
@@ -415,19 +436,7 @@ __global__ void __launch_bounds__(128, 3) ssd_chunk_scan(
     warp_gemm<T, 8>(acc, KView<T>{ms + r0 * L64, L64}, KView<T>{xs, L64}, 64);
   }
   // Epilogue: + D x, gate, store.
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = r0 + gg + (i >> 1) * 8, p = p0 + 8 * j + 2 * tq + (i & 1);
-      const i64 pos = cpos + t0 + r;
-      if (pos >= L || p >= P) continue;
-      const i64 off = ((i64(b) * L + pos) * H + h) * P + p;
-      float y = acc[j][i];
-      if (D) y += D[h * P + p] * load_f(x + off);
-      if (z) y *= silu_f(load_f(z + off));
-      store_f(out + off, y);
-    }
+  store_output_tile(acc, x, z, D, out, b, h, cpos + t0 + r0 + gg, p0 + 2 * tq, L, H, P);
 }
 
 // ---- 5. varlen_states --------------------------------------------------------------------------
@@ -513,14 +522,7 @@ __global__ void __launch_bounds__(128) ssd_chunk_states_v2(
     warp_gemm<T, 8>(acc, KView<T>{xs + warp * 16 * LD, LD}, KView<T>{bs, LD}, 64);
   }
   const int lane = threadIdx.x & 31, gg = lane >> 2, t = lane & 3;
-  float* out = states + ((i64(b) * nc + c) * H + h) * i64(P) * N;
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int p = p0 + warp * 16 + gg + (i >> 1) * 8, n = n0 + 8 * j + 2 * t + (i & 1);
-      if (p < P && n < N) out[i64(p) * N + n] = acc[j][i];
-    }
+  store_state_tile(acc, states + ((i64(b) * nc + c) * H + h) * i64(P) * N, p0 + warp * 16 + gg, n0 + 2 * t, P, N);
 }
 
 // ---- 3'. state_passing: V consecutive elements per thread (float4 when V = 4), the loads of 8
@@ -642,17 +644,7 @@ __global__ void __launch_bounds__(128, 3) ssd_chunk_scan_v2(
   float acc[8][4];
   zero_acc(acc);
   warp_gemm<T, 8>(acc, KView<T>{cs + r0 * ldc, ldc}, KView<T>{bs, ldc}, npad);
-  {
-    const float s0 = seg_t[r0 + gg] < 0 ? expf(at_t[r0 + gg]) : 0.f;
-    const float s1 = seg_t[r0 + gg + 8] < 0 ? expf(at_t[r0 + gg + 8]) : 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      acc[j][0] *= s0;
-      acc[j][1] *= s0;
-      acc[j][2] *= s1;
-      acc[j][3] *= s1;
-    }
-  }
+  decay_prev_rows(acc, at_t, seg_t, r0 + gg);
   for (int sb = 0; sb <= t0; sb += 64) {
     __syncthreads();  // everyone is done with bs (h_prev or the last B_s), ms and xs
     if (threadIdx.x < 64) {
@@ -686,19 +678,7 @@ __global__ void __launch_bounds__(128, 3) ssd_chunk_scan_v2(
     __syncthreads();  // (each warp reads back only its own rows of ms; a block barrier keeps it simple)
     warp_gemm<T, 8>(acc, KView<T>{ms + r0 * L64, L64}, KView<T>{xs, L64}, 64);
   }
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = r0 + gg + (i >> 1) * 8, p = p0 + 8 * j + 2 * tq + (i & 1);
-      const i64 pos = cpos + t0 + r;
-      if (pos >= L || p >= P) continue;
-      const i64 off = ((i64(b) * L + pos) * H + h) * P + p;
-      float y = acc[j][i];
-      if (D) y += D[h * P + p] * load_f(x + off);
-      if (z) y *= silu_f(load_f(z + off));
-      store_f(out + off, y);
-    }
+  store_output_tile(acc, x, z, D, out, b, h, cpos + t0 + r0 + gg, p0 + 2 * tq, L, H, P);
 }
 
 // ==== v3 forward (16-bit types, 16-byte aligned rows; launcher knob SSMCORE_SSD_FWD=v3, the default) ====
@@ -859,17 +839,7 @@ __global__ void __launch_bounds__(128, 3) ssd_chunk_scan_v3(
   float acc[8][4];
   zero_acc(acc);
   warp_gemm<T, 8>(acc, KView<T>{cs + r0 * ldc, ldc}, KView<T>{hs, ldc}, npad);
-  {
-    const float s0 = seg_t[r0 + gg] < 0 ? expf(at_t[r0 + gg]) : 0.f;
-    const float s1 = seg_t[r0 + gg + 8] < 0 ? expf(at_t[r0 + gg + 8]) : 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      acc[j][0] *= s0;
-      acc[j][1] *= s0;
-      acc[j][2] *= s1;
-      acc[j][3] *= s1;
-    }
-  }
+  decay_prev_rows(acc, at_t, seg_t, r0 + gg);
   // This thread's share of a slice: CB rows (tid >> 4) + 8 i, columns sc4 .. sc4 + 3; x items tid + 128 i.
   const float* cbt = cb + (((i64(b) * nc + c) * G + g) * ntri + tt * (tt + 1) / 2) * 4096;
   const int sc4 = (tid & 15) * 4;
@@ -921,19 +891,7 @@ __global__ void __launch_bounds__(128, 3) ssd_chunk_scan_v3(
     if (sb < tt) fetch(sb + 1);
     warp_gemm<T, 8>(acc, KView<T>{ms + r0 * L64, L64}, KView<T>{xs, L64}, 64);
   }
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = r0 + gg + (i >> 1) * 8, p = p0 + 8 * j + 2 * tq + (i & 1);
-      const i64 pos = cpos + t0 + r;
-      if (pos >= L || p >= P) continue;
-      const i64 off = ((i64(b) * L + pos) * H + h) * P + p;
-      float y = acc[j][i];
-      if (D) y += D[h * P + p] * load_f(x + off);
-      if (z) y *= silu_f(load_f(z + off));
-      store_f(out + off, y);
-    }
+  store_output_tile(acc, x, z, D, out, b, h, cpos + t0 + r0 + gg, p0 + 2 * tq, L, H, P);
 }
 
 // ---- 2''. chunk_states with the next 64-position slab prefetched into registers --------------------
@@ -1004,12 +962,5 @@ __global__ void __launch_bounds__(128) ssd_chunk_states_v3(
     warp_gemm<T, 8>(acc, KView<T>{xs + warp * 16 * LD, LD}, KView<T>{bs, LD}, 64);
   }
   const int lane = tid & 31, gg = lane >> 2, t = lane & 3;
-  float* out = states + ((i64(b) * nc + c) * H + h) * i64(P) * N;
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int p = p0 + warp * 16 + gg + (i >> 1) * 8, n = n0 + 8 * j + 2 * t + (i & 1);
-      if (p < P && n < N) out[i64(p) * N + n] = acc[j][i];
-    }
+  store_state_tile(acc, states + ((i64(b) * nc + c) * H + h) * i64(P) * N, p0 + warp * 16 + gg, n0 + 2 * t, P, N);
 }

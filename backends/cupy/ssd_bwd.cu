@@ -517,16 +517,6 @@ struct BMma<bf16_t> : BMma16<bf16_t, pack_bf16x2, mma_16816_bf16> {};
 template <>
 struct BMma<half_t> : BMma16<half_t, pack_f16x2, mma_16816_f16> {};
 
-__device__ __forceinline__ float tf32_as_float(uint32_t u) {
-#if SSM_MMA_PTX
-  return __uint_as_float(u);
-#else
-  float f;
-  __builtin_memcpy(&f, &u, 4);
-  return f;
-#endif
-}
-
 template <>
 struct BMma<float> {  // 3xTF32: hi*hi + hi*lo + lo*hi
   static constexpr int K = 8;
@@ -538,8 +528,7 @@ struct BMma<float> {  // 3xTF32: hi*hi + hi*lo + lo*hi
     uint32_t ahi[4], alo[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      ahi[i] = to_tf32(av[i]);
-      alo[i] = to_tf32(av[i] - tf32_as_float(ahi[i]));
+      split_tf32(av[i], ahi[i], alo[i]);
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -548,8 +537,7 @@ struct BMma<float> {  // 3xTF32: hi*hi + hi*lo + lo*hi
       uint32_t bhi[2], blo[2];
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        bhi[i] = to_tf32(bv[i]);
-        blo[i] = to_tf32(bv[i] - tf32_as_float(bhi[i]));
+        split_tf32(bv[i], bhi[i], blo[i]);
       }
       mma_1688_tf32(acc[j], alo, bhi);
       mma_1688_tf32(acc[j], ahi, blo);
