@@ -41,8 +41,11 @@ def test_block_result_maps_to_views(dtype, torch_dtype, shape, strides, offset):
 def test_results_sharing_a_block_are_not_both_fresh():
     base, a = block_array(256, np.float32, (4, 4), (4, 1), 0)
     b = a[1:3]  # a view of the same block: fresh_outputs must clone one of them
-    assert _bridge._shares_block(b, a) and _bridge._block_of(a) is not None
+    assert _bridge._block_of(a) is not None and _bridge._block_of(b) is _bridge._block_of(a)
+    first, second = _bridge.fresh_outputs((a, b), (), torch.device("cpu"))
+    assert first.untyped_storage().data_ptr() == base.data_ptr()  # the first result keeps the block
+    assert second.untyped_storage().data_ptr() != base.data_ptr()  # the second, sharing it, is cloned
     plain = cupy.ndarray((2,), np.float32, cupy.cuda.MemoryPointer(
         cupy.cuda.UnownedMemory(base.data_ptr(), 8, base, 0), 0))
-    assert _bridge._block_of(plain) is None and _bridge._from_block(plain) is None  # input views keep DLPack
+    assert _bridge._block_of(plain) is None and _bridge._from_block(plain, _bridge._block_of(plain)) is None  # input views keep DLPack
     assert _bridge._block_of(np.zeros(3)) is None

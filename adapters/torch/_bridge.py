@@ -89,7 +89,7 @@ def to_tensor(a) -> torch.Tensor:
         if a.dtype == _BF16:
             return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(a)
-    t = _from_block(a)
+    t = _from_block(a, _block_of(a))
     if t is not None:
         return t
     if a.dtype == _BF16:
@@ -135,7 +135,10 @@ def fresh_outputs(results, inputs, device: torch.device, like=()) -> tuple:
         if a is None:
             out.append(absent(device))
             continue
-        t = to_tensor(a)
+        block = _block_of(a)
+        t = _from_block(a, block)
+        if t is None:
+            t = to_tensor(a)
         reference = like[i] if i < n_like else None
         if reference is not None and t.shape == reference.shape:
             if not _same_layout(t, reference):
@@ -145,8 +148,8 @@ def fresh_outputs(results, inputs, device: torch.device, like=()) -> tuple:
         if t.numel() > 0:
             # A NumPy array owning its memory (base None), met once, is memory the backend allocated for
             # this result: every input reached the backend as a view (base not None). Others are checked.
-            fresh = ((type(a) is np.ndarray and a.base is None) or _block_of(a) is not None) and not any(
-                a is r or _shares_block(a, r) for r in results[:i])
+            fresh = ((type(a) is np.ndarray and a.base is None) or block is not None) and not any(
+                a is r or (block is not None and block is _block_of(r)) for r in results[:i])
             if not fresh and taken is None:
                 taken = [_extent(x) for x in inputs if x is not None and x.numel() > 0 and x.device == device]
                 taken += [_extent(x) for x in out if x.numel() > 0]
@@ -229,7 +232,7 @@ def _external_stream(cupy, torch_stream, device: int):
 
 class _Block:
     """Owner of a CuPy allocation made in an op's scope: the torch uint8 tensor holding the bytes (from torch's
-    caching allocator). A result array over such a block becomes a torch tensor by views of that tensor
+    caching allocator). A result array over such a block becomes a torch tensor over the same storage
     (``_from_block``), without DLPack; the block goes back to torch when both sides let go."""
 
     __slots__ = ("tensor",)
@@ -268,17 +271,11 @@ def _block_of(a):
     return owner if type(owner) is _Block else None
 
 
-def _shares_block(a, b) -> bool:
-    block = _block_of(a)
-    return block is not None and block is _block_of(b)
-
-
 _TORCH_OF_NP: dict = {}
 
 
-def _from_block(a):
-    """The torch tensor over a result array allocated in an op's scope (views of its block), else None."""
-    block = _block_of(a)
+def _from_block(a, block):
+    """The torch tensor over ``a``, a result array in ``block`` (``_block_of(a)``), else None."""
     if block is None:
         return None
     if not _TORCH_OF_NP:
