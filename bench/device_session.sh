@@ -3,7 +3,7 @@
 # benchmarks. Everything goes to one log ($OUT/log.txt) to stay within the device tool's 8 returned files.
 #   TESTS="tests/gpu/..." BENCH="scan ops" bash bench/device_session.sh
 # TESTS: pytest paths for the GPU tests ("" to skip). BENCH: words among scan scanq conv ssd ssdq ssd_bwd ops blocks
-# e2e det mgpu ovh prof ovp gen hprof.
+# e2e det mgpu ovh prof ovp gen hprof pblock.
 # PACK_PEER=1 returns the built peer extensions as $OUT/peerbuild.tgz.* (carry them back in .peers/).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -66,6 +66,7 @@ for b in ${BENCH:-}; do
     prof) timeout $t python3 bench/profile_decode.py >> "$LOG" 2>&1 ;;
     ovp) timeout $t python3 bench/overhead_parts.py ${OVP_ARGS:-} >> "$LOG" 2>&1 ;;
     gen) timeout $t python3 bench/gen_breakdown.py ${GEN_ARGS:-} >> "$LOG" 2>&1 ;;
+    pblock) timeout $t python3 bench/profile_block.py ${PBLOCK_ARGS:-} >> "$LOG" 2>&1 ;;
     hprof) timeout $t python3 bench/host_profile.py ${HPROF_ARGS:-} >> "$LOG" 2>&1 ;;
     ssdq) timeout $t python3 bench/gpu_ssd.py --quick >> "$LOG" 2>&1 ;;
     scanq) timeout $t python3 bench/gpu_scan.py --warm --peer >> "$LOG" 2>&1 ;;

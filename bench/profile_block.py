@@ -1,0 +1,104 @@
+"""Where a block's forward+backward GPU time goes, ours vs the peer (GPU machine; data for block/training speed).
+
+    python3 bench/profile_block.py [--batch 8] [--length 2048] [--d-model 1024] [--top 22]
+
+The setting of bench/test_gpu_blocks.py: Mamba (d_state 16) and Mamba2 (H32 P64 N128, chunk 256), fp32 parameters
+under bf16 autocast, torch.autograd.grad of the output w.r.t. input and parameters. Prints wall time per
+forward+backward (CUDA events, median of 10), the sum of kernel times (torch.profiler), the kernels by GPU time,
+ours next to the peer's, and peak memory above the inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def make(kind, d_model, peer):
+    kw = dict(d_model=d_model, d_state=16) if kind == "Mamba" else dict(d_model=d_model, d_state=128, headdim=64,
+                                                                         chunk_size=256)
+    torch.manual_seed(0)
+    if peer:
+        import importlib
+
+        mod = importlib.import_module("mamba_ssm.modules.mamba_simple" if kind == "Mamba" else "mamba_ssm.modules.mamba2")
+        return getattr(mod, kind)(**kw, device="cuda")
+    import ssmcore.adapters.torch as adapter
+
+    return getattr(adapter, kind)(**kw, device="cuda")
+
+
+def step_fn(module, x, g):
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def run():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = module(x)
+        return torch.autograd.grad(out, [x] + params, g)
+
+    return run
+
+
+def measure(fn, top):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) * 1e3)
+    wall = sorted(times)[5]
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    per = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = getattr(ev, "cuda_time_total", 0.0)
+        if t and ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.key[:80]] = (t, ev.count)
+    return wall, sum(t for t, _ in per.values()), sum(c for _, c in per.values()), peak, per
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--d-model", type=int, default=1024)
+    ap.add_argument("--top", type=int, default=22)
+    ap.add_argument("--kinds", nargs="+", default=["Mamba", "Mamba2"])
+    args = ap.parse_args()
+    for kind in args.kinds:
+        x = torch.randn(args.batch, args.length, args.d_model, device="cuda", dtype=torch.bfloat16,
+                        requires_grad=True)
+        g = torch.randn_like(x)
+        rows = {}
+        for who in ("ours", "peer"):
+            try:
+                module = make(kind, args.d_model, who == "peer")
+            except Exception as err:  # noqa: BLE001
+                print(f"{kind} {who}: unavailable: {type(err).__name__}: {err}"[:300])
+                continue
+            rows[who] = measure(step_fn(module, x, g), args.top)
+            del module
+            torch.cuda.empty_cache()
+        print(f"\n{kind} B{args.batch} L{args.length} d_model {args.d_model}: forward+backward")
+        for who, (wall, gpu, launches, peak, _) in rows.items():
+            print(f"  {who}: wall {wall:8.0f} us, kernel sum {gpu:8.0f} us, {launches} launches, peak {peak:7.0f} MiB")
+        for who, (*_, per) in rows.items():
+            for name, (t, c) in sorted(per.items(), key=lambda kv: -kv[1][0])[:args.top]:
+                print(f"  {who} {t:8.1f} {c:4d}  {name}")
+
+
+if __name__ == "__main__":
+    main()
