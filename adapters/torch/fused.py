@@ -18,9 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import ops  # noqa: F401  (registers the ssmcore:: custom ops)
+from . import ops
 
-_ops = torch.ops.ssmcore
+# torch.ops.ssmcore, straight to each op's implementation in plain eager mode (the autograd.Functions below run their
+# forward and backward with grad mode off, so inference, prefill and training all skip the torch.library dispatch;
+# torch.compile, fake tensors and other tracing still see the custom ops).
+_ops = ops.eager
 
 
 def _autocast_dtype(t: torch.Tensor):
