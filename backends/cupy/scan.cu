@@ -40,9 +40,11 @@
 //   then add in phases (warps 0+1, then 2, then 3, with barriers). Across blocks: by default one
 //   float32 global atomic per (block, n, t) into a (B, G, N, L) buffer (the order is not
 //   deterministic: dB/dC of input-dependent B/C may differ in the last bits between runs); in
-//   deterministic mode each block stores its sums to its own slice of a (blocks per group, B, G,
-//   N, L) buffer that column_sum adds in a fixed order. Every other gradient is always
-//   deterministic.
+//   deterministic mode each block stores its sums to slice blockIdx.x of a (grid, N, L) buffer (the
+//   blocks of one batch entry and group are consecutive slices) that bc_slice_sum adds in a fixed
+//   order, writing dB/dC in their own dtype (SSMCORE_SCAN_DET_IMPL=v1, flags & 16: session 4's
+//   (blocks per group, B, G, N, L) slices, three integer divisions per stored value, + column_sum).
+//   Every other gradient is always deterministic.
 // scan_fwd_tp (the output forward when B*D is small, see scan.py): time-parallel instead, one block
 //   per row, the steps' affine maps h -> a h + b scanned across threads; see its comment.
 // Traffic (forward): u, delta, z read once, out written once, B/C read once per block (L2 hits);
@@ -790,7 +792,8 @@ scan_fwd_tp(const T* __restrict__ u, const T* __restrict__ delta, const float* _
 // Backward. ckpt from scan_fwd (same S, R). Writes du, ddelta (, dz) of T; float32 partials per
 // batch entry: dA_part (B, D, N), dD_part / dbias_part (B, D) (nullptr when absent), constant
 // dB/dC as (B, D, N); input-dependent dB/dC accumulate (atomics) into zeroed (B, G, N, L) float32,
-// or with flags & 8 (deterministic) are stored per block into (Gblk / G * ptiles, B, G, N, L);
+// or with flags & 8 (deterministic) are stored per block into slice blockIdx.x of (grid, N, L)
+// (flags & 16 as well: into (Gblk / G * ptiles, B, G, N, L), the v1 layout);
 // dh0 (B, D, N) float32 (nullptr when there is no initial state).
 // Blocks per SM the backward's registers are capped for (a speed variant: -DSCAN_BWD_MIN_BLOCKS=3
 // caps them at 168 per thread; scan.py sets it from SSMCORE_SCAN_BWD_MIN_BLOCKS).
@@ -868,6 +871,7 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
   const bool row_ok = i < blk.rows;
   const int d = blk.row0 + i;
   const bool softplus = flags & 1, varB = flags & 2, varC = flags & 4, det = flags & 8;
+  const bool det_v1 = det && (flags & 16);  // deterministic, session 4's slice layout
   const int warp = tid / SSM_WARP_SIZE;
   float* sRedW = sRed + (warp * NSL / kWarps) * RED_N;  // this warp's copy
   // Deterministic with more than two warps on one copy: add in phases (0+1 | 2 | 3 | ...).
@@ -1139,6 +1143,9 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
       }
     }
     if (varB || varC) {
+      // Unrolled twice, as NVRTC chose before the deterministic store shrank (sm_90: S1 R16 spills 0 bytes
+      // instead of 4-8, S1 R8 12-16 instead of 20; other layouts' registers as before).
+#pragma unroll 2
       for (int e = tid; e < 2 * NP * CH; e += kThreads) {
         const int kind = e / (NP * CH), n = (e / CH) % NP, tt = e % CH, t = t0 + tt;
         const bool var = kind == 0 ? varB : varC;
@@ -1147,13 +1154,15 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
 #pragma unroll
         for (int cp = 1; cp < NSL; ++cp) total += sRed[cp * RED_N + cell];
         if (var && n < N && t < L) {
-          if (det) {  // this block's slice of (blocks per group, B, G, N, L): plain stores
+          if (det_v1) {  // this block's slice of (blocks per group, B, G, N, L): plain stores
             const int G = kind == 0 ? GB : GC, g = kind == 0 ? blk.gB : blk.gC;
             const int per_group = Gblk / G * ptiles;
             const int slot = blockIdx.x % (Gblk * ptiles) - g * per_group;
             const int nbatch = gridDim.x / (Gblk * ptiles);
             float* out = (kind == 0 ? dB_out : dC_out) + ((((i64)slot * nbatch + blk.b) * G + g) * N + n) * L;
             out[t] = total;
+          } else if (det) {  // slice blockIdx.x of (grid, N, L): plain stores, no index arithmetic
+            (kind == 0 ? dB_out : dC_out)[((i64)blockIdx.x * N + n) * L + t] = total;
           } else {
             float* out = kind == 0 ? dB_out + (((i64)blk.b * GB + blk.gB) * N + n) * L
                                    : dC_out + (((i64)blk.b * GC + blk.gC) * N + n) * L;
@@ -1193,6 +1202,62 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
       const i64 o = (i64)blk.b * Dm + blk.row0 + ii;
       if (dD_part != nullptr) dD_part[o] = sd;
       if (dbias_part != nullptr) dbias_part[o] = sb;
+    }
+  }
+}
+
+// Deterministic dB/dC: scan_bwd stored block k's sums of input-dependent B (or C) to slice k of a
+// (grid, N, L) float32 buffer; the grid is (batch, block group, row tile) flattened and a group of
+// B spans consecutive block groups, so the P blocks of batch entry b and group g are the
+// consecutive slices (b G + g) P .. (b G + g) P + P - 1 and
+//   out[b, g, n, t] = sum over p < P of part[(b G + g) P + p, n, t]   (cols = N L per (b, g)),
+// written in the output dtype (no separate cast). One launch covers dB and dC: flattened blocks
+// [0, nbg0 * xb) sum part0 into out0, the rest part1 into out1 (xb blocks per (b, g)). Block (32, 8):
+// thread (x, y) owns V consecutive columns (V = 4: float4 loads, needs cols % 4 == 0) and adds
+// slices p = y, y + 8, ... in that order; then y = 0 adds the 8 partial sums in order. The order
+// depends on P only (not on V, timing or the grid), so every run gives the same bits.
+// Traffic: P * cols * 4 bytes read per (b, g) (the partials scan_bwd wrote), cols * sizeof(TO) written.
+template <typename TO, int V>
+__global__ void __launch_bounds__(256) bc_slice_sum(const float* __restrict__ part0, TO* __restrict__ out0,
+                                                    int P0, i64 nbg0, const float* __restrict__ part1,
+                                                    TO* __restrict__ out1, int P1, i64 cols, i64 xb) {
+  __shared__ float acc[V][8][33];
+  const i64 blk = blockIdx.x;
+  const bool second = blk >= nbg0 * xb;
+  const i64 local = second ? blk - nbg0 * xb : blk;
+  const i64 bg = local / xb;
+  const i64 col = ((local - bg * xb) * 32 + threadIdx.x) * V;
+  const int P = second ? P1 : P0;
+  const float* src = (second ? part1 : part0) + bg * P * cols + col;
+  TO* dst = (second ? out1 : out0) + bg * cols + col;
+  const int y = threadIdx.y, x = threadIdx.x;
+  float s[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) s[k] = 0.f;
+  if (col < cols) {
+#pragma unroll 4
+    for (int p = y; p < P; p += 8) {
+      if constexpr (V == 4) {
+        const float4 q = *reinterpret_cast<const float4*>(src + (i64)p * cols);
+        s[0] += q.x;
+        s[1] += q.y;
+        s[2] += q.z;
+        s[3] += q.w;
+      } else {
+        s[0] += src[(i64)p * cols];
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) acc[k][y][x] = s[k];
+  __syncthreads();
+  if (y == 0 && col < cols) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      float t = 0.f;
+#pragma unroll
+      for (int r = 0; r < 8; ++r) t += acc[k][r][x];
+      store_f(dst + k, t);
     }
   }
 }

@@ -34,7 +34,7 @@ INSTANTIATIONS = [f"scan_fwd<{t}, {s}, {r}>" for t in _TYPES for s, r in _LAYOUT
     f"scan_fwd3<{t}, {s}, {r}>" for t in _TYPES for s, r in _LAYOUTS if r >= 2] + [
     f"scan_fwd_tp<{t}, {nb}>" for t in _TYPES for nb in (1, 2, 4)] + [
     f"scan_bwd<{t}, {s}, {r}>" for t in _TYPES for s, r in _LAYOUTS
-] + ["column_sum<float>"]
+] + ["column_sum<float>"] + [f"bc_slice_sum<{t}, {v}>" for t in _TYPES for v in (1, 4)]
 
 # Rows * lanes per row at or above which the wide layout keeps the GPU busy (per multiprocessor).
 _WIDE_THREADS_PER_SM = 512
@@ -154,10 +154,11 @@ class _Args:
             return _arrays.contiguous(X, cupy.float32), False, 1
         return _arrays.contiguous(X), True, (1 if X.ndim == 3 else int(X.shape[1]))
 
-    def flags(self, softplus: bool, det: bool = False) -> np.int32:
-        return np.int32(int(bool(softplus)) | (2 if self.var_B else 0) | (4 if self.var_C else 0) | (8 if det else 0))
+    def flags(self, softplus: bool, det: int = 0) -> np.int32:
+        """det: 0, _DET (deterministic dB/dC slices by block) or _DET | _DET_V1 (session 4's layout)."""
+        return np.int32(int(bool(softplus)) | (2 if self.var_B else 0) | (4 if self.var_C else 0) | int(det))
 
-    def sizes(self, softplus: bool, det: bool = False):
+    def sizes(self, softplus: bool, det: int = 0):
         return (
             np.int32(self.length), np.int32(self.channels), np.int32(self.n_states),
             np.int32(self.channels_per_block_group), np.int32(self.block_groups),
@@ -240,13 +241,56 @@ def _cast(x, dtype):
     return x if x.dtype == dtype else x.astype(dtype)
 
 
-def _bc_grad_buffer(a: _Args, var: bool, groups: int, det: bool):
+# Deterministic dB/dC (flags of scan_bwd): _DET alone = "v2" (the default since 2026-11-29, session 5):
+# block k of the grid stores its sums to slice k of a (grid, N, L) float32 buffer = (B, G, P, N, L) with
+# P = blocks per (batch entry, group), one bc_slice_sum launch adds the P slices of both dB and dC in a
+# fixed order and writes them in B/C's dtype. _DET | _DET_V1 = "v1" (session 4): slices laid out as
+# (P, B, G, N, L), whose index scan_bwd computed with three integer divisions per stored value (~90
+# instructions, on the latency-bound chunk loop's critical path at one block per SM), then one
+# column_sum per tensor and a cast. SSMCORE_SCAN_DET_IMPL picks (read on every call); the module
+# attribute wins when set (benchmarks).
+_DET, _DET_V1 = 8, 16
+det_impl = None
+
+
+def _det_impl() -> str:
+    impl = det_impl or os.environ.get("SSMCORE_SCAN_DET_IMPL", "v2")
+    if impl not in ("v1", "v2"):
+        raise ValueError(f"SSMCORE_SCAN_DET_IMPL: expected 'v1' or 'v2', got {impl!r}")
+    return impl
+
+
+def _bc_grad_buffer(a: _Args, var: bool, groups: int, det: int):
     if not var:
         return cupy.zeros((a.batch, a.channels, a.n_states), cupy.float32)
     shape = (a.batch, groups, a.n_states, a.length)
+    blocks_per_group = a.block_groups // groups * a.row_tiles
+    if det & _DET_V1:
+        return cupy.empty((blocks_per_group,) + shape, cupy.float32)
     if det:
-        return cupy.empty((a.block_groups // groups * a.row_tiles,) + shape, cupy.float32)
+        return cupy.empty((a.batch, groups, blocks_per_group, a.n_states, a.length), cupy.float32)
     return cupy.zeros(shape, cupy.float32)
+
+
+def _slice_sums(a: _Args, parts, dtype):
+    """Deterministic v2: each (B, G, P, N, L) float32 buffer of parts (None where B/C is not input-dependent)
+    -> (B, G, N, L) in dtype, the P slices added in a fixed order; one launch for all of them."""
+    outs = [None if p is None else cupy.empty(p.shape[:2] + p.shape[3:], dtype) for p in parts]
+    pairs = [(p, o) for p, o in zip(parts, outs) if p is not None] + [(None, None)]
+    (p0, o0), (p1, o1) = pairs[0], pairs[1]
+    cols = a.n_states * a.length
+    if cols == 0:
+        return outs
+    vec = 4 if cols % 4 == 0 else 1  # float4 columns (buffers are 256-byte aligned, slices cols * 4 bytes)
+    xb = cdiv(cols, 32 * vec)  # blocks per (batch entry, group)
+    nbg0 = p0.shape[0] * p0.shape[1]
+    nbg1 = 0 if p1 is None else p1.shape[0] * p1.shape[1]
+    kernel = _runtime.function(FAMILY, f"bc_slice_sum<{_runtime.ctype(dtype)}, {vec}>")
+    _runtime.launch(kernel, ((nbg0 + nbg1) * xb,), (32, 8), (
+        p0, o0, np.int32(p0.shape[2]), np.int64(nbg0), ptr(p1), ptr(o1),
+        np.int32(1 if p1 is None else p1.shape[2]), np.int64(cols), np.int64(xb),
+    ))
+    return outs
 
 
 def _fixed_order_sum(part):
@@ -276,8 +320,11 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     dz = cupy.empty((nb, nd, L), z.dtype) if z is not None else None
     dA_part = cupy.zeros((nb, nd, N), f32)
     # Input-dependent dB/dC: global atomics into (B, G, N, L), or in deterministic mode one slice per
-    # block of a group, (blocks per group, B, G, N, L), summed in a fixed order by column_sum.
-    det = deterministic() and (a.var_B or a.var_C) and not a.empty()
+    # block, (B, G, blocks per group, N, L), summed in a fixed order by bc_slice_sum (v1: (blocks per
+    # group, B, G, N, L) and column_sum; see _DET).
+    det = 0
+    if deterministic() and (a.var_B or a.var_C) and not a.empty():
+        det = _DET | (_DET_V1 if _det_impl() == "v1" else 0)
     dB_buf = _bc_grad_buffer(a, a.var_B, a.groups_B, det)
     dC_buf = _bc_grad_buffer(a, a.var_C, a.groups_C, det)
     dD_part = cupy.zeros((nb, nd), f32) if D is not None else None
@@ -303,9 +350,13 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
             ptr(a.delta_bias), ckpt, ptr(dlast), du, ddelta, ptr(dz), dA_part, dB_buf, dC_buf,
             ptr(dD_part), ptr(dbias_part), ptr(dh0), *a.sizes(delta_softplus, det),
         ))
-        if det:
+        if det & _DET_V1:
             dB_buf = _fixed_order_sum(dB_buf) if a.var_B else dB_buf
             dC_buf = _fixed_order_sum(dC_buf) if a.var_C else dC_buf
+        elif det:
+            sums = _slice_sums(a, (dB_buf if a.var_B else None, dC_buf if a.var_C else None), u.dtype)
+            dB_buf = sums[0] if a.var_B else dB_buf
+            dC_buf = sums[1] if a.var_C else dC_buf
     dB = dB_buf.reshape(B.shape) if a.var_B else dB_buf.sum(axis=0)
     dC = dC_buf.reshape(C.shape) if a.var_C else dC_buf.sum(axis=0)
     return (
