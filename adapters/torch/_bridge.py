@@ -114,8 +114,27 @@ def _overlaps_any(extent: tuple, others) -> bool:
 
 
 def _same_layout(t: torch.Tensor, like: torch.Tensor) -> bool:
-    """Equal strides on every dimension longer than 1 (the ones that say where elements are)."""
-    return all(a == b for n, a, b in zip(t.shape, t.stride(), like.stride()) if n > 1)
+    """True when ``t`` is laid out as ``torch.empty_like(like)`` would be: equal strides on every dimension longer
+    than 1 (the ones that say where elements are), or, for a ``like`` with gaps (a slice of wider rows), ``t`` dense
+    with its dimensions in the same stride order (empty_like infers such dense strides)."""
+    if all(a == b for n, a, b in zip(t.shape, t.stride(), like.stride()) if n > 1):
+        return True
+    dims = [d for d in range(t.dim()) if t.shape[d] > 1]
+    order = sorted(dims, key=lambda d: t.stride(d))
+    if order != sorted(dims, key=lambda d: like.stride(d)) or _dense_order(like, order):
+        return False
+    return _dense_order(t, order)
+
+
+def _dense_order(t: torch.Tensor, order) -> bool:
+    """True when ``t``'s dimensions ``order`` (its dimensions longer than 1, by increasing stride) cover its
+    elements without gaps."""
+    expect = 1
+    for d in order:
+        if t.stride(d) != expect:
+            return False
+        expect *= t.shape[d]
+    return True
 
 
 def fresh_outputs(results, inputs, device: torch.device, like=()) -> tuple:

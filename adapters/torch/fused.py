@@ -359,7 +359,8 @@ class MambaSplitConv1dScanCombinedFn(torch.autograd.Function):
 def _conv_xBC(xBC, weight, bias, seq_idx, activation, nheads, ngroups, dstate):
     """Causal conv of xBC (B, L, C) along L, split into x (B, L, H, P), B and C (B, L, G, N)."""
     batch, seqlen, _ = xBC.shape
-    conv = _ops.causal_conv1d_fwd(xBC.contiguous().transpose(1, 2), weight, bias, seq_idx, None, activation,
+    # xBC is a channel slice of the in_proj output: the channel-last conv reads its rows in place.
+    conv = _ops.causal_conv1d_fwd(xBC.transpose(1, 2), weight, bias, seq_idx, None, activation,
                                   False)[0].transpose(1, 2)
     x, B, C = torch.split(conv, [conv.shape[-1] - 2 * ngroups * dstate, ngroups * dstate, ngroups * dstate], dim=-1)
     return (x.reshape(batch, seqlen, nheads, -1), B.reshape(batch, seqlen, ngroups, dstate),
