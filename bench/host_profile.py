@@ -51,16 +51,69 @@ def profile(name, fn, number, top):
         print(f"  {tt:8.2f} {ct:8.2f} {nc:6.1f}  {where}")
 
 
+def enqueue_and_wall(fn, reps=5):
+    """(us to return from fn without waiting for the GPU, us until the GPU is done), medians."""
+    for _ in range(2):
+        fn()
+    _sync()
+    enq, wall = [], []
+    for _ in range(reps):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        _sync()
+        t2 = time.perf_counter()
+        enq.append(t1 - t0)
+        wall.append(t2 - t0)
+    return sorted(enq)[reps // 2] * 1e6, sorted(wall)[reps // 2] * 1e6
+
+
+def prefill_blocks(dev, length, top):
+    """Mamba-1 2.8B / Mamba-2 2.7B sized blocks (d_model 2560), bf16, one 1 x length forward under no_grad: time to
+    enqueue vs wall (enqueue ~ wall: host-bound or a sync inside), ours vs the peer; then our cProfile."""
+    bf = torch.bfloat16
+    for kind, kw in (("Mamba", dict(d_state=16)), ("Mamba2", dict(d_state=128, headdim=64, chunk_size=256))):
+        h = torch.randn(1, length, 2560, device=dev, dtype=bf)
+        for who in ("ours", "peer"):
+            try:
+                if who == "ours":
+                    import ssmcore.adapters.torch as adapter
+                    cls = getattr(adapter, kind)
+                else:
+                    import importlib
+                    cls = getattr(importlib.import_module("mamba_ssm.modules.mamba_simple" if kind == "Mamba"
+                                                          else "mamba_ssm.modules.mamba2"), kind)
+            except Exception as err:  # noqa: BLE001
+                print(f"{kind} {who}: unavailable ({type(err).__name__})")
+                continue
+            torch.manual_seed(0)
+            block = cls(d_model=2560, device=dev, dtype=bf, **kw)
+
+            def call(block=block):
+                with torch.no_grad():
+                    return block(h)
+            enq, wall = enqueue_and_wall(call)
+            print(f"\n{kind}(d_model=2560) 1x{length} forward no_grad, {who}: enqueue {enq:8.0f} us, wall {wall:8.0f} us")
+            if who == "ours":
+                profile(f"{kind}(d_model=2560) 1x{length} forward no_grad (ours)", call, 10, top)
+            del block
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--number", type=int, default=300)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--prefill", type=int, default=2048, help="block prefill length (0: skip)")
     args = ap.parse_args()
     from ssmcore.adapters.torch import Mamba, Mamba2
     from ssmcore.adapters.torch import functional as F
 
     dev = torch.device(args.device)
+    if args.prefill:
+        prefill_blocks(dev, args.prefill, args.top)
     bf = torch.bfloat16
     D, N, L = 16, 8, 4
     u = torch.randn(1, D, L, device=dev, dtype=bf)
