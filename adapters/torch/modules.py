@@ -296,7 +296,8 @@ class Mamba(nn.Module):
             xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
         A, D, dt_bias = _ssm_constants(self, self.A_log, self.D, self.dt_proj.bias)
         if self.use_fast_path and inference_params is None:
-            return mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+            # The conv weight and bias in float32, cached outside autograd (a bf16 model converts them once).
+            return mamba_inner_fn(xz, *_conv_params(self), self.x_proj.weight, self.dt_proj.weight,
                                   self.out_proj.weight, self.out_proj.bias, A, None, None, D,
                                   delta_bias=dt_bias, delta_softplus=True)
 
@@ -493,9 +494,9 @@ class Mamba2(nn.Module):
             D = D.view(self.nheads, self.headdim)
         if self.use_mem_eff_path and inference_params is None:
             out = mamba_split_conv1d_scan_combined(
-                zxbcdt, self._conv_weight(), self.conv1d.bias, dt_bias, A, D,
+                zxbcdt, *_conv_params(self), dt_bias, A, D,
                 self.chunk_size, seq_idx=seq_idx, activation=self.activation,
-                rmsnorm_weight=self.norm.weight if self.rmsnorm else None,
+                rmsnorm_weight=_norm_params(self.norm)[0] if self.rmsnorm else None,
                 rmsnorm_eps=self.norm.eps if self.rmsnorm else 1e-6, outproj_weight=self.out_proj.weight,
                 outproj_bias=self.out_proj.bias, headdim=None if self.D_has_hdim else self.headdim,
                 ngroups=self.ngroups, norm_before_gate=self.norm_before_gate, **self._dt_limit_kwargs())
