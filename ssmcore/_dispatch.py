@@ -67,7 +67,9 @@ def _import_cupy(name: str):
 
 
 def _device_id(a) -> int:
-    return int(a.device.id)
+    """A CuPy array's device id (from its memory pointer: ``a.device`` builds a Device object per call)."""
+    data = a.data
+    return int(data.device_id) if hasattr(data, "device_id") else int(a.device.id)
 
 
 class Call:

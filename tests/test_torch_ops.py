@@ -242,16 +242,22 @@ def test_fresh_outputs_never_alias_inputs_or_each_other(gen):
 def test_cuda_view_geometry_without_a_gpu():
     """The CuPy view of a CUDA tensor: pointer, shape, dtype and byte strides of the tensor (no launch)."""
     cupy = pytest.importorskip("cupy")
-    base = torch.zeros(2, 6, dtype=torch.bfloat16)[:, 1:5]
+    for base, strides in ((torch.zeros(2, 6, dtype=torch.bfloat16)[:, 1:5], (12, 2)),
+                          (torch.zeros(3, 5, dtype=torch.float32), (20, 4))):
 
-    class FakeCudaTensor:  # the attributes _cupy_view reads, from a real (CPU) tensor
-        device = torch.device("cuda", 0)
-        dtype, shape = base.dtype, base.shape
-        data_ptr, stride, element_size, numel = base.data_ptr, base.stride, base.element_size, base.numel
+        class FakeCudaTensor:  # the attributes _cupy_view reads, from a real (CPU) tensor
+            device = torch.device("cuda", 0)
+            dtype, shape = base.dtype, base.shape
+            data_ptr, stride, element_size, numel = base.data_ptr, base.stride, base.element_size, base.numel
+            is_contiguous = base.is_contiguous
 
-    view = _bridge._cupy_view("x", FakeCudaTensor())
-    assert isinstance(view, cupy.ndarray) and view.dtype.name == "bfloat16"
-    assert view.shape == (2, 4) and view.strides == (12, 2) and view.data.ptr == base.data_ptr()
+            @staticmethod
+            def get_device():
+                return 0
+
+        view = _bridge._cupy_view("x", FakeCudaTensor())
+        assert isinstance(view, cupy.ndarray) and view.dtype == _bridge._NP_DTYPES[base.dtype]
+        assert view.shape == tuple(base.shape) and view.strides == strides and view.data.ptr == base.data_ptr()
 
 
 def test_every_export_resolves():

@@ -226,20 +226,34 @@ _NP_DTYPES = {
 }
 
 
+_CUPY_CTORS = None  # (UnownedMemory, MemoryPointer, ndarray), looked up once: this runs per tensor per op call
+
+
 def _cupy_view(name: str, t: torch.Tensor):
     """A CuPy array over a CUDA tensor's memory, keeping the tensor alive as the owner."""
-    cupy = _import_cupy(name)
+    global _CUPY_CTORS
+    if _CUPY_CTORS is None:
+        cupy = _import_cupy(name)
+        _CUPY_CTORS = (cupy.cuda.UnownedMemory, cupy.cuda.MemoryPointer, cupy.ndarray)
     dtype = _NP_DTYPES.get(t.dtype)
     if dtype is None:
         raise TypeError(f"{name}: dtype {t.dtype} has no CuPy equivalent")
-    device = t.device.index
-    nbytes = span_bytes(t)
+    device = t.get_device()
+    item = dtype.itemsize
+    shape = tuple(t.shape)
+    if t.is_contiguous():
+        nbytes = t.numel() * item
+        strides = None  # C order
+    else:
+        nbytes = span_bytes(t)
+        strides = tuple([s * item for s in t.stride()])
     if nbytes == 0:
+        cupy = _cupy
         with cupy.cuda.Device(device):
-            return cupy.empty(tuple(t.shape), dtype)
-    memory = cupy.cuda.UnownedMemory(t.data_ptr(), nbytes, t, device)
-    strides = tuple(s * t.element_size() for s in t.stride())
-    return cupy.ndarray(tuple(t.shape), dtype, cupy.cuda.MemoryPointer(memory, 0), strides)
+            return cupy.empty(shape, dtype)
+    unowned, pointer, ndarray = _CUPY_CTORS
+    memory = pointer(unowned(t.data_ptr(), nbytes, t, device), 0)
+    return ndarray(shape, dtype, memory) if strides is None else ndarray(shape, dtype, memory, strides)
 
 
 def _external_stream(cupy, torch_stream, device: int):
@@ -307,8 +321,8 @@ def _from_block(a, block):
     # A tensor over the block's storage that is not a view of it (set_, not as_strided): custom-op outputs
     # must not be views, or autograd forbids in-place changes of them later.
     base = block.tensor
-    return torch.empty((0,), dtype=dtype, device=base.device).set_(
-        base.untyped_storage(), offset // item, a.shape, tuple(st // item for st in a.strides))
+    return base.new_empty((0,), dtype=dtype).set_(
+        base.untyped_storage(), offset // item, a.shape, tuple([st // item for st in a.strides]))
 
 
 def _current_raw_stream(device: int) -> int:
