@@ -40,9 +40,10 @@
 //   seq_idx, W <= 4): shared memory tiles of 128 bytes of channels x 64 steps (+ halo rows),
 //   see their comment; conv_bwd_cl_walk (the default backward) keeps dpre in registers.
 // - conv_update: one thread per (b, d) row of the decode batch; reads its W-1 history entries
-//   from the state (shift window or circular buffer, any strides), writes Lnew outputs and the
-//   new state entries in place. Padding rows (negative conv_state_indices) write 0 and leave
-//   the state alone; so do rows whose index is >= n_rows (the pool size) or whose cache_seqlens
+//   from the state (shift window or circular buffer, any strides; x through its strides too, so
+//   a slice of the in_proj output needs no copy), writes Lnew outputs and the new state entries
+//   in place (the one-token shift window from registers, see the kernel). Padding rows
+//   (negative conv_state_indices) write 0 and leave the state alone; so do rows whose index is >= n_rows (the pool size) or whose cache_seqlens
 //   is negative (the host checks that reject those are skipped during CUDA-graph capture, so
 //   the kernel must never read or write out of bounds on them).
 #include "common.cuh"
@@ -1044,7 +1045,7 @@ namespace {
 // (null: zeros), rows at or past L and channels past D are zeros.
 template <typename T, int ROWS>
 __device__ __forceinline__ void cl_load_tile(uint4* dst, const T* xb, const T* initb, i64 r0, int c0, int D, i64 L,
-                                             int wm1) {
+                                             int wm1, i64 ld) {
   constexpr int PER = 16 / sizeof(T), N = ROWS * 8, IT = (N + CL_NT - 1) / CL_NT;
   uint4 buf[IT];
 #pragma unroll
@@ -1056,7 +1057,7 @@ __device__ __forceinline__ void cl_load_tile(uint4* dst, const T* xb, const T* i
       const int cc = c0 + (i & 7) * PER;
       if (cc < D) {
         if (t >= 0 && t < L) {
-          v = *reinterpret_cast<const uint4*>(xb + t * D + cc);
+          v = *reinterpret_cast<const uint4*>(xb + t * ld + cc);  // ld: elements between time steps
         } else if (t < 0 && initb) {
           T* e = reinterpret_cast<T*>(&v);
 #pragma unroll
@@ -1088,16 +1089,18 @@ template <typename T, int W>
 __global__ void __launch_bounds__(CL_NT) conv_fwd_cl_tile(
     const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
     const T* __restrict__ init, T* __restrict__ out, void* __restrict__ final_states, int final_f32, int D, i64 L,
-    int silu) {
+    int silu, i64 sxb, i64 sxt) {
+  // x[b, t, c] at x + b * sxb + t * sxt + c (sxt >= D, both multiples of 16 bytes): a channel slice of a wider row
+  // (Mamba-2's xBC inside the in_proj output) is read in place. out is dense (B, L, D).
   constexpr int WM1 = W - 1, TC = 128 / sizeof(T), NG = CL_NT / TC, RPG = CL_TL / NG;
   __shared__ uint4 xs_raw[(CL_TL + WM1) * 8];
   __shared__ uint4 os_raw[CL_TL * 8];
   const int c0 = blockIdx.x * TC;
   const i64 t0 = (i64)blockIdx.y * CL_TL;
   const i64 b = blockIdx.z;
-  const T* xb = x + b * L * D;
+  const T* xb = x + b * sxb;
   const T* initb = init ? init + b * D * WM1 : nullptr;
-  cl_load_tile<T, CL_TL + WM1>(xs_raw, xb, initb, t0 - WM1, c0, D, L, WM1);
+  cl_load_tile<T, CL_TL + WM1>(xs_raw, xb, initb, t0 - WM1, c0, D, L, WM1, sxt);
   const int cl = threadIdx.x % TC, grp = threadIdx.x / TC, c = c0 + cl;
   float wk[W];
 #pragma unroll
@@ -1125,7 +1128,7 @@ __global__ void __launch_bounds__(CL_NT) conv_fwd_cl_tile(
   if (final_states && grp == 0 && c < D && t0 <= L - 1 && L - 1 < t0 + CL_TL) {
     for (int i = 0; i < WM1; ++i) {
       const i64 s = L - WM1 + i;
-      const float v = s >= 0 ? load_f(xb + s * D + c) : (initb ? load_f(initb + (i64)c * WM1 + WM1 + s) : 0.f);
+      const float v = s >= 0 ? load_f(xb + s * sxt + c) : (initb ? load_f(initb + (i64)c * WM1 + WM1 + s) : 0.f);
       store_elem<T>(final_states, final_f32, (b * D + c) * WM1 + i, v);
     }
   }
@@ -1148,8 +1151,8 @@ __global__ void __launch_bounds__(CL_NT) conv_bwd_cl_tile(
   const i64 b = blockIdx.z;
   const T* xb = x + b * L * D;
   const T* initb = init ? init + b * D * WM1 : nullptr;
-  cl_load_tile<T, XR>(xs_raw, xb, initb, t0 - WM1, c0, D, L, WM1);
-  cl_load_tile<T, GR>(gs_raw, dout + b * L * D, nullptr, t0, c0, D, L, WM1);
+  cl_load_tile<T, XR>(xs_raw, xb, initb, t0 - WM1, c0, D, L, WM1, D);
+  cl_load_tile<T, GR>(gs_raw, dout + b * L * D, nullptr, t0, c0, D, L, WM1, D);
   const int cl = threadIdx.x % TC, grp = threadIdx.x / TC, c = c0 + cl;
   float wk[W];
 #pragma unroll
@@ -1238,8 +1241,8 @@ __global__ void __launch_bounds__(CL_NT) conv_bwd_cl_walk(
   const i64 b = blockIdx.z;
   const T* xb = x + b * L * D;
   const T* initb = init ? init + b * D * WM1 : nullptr;
-  cl_load_tile<T, XR>(xs_raw, xb, initb, t0 - WM1, c0, D, L, WM1);
-  cl_load_tile<T, GR>(gs_raw, dout + b * L * D, nullptr, t0, c0, D, L, WM1);
+  cl_load_tile<T, XR>(xs_raw, xb, initb, t0 - WM1, c0, D, L, WM1, D);
+  cl_load_tile<T, GR>(gs_raw, dout + b * L * D, nullptr, t0, c0, D, L, WM1, D);
   const int cl = threadIdx.x % TC, grp = threadIdx.x / TC, c = c0 + cl;
   float wk[W];
 #pragma unroll
@@ -1315,16 +1318,22 @@ __global__ void __launch_bounds__(CL_NT) conv_bwd_cl_walk(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Decode: x (B, D, Lnew) contiguous; state rows addressed through strides (elements).
+// Decode: x (B, D, Lnew) and state rows addressed through strides (elements); out (B, D, Lnew)
+// contiguous. in_regs (the common one-token shift window with state_len <= CONV_UPD_REGS): the
+// state row is read once into registers, all its loads issued together, then out and the shifted
+// row are written from them (the general loop below re-reads the state after each store, as the
+// stores may alias it, a dependent load per entry).
+#define CONV_UPD_REGS 8
 template <typename TX, typename TS>
 __global__ void __launch_bounds__(128) conv_update(
-    const TX* __restrict__ x, TS* __restrict__ state, i64 st_b, i64 st_d, i64 st_t, const float* __restrict__ weight,
-    const float* __restrict__ bias, const int* __restrict__ cache_seqlens, const int* __restrict__ state_indices,
-    TX* __restrict__ out, int B, int D, int n_new, int width, int state_len, int silu, int n_rows) {
+    const TX* __restrict__ x, i64 sx_b, i64 sx_d, i64 sx_t, TS* __restrict__ state, i64 st_b, i64 st_d, i64 st_t,
+    const float* __restrict__ weight, const float* __restrict__ bias, const int* __restrict__ cache_seqlens,
+    const int* __restrict__ state_indices, TX* __restrict__ out, int B, int D, int n_new, int width, int state_len,
+    int silu, int n_rows, int in_regs) {
   const unsigned rowid = blockIdx.x * blockDim.x + threadIdx.x;  // B * D < 2**31
   if (rowid >= (unsigned)B * (unsigned)D) return;
   const int b = (int)(rowid / (unsigned)D), d = (int)(rowid % (unsigned)D);
-  const TX* xr = x + (i64)rowid * n_new;
+  const TX* xr = x + b * sx_b + d * sx_d;
   TX* orow = out + (i64)rowid * n_new;
   const i64 slot = state_indices ? state_indices[b] : b;
   const bool circular = cache_seqlens != nullptr && state_len > 0;
@@ -1337,6 +1346,26 @@ __global__ void __launch_bounds__(128) conv_update(
   const float* w = weight + (i64)d * width;
   const float bias_d = bias ? bias[d] : 0.f;
   const int wm1 = width - 1;
+  if (in_regs && !circular && n_new == 1 && state_len <= CONV_UPD_REGS && wm1 <= state_len) {
+    float hist[CONV_UPD_REGS];
+#pragma unroll
+    for (int i = 0; i < CONV_UPD_REGS; ++i) hist[i] = i < state_len ? load_f(sr + (i64)i * st_t) : 0.f;
+    const float xv = load_f(xr);
+    // Same sum, same order as the loop below: history entries state_len - wm1 .. state_len - 1, then x.
+    float acc = bias_d;
+#pragma unroll
+    for (int i = 0; i < CONV_UPD_REGS; ++i) {
+      const int k = i - (state_len - wm1);
+      if (i < state_len && k >= 0) acc += w[k] * hist[i];
+    }
+    acc += w[wm1] * xv;
+    if (silu) acc = silu_fast(acc);  // as the forward kernels (and no division subroutine)
+    store_f(orow, acc);
+#pragma unroll
+    for (int i = 0; i < CONV_UPD_REGS; ++i)
+      if (i < state_len) store_f(sr + (i64)i * st_t, i + 1 < state_len ? hist[i + 1] : xv);
+    return;
+  }
   const int c = circular ? seqlen % state_len : 0;
   // History entry i (0 = oldest of state_len) of the stream state ++ x.
   auto history = [&](int i) {
@@ -1347,18 +1376,19 @@ __global__ void __launch_bounds__(128) conv_update(
     float acc = bias_d;
     for (int k = 0; k <= wm1; ++k) {
       const int idx = state_len + j - wm1 + k;  // index in the stream
-      acc += w[k] * (idx >= state_len ? load_f(xr + idx - state_len) : history(idx));
+      acc += w[k] * (idx >= state_len ? load_f(xr + (idx - state_len) * sx_t) : history(idx));
     }
     if (silu) acc = silu_f(acc);
     store_f(orow + j, acc);
   }
   if (state_len == 0) return;
   if (circular) {
-    for (int j = 0; j < n_new; ++j) store_f(sr + (i64)((c + j) % state_len) * st_t, load_f(xr + j));
+    for (int j = 0; j < n_new; ++j) store_f(sr + (i64)((c + j) % state_len) * st_t, load_f(xr + j * sx_t));
   } else {
     for (int i = 0; i < state_len; ++i) {  // ascending: reads i + n_new before any write there
       const int src = i + n_new;
-      store_f(sr + (i64)i * st_t, src < state_len ? load_f(sr + (i64)src * st_t) : load_f(xr + src - state_len));
+      store_f(sr + (i64)i * st_t,
+              src < state_len ? load_f(sr + (i64)src * st_t) : load_f(xr + (src - state_len) * sx_t));
     }
   }
 }

@@ -48,6 +48,9 @@ cl_path = os.environ.get("SSMCORE_CONV_CL", "tile")
 # The channel-last backward kernel when cl_path is "tile": "walk" (conv_bwd_cl_walk, session 4: sliding
 # register windows, ~3 shared-memory accesses per position instead of ~11) or "tile" (conv_bwd_cl_tile).
 cl_bwd = os.environ.get("SSMCORE_CONV_CL_BWD", "walk")
+# causal_conv1d_update: "v2" reads x through its strides (no copy of a strided x) and keeps a one-token
+# shift window's state row in registers; "v1" copies x to contiguous and runs the general loop.
+update_path = os.environ.get("SSMCORE_CONV_UPDATE", "v2")
 
 INSTANTIATIONS = (
     [f"conv_fwd<{t}, {w}, 8>" for t in _TYPES for w in _WIDTHS]
@@ -92,6 +95,14 @@ def _param(a):
 _CL_TL, _CL_THREADS = 64, 128  # time steps and threads of a channel-last tile block (CL_TL, CL_NT)
 
 
+def _rows_in_place(x) -> bool:
+    """A channel-last x (B, D, L) whose rows the tile kernels can read in place with 16-byte loads: unit channel
+    stride, and data, row (time) and batch strides on 16-byte boundaries (the rows may be wider than D)."""
+    s_b, s_c, s_t = x.strides
+    return (s_c == x.itemsize and s_t > 0 and s_t % 16 == 0 and _arrays.aligned16(x)
+            and (x.shape[0] == 1 or (s_b >= 0 and s_b % 16 == 0)))
+
+
 def _cl_tile_ok(vec, seq, wa, init, init_f32) -> bool:
     return cl_path == "tile" and vec and seq is None and wa > 0 and (init is None or not init_f32)
 
@@ -131,18 +142,21 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
     silu = np.int32(activation is not None)
     wa = _width_arg(width)
     if channel_last:
-        xs = cupy.ascontiguousarray(x.transpose(0, 2, 1))  # (B, L, D): no copy for a true channel-last x
         out_store = cupy.empty((n_batch, length, n_chan), x.dtype)
         out = out_store.transpose(0, 2, 1)
-        vec = n_chan % 8 == 0 and _arrays.aligned16(xs, out_store)
+        vec = n_chan % 8 == 0 and _rows_in_place(x) and _arrays.aligned16(out_store)
         if x.size and _cl_tile_ok(vec, seq, wa, init, init_f32):
+            # The tile kernel reads x's rows where they are (a channel slice of wider rows needs no copy).
+            item = x.itemsize
             _runtime.launch(
                 _runtime.function(FAMILY, f"conv_fwd_cl_tile<{t}, {wa}>"), _cl_grid(x), (_CL_THREADS,),
-                (xs, w, ptr(b), ptr(init), out_store, ptr(final_arg),
+                (x, w, ptr(b), ptr(init), out_store, ptr(final_arg),
                  np.int32(final is not None and final.dtype == cupy.float32), np.int32(n_chan), np.int64(length),
-                 silu),
+                 silu, np.int64(x.strides[0] // item if n_batch > 1 else 0), np.int64(x.strides[2] // item)),
             )
         elif x.size:
+            xs = cupy.ascontiguousarray(x.transpose(0, 2, 1))  # (B, L, D): no copy for a true channel-last x
+            vec = n_chan % 8 == 0 and _arrays.aligned16(xs, out_store)
             kernel = _runtime.function(FAMILY, f"conv_fwd_cl<{t}, {wa}>")
             grid = (cdiv(n_chan, 256), cdiv(length, 4 * _CL_STEPS), n_batch)
             _runtime.launch(
@@ -303,19 +317,22 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     _arrays.check_kernel_dtypes(x=x, conv_state=conv_state, weight=weight, bias=bias)
     tx = _arrays.kernel_type("x", x)
     ts = _arrays.kernel_type("conv_state", conv_state)
-    x3 = cupy.ascontiguousarray(x[:, :, None] if x.ndim == 2 else x)
+    x3 = x[:, :, None] if x.ndim == 2 else x
+    if update_path == "v1":
+        x3 = cupy.ascontiguousarray(x3)
     n_batch, n_chan, n_new = x3.shape
     width = weight.shape[1]
     out = cupy.empty(x3.shape, x.dtype)
     if x3.size:
         item = conv_state.itemsize
         strides = [np.int64(s // item) for s in conv_state.strides]
+        x_strides = [np.int64(s // x3.itemsize) for s in x3.strides]
         kernel = _runtime.function(FAMILY, f"conv_update<{tx}, {ts}>")
         _runtime.launch(
             kernel, (cdiv(n_batch * n_chan, 128),), (128,),
-            (x3, conv_state, *strides, _param(weight), ptr(_param(bias)), ptr(_int32(cache_seqlens)),
+            (x3, *x_strides, conv_state, *strides, _param(weight), ptr(_param(bias)), ptr(_int32(cache_seqlens)),
              ptr(_indices32(conv_state_indices, conv_state.shape[0])), out, np.int32(n_batch), np.int32(n_chan),
              np.int32(n_new), np.int32(width), np.int32(conv_state.shape[2]), np.int32(activation is not None),
-             np.int32(conv_state.shape[0])),
+             np.int32(conv_state.shape[0]), np.int32(update_path != "v1")),
         )
     return out.reshape(x.shape)

@@ -144,3 +144,165 @@ __global__ void __launch_bounds__(SSU_THREADS) state_update(
     store_code(out, x_code, row, y);
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// state_update_v2: the bandwidth-oriented decode step (default; SSMCORE_STATE_UPDATE=v1 keeps the
+// kernel above). Same math and arguments, plus the tiling below. Needs the vector layout (state,
+// B, C and, unless stride 0, A unit-stride along n with 16-byte aligned rows, N % 8 == 0) and
+// N <= 8 * 32; anything else runs state_update.
+//
+// Work decomposition. The rows (b, c) with channel c = h * P + p are cut into tiles of consecutive
+// channels of one batch row b and one group g (so B and C are the same for the whole tile): a
+// tile is one block of SSU2_THREADS threads = rows_per_step x TPR, TPR = 2^tpr_log2 >= N / 8
+// threads per row, each thread owning one 8-entry chunk of n (16 bytes of a 16-bit state) in R
+// rows c0 + rs, c0 + rs + rows_per_step, ... (R <= TPR). So one warp-wide access covers 32 / TPR
+// consecutive state rows (contiguous memory for a contiguous state), and the block's tile is
+// rows_per_step * R rows.
+// Per-row scalars are computed once per row, not once per lane: lane r of a row group owns row r
+// (its h, p by one division, its x, dt, dt_bias, D, z loads, the softplus, dt * x and, when A is
+// a per-head scalar (stride 0 along n, Mamba-2), the one exp(dt * A) of the row); the other lanes
+// get them by shuffles, and lane r writes row r's out. Per thread: B and C chunks loaded once per
+// tile, then all R state chunks (and A chunks when A varies along n: 8 exps per chunk) issued
+// before any use, so R x 16 (or 32) bytes of state per thread are in flight. The state is written
+// back with 16-byte stores; each row's <C, state> is a shuffle reduction over its TPR lanes.
+// __launch_bounds__(128, 8): <= 64 registers, 1024 threads per SM, R = 2 with a float32 state:
+// 64 KB of state reads in flight per SM; R = 4 (16-bit state and B/C, scalar A) takes (128, 7):
+// <= 72 registers (64 for bf16), 56-64 KB in flight.
+// Traffic: the state read once and written once (the floor); x/dt/z/D/dt_bias once per row,
+// A per row from L2 when not a scalar, B/C per tile.
+// Padding rows (negative or >= n_rows pool index) write out = 0 and touch no state, as above.
+#define SSU2_THREADS 128
+// Blocks per SM the register budget must allow (CUDA). HIP reads launch_bounds' second argument
+// differently (waves per execution unit): no minimum there.
+#if SSM_HIP
+#define SSU2_MIN_BLOCKS(R) 1
+#else
+#define SSU2_MIN_BLOCKS(R) ((R) >= 4 ? 7 : 8)
+#endif
+
+namespace {
+// Element k of 8 consecutive T packed in 16-byte words (k a compile-time constant after unrolling).
+template <typename T>
+__device__ __forceinline__ float unpack8(const uint4 (&w)[sizeof(T) / 2], int k) {
+  constexpr int PER = 16 / sizeof(T);
+  const T* e = reinterpret_cast<const T*>(&w[k / PER]);
+  return load_f(e + k % PER);
+}
+}  // namespace
+
+template <typename TS, typename TBC, int R, bool A_SCALAR>
+__global__ void __launch_bounds__(SSU2_THREADS, SSU2_MIN_BLOCKS(R)) state_update_v2(
+    TS* __restrict__ state, const void* __restrict__ x, int x_code, const void* __restrict__ dt, int dt_code,
+    const float* __restrict__ A, const TBC* __restrict__ Bm, const TBC* __restrict__ Cm,
+    const float* __restrict__ Dv, const void* __restrict__ z, int z_code, const float* __restrict__ dt_bias,
+    const int* __restrict__ state_indices, void* __restrict__ out, int n_batch, int H, int P, int N,
+    int channels_per_group, int n_groups, int tiles_per_group, int tpr_log2, int softplus, int n_rows,
+    i64 s0, i64 s1, i64 s2, i64 x0, i64 x1, i64 x2, i64 dt0, i64 dt1, i64 dt2, i64 z0, i64 z1, i64 z2,
+    i64 a0, i64 a1, i64 b0, i64 b1, i64 c0s, i64 c1s, i64 d0, i64 d1, i64 db0, i64 db1) {
+  constexpr int WS = sizeof(TS) / 2;    // 16-byte words per 8-entry chunk of state
+  constexpr int WB = sizeof(TBC) / 2;   // ... of B, C
+  constexpr int RA = A_SCALAR ? 1 : R;  // rows with an A chunk in registers
+  const int tpr = 1 << tpr_log2;        // >= R (the launcher's rule)
+  const int lane = threadIdx.x & (tpr - 1);
+  const int group_lane0 = (threadIdx.x & (SSM_WARP_SIZE - 1)) & ~(tpr - 1);  // the row group's lane 0 in the warp
+  const int rs = threadIdx.x >> tpr_log2;
+  const int rows_per_step = SSU2_THREADS >> tpr_log2;
+  const unsigned tile = blockIdx.x % (unsigned)tiles_per_group;
+  const unsigned bg = blockIdx.x / (unsigned)tiles_per_group;
+  const int g = (int)(bg % (unsigned)n_groups);
+  const int b = (int)(bg / (unsigned)n_groups);
+  const int n0 = lane * 8;
+  const bool lane_on = n0 < N;
+  i64 slot = state_indices ? state_indices[b] : b;
+  if (slot >= n_rows) slot = -1;  // out of the pool: padding (only when host checks were skipped)
+  const int cbeg = (int)tile * rows_per_step * R + rs;  // channel offset in the group of row 0
+
+  // ---- this lane's own row (lane % R): its channel and per-row scalars, computed once per row ----
+  const int own = lane % R;
+  const int own_cg = cbeg + own * rows_per_step;
+  const bool own_on = own_cg < channels_per_group;
+  const int own_c = g * channels_per_group + (own_on ? own_cg : 0);
+  const int own_h = own_c / P, own_p = own_c - own_h * P;
+  const float own_x = load_code(x, x_code, b * x0 + own_h * x1 + own_p * x2);
+  float own_dt = load_code(dt, dt_code, b * dt0 + own_h * dt1 + own_p * dt2);
+  if (dt_bias) own_dt += dt_bias[own_h * db0 + own_p * db1];
+  const float own_d = Dv ? Dv[own_h * d0 + own_p * d1] : 0.f;
+  const float own_z = z ? load_code(z, z_code, b * z0 + own_h * z1 + own_p * z2) : 0.f;
+  const float own_a = A_SCALAR ? A[own_h * a0 + own_p * a1] : 0.f;
+
+  // ---- every row's (h, p) from its lane; issue the B, C, A and state loads ----
+  uint4 bw[WB], cw[WB];
+  if (lane_on) {
+    const uint4* bp = reinterpret_cast<const uint4*>(Bm + b * b0 + g * b1 + n0);
+    const uint4* cp = reinterpret_cast<const uint4*>(Cm + b * c0s + g * c1s + n0);
+#pragma unroll
+    for (int w = 0; w < WB; ++w) {
+      bw[w] = bp[w];
+      cw[w] = cp[w];
+    }
+  } else {
+#pragma unroll
+    for (int w = 0; w < WB; ++w) bw[w] = cw[w] = make_uint4(0u, 0u, 0u, 0u);
+  }
+  uint4 raw[R][WS];
+  float av[RA][8];
+  TS* sp[R];
+  bool on[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int h = SSM_SHFL(own_h, group_lane0 + r);
+    const int p = SSM_SHFL(own_p, group_lane0 + r);
+    on[r] = cbeg + r * rows_per_step < channels_per_group && slot >= 0 && lane_on;
+    if (!A_SCALAR && lane_on) load_chunk8(A + h * a0 + p * a1, n0, N, true, av[A_SCALAR ? 0 : r]);
+    sp[r] = state + slot * s0 + h * s1 + p * s2 + n0;
+    if (on[r]) {
+#pragma unroll
+      for (int w = 0; w < WS; ++w) raw[r][w] = reinterpret_cast<const uint4*>(sp[r])[w];
+    }
+  }
+
+  // ---- own row: time step, decay, input scale; then every row's from its lane ----
+  float delta = own_dt;
+  if (softplus) delta = softplus_f(delta);
+  const float own_dx = delta * own_x;
+  const float own_da = A_SCALAR ? __expf(delta * own_a) : delta;  // decay, or the time step when A varies along n
+
+  float y[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const float dx = SSM_SHFL(own_dx, group_lane0 + r);
+    const float da = SSM_SHFL(own_da, group_lane0 + r);
+    float acc = 0.f;
+    uint4 o[WS];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float dA = A_SCALAR ? da : __expf(da * av[A_SCALAR ? 0 : r][k]);
+      const float s = unpack8<TS>(raw[r], k) * dA + dx * unpack8<TBC>(bw, k);
+      acc += s * unpack8<TBC>(cw, k);
+      constexpr int PER = 16 / sizeof(TS);
+      store_f(reinterpret_cast<TS*>(&o[k / PER]) + k % PER, s);
+    }
+    y[r] = on[r] ? acc : 0.f;
+    if (on[r]) {
+#pragma unroll
+      for (int w = 0; w < WS; ++w) reinterpret_cast<uint4*>(sp[r])[w] = o[w];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    for (int o = tpr >> 1; o > 0; o >>= 1) y[r] += SSM_SHFL_XOR(y[r], o);
+  // Lane r (< R) of the row group writes row r's out.
+  if (lane < R && own_on) {
+    float v = 0.f;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      if (r == lane) v = y[r];
+    if (slot < 0) {
+      v = 0.f;
+    } else {
+      if (Dv) v += own_d * own_x;
+      if (z) v *= silu_f(own_z);
+    }
+    store_code(out, x_code, (i64)b * H * P + g * channels_per_group + own_cg, v);
+  }
+}

@@ -5,9 +5,15 @@ of dim P = 1. No argument is copied: the kernel reads every array through its st
 (16-byte accesses where the n axis is unit-stride and aligned) and updates ``state`` in place.
 B and C are read in their dtype when they share one (else both as float32); x, dt and z in
 theirs; A, D and dt_bias are float32.
+
+Two kernels (state_update.cu): ``state_update_v2`` (default; tiles of channels of one batch row,
+all loads in flight, one exp per row for a per-head A) where the vector layout holds and N <= 256,
+else ``state_update``. ``SSMCORE_STATE_UPDATE=v1`` (or assigning ``impl``) forces the latter.
 """
 
 from __future__ import annotations
+
+import os
 
 import cupy
 import numpy as np
@@ -21,7 +27,28 @@ _CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 _THREADS = 128
 _F32 = np.dtype(np.float32)
 
-INSTANTIATIONS = [f"state_update<{ts}, {tb}, {v}>" for ts in _TYPES for tb in _TYPES for v in ("true", "false")]
+
+def _max_rows(state16: bool, bc16: bool, a_scalar: bool) -> int:
+    """v2's rows per thread: 64 bytes of state in flight per thread within the register budget
+    (an A chunk per row when A varies along n, wider B/C chunks and a float32 state cost registers)."""
+    if a_scalar:
+        return 4 if state16 and bc16 else 2
+    return 2 if state16 else 1
+
+
+INSTANTIATIONS = (
+    [f"state_update<{ts}, {tb}, {v}>" for ts in _TYPES for tb in _TYPES for v in ("true", "false")]
+    + [f"state_update_v2<{ts}, {tb}, {r}, {a}>" for ts in _TYPES for tb in _TYPES for a in ("true", "false")
+       for r in (1, 2, 4) if r <= _max_rows(ts != "float", tb != "float", a == "true")]
+)
+
+# "v2" (default): state_update_v2, tiles of rows with every load issued up front, where the layout
+# allows it (vector layout, N % 8 == 0, N <= 256); "v1": always the first kernel. Read at import;
+# benchmarks switch it by assigning this attribute.
+impl = os.environ.get("SSMCORE_STATE_UPDATE", "v2")
+# v2's rows per thread (1, 2 or 4, at most _max_rows(...)); 0 = automatic.
+rows_override = int(os.environ.get("SSMCORE_STATE_UPDATE_ROWS", "0"))
+_V2_THREADS = 128  # SSU2_THREADS
 
 
 def _strides(a, ndim):
@@ -84,6 +111,10 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if indices is not None and indices.dtype.itemsize > 4:  # no int64 value may wrap into a valid row
         indices = indices.clip(-1, state.shape[0])
     indices = None if indices is None else cupy.ascontiguousarray(indices, dtype=cupy.int32)
+    if vec and impl != "v1" and 0 < n_state <= 8 * 32:
+        _launch_v2(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, indices, out, ts, tb, n_batch, n_heads,
+                   head_dim, n_state, groups, st_state, st_x, st_dt, st_z, st_a, st_b, st_c, st_d, st_db)
+        return out
     kernel = _runtime.function(FAMILY, f"state_update<{ts}, {tb}, {'true' if vec else 'false'}>")
     strides = st_state + st_x + st_dt + st_z + st_a + st_b + st_c + st_d + st_db
     _runtime.launch(
@@ -102,3 +133,38 @@ def _strides_bc(a):
     """(batch, group, n) element strides of B or C given as (B, N) (one group) or (B, G, N)."""
     s = _strides(a, a.ndim)
     return (s[0], 0, s[1]) if a.ndim == 2 else s
+
+
+def _launch_v2(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, indices, out, ts, tb, n_batch, n_heads,
+               head_dim, n_state, groups, st_state, st_x, st_dt, st_z, st_a, st_b, st_c, st_d, st_db):
+    """state_update_v2: tiles of channels of one (batch row, group); R rows per thread."""
+    tpr_log2 = max(0, (n_state // 8 - 1).bit_length())
+    rows_per_step = _V2_THREADS >> tpr_log2
+    a_scalar = st_a[2] == 0
+    # R state chunks per thread: 64 bytes of state in flight per thread, fewer when A is loaded per
+    # entry (its chunk takes 8 registers per row); fewer again while the grid would not fill the GPU.
+    rows_per_thread = _max_rows(state.itemsize == 2, B.itemsize == 2, a_scalar)
+    rows_per_thread = min(rows_per_thread, 1 << tpr_log2)  # each row's scalars come from one of its lanes
+    channels_per_group = n_heads * head_dim // groups
+    min_blocks = 2 * _arrays.sm_count()
+    if rows_override:
+        rows_per_thread = min(rows_override, rows_per_thread, 1 << tpr_log2)
+        min_blocks = 0
+    while True:
+        tiles = cdiv(channels_per_group, rows_per_step * rows_per_thread)
+        if rows_per_thread == 1 or n_batch * groups * tiles >= min_blocks:
+            break
+        rows_per_thread //= 2
+    kernel = _runtime.function(
+        FAMILY, f"state_update_v2<{ts}, {tb}, {rows_per_thread}, {'true' if a_scalar else 'false'}>")
+    strides = (st_state[:3] + st_x + st_dt + st_z + st_a[:2] + st_b[:2] + st_c[:2] + st_d + st_db)
+    _runtime.launch(
+        kernel, (n_batch * groups * tiles,), (_V2_THREADS,),
+        (state, x, np.int32(_arrays.dtype_code(x, _CODES)), dt, np.int32(_arrays.dtype_code(dt, _CODES)), A, B, C,
+         ptr(D), ptr(z), np.int32(_arrays.dtype_code(z, _CODES) if z is not None else 0), ptr(dt_bias), ptr(indices),
+         out,
+         np.int32(n_batch), np.int32(n_heads), np.int32(head_dim), np.int32(n_state),
+         np.int32(channels_per_group), np.int32(groups), np.int32(tiles), np.int32(tpr_log2),
+         np.int32(bool(dt_softplus)), np.int32(state.shape[0]),
+         *(np.int64(s) for s in strides)),
+    )

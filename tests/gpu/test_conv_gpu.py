@@ -460,3 +460,33 @@ def test_fast_paths(rng, monkeypatch, path, dtype, width, channel_last, shape):
             assert g.dtype == like.dtype, f"{name}: dtype {g.dtype}, expected {like.dtype}"
             scale = max(1.0, float(np.abs(w).max(initial=0.0)))
             assert_close(host(g), w, dtype, rtol=2 * rtol, atol=2 * atol * scale, name=f"{name} ({what})")
+
+
+@pytest.mark.parametrize("dtype,state_dtype", [("bfloat16", "bfloat16"), ("float32", "float32"),
+                                               ("float16", "bfloat16")])
+@pytest.mark.parametrize("width,state_len", [(4, 4), (4, 3), (2, 1), (3, 8), (4, 9)])
+def test_update_strided_x_both_paths(rng, monkeypatch, dtype, state_dtype, width, state_len):
+    """x a slice of a projection row (as in Mamba.step): read through its strides, no copy ("v2"), and the
+    register path (one token, state_len <= 8) agrees with the general loop ("v1"): states bit for bit."""
+    from ssmcore.backends.cupy import conv as cupy_conv
+
+    batch, channels = 3, 40
+    proj = randn(rng, (batch, 2 * channels + 8), dtype)
+    state0 = randn(rng, (batch + 2, channels, state_len), state_dtype)
+    weight, bias = randn(rng, (channels, width), "float32"), randn(rng, channels, "float32")
+    indices = np.array([4, -1, 0], np.int32)
+    results = {}
+    for path in ("v1", "v2"):
+        monkeypatch.setattr(cupy_conv, "update_path", path)
+        gstate = gpu(state0)
+        x = gpu(proj)[:, channels + 3:2 * channels + 3]  # row stride 2 * channels + 8, offset 3
+        out = ssmcore.causal_conv1d_update(x, gstate, gpu(weight), gpu(bias), "silu", None, gpu(indices))
+        results[path] = host(out), host(gstate)
+    xs = proj[:, channels + 3:2 * channels + 3]
+    ref_out, ref_state = reference.causal_conv1d_update(xs, state0, weight, bias, "silu", None, indices)
+    for path, (out, state) in results.items():
+        assert_close(out, ref_out, dtype, *CONV_TOL[dtype], name=f"{path} out")
+        assert_close(state, ref_state, state_dtype, name=f"{path} state")
+        assert float(np.abs(f64(out[1])).max()) == 0.0
+    np.testing.assert_array_equal(f64(results["v2"][1]), f64(results["v1"][1]))
+    np.testing.assert_array_equal(f64(results["v2"][1][[1, 3]]), f64(state0[[1, 3]]))  # rows not in indices
