@@ -3,7 +3,7 @@
 # benchmarks. Everything goes to one log ($OUT/log.txt) to stay within the device tool's 8 returned files.
 #   TESTS="tests/gpu/..." BENCH="scan ops" bash bench/device_session.sh
 # TESTS: pytest paths for the GPU tests ("" to skip). BENCH: words among scan scanq conv ssd ssdq ssd_bwd ops blocks
-# e2e det mgpu ovh prof ovp gen hprof pblock.
+# e2e det mgpu ovh prof ovp gen hprof pblock dec.
 # PACK_PEER=1 returns the built peer extensions as $OUT/peerbuild.tgz.* (carry them back in .peers/).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -59,13 +59,14 @@ for b in ${BENCH:-}; do
     scan) timeout $t python3 bench/gpu_scan.py --warm --peer --variants >> "$LOG" 2>&1 ;;
     conv) timeout $t python3 bench/gpu_mamba1_misc.py --only conv >> "$LOG" 2>&1 ;;
     ssd) timeout $t python3 bench/gpu_ssd.py ${SSD_ARGS:-} >> "$LOG" 2>&1 ;;
-    ssd_bwd) timeout $t python3 bench/gpu_ssd_bwd.py >> "$LOG" 2>&1 ;;
+    ssd_bwd) timeout $t python3 bench/gpu_ssd_bwd.py ${SSDB_ARGS:-} >> "$LOG" 2>&1 ;;
     ops|blocks|e2e) BENCH_SUITES=$b timeout $t bash bench/run_gpu.sh /tmp/bench_$b ${BENCH_ARGS:-} > /dev/null 2>&1
        tail -40 /tmp/bench_$b/bench.txt >> "$LOG"; cp /tmp/bench_$b/bench.json "$OUT/bench_$b.json" 2>/dev/null ;;
     ovh) timeout $t python3 bench/overhead.py --device cuda --repeat 5 --number 100 >> "$LOG" 2>&1 ;;
     prof) timeout $t python3 bench/profile_decode.py >> "$LOG" 2>&1 ;;
     ovp) timeout $t python3 bench/overhead_parts.py ${OVP_ARGS:-} >> "$LOG" 2>&1 ;;
     gen) timeout $t python3 bench/gen_breakdown.py ${GEN_ARGS:-} >> "$LOG" 2>&1 ;;
+    dec) timeout $t python3 bench/gpu_decode_kernels.py ${DEC_ARGS:-} >> "$LOG" 2>&1 ;;
     pblock) timeout $t python3 bench/profile_block.py ${PBLOCK_ARGS:-} >> "$LOG" 2>&1 ;;
     hprof) timeout $t python3 bench/host_profile.py ${HPROF_ARGS:-} >> "$LOG" 2>&1 ;;
     ssdq) timeout $t python3 bench/gpu_ssd.py --quick >> "$LOG" 2>&1 ;;
