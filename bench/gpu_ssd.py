@@ -11,6 +11,11 @@ ours and the peer's outputs (max |diff| / max |peer|), and, when ssmcore.backend
 state_space_duality_bwd imports, forward+backward of both.
 Floor (PERFORMANCE.md): forward ~140 us at the main shape (matmul-bound); scaled by B*L*H*P*N*Q
 for the sweep (matmul work: chunk_states 2LPN, chunk_scan 2L(Q/2)(N+P) + 2LPN per head).
+Every row also times the other kernel generations of the SSMCORE_SSD_FWD knob in the same process
+(default v4: v3 and v2; `fwd_<path>_us`, `stages_<path>_us`, `max_rel_diff_<path>` vs the default), and the
+main shape times the forward on strided views of one in_proj-like (B, L, W) buffer (z | x | B | C | dt per
+row, as the Mamba-2 block passes them): `fwd_strided_v4_us` (read in place) vs `fwd_strided_v3_us` (copied).
+The "scan" stage of v3/v4 includes the C B^T kernel.
 JSON (every row) goes to --json (default $OUT/ssd_bench.json when $OUT is set).
 """
 
@@ -53,6 +58,30 @@ def make_inputs(batch, length, heads, headdim, dstate, seed=0):
         D=cupy.ones(heads, dtype=cupy.float32),
         dt_bias=(dt_init + cupy.log(-cupy.expm1(-dt_init))).astype(cupy.float32),
     )
+
+
+def strided_views(x):
+    """z (random), x, B, C, dt of ``x`` copied into one (B, L, W) buffer per dtype laid out like Mamba-2's
+    in_proj output (z | x | B | C | dt per row) and returned as strided views of it."""
+    import cupy
+
+    batch, length, heads, headdim = x["x"].shape
+    ngroups, dstate = x["B"].shape[2], x["B"].shape[3]
+    hp, gn = heads * headdim, ngroups * dstate
+    width = 2 * hp + 2 * gn + heads
+    buf = cupy.empty((batch, length, width), x["x"].dtype)
+    views, o = {}, 0
+    for name, src, n in (("z", x["x"], hp), ("x", x["x"], hp), ("B", x["B"], gn), ("C", x["C"], gn)):
+        v = buf[:, :, o:o + n]
+        v[...] = src.reshape(batch, length, n)
+        views[name] = v.reshape(src.shape)
+        o += n
+    views.pop("z")  # the benchmark's forward has no gate; z's columns only widen the rows
+    dbuf = cupy.empty((batch, length, width), x["dt"].dtype)
+    dv = dbuf[:, :, o:o + heads]
+    dv[...] = x["dt"]
+    views["dt"] = dv
+    return views
 
 
 def bench_us(fn):
@@ -108,12 +137,13 @@ def stages(x):
     dtp, dacs, seg = S._chunk_cumsum(dtk, Ak, bk, True, (0.0, math.inf), seq, Q)
     states = S._chunk_states(xk, Bk, dtp, dacs, seg, Q)
     scratch = states.copy()
-    S._state_passing(states, dacs, seg, ik, Q)
+    _, prev = S._passing_for_scan(states, dacs, seg, ik, Q, xk, zk, Bk, Ck)  # v4: 16-bit starts
     return {
         "cumsum": cupy_us(lambda: S._chunk_cumsum(dtk, Ak, bk, True, (0.0, math.inf), seq, Q)),
         "states": cupy_us(lambda: S._chunk_states(xk, Bk, dtp, dacs, seg, Q)),
-        "passing": cupy_us(lambda: S._state_passing(scratch, dacs, seg, ik, Q)),  # in place; values irrelevant
-        "scan": cupy_us(lambda: S._chunk_scan(xk, zk, Bk, Ck, dtp, dacs, seg, states, Dk, Q)),
+        # v1-v3: in place on scratch (values irrelevant)
+        "passing": cupy_us(lambda: S._passing_for_scan(scratch, dacs, seg, ik, Q, xk, zk, Bk, Ck)),
+        "scan": cupy_us(lambda: S._chunk_scan(xk, zk, Bk, Ck, dtp, dacs, seg, prev, Dk, Q)),
     }
 
 
@@ -121,6 +151,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the main shape only")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--sweep-one", action="store_true",
+                        help="time only the first other kernel generation (v3 when v4 is the default)")
     args = parser.parse_args(argv)
     out_json = args.json or (os.path.join(os.environ["OUT"], "ssd_bench.json") if os.environ.get("OUT") else None)
 
@@ -150,23 +182,41 @@ def main(argv=None):
             row["first_call_s"] = time.perf_counter() - t0
             row["fwd_us"] = bench_us(fwd)
             row["stages_us"] = stages(x)
-            # The other kernel generation (SSMCORE_SSD_FWD knob) in the same process, for the ratio.
+            # The other kernel generations (SSMCORE_SSD_FWD knob) in the same process, for the ratio.
             from ssmcore.backends.cupy import state_space_duality as S
 
             default_path = S.fwd_path
-            other = "v1" if default_path == "v2" else "v2"
             row["fwd_path"] = default_path
-            try:
-                S.fwd_path = other
-                alt = fwd()
-                row[f"fwd_{other}_us"] = bench_us(fwd)
-                row[f"stages_{other}_us"] = stages(x)
-                o32, a32 = ours.astype(cupy.float32), alt.astype(cupy.float32)
-                row[f"max_rel_diff_{other}"] = float(cupy.abs(a32 - o32).max() / cupy.abs(o32).max())
-            except Exception as err:  # noqa: BLE001
-                print(f"{row['shape']}: path {other} failed: {type(err).__name__}: {err}", flush=True)
-            finally:
-                S.fwd_path = default_path
+            for other in [p for p in ("v4", "v3", "v2") if p != default_path][: 1 if args.sweep_one else 3]:
+                try:
+                    S.fwd_path = other
+                    alt = fwd()
+                    row[f"fwd_{other}_us"] = bench_us(fwd)
+                    row[f"stages_{other}_us"] = stages(x)
+                    o32, a32 = ours.astype(cupy.float32), alt.astype(cupy.float32)
+                    row[f"max_rel_diff_{other}"] = float(cupy.abs(a32 - o32).max() / cupy.abs(o32).max())
+                except Exception as err:  # noqa: BLE001
+                    print(f"{row['shape']}: path {other} failed: {type(err).__name__}: {err}", flush=True)
+                finally:
+                    S.fwd_path = default_path
+            # x / z / B / C / dt as strided views of one in_proj-like row (Mamba-2 block): v4 reads them in
+            # place, v3 copies them first (the cupy_copy kernels of the Mamba-2 prefill profile).
+            if shape == MAIN:
+                views = strided_views(x)
+                for path in (default_path, "v3"):
+                    try:
+                        S.fwd_path = path
+                        fs = lambda: ssmcore.ssd(**dict(x, **views), chunk_size=256, dt_softplus=True)
+                        r = fs()
+                        diff = float(cupy.abs(r.astype(cupy.float32) - ours.astype(cupy.float32)).max()
+                                     / cupy.abs(ours.astype(cupy.float32)).max())
+                        row[f"fwd_strided_{path}_us"] = bench_us(fs)
+                        row[f"max_rel_diff_strided_{path}"] = diff
+                    except Exception as err:  # noqa: BLE001
+                        print(f"{row['shape']}: strided {path} failed: {type(err).__name__}: {err}", flush=True)
+                    finally:
+                        S.fwd_path = default_path
+                del views
         except Exception as err:  # noqa: BLE001
             print(f"{row['shape']}: ours failed: {type(err).__name__}: {err}", flush=True)
             rows.append(row)
@@ -217,7 +267,11 @@ def main(argv=None):
               f"{g(r, 'fwd_bwd_ratio', '%8.2f'):>8s}  "
               + "/".join(f"{st[k]:.0f}" for k in ("cumsum", "states", "passing", "scan") if k in st)
               + f"  {g(r, 'max_rel_diff_vs_peer', '%.2e')}")
-        for other in ("v1", "v2"):
+        for key in ("fwd_strided_v4_us", "fwd_strided_v3_us"):
+            if key in r:
+                print(f"{'  (strided rows, ' + key.split('_')[2] + ')':26s} {r[key]:9.1f}"
+                      f"{' ' * 62}  vs contiguous default {r.get('max_rel_diff_strided_' + key.split('_')[2], 0):.2e}")
+        for other in ("v1", "v2", "v3", "v4"):
             if f"fwd_{other}_us" in r:
                 st = r.get(f"stages_{other}_us", {})
                 pad = " " * 62

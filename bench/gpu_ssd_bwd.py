@@ -8,9 +8,11 @@ L 2048 and N 64 / 256. Prints and writes to JSON (default $OUT/ssd_bwd_bench.jso
   bwd_us            ssmcore.ssd_bwd alone (triton do_bench median)
   fwd_bwd_us        ssmcore.ssd + ssmcore.ssd_bwd, and the peer's forward + backward (autograd)
   kernels_us        per-kernel times of one ssd_bwd call (CUDA events around each launch)
-  impl              the default SSMCORE_SSD_BWD_IMPL (v3 unless set in the environment)
-  bwd_us_vK, kernels_us_vK   the same with SSMCORE_SSD_BWD_IMPL=vK for the other implementations (v1, v2, v3),
-                    in the same process (main shape only); max_rel_diff_vK vs the default
+  bwd_pool_mib      CuPy pool growth during one ssd_bwd call from an emptied cache (~ its scratch + outputs)
+  impl              the default SSMCORE_SSD_BWD_IMPL (v4 unless set in the environment)
+  bwd_us_vK, kernels_us_vK   the same with SSMCORE_SSD_BWD_IMPL=vK for the other implementations of --impls
+                    (default v3,v4; v1/v2 on request), in the same process (main shape only); max_rel_diff_vK
+                    vs the default
   rel_diff_vs_peer  max |ours - peer| / max |peer| of each gradient the peer also returns
 """
 
@@ -59,6 +61,22 @@ def kernel_times(call):
     return dict(out)
 
 
+def pool_growth_mib(call):
+    """MiB the CuPy memory pool grows by during one call from an emptied cache (scratch + outputs: the pool
+    keeps freed blocks, so this is about the call's peak of simultaneously live allocations)."""
+    import cupy
+
+    pool = cupy.get_default_memory_pool()
+    cupy.cuda.Device().synchronize()
+    pool.free_all_blocks()
+    before = pool.total_bytes()
+    out = call()
+    cupy.cuda.Device().synchronize()
+    grown = (pool.total_bytes() - before) / 2**20
+    del out
+    return grown
+
+
 def peer_grads(x, dout):
     """(fwd+bwd closure, grads dict) of the peer, or (None, None)."""
     try:
@@ -87,6 +105,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--impls", default="v3,v4", help="implementations timed besides the default (main shape)")
     args = parser.parse_args(argv)
     out_json = args.json or (os.path.join(os.environ["OUT"], "ssd_bwd_bench.json") if os.environ.get("OUT") else None)
 
@@ -114,11 +133,13 @@ def main(argv=None):
             row["first_call_s"] = time.perf_counter() - t0
             row["bwd_us"] = bench_us(bwd)
             row["kernels_us"] = kernel_times(bwd)
+            row["bwd_pool_mib"] = pool_growth_mib(bwd)
             from ssmcore.backends.cupy import state_space_duality_bwd as S
 
             row["impl"] = S._impl()
             # The other implementations, same process (SSMCORE_SSD_BWD_IMPL=v1 / v2 / v3).
-            for other in (S.IMPLS if shape == MAIN else ()):
+            impls = [v for v in args.impls.split(",") if v in S.IMPLS]
+            for other in (impls if shape == MAIN else ()):
                 if other == row["impl"]:
                     continue
                 saved = os.environ.get(S.IMPL_ENV)
@@ -127,6 +148,7 @@ def main(argv=None):
                     g1 = bwd()
                     row[f"bwd_us_{other}"] = bench_us(bwd)
                     row[f"kernels_us_{other}"] = kernel_times(bwd)
+                    row[f"bwd_pool_mib_{other}"] = pool_growth_mib(bwd)
                     row[f"max_rel_diff_{other}"] = max(
                         float(cupy.abs(a.astype(cupy.float32) - b.astype(cupy.float32)).max()
                               / max(float(cupy.abs(b.astype(cupy.float32)).max()), 1e-30))
@@ -170,15 +192,17 @@ def main(argv=None):
     for r in rows:
         print(f"{r['shape']:26s} {g(r, 'bwd_us', '%10.1f'):>10s} {g(r, 'fwd_bwd_us', '%11.1f'):>11s} "
               f"{g(r, 'peer_fwd_bwd_us', '%11.1f'):>11s} {g(r, 'fwd_bwd_ratio', '%7.2f'):>7s}")
-        for key in ("kernels_us", "kernels_us_v1", "kernels_us_v2", "kernels_us_v3"):
+        for key in ("kernels_us", "kernels_us_v1", "kernels_us_v2", "kernels_us_v3", "kernels_us_v4"):
             if key in r:
                 print(f"    {key}: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r[key].items(),
                                                                                 key=lambda kv: -kv[1])))
-        for other in ("v1", "v2", "v3"):
+        for other in ("v1", "v2", "v3", "v4"):
             if f"bwd_us_{other}" in r:
                 print(f"    {other}: bwd {r[f'bwd_us_{other}']:.1f} us (default {r.get('impl')}: "
                       f"{r['bwd_us']:.1f} us), max rel diff vs default "
-                      f"{r.get(f'max_rel_diff_{other}', float('nan')):.1e}")
+                      f"{r.get(f'max_rel_diff_{other}', float('nan')):.1e}, pool growth "
+                      f"{r.get(f'bwd_pool_mib_{other}', float('nan')):.0f} MiB (default "
+                      f"{r.get('bwd_pool_mib', float('nan')):.0f})")
         if "rel_diff_vs_peer" in r:
             print("    rel diff vs peer: " + ", ".join(f"{k} {v:.1e}" for k, v in r["rel_diff_vs_peer"].items()))
     if out_json:

@@ -17,8 +17,9 @@
 // with fp32 accumulation; the decay-weighted operands (x * dt' * decay in chunk_states, the
 // masked decay-weighted C B^T in chunk_scan, the fp32 chunk-start state) are rounded to the
 // input type, as the reference package does. float32 inputs use 3xTF32 (hi*hi + hi*lo + lo*hi
-// on m16n8k8), about fp32 accuracy. Shared-memory tiles are float32 (converted on load), so one
-// code path serves all three types.
+// on m16n8k8), about fp32 accuracy. Shared-memory operand tiles hold the kernel type T (16-bit
+// values for bf16/f16, float for float32; the decay weights are applied while staging), so one code
+// path serves all three types (v1-v3; v4 at the end of this file is 16-bit only).
 #include "common.cuh"
 
 __device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
@@ -201,12 +202,13 @@ __global__ void ssd_mma_selftest(const float* __restrict__ A, const float* __res
 }
 
 // ---- 1. chunk_cumsum -----------------------------------------------------------------------
-// Grid (nc, H, B), block Q threads (one per position). Reads dt once, writes dtp and dacs
+// Grid (nc, H, B), block Q threads (one per position). dt (B, L, H) with element strides sdt_b (batch) and
+// sdt_l (position); heads contiguous. Reads dt once, writes dtp and dacs
 // (8 bytes per position and head); blocks of head 0 also write seg from seq (int64, null: none).
 // The scan: warp inclusive scans (shuffles) + a pass over the warp totals in shared memory.
 template <typename TDT>
 __global__ void __launch_bounds__(256) ssd_chunk_cumsum(
-    const TDT* __restrict__ dt, const float* __restrict__ A, const float* __restrict__ dt_bias,
+    const TDT* __restrict__ dt, i64 sdt_b, i64 sdt_l, const float* __restrict__ A, const float* __restrict__ dt_bias,
     const long long* __restrict__ seq, int L, int H, int Q, int softplus, int clamp, float lo, float hi,
     float* __restrict__ dtp, float* __restrict__ dacs, int* __restrict__ seg) {
   __shared__ float wsum[8];
@@ -217,7 +219,7 @@ __global__ void __launch_bounds__(256) ssd_chunk_cumsum(
   const int lane = q & 31, w = q >> 5;
   float d = 0.f;
   if (pos < L) {
-    float raw = load_f(dt + (i64(b) * L + pos) * H + h) + (dt_bias ? dt_bias[h] : 0.f);
+    float raw = load_f(dt + i64(b) * sdt_b + pos * sdt_l + h) + (dt_bias ? dt_bias[h] : 0.f);
     d = softplus ? (raw <= 20.f ? log1pf(expf(raw)) : raw) : raw;
     if (clamp) d = fminf(fmaxf(d, lo), hi);
   }
@@ -963,4 +965,516 @@ __global__ void __launch_bounds__(128) ssd_chunk_states_v3(
   }
   const int lane = tid & 31, gg = lane >> 2, t = lane & 3;
   store_state_tile(acc, states + ((i64(b) * nc + c) * H + h) * i64(P) * N, p0 + warp * 16 + gg, n0 + 2 * t, P, N);
+}
+
+// ==== v4 forward (16-bit types; launcher knob SSMCORE_SSD_FWD=v4) ======================================
+// What v3 left on the table (B8 L4096 H64 P64 N128 bf16, H200: chunk_states 570 us = 60 TFLOP/s and
+// ~1 TB/s; chunk_scan 2007 us = 38 TFLOP/s): every mma fragment register was one 32-bit shared load
+// (20 loads per 8 mma), the operands whose k axis is strided in global memory (x, and B in
+// chunk_states) were transposed into shared memory with one 16-bit store per element (64 per thread per
+// slab), and chunk_scan built the masked decayed C B^T tile in shared memory (fp32 -> T stores, sync)
+// before reading it back as fragments. v4:
+//  * fragments come from ldmatrix (x4: four 8 x 8 matrices per instruction, .trans for operands whose k
+//    axis is the row index), so x and B are staged as they lie in global memory: 16-byte loads and
+//    16-byte conflict-free shared stores, no transposition;
+//  * chunk_scan's decayed C B^T operand goes straight from the fp32 C B^T tile in global memory (L2) into
+//    A-fragment registers of the warp that uses it (each element is read by exactly one lane), with the
+//    decay, dt' and the mask applied in registers: no shared round trip, one sync pair per slice;
+//  * chunk_states uses 32 x 32 warp tiles (2 x 2 warps, 4 ldmatrix per 8 mma);
+//  * x, z, B, C (and dt in chunk_cumsum) are read through batch / position strides (element units,
+//    multiples of 8; the innermost two dims contiguous), so strided views of an in_proj / conv output need
+//    no copies. out stays contiguous (B, L, H, P).
+//  * chunk_scan's decay exp(dacs_t - dacs_s) is ex2.approx.ftz of base-2 scaled cumulative decays, the
+//    mask one unsigned compare, both branch-free;
+//  * state passing (ssd_state_passing_v4) writes the chunk-start states in T to a separate buffer (chunk_scan
+//    rounded them to T when staging anyway), halving those bytes; the fp32 running sum and final state stay.
+// Same math as v1-v3; rounding points: x * dt' * decay rounded to T (chunk_states), the masked decayed
+// C B^T and the chunk-start state rounded to T (chunk_scan), fp32 accumulation; the ex2 decay differs from
+// v3's expf by a few ulp. Not bitwise equal to v3 on the GPU, within rounding of it. On ROCm the launcher
+// runs v3 instead (hipcc spills these kernels).
+
+// ldmatrix .x4: lane l gives the address of row (l & 7) of 8 x 8 matrix (l >> 3) as base + off (off in
+// elements; rows 16-byte aligned, shared memory). Without .trans lane l gets, of matrix i, r[i] = the pair
+// (row l >> 2; columns 2 (l & 3), +1): the fragment register of an operand stored k-contiguous. With
+// .trans: r[i] = (rows 2 (l & 3), +1; column l >> 2): the fragment of an operand stored with k as the row.
+// HIP and the emulator: the same through shuffles of the row offsets.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+#if SSM_MMA_PTX
+  uint32_t a;
+  asm("{ .reg .u64 u; cvta.to.shared.u64 u, %1; cvt.u32.u64 %0, u; }" : "=r"(a) : "l"(p));
+  return a;
+#else
+  return 0u;
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const T* base, int off) {
+#if SSM_MMA_PTX
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(base + off))
+               : "memory");  // reads shared memory written by plain stores
+#else
+  using namespace ssm_mma_detail;
+  const int lane = lane32(), o = group_base();
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int src = SSM_SHFL(off, o + 8 * i + (lane >> 2));
+    uint32_t v;
+    __builtin_memcpy(&v, base + src + 2 * (lane & 3), 4);
+    r[i] = v;
+  }
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const T* base, int off) {
+#if SSM_MMA_PTX
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(base + off))
+               : "memory");  // reads shared memory written by plain stores
+#else
+  using namespace ssm_mma_detail;
+  const int lane = lane32(), o = group_base();
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int s0 = SSM_SHFL(off, o + 8 * i + 2 * (lane & 3));
+    const int s1 = SSM_SHFL(off, o + 8 * i + 2 * (lane & 3) + 1);
+    uint16_t lo, hi;
+    __builtin_memcpy(&lo, base + s0 + (lane >> 2), 2);
+    __builtin_memcpy(&hi, base + s1 + (lane >> 2), 2);
+    r[i] = uint32_t(lo) | (uint32_t(hi) << 16);
+  }
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+template <>
+__device__ __forceinline__ void mma16<bf16_t>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  mma_16816_bf16(c, a, b);
+}
+template <>
+__device__ __forceinline__ void mma16<half_t>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  mma_16816_f16(c, a, b);
+}
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, const bf16_t*) { return pack_bf16x2(lo, hi); }
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, const half_t*) { return pack_f16x2(lo, hi); }
+
+// acc (16 rows x 8 NT columns of one warp) += A (16 x K from a [row][k] tile, ld lda, rows r0..)
+// * B (K x 8 NT from a [col][k] tile, ld ldb, columns c0..), K a multiple of 16; NT even.
+template <typename T, int NT>
+__device__ __forceinline__ void warp_gemm_ldsm(float (&acc)[NT][4], const T* a, int lda, int r0, const T* bt, int ldb,
+                                               int c0, int K) {
+  const int lane = threadIdx.x & 31;
+  const int aoff = (r0 + (lane & 15)) * lda + (lane >> 4) * 8;
+  const int boff = (c0 + ((lane >> 4) << 3) + (lane & 7)) * ldb + ((lane >> 3) & 1) * 8;
+#pragma unroll 2
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    uint32_t af[4];
+    ldsm_x4(af, a, aoff + k0);
+#pragma unroll
+    for (int jj = 0; jj < NT / 2; ++jj) {
+      uint32_t bf[4];
+      ldsm_x4(bf, bt, boff + jj * 16 * ldb + k0);
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      mma16<T>(acc[2 * jj], af, b0);
+      mma16<T>(acc[2 * jj + 1], af, b1);
+    }
+  }
+}
+
+// ---- 4a'''. C B^T per (b, chunk, group), lower-triangular 64 x 64 tiles (v3's layout), strided B / C ---
+// Grid (nc * G * ntri, B), 128 threads, dynamic shared memory 2 * 64 * ldc * sizeof(T).
+template <typename T>
+__global__ void __launch_bounds__(128) ssd_chunk_cb_v4(const T* __restrict__ Bm, i64 sbb, i64 sbl,
+                                                       const T* __restrict__ Cm, i64 scb, i64 scl, int L, int G, int N,
+                                                       int Q, int nc, int ldc, float* __restrict__ cb) {
+  SSM_DYNAMIC_SMEM(dyn);
+  T* cs = reinterpret_cast<T*>(dyn);
+  T* bs = cs + 64 * ldc;
+  const int T4 = Q / 64, ntri = T4 * (T4 + 1) / 2;
+  i64 id = blockIdx.x;
+  const int pair = int(id % ntri); id /= ntri;
+  const int g = int(id % G); id /= G;
+  const int c = int(id);
+  const int b = blockIdx.y;
+  int tt = 0;
+  while ((tt + 1) * (tt + 2) / 2 <= pair) ++tt;
+  const int sb = pair - tt * (tt + 1) / 2;
+  const i64 cpos = i64(c) * Q;
+  const int npad = (N + 31) / 32 * 32, nch = npad / 8;
+  const i64 tpos = cpos + tt * 64, spos = cpos + sb * 64;
+  const int tvalid = int(L - tpos < 64 ? (L - tpos > 0 ? L - tpos : 0) : 64);
+  const int svalid = int(L - spos < 64 ? (L - spos > 0 ? L - spos : 0) : 64);
+  stage_rows_raw(Cm + i64(b) * scb + tpos * scl + i64(g) * N, scl, tvalid, N, nch, cs, ldc);
+  stage_rows_raw(Bm + i64(b) * sbb + spos * sbl + i64(g) * N, sbl, svalid, N, nch, bs, ldc);
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gg = lane >> 2, tq = lane & 3;
+  float acc[8][4];
+  zero_acc(acc);
+  warp_gemm_ldsm<T, 8>(acc, cs, ldc, warp * 16, bs, ldc, 0, npad);
+  float* o = cb + ((((i64(b) * nc + c) * G + g) * ntri) + pair) * 4096;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = warp * 16 + gg + hh * 8, sc = 8 * j + 2 * tq;
+      *reinterpret_cast<float2*>(o + r * 64 + sc) = make_float2(acc[j][2 * hh], acc[j][2 * hh + 1]);
+    }
+}
+
+// ---- 2'''. chunk_states: S[p][n] = sum_s (x[s][p] w_s) B[s][n], w_s = dt'_s exp(dacs_end - dacs_s) ------
+// Grid (tilesP * tilesN * H * nc, B) (64 x 64 tiles, n-tile fastest so the blocks sharing an x tile run
+// together), 128 threads as 2 x 2 warps of 32 (p) x 32 (n). Per 64-position slab: x (scaled by w, rounded to
+// T) and B staged row-major [s][col] with 16-byte stores, the next slab's 2 x 4 16-byte loads per thread in
+// flight during the mma; A = (x w)^T and B both through ldmatrix.trans. P, N multiples of 8.
+template <typename T>
+__global__ void __launch_bounds__(128, 4) ssd_chunk_states_v4(
+    const T* __restrict__ x, i64 sxb, i64 sxl, const T* __restrict__ Bm, i64 sbb, i64 sbl,
+    const float* __restrict__ dtp, const float* __restrict__ dacs, const int* __restrict__ seg, int L, int H, int G,
+    int P, int N, int Q, int nc, float* __restrict__ states) {
+  constexpr int LD = 72;
+  __shared__ float4 raw_x[64 * LD * 2 / 16], raw_b[64 * LD * 2 / 16];
+  T* xs = reinterpret_cast<T*>(raw_x);  // [s][p]
+  T* bs = reinterpret_cast<T*>(raw_b);  // [s][n]
+  __shared__ float wgt[256];
+  const int tilesP = (P + 63) / 64, tilesN = (N + 63) / 64;
+  i64 id = blockIdx.x;
+  const int tn = int(id % tilesN); id /= tilesN;
+  const int tp = int(id % tilesP); id /= tilesP;
+  const int h = int(id % H); id /= H;
+  const int c = int(id);
+  const int b = blockIdx.y;
+  const int p0 = tp * 64, n0 = tn * 64;
+  const int g = h / (H / G);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wm = warp & 1, wn = warp >> 1;
+  const i64 row = (i64(b) * H + h) * nc * Q + i64(c) * Q;
+  const float a_end = dacs[row + Q - 1];
+  const int seg_end = seg ? seg[i64(b) * nc * Q + i64(c) * Q + Q - 1] : -1;
+  const int s_first = imax(seg_end, 0);
+  for (int q = tid; q < Q; q += 128)
+    wgt[q] = (i64(c) * Q + q < L && q >= s_first) ? dtp[row + q] * expf(a_end - dacs[row + q]) : 0.f;
+  // this thread's 16-byte items: rows sr + 16 i, columns scol .. scol + 7
+  const int sr = tid >> 3, scol = (tid & 7) * 8;
+  const T* xbase = x + i64(b) * sxb + (i64(c) * Q + sr) * sxl + i64(h) * P + p0 + scol;
+  const T* bbase = Bm + i64(b) * sbb + (i64(c) * Q + sr) * sbl + i64(g) * N + n0 + scol;
+  const i64 xstep = 16 * sxl, bstep = 16 * sbl;
+  const bool xok = p0 + scol < P, bok = n0 + scol < N;
+  uint4 xr[4], br[4];
+  __syncthreads();  // wgt ready
+  auto fetch = [&](int s0) {
+    const T* xp = xbase + i64(s0 / 16) * xstep;
+    const T* bp = bbase + i64(s0 / 16) * bstep;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const bool valid = wgt[s0 + sr + 16 * i] != 0.f;
+      xr[i] = br[i] = make_uint4(0u, 0u, 0u, 0u);
+      if (valid && xok) xr[i] = *reinterpret_cast<const uint4*>(xp + i * xstep);
+      if (valid && bok) br[i] = *reinterpret_cast<const uint4*>(bp + i * bstep);
+    }
+  };
+  int s0 = (s_first / 64) * 64;
+  if (s0 < Q && i64(c) * Q + s0 < L) fetch(s0);
+  float acc[2][4][4];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) zero_acc(acc[mi]);
+  // ldmatrix.trans offsets: A (rows p = k-major xs): matrix i -> s + (i >> 1) * 8, p + (i & 1) * 8;
+  // B (bs [s][n]): matrix i -> s + (i & 1) * 8, n + (i >> 1) * 8.
+  const int li = lane >> 3, lr = lane & 7;
+  const int aoff = ((li >> 1) * 8 + lr) * LD + wm * 32 + (li & 1) * 8;
+  const int boff = ((li & 1) * 8 + lr) * LD + wn * 32 + (li >> 1) * 8;
+  for (; s0 < Q && i64(c) * Q + s0 < L; s0 += 64) {
+    __syncthreads();  // everyone is done with xs/bs
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int s = sr + 16 * i;
+      const float w = wgt[s0 + s];
+      const T* ex = reinterpret_cast<const T*>(&xr[i]);
+      uint4 sx;
+      T* ox = reinterpret_cast<T*>(&sx);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) store_f(ox + k, load_f(ex + k) * w);
+      *reinterpret_cast<uint4*>(xs + s * LD + scol) = sx;
+      *reinterpret_cast<uint4*>(bs + s * LD + scol) = br[i];
+    }
+    __syncthreads();
+    if (s0 + 64 < Q && i64(c) * Q + s0 + 64 < L) fetch(s0 + 64);
+#pragma unroll
+    for (int k0 = 0; k0 < 64; k0 += 16) {
+      uint32_t af[2][4], bq[2][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) ldsm_x4_trans(af[mi], xs, aoff + k0 * LD + mi * 16);
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) ldsm_x4_trans(bq[jj], bs, boff + k0 * LD + jj * 16);
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          const uint32_t b0[2] = {bq[jj][0], bq[jj][1]}, b1[2] = {bq[jj][2], bq[jj][3]};
+          mma16<T>(acc[mi][2 * jj], af[mi], b0);
+          mma16<T>(acc[mi][2 * jj + 1], af[mi], b1);
+        }
+    }
+  }
+  const int gg = lane >> 2, t = lane & 3;
+  float* out = states + ((i64(b) * nc + c) * H + h) * i64(P) * N;
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int pp = p0 + wm * 32 + mi * 16 + gg + 8 * hh, nn = n0 + wn * 32 + 8 * j + 2 * t;
+        if (pp < P && nn < N)  // N % 8 == 0: nn + 1 < N too
+          *reinterpret_cast<float2*>(out + i64(pp) * N + nn) = make_float2(acc[mi][j][2 * hh], acc[mi][j][2 * hh + 1]);
+      }
+}
+
+// 2^x on the SFU (ex2.approx.ftz: results below 2^-126 flush to 0, relative error ~2^-22).
+__device__ __forceinline__ float ex2_ftz(float x) {
+#if SSM_MMA_PTX
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---- 3'''. state_passing writing the chunk-start states in T (16-bit): chunk_scan rounds them to T when
+// staging anyway (same values), so T halves the start-state bytes written here and read there. states stays
+// the chunks' own fp32 contributions (not overwritten); the running sum and final stay fp32. 4 consecutive
+// elements per thread (P * N % 4 == 0), 8 chunks' loads in flight. Grid (ceil(P*N / 1024), H, B), 256 threads.
+template <typename T>
+__global__ void __launch_bounds__(256) ssd_state_passing_v4(
+    const float* __restrict__ states, const float* __restrict__ dacs, const int* __restrict__ seg,
+    const float* __restrict__ initial, int H, int PN, int Q, int nc, T* __restrict__ starts,
+    float* __restrict__ final_states) {
+  constexpr int CH = 8;
+  const int e = (blockIdx.x * 256 + threadIdx.x) * 4;
+  const int h = blockIdx.y, b = blockIdx.z;
+  if (e >= PN) return;
+  float s[4];
+  if (initial) {
+    ldv<4>(initial + (i64(b) * H + h) * PN + e, s);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) s[k] = 0.f;
+  }
+  const i64 row = (i64(b) * H + h) * nc * Q;
+  const i64 cstride = i64(H) * PN;
+  const float* base = states + (i64(b) * nc * H + h) * PN + e;
+  T* obase = starts + (i64(b) * nc * H + h) * PN + e;
+  for (int c0 = 0; c0 < nc; c0 += CH) {
+    float own[CH][4], dec[CH];
+    bool rst[CH];
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+      const int c = c0 + k;
+      if (c < nc) {
+        ldv<4>(base + c * cstride, own[k]);
+        dec[k] = expf(dacs[row + i64(c) * Q + Q - 1]);
+        rst[k] = seg && seg[i64(b) * nc * Q + i64(c) * Q + Q - 1] >= 0;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+      if (c0 + k < nc) {
+        uint2 raw;
+        T* o = reinterpret_cast<T*>(&raw);
+#pragma unroll
+        for (int v = 0; v < 4; ++v) store_f(o + v, s[v]);
+        *reinterpret_cast<uint2*>(obase + (c0 + k) * cstride) = raw;
+#pragma unroll
+        for (int v = 0; v < 4; ++v) s[v] = rst[k] ? own[k][v] : dec[k] * s[v] + own[k][v];
+      }
+    }
+  }
+  stv<4>(final_states + (i64(b) * H + h) * PN + e, s);
+}
+
+// ---- 4'''. chunk_scan ---------------------------------------------------------------------------------
+// prev: the chunk-start states, float32 (from ssd_state_passing_v2) or T (from ssd_state_passing_v4).
+// Grid (tilesP * (Q/64) * nc * H, B) (the t-tiles and p-tiles of one (chunk, head) adjacent: they share the
+// chunk-start state and C B^T in L2), 128 threads: one 64 (t) x 64 (p) output tile; warp w owns rows
+// t0 + 16 w .. +16, all 64 p. Phase 1 (state term): C rows [t][n] and h_prev [p][n] (fp32 -> T) staged with
+// 8 loads in flight per thread, Y = C h_prev^T by ldmatrix + mma (K = N), rows scaled by exp(dacs_t) (0 after
+// a sequence start). Phase 2, per 64-position s-slice at or before the t-tile: the slice's x tile [s][p] is
+// staged (16-byte stores; ldmatrix.trans gives the B fragments); the A fragments (C B^T[t][s] exp(dacs_t -
+// dacs_s) dt'_s, masked s <= t and s >= the row's sequence start) are built in registers from float2 loads of
+// the fp32 C B^T tile, dacs and dt' (L1/L2). The next slice's loads are issued before the current mma.
+// Dynamic shared memory: region 0 = 64 x max(ldc, 72) T (C, then the x tile), region 1 = 64 x ldc T (h_prev).
+// Traffic per block: C B^T 16 KB per slice (L2: computed once per group), x 8 KB per slice (L2 after the first
+// t-tile), h_prev 32 KB (fp32), C 16 KB, out (+ x, z for D and the gate) 8 KB each.
+template <typename T, typename TP>
+__global__ void __launch_bounds__(128, 3) ssd_chunk_scan_v4(
+    const T* __restrict__ x, i64 sxb, i64 sxl, const T* __restrict__ z, i64 szb, i64 szl, const T* __restrict__ Cm,
+    i64 scb, i64 scl, const float* __restrict__ dtp, const float* __restrict__ dacs, const int* __restrict__ seg,
+    const TP* __restrict__ prev, const float* __restrict__ D, const float* __restrict__ cb, int L, int H, int G,
+    int P, int N, int Q, int nc, int ldc, T* __restrict__ out) {
+  constexpr int LX = 72;
+  SSM_DYNAMIC_SMEM(dyn);
+  T* cs = reinterpret_cast<T*>(dyn);
+  T* xs = cs;  // after phase 1
+  T* hs = cs + 64 * imax(ldc, LX);
+  __shared__ float at_t[64];
+  __shared__ int seg_t[64];
+  __shared__ float4 raw_ad[128];  // dacs, dt' of the chunk's positions up to the t-tile end
+  float* a_s = reinterpret_cast<float*>(raw_ad);
+  float* d_s = a_s + 256;
+
+  const int tilesP = (P + 63) / 64, T4 = Q / 64, ntri = T4 * (T4 + 1) / 2;
+  i64 id = blockIdx.x;
+  const int tp = int(id % tilesP); id /= tilesP;
+  const int tt = int(id % T4); id /= T4;
+  const int h = int(id % H); id /= H;
+  const int c = int(id);
+  const int b = blockIdx.y;
+  const int p0 = tp * 64, t0 = tt * 64;
+  const i64 cpos = i64(c) * Q;
+  if (cpos + t0 >= L) return;
+  const int g = h / (H / G);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gg = lane >> 2, tq = lane & 3;
+  const int r0 = warp * 16;
+  const i64 row = (i64(b) * H + h) * nc * Q + cpos;
+  const int npad = (N + 31) / 32 * 32, nch = npad / 8;
+
+  if (tid < 64) {
+    at_t[tid] = dacs[row + t0 + tid];
+    seg_t[tid] = seg ? seg[i64(b) * nc * Q + cpos + t0 + tid] : -1;
+  }
+  for (int q = tid; q < t0 + 64; q += 128) {
+    a_s[q] = dacs[row + q] * kLog2e;  // in base 2 for ex2
+    d_s[q] = dtp[row + q];
+  }
+  {
+    const i64 tpos = cpos + t0;
+    const int tvalid = int(L - tpos < 64 ? L - tpos : 64);
+    stage_rows_raw(Cm + i64(b) * scb + tpos * scl + i64(g) * N, scl, tvalid, N, nch, cs, ldc);
+    const TP* hp = prev + (((i64(b) * nc + c) * H + h) * P + p0) * i64(N);
+    if constexpr (sizeof(TP) == 4) {
+      stage_rows_f32(hp, i64(N), P - p0, N, nch, hs, ldc);
+    } else {
+      stage_rows_raw(hp, i64(N), P - p0, N, nch, hs, ldc);
+    }
+  }
+  // Per slice: x items rows sr + 16 i, columns scol..+7; C B^T fragments rows r0 + gg (+8), columns
+  // 16 ks + 2 tq (+8).
+  const float* cbt = cb + (((i64(b) * nc + c) * G + g) * ntri + tt * (tt + 1) / 2) * 4096;
+  const int sr = tid >> 3, scol = (tid & 7) * 8;
+  const bool xok = p0 + scol < P;
+  const T* xbase = x + i64(b) * sxb + (cpos + sr) * sxl + i64(h) * P + p0 + scol;  // row sr of slice 0
+  const i64 xstep = 16 * sxl;
+  uint4 xr[4];
+  float2 cr[4][4];
+  auto fetch = [&](int sb) {
+    const T* xp = xbase + i64(sb) * 4 * xstep;
+    const int left = int(L - cpos) - (sb * 64 + sr);  // rows of this thread still inside the sequence: > 16 i
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      xr[i] = make_uint4(0u, 0u, 0u, 0u);
+      if (16 * i < left && xok) xr[i] = *reinterpret_cast<const uint4*>(xp + i * xstep);
+    }
+    const float* tile = cbt + sb * 4096;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      const int col = ks * 16 + 2 * tq;
+      cr[ks][0] = *reinterpret_cast<const float2*>(tile + (r0 + gg) * 64 + col);
+      cr[ks][1] = *reinterpret_cast<const float2*>(tile + (r0 + gg + 8) * 64 + col);
+      cr[ks][2] = *reinterpret_cast<const float2*>(tile + (r0 + gg) * 64 + col + 8);
+      cr[ks][3] = *reinterpret_cast<const float2*>(tile + (r0 + gg + 8) * 64 + col + 8);
+    }
+  };
+  __syncthreads();
+  float acc[8][4];
+  zero_acc(acc);
+  fetch(0);  // slice 0's loads in flight during the state term
+  warp_gemm_ldsm<T, 8>(acc, cs, ldc, r0, hs, ldc, 0, npad);
+  decay_prev_rows(acc, at_t, seg_t, r0 + gg);
+  const float at0 = at_t[r0 + gg] * kLog2e, at1 = at_t[r0 + gg + 8] * kLog2e;
+  const int sg0 = seg_t[r0 + gg], sg1 = seg_t[r0 + gg + 8];
+  // Row t keeps column s when sg <= s <= t (sg, the row's sequence start or -1, is <= t): one unsigned compare.
+  const unsigned span0 = unsigned(t0 + r0 + gg - sg0), span1 = unsigned(t0 + r0 + gg + 8 - sg1);
+
+  const int li = lane >> 3, lr = lane & 7;
+  const int boff = ((li & 1) * 8 + lr) * LX + (li >> 1) * 8;  // ldmatrix.trans of xs [s][p]
+  __syncthreads();  // everyone is done with cs (xs reuses it)
+  for (int sb = 0; sb <= tt; ++sb) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) *reinterpret_cast<uint4*>(xs + (sr + 16 * i) * LX + scol) = xr[i];
+    uint32_t af[4][4];
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      const int s = sb * 64 + ks * 16 + 2 * tq;  // within-chunk position of columns s, s+1 (and s+8, s+9)
+      const float2 a01 = *reinterpret_cast<const float2*>(a_s + s), a89 = *reinterpret_cast<const float2*>(a_s + s + 8);
+      const float2 d01 = *reinterpret_cast<const float2*>(d_s + s), d89 = *reinterpret_cast<const float2*>(d_s + s + 8);
+      const float sa[4] = {a01.x, a01.y, a89.x, a89.y};
+      const float sd[4] = {d01.x, d01.y, d89.x, d89.y};
+      const int sp[4] = {s, s + 1, s + 8, s + 9};
+      float m0[4], m1[4];  // rows gg, gg + 8
+      const float c0[4] = {cr[ks][0].x, cr[ks][0].y, cr[ks][2].x, cr[ks][2].y};
+      const float c1[4] = {cr[ks][1].x, cr[ks][1].y, cr[ks][3].x, cr[ks][3].y};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {  // computed everywhere, then selected: no divergent branches
+        const float v0 = c0[k] * ex2_ftz(at0 - sa[k]) * sd[k], v1 = c1[k] * ex2_ftz(at1 - sa[k]) * sd[k];
+        m0[k] = unsigned(sp[k] - sg0) <= span0 ? v0 : 0.f;
+        m1[k] = unsigned(sp[k] - sg1) <= span1 ? v1 : 0.f;
+      }
+      const T* tag = nullptr;
+      af[ks][0] = pack2(m0[0], m0[1], tag);
+      af[ks][1] = pack2(m1[0], m1[1], tag);
+      af[ks][2] = pack2(m0[2], m0[3], tag);
+      af[ks][3] = pack2(m1[2], m1[3], tag);
+    }
+    __syncthreads();  // xs ready
+    if (sb < tt) fetch(sb + 1);
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        uint32_t bq[4];
+        ldsm_x4_trans(bq, xs, boff + ks * 16 * LX + jj * 16);
+        const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+        mma16<T>(acc[2 * jj], af[ks], b0);
+        mma16<T>(acc[2 * jj + 1], af[ks], b1);
+      }
+    __syncthreads();  // everyone is done with xs
+  }
+  // epilogue: y = acc + D x, times silu(z); pairs of columns per 32-bit access
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const i64 ps = cpos + t0 + r0 + gg + 8 * hh;
+    if (ps >= L) continue;
+    const T* xrow = x + i64(b) * sxb + ps * sxl + i64(h) * P;
+    const T* zrow = z ? z + i64(b) * szb + ps * szl + i64(h) * P : nullptr;
+    T* orow = out + ((i64(b) * L + ps) * H + h) * P;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int pp = p0 + 8 * j + 2 * tq;
+      if (pp >= P) continue;  // P % 8 == 0: pp + 1 < P too
+      float y0 = acc[j][2 * hh], y1 = acc[j][2 * hh + 1];
+      if (D) {
+        const uint32_t xv = *reinterpret_cast<const uint32_t*>(xrow + pp);
+        const T* xe = reinterpret_cast<const T*>(&xv);
+        y0 += D[h * P + pp] * load_f(xe);
+        y1 += D[h * P + pp + 1] * load_f(xe + 1);
+      }
+      if (zrow) {
+        const uint32_t zv = *reinterpret_cast<const uint32_t*>(zrow + pp);
+        const T* ze = reinterpret_cast<const T*>(&zv);
+        y0 *= silu_f(load_f(ze));
+        y1 *= silu_f(load_f(ze + 1));
+      }
+      uint32_t ov;
+      T* oe = reinterpret_cast<T*>(&ov);
+      store_f(oe, y0);
+      store_f(oe + 1, y1);
+      *reinterpret_cast<uint32_t*>(orow + pp) = ov;
+    }
+  }
 }

@@ -34,7 +34,9 @@
 // per element), skips DX's upper tiles, ssdb_dcs2 (a block per chunk, coalesced rows) replaces ssdb_dcs (a
 // thread per position walking a row of CB and DX each), and ssdb_fro (a block per chunk) replaces
 // ssdb_dt's serial P*N loop for <dh_c, h0_c>.
-// v3 (default) = v2 with ssdb_mm3 (products), ssdb_pass2 (state passing) and ssdb_dcs3: the same math and
+// v4 (default for 16-bit inputs; section at the end of this file): F per group instead of DX per head,
+// dB / dC per group, the products on a bf16/f16 shared-memory GEMM core (ssdb_g4, ssdb_h4).
+// v3 = v2 with ssdb_mm3 (products), ssdb_pass2 (state passing) and ssdb_dcs3: the same math and
 // summation order (bitwise equal to v2), global loads issued together and overlapped with the mma work (the
 // v3 section at the end of this file says how).
 #include "common.cuh"
@@ -73,6 +75,49 @@ extern "C" __global__ void ssdb_cumsum(const float* __restrict__ dt, const float
   }
 }
 
+// ssdb_cumsum (same outputs) with a block of SSDB_CS4_THREADS (>= Q) threads per (b, c, h): one position per
+// thread, the chunk's cumsum of d * A as a shared-memory scan (v3: a thread per chunk walked Q positions).
+constexpr int SSDB_CS4_THREADS = 256;
+extern "C" __global__ void __launch_bounds__(256) ssdb_cumsum4(
+    const float* __restrict__ dt, const float* __restrict__ A, const float* __restrict__ dt_bias, int softplus,
+    int clamp, float lo, float hi, float* __restrict__ d, float* __restrict__ slope, float* __restrict__ cs, int batch,
+    i64 L, int H, int Q, int nc) {
+  __shared__ float buf[2][SSDB_CS4_THREADS];
+  const i64 blk = blockIdx.x;  // (b, c, h)
+  const int h = (int)(blk % H), c = (int)((blk / H) % nc);
+  const i64 b = blk / ((i64)H * nc);
+  const i64 t0 = (i64)c * Q;
+  const int len = (int)(t0 + Q < L ? Q : L - t0), t = threadIdx.x;
+  float v = 0.f, sl = 1.f;
+  if (t < len) {
+    const float raw = dt[(b * L + t0 + t) * H + h] + dt_bias[h];
+    v = raw;
+    if (softplus && raw <= 20.f) {
+      v = log1pf(expf(raw));
+      sl = 1.f / (1.f + expf(-raw));
+    }
+    if (clamp && (v < lo || v > hi)) {
+      v = v < lo ? lo : hi;
+      sl = 0.f;
+    }
+  }
+  buf[0][t] = t < len ? v * A[h] : 0.f;
+  __syncthreads();
+  int cur = 0;
+  for (int off = 1; off < len; off *= 2) {  // Hillis-Steele inclusive scan
+    const float a = buf[cur][t] + (t >= off ? buf[cur][t - off] : 0.f);
+    buf[cur ^ 1][t] = a;
+    cur ^= 1;
+    __syncthreads();
+  }
+  if (t < len) {
+    const i64 o = (b * H + h) * L + t0 + t;
+    d[o] = v;
+    slope[o] = sl;
+    cs[o] = buf[cur][t];
+  }
+}
+
 // dy = dout * silu(z) (or dout), fp32, (B, L, H, P).
 template <typename T>
 __global__ void ssdb_dy(const T* __restrict__ dout, const T* __restrict__ z, float* __restrict__ dy, i64 n) {
@@ -81,6 +126,23 @@ __global__ void ssdb_dy(const T* __restrict__ dout, const T* __restrict__ z, flo
   float g = load_f(dout + i);
   if (z != nullptr) g *= silu_f(load_f(z + i));
   dy[i] = g;
+}
+
+// ssdb_dy with 8 consecutive elements per thread (16-byte accesses when vec: n % 8 == 0, aligned rows).
+template <typename T>
+__global__ void ssdb_dy8(const T* __restrict__ dout, const T* __restrict__ z, float* __restrict__ dy, i64 n,
+                         int vec) {
+  const i64 i = gtid() * 8;
+  if (i >= n) return;
+  float g[8];
+  load_chunk8(dout, i, n, vec != 0, g);
+  if (z != nullptr) {
+    float zz[8];
+    load_chunk8(z, i, n, vec != 0, zz);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) g[k] *= silu_f(zz[k]);
+  }
+  store_chunk8(dy, i, n, vec != 0, g);
 }
 
 // CB[b, c, g, t, s] = C_t . B_s for s <= t (0 above the diagonal and past the end). (B, nc, G, Q, Q).
@@ -372,6 +434,64 @@ extern "C" __global__ void ssdb_dt(const float* __restrict__ A, const float* __r
   }
   dA_part[(b * nc + c) * H + h] = sa;
   dtb_part[(b * nc + c) * H + h] = sb;
+}
+
+// ssdb_dt (same outputs, fro required) with a block of 256 (>= Q) threads per (b, c, h): one position per thread,
+// the reverse cumsum of dcs as a shared-memory scan and the chunk sums as tree reductions (v3: a thread per chunk).
+__device__ __forceinline__ float ssdb_block_sum256(float v, float* red) {  // 256 threads, red[256]; all call
+  const int t = threadIdx.x;
+  red[t] = v;
+  __syncthreads();
+  for (int off = 128; off > 0; off >>= 1) {
+    if (t < off) red[t] += red[t + off];
+    __syncthreads();
+  }
+  const float r = red[0];
+  __syncthreads();
+  return r;
+}
+extern "C" __global__ void __launch_bounds__(256) ssdb_dt4(
+    const float* __restrict__ A, const float* __restrict__ d, const float* __restrict__ slope,
+    const float* __restrict__ cs, const int* __restrict__ seg, const float* __restrict__ dcs,
+    const float* __restrict__ ddir, const float* __restrict__ est, const float* __restrict__ fro,
+    float* __restrict__ ddt, float* __restrict__ dA_part, float* __restrict__ dtb_part, int batch, i64 L, int H,
+    int Q, int nc) {
+  __shared__ float buf[2][256];
+  __shared__ float red[256];
+  const i64 blk = blockIdx.x;  // (b, c, h)
+  const int h = (int)(blk % H), c = (int)((blk / H) % nc);
+  const i64 b = blk / ((i64)H * nc);
+  const i64 t0 = (i64)c * Q;
+  const int len = (int)(t0 + Q < L ? Q : L - t0), t = threadIdx.x;
+  const i64 hrow = (b * H + h) * L + t0, srow = b * L + t0;
+  const bool in = t < len;
+  const float e = in ? est[hrow + t] : 0.f, g_cs = in ? dcs[hrow + t] : 0.f;
+  float extra = ssdb_block_sum256(e, red);
+  const bool u = seg[srow + len - 1] == (t0 > 0 ? seg[srow - 1] : 0);
+  if (u) extra += expf(cs[hrow + len - 1]) * fro[(b * nc + c) * H + h];
+  // acc_t = extra + sum_{t' >= t} dcs_t' (reverse inclusive scan)
+  buf[0][t] = g_cs;
+  __syncthreads();
+  int cur = 0;
+  for (int off = 1; off < len; off *= 2) {
+    const float a = buf[cur][t] + (t + off < len ? buf[cur][t + off] : 0.f);
+    buf[cur ^ 1][t] = a;
+    cur ^= 1;
+    __syncthreads();
+  }
+  const float acc = extra + buf[cur][t];
+  float g = 0.f, sa = 0.f;
+  if (in) {
+    g = (ddir[hrow + t] + A[h] * acc) * slope[hrow + t];
+    ddt[(srow + t) * H + h] = g;
+    sa = d[hrow + t] * acc;
+  }
+  sa = ssdb_block_sum256(sa, red);
+  g = ssdb_block_sum256(g, red);
+  if (t == 0) {
+    dA_part[(b * nc + c) * H + h] = sa;
+    dtb_part[(b * nc + c) * H + h] = g;
+  }
 }
 
 // fro[(b * nc + c) * H + h] = <dh_c, h0_c> (P*N elements): one block of SSDB_RED_THREADS per (b, c, h),
@@ -1199,5 +1319,702 @@ __global__ void __launch_bounds__(256) ssdb_dcs3(const T* __restrict__ x, const 
     dcs[o] = s_row[t] - d_t * col + s_term[t] - e;
     ddir[o] = col + state;
     est[o] = e;
+  }
+}
+
+// =====================================================================================================
+// v4 (SSMCORE_SSD_BWD_IMPL=v4, 16-bit inputs): the decayed Q x Q matrix E_h[t,s] = DX_h[t,s] e^(cs_t-cs_s)
+// (masked) never goes through global memory, and dB / dC are computed once per group instead of per head:
+//   F[t,s] = sum_{h in group} d_{h,s} E_h[t,s]                       (per group, Q x Q, like the reference's dCB)
+//   dC_t   = sum_s F[t,s] B_s + sum_h w_t e^(cs_{h,t}) h0_h^T dy_{h,t}      (one GEMM, K = Q + heads*P)
+//   dB_s   = sum_t F[t,s] C_t + sum_h v_s e^(cs_{h,end}-cs_{h,s}) d_{h,s} dh_h^T x_{h,s}
+// and the per-head row / column sums of CB o E that ssdb_dcs needs are reduced in the same kernel:
+//   ssdb_fac4        (b, h, l)  fcC = w_t e^(cs_t), fcB = v_t e^(cs_end-cs_t) d_t (the state-term row scales)
+//   ssdb_g4<T, 0>    (b, c, g, lower 64 x 64 tile (i, j)): loop over the group's heads: DX_h tile = dy_h x_h^T on
+//                    tensor cores, then in registers E_h, F += d E_h, rowp[h, j][t] = sum_s CB E_h d,
+//                    colp[h, i][s] = sum_t CB E_h; F written once (fp32, (B, nc, G, Q, Q), lower tiles)
+//   ssdb_g4<T, 1>    dC tile (t, n) per group, phase 1 F B (K = positions <= the tile), phase 2 the state term
+//   ssdb_g4<T, 2>    dB tile (s, n) per group, phase 1 F^T C (K = positions >= the tile), phase 2 the state term
+//   ssdb_dcs4<T>     ssdb_dcs3 with the row / column walks replaced by sums of rowp / colp
+// The GEMM core: 256 threads (2 x 4 warps of 32 x 16; g4_products also takes 32 x 32 warp tiles), 64 x 64
+// output tile, K slices of 32 staged in shared
+// memory as T (bf16 / f16, the rounding of the mma operands) with K contiguous, so every fragment register
+// is one 32-bit shared load (no per-mma packing); register double-buffering of the next slice's loads.
+// Rounding differs from v3 (F and the concatenated state terms are rounded to T once per group instead of
+// per head); sums are in a fixed order (deterministic, no atomics).
+#ifdef SSM_EMULATION
+#define SSDB_ALIGN16 alignas(16)
+#else
+#define SSDB_ALIGN16 __align__(16)
+#endif
+constexpr int G4_TILE = 64, G4_KS = 32, G4_LD = G4_KS + 8;  // smem row: 80 bytes
+
+template <typename T>
+struct G4Mma;
+template <>
+struct G4Mma<bf16_t> {
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    mma_16816_bf16(c, a, b);
+  }
+};
+template <>
+struct G4Mma<half_t> {
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    mma_16816_f16(c, a, b);
+  }
+};
+
+// acc (the warp's 32 x 32 block at rows wr, columns wc of the tile) += As[rows][0..32) . Bs[cols][0..32)^T.
+template <typename T, int WN>
+__device__ __forceinline__ void g4_products(float (&acc)[2][WN][4], const T (*As)[G4_LD], const T (*Bs)[G4_LD], int wr,
+                                            int wc, int gq, int tq) {
+#if defined(SSM_EMULATION) && !defined(SSDB_EMULATE_MMA)
+  for (int m = 0; m < 2; ++m)
+    for (int n = 0; n < WN; ++n)
+      for (int q = 0; q < 4; ++q) {
+        const int r = wr + 16 * m + gq + (q >= 2 ? 8 : 0), col = wc + 8 * n + 2 * tq + (q & 1);
+        float sum = 0.f;
+        for (int k = 0; k < G4_KS; ++k) sum += load_f(&As[r][k]) * load_f(&Bs[col][k]);
+        acc[m][n][q] += sum;
+      }
+#else
+#pragma unroll
+  for (int k0 = 0; k0 < G4_KS; k0 += 16) {
+    uint32_t af[2][4], bfr[WN][2];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+      const int r = wr + 16 * m + gq;
+      af[m][0] = *reinterpret_cast<const uint32_t*>(&As[r][k0 + 2 * tq]);
+      af[m][1] = *reinterpret_cast<const uint32_t*>(&As[r + 8][k0 + 2 * tq]);
+      af[m][2] = *reinterpret_cast<const uint32_t*>(&As[r][k0 + 8 + 2 * tq]);
+      af[m][3] = *reinterpret_cast<const uint32_t*>(&As[r + 8][k0 + 8 + 2 * tq]);
+    }
+#pragma unroll
+    for (int n = 0; n < WN; ++n) {
+      const int col = wc + 8 * n + gq;
+      bfr[n][0] = *reinterpret_cast<const uint32_t*>(&Bs[col][k0 + 2 * tq]);
+      bfr[n][1] = *reinterpret_cast<const uint32_t*>(&Bs[col][k0 + 8 + 2 * tq]);
+    }
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int n = 0; n < WN; ++n) G4Mma<T>::mma(acc[m][n], af[m], bfr[n]);
+  }
+#endif
+}
+
+// fcC[b, h, t] = [seg_t == seg_prev] e^(cs_t), fcB[b, h, t] = [seg_t == seg_end] e^(cs_end - cs_t) d_t.
+extern "C" __global__ void ssdb_fac4(const float* __restrict__ d, const float* __restrict__ cs,
+                                     const int* __restrict__ seg, float* __restrict__ fcC, float* __restrict__ fcB,
+                                     int batch, i64 L, int H, int Q) {
+  const i64 i = gtid();
+  if (i >= (i64)batch * H * L) return;
+  const i64 t = i % L, bh = i / L, b = bh / H;
+  const i64 t0 = (t / Q) * Q, t1 = t0 + Q < L ? t0 + Q : L;
+  const int sg = seg[b * L + t], seg_end = seg[b * L + t1 - 1], seg_prev = t0 > 0 ? seg[b * L + t0 - 1] : 0;
+  const float c = cs[i];
+  fcC[i] = sg == seg_prev ? __expf(c) : 0.f;
+  fcB[i] = sg == seg_end ? __expf(cs[bh * L + t1 - 1] - c) * d[i] : 0.f;
+}
+
+// KIND 0: F, rowp, colp (see above); grid (nc * G * ntri, 1, B) with ntri = nt (nt + 1) / 2, nt = ceil(Q / 64).
+// KIND 1 / 2: dC / dB per group into out (B, L, G, N) fp32; grid (nc * G * nt * ceil(N / 64), 1, B).
+// rowp, colp: (B, nc, H, nt, Q) fp32, only the (j <= i) parts written.
+template <typename T, int KIND>
+__global__ void __launch_bounds__(256, KIND == 0 ? 2 : 3) ssdb_g4(
+    const T* __restrict__ x, const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ dy,
+    const float* __restrict__ d, const float* __restrict__ cs, const int* __restrict__ seg,
+    const float* __restrict__ cb, float* __restrict__ F, const float* __restrict__ h0, const float* __restrict__ dh,
+    const float* __restrict__ fcC, const float* __restrict__ fcB, float* __restrict__ out, float* __restrict__ rowp,
+    float* __restrict__ colp, int batch, i64 L, int H, int G, int P, int N, int Q, int nc) {
+  SSDB_ALIGN16 __shared__ T As[G4_TILE][G4_LD];
+  SSDB_ALIGN16 __shared__ T Bs[G4_TILE][G4_LD];
+  const int nt = (Q + G4_TILE - 1) / G4_TILE, hpg = H / G;
+  int c, g, ti, tj;
+  {
+    int r = (int)blockIdx.x;
+    if (KIND == 0) {
+      const int ntri = nt * (nt + 1) / 2;
+      int tri = r % ntri;
+      r /= ntri;
+      ti = 0;
+      while (tri > ti) {
+        tri -= ti + 1;
+        ++ti;
+      }
+      tj = tri;
+    } else {
+      const int ntn = (N + G4_TILE - 1) / G4_TILE;
+      tj = r % ntn;
+      r /= ntn;
+      ti = r % nt;
+      r /= nt;
+    }
+    g = r % G;
+    c = r / G;
+  }
+  const i64 b = blockIdx.z;
+  const i64 t0 = (i64)c * Q;
+  const int len = (int)(t0 + Q < L ? Q : L - t0);
+  const int i0 = ti * G4_TILE, j0 = tj * G4_TILE;
+  if (i0 >= len) return;  // rows past the chunk: nothing reads them
+  const i64 srow = b * L + t0;
+  const int HP = H * P, GN = G * N, KH = hpg * P;
+  const i64 mqg = (((b * nc + c) * (i64)G + g) * Q) * (i64)Q;  // the group's Q x Q block (CB, F)
+  const i64 st_g = ((b * nc + c) * H + (i64)g * hpg) * (i64)P * N;  // the group's first head's (P, N) state
+  // 256 threads, 8 warps of 32 x 16 (2 x 4) over the 64 x 64 tile (registers: KIND 0 at 2 blocks per SM,
+  // KIND 1 / 2 at 3).
+  constexpr int NTH = 256, PER = G4_TILE * G4_KS / NTH, WN = 2;
+  constexpr int RSTEP = NTH / 32, KSTEP = NTH / 64;  // k-fast: row step per element; row-fast: k step
+  const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const int wr = 32 * (w & 1), wc = 8 * WN * (w >> 1);
+
+  // Steps: KIND 0: (head, P slice); KIND 1 / 2: phase 1 position slices, then phase 2 (head, p) slices.
+  const int nsl = (P + G4_KS - 1) / G4_KS;
+  int ks1 = 0, ke1 = 0;
+  if (KIND == 1) ke1 = i0 + G4_TILE < len ? i0 + G4_TILE : len;  // s <= t
+  if (KIND == 2) { ks1 = i0; ke1 = len; }                          // t >= s
+  // KIND 1 / 2 split over the group's heads (grid y, for parallelism at small batch): split y takes heads
+  // [y * hps, (y + 1) * hps) of phase 2 and writes its partial to out + y * B * L * G * N; split 0 also phase 1.
+  const int hps = (hpg + (int)gridDim.y - 1) / (int)gridDim.y;
+  const int y_lo = (int)blockIdx.y * hps, y_hi = y_lo + hps;
+  const int kh_lo = (y_lo < hpg ? y_lo : hpg) * P, kh_hi = (y_hi < hpg ? y_hi : hpg) * P;
+  const int n1 = (KIND == 0 || blockIdx.y > 0) ? 0 : (ke1 - ks1 + G4_KS - 1) / G4_KS;
+  const int nsteps = KIND == 0 ? hpg * nsl : n1 + (kh_hi - kh_lo + G4_KS - 1) / G4_KS;
+
+  // Per step, the raw operand values of this thread (16 of A, 16 of B, and for phase 2 the row scale).
+  float ra[PER], rb[PER], rf[PER];
+  // Element u of this thread: k-fast (row = tid / 32 + 4u, k = tid % 32) or row-fast (row = tid % 64,
+  // k = tid / 64 + 2u); the mapping follows the operand's contiguous global axis.
+  auto load = [&](int step) {
+    if (KIND == 0) {
+      const int hh = step / nsl, k0 = (step % nsl) * G4_KS;
+      const int h = g * hpg + hh, kk = k0 + lane;
+      const int r0 = tid >> 5;
+      const float* dyb = dy + (srow + i0) * HP + (i64)h * P;
+      const T* xb = x + (srow + j0) * HP + (i64)h * P;
+#pragma unroll
+      for (int u = 0; u < PER; ++u) {
+        const int r = r0 + RSTEP * u;
+        const bool ka = kk < P;
+        ra[u] = (ka && i0 + r < len) ? dyb[r * HP + kk] : 0.f;
+        rb[u] = (ka && j0 + r < len) ? load_f(xb + r * HP + kk) : 0.f;
+      }
+    } else if (step < n1) {
+      const int k0 = ks1 + step * G4_KS;
+      const float* Fb = F + mqg;
+      if (KIND == 1) {  // A(t, s) = F[t][s], k-fast
+        const int kk = k0 + lane, r0 = tid >> 5;
+#pragma unroll
+        for (int u = 0; u < PER; ++u) {
+          const int r = r0 + RSTEP * u;
+          ra[u] = (kk < ke1 && i0 + r < len) ? Fb[(i0 + r) * Q + kk] : 0.f;
+        }
+      } else {  // A(s, t) = F[t][s], row-fast
+        const int r = tid & 63, kb = k0 + (tid >> 6);
+#pragma unroll
+        for (int u = 0; u < PER; ++u) {
+          const int kk = kb + KSTEP * u;
+          ra[u] = (kk < ke1 && i0 + r < len) ? Fb[kk * Q + i0 + r] : 0.f;
+        }
+      }
+      // B(k = position, n) = B / C row, row-fast over n
+      const T* src = (KIND == 1 ? Bm : Cm) + srow * GN + (i64)g * N + j0;
+      const int n = tid & 63, kb = k0 + (tid >> 6);
+#pragma unroll
+      for (int u = 0; u < PER; ++u) {
+        const int kk = kb + KSTEP * u;
+        rb[u] = (kk < ke1 && j0 + n < N) ? load_f(src + kk * GN + n) : 0.f;
+      }
+    } else {
+      const int k0 = kh_lo + (step - n1) * G4_KS;
+      {  // A(row, (h, p)) = dy (dC) or x (dB) times the row scale, k-fast
+        const int kk = k0 + lane, r0 = tid >> 5;
+        const int hh = kk < kh_hi ? kk / P : 0;
+        const float* fac = (KIND == 1 ? fcC : fcB) + (b * H + (i64)g * hpg + hh) * L + t0 + i0;
+        const i64 ob = (srow + i0) * HP + (i64)g * KH;
+        const float* dyb = dy + ob;
+        const T* xb = x + ob;
+#pragma unroll
+        for (int u = 0; u < PER; ++u) {
+          const int r = r0 + RSTEP * u;
+          const bool in = kk < kh_hi && i0 + r < len;
+          ra[u] = in ? (KIND == 1 ? dyb[r * HP + kk] : load_f(xb + r * HP + kk)) : 0.f;
+          rf[u] = in ? fac[r] : 0.f;
+        }
+      }
+      // B((h, p), n) = h0 (dC) or dh (dB) of the group's heads: a (KH, N) matrix, row-fast over n
+      const float* src = (KIND == 1 ? h0 : dh) + st_g + j0;
+      const int n = tid & 63, kb = k0 + (tid >> 6);
+#pragma unroll
+      for (int u = 0; u < PER; ++u) {
+        const int kk = kb + KSTEP * u;
+        rb[u] = (kk < kh_hi && j0 + n < N) ? src[kk * N + n] : 0.f;
+      }
+    }
+  };
+  auto store = [&](int step) {
+    const bool p2 = KIND != 0 && step >= n1;
+    const bool a_rowfast = KIND == 2 && !p2;
+    const bool b_rowfast = KIND != 0;
+#pragma unroll
+    for (int u = 0; u < PER; ++u) {
+      const int r = a_rowfast ? (tid & 63) : (tid >> 5) + RSTEP * u, k = a_rowfast ? (tid >> 6) + KSTEP * u : lane;
+      T v;
+      store_f(&v, p2 ? ra[u] * rf[u] : ra[u]);
+      As[r][k] = v;
+    }
+#pragma unroll
+    for (int u = 0; u < PER; ++u) {
+      const int r = b_rowfast ? (tid & 63) : (tid >> 5) + RSTEP * u, k = b_rowfast ? (tid >> 6) + KSTEP * u : lane;
+      T v;
+      store_f(&v, rb[u]);
+      Bs[r][k] = v;
+    }
+  };
+
+  float acc[2][WN][4];
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int n = 0; n < WN; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
+  auto products = [&]() { g4_products<T, WN>(acc, As, Bs, wr, wc, gq, tq); };
+
+  if (KIND == 0) {
+    // Head-independent parts of the epilogue: CB and the mask (s <= t < len, same sequence) per element.
+    __shared__ float s_rcs[G4_TILE], s_ccs[G4_TILE], s_cd[G4_TILE];
+    __shared__ float red_row[G4_TILE][17], red_col[G4_TILE][17];
+    __shared__ float s_cb[G4_TILE][G4_TILE + 1];  // the masked CB tile
+    float Facc[2][WN][4];
+    uint32_t msk = 0;
+    const i64 bch0 = (b * nc + c) * (i64)H + (i64)g * hpg;  // (b, c, first head of the group)
+    // Per-head chunk scalars, loaded with the head's first slice.
+    float nrcs = 0.f, nd = 0.f;
+    auto load_sc = [&](int hh) {
+      const i64 hrow = (b * H + (i64)g * hpg + hh) * L + t0;
+      const int l = tid & 63;
+      if (tid < 64) nrcs = i0 + l < len ? cs[hrow + i0 + l] : 0.f;
+      else if (tid < 128) nrcs = j0 + l < len ? cs[hrow + j0 + l] : 0.f;
+      nd = (tid >= 64 && tid < 128 && j0 + l < len) ? d[hrow + j0 + l] : 0.f;
+    };
+    auto store_sc = [&]() {
+      const int l = tid & 63;
+      if (tid < 64) s_rcs[l] = nrcs;
+      else if (tid < 128) {
+        s_ccs[l] = nrcs;
+        s_cd[l] = nd;
+      }
+    };
+    auto epilogue = [&](int hh) {
+      float rs[2][2] = {{0.f, 0.f}, {0.f, 0.f}}, cl[WN][2];
+#pragma unroll
+      for (int n = 0; n < WN; ++n) cl[n][0] = cl[n][1] = 0.f;
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int n = 0; n < WN; ++n)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int r = wr + 16 * m + gq + (q >= 2 ? 8 : 0), cc = wc + 8 * n + 2 * tq + (q & 1);
+            float e = 0.f;
+            if (msk & (1u << (16 * m + 4 * n + q))) e = acc[m][n][q] * __expf(s_rcs[r] - s_ccs[cc]);
+            const float ed = e * s_cd[cc], cbe = s_cb[r][cc] * e;
+            Facc[m][n][q] += ed;
+            rs[m][q >> 1] += cbe * s_cd[cc];
+            cl[n][q & 1] += cbe;
+            acc[m][n][q] = 0.f;
+          }
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) red_row[wr + 16 * m + gq + 8 * hf][(w >> 1) * 4 + tq] = rs[m][hf];  // 16 per row
+#pragma unroll
+      for (int n = 0; n < WN; ++n)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) red_col[wc + 8 * n + 2 * tq + j][(w & 1) * 8 + gq] = cl[n][j];
+      __syncthreads();
+      const i64 bch = bch0 + hh;
+      const int l = tid & 63;
+      if (tid < 64) {
+        float v = 0.f;
+#pragma unroll
+        for (int k = 0; k < 4 * (NTH / 64); ++k) v += red_row[l][k];
+        if (i0 + l < Q) rowp[(bch * nt + tj) * Q + i0 + l] = v;
+      } else if (tid < 128) {
+        float v = 0.f;
+#pragma unroll
+        for (int k = 0; k < 16; ++k) v += red_col[l][k];
+        if (j0 + l < Q) colp[(bch * nt + ti) * Q + j0 + l] = v;
+      }
+    };
+    load(0);  // the first slice and the first head's scalars in flight while CB and the mask are staged
+    load_sc(0);
+    for (int e = tid; e < G4_TILE * G4_TILE; e += NTH) {
+      const int r = e / G4_TILE, cc = e % G4_TILE, t = i0 + r, s = j0 + cc;
+      s_cb[r][cc] = (s <= t && t < len) ? cb[mqg + (i64)t * Q + s] : 0.f;
+    }
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int n = 0; n < WN; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int t = i0 + wr + 16 * m + gq + (q >= 2 ? 8 : 0), s = j0 + wc + 8 * n + 2 * tq + (q & 1);
+          const bool on = s <= t && t < len && seg[srow + s] == seg[srow + t];
+          Facc[m][n][q] = 0.f;
+          if (on) msk |= 1u << (16 * m + 4 * n + q);
+        }
+    for (int step = 0; step < nsteps; ++step) {
+      const int hh = step / nsl;
+      __syncthreads();
+      store(step);
+      if (step % nsl == 0) store_sc();
+      __syncthreads();
+      if (step + 1 < nsteps) {
+        load(step + 1);
+        if ((step + 1) % nsl == 0) load_sc((step + 1) / nsl);
+      }
+      products();
+      if (step % nsl == nsl - 1) epilogue(hh);
+    }
+    // F tile (lower tiles only; zeros above the diagonal and past the chunk end).
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int n = 0; n < WN; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int t = i0 + wr + 16 * m + gq + (q >= 2 ? 8 : 0), s = j0 + wc + 8 * n + 2 * tq + (q & 1);
+          if (t < Q && s < Q) F[mqg + (i64)t * Q + s] = Facc[m][n][q];
+        }
+  } else {
+    load(0);
+    for (int step = 0; step < nsteps; ++step) {
+      __syncthreads();
+      store(step);
+      __syncthreads();
+      if (step + 1 < nsteps) load(step + 1);
+      products();
+    }
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int n = 0; n < WN; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int r = i0 + wr + 16 * m + gq + (q >= 2 ? 8 : 0), col = j0 + wc + 8 * n + 2 * tq + (q & 1);
+          if (r < len && col < N)
+            out[blockIdx.y * ((i64)batch * L * GN) + ((srow + r) * G + g) * (i64)N + col] = acc[m][n][q];
+        }
+  }
+}
+
+// ssdb_dcs3 (same outputs) with the row sums of CB o E d and the column sums of CB o E taken from ssdb_g4<T, 0>'s
+// per-tile partials (rowp, colp: (B, nc, H, nt, Q)) instead of walking the Q x Q matrices.
+template <typename T>
+__global__ void __launch_bounds__(256) ssdb_dcs4(const T* __restrict__ x, const float* __restrict__ dy,
+                                                 const float* __restrict__ d, const float* __restrict__ cs,
+                                                 const int* __restrict__ seg, const float* __restrict__ rowp,
+                                                 const float* __restrict__ colp, const float* __restrict__ hC,
+                                                 const float* __restrict__ dhB, const float* __restrict__ termp,
+                                                 const float* __restrict__ statep, int ntp, float* __restrict__ dcs,
+                                                 float* __restrict__ ddir, float* __restrict__ est, int batch, i64 L,
+                                                 int H, int P, int Q, int nc) {
+  __shared__ float s_term[SSDB_DCS_MAXQ], s_state[SSDB_DCS_MAXQ];
+  const i64 blk = blockIdx.x;  // (b, c, h)
+  const int h = (int)(blk % H), c = (int)((blk / H) % nc);
+  const i64 b = blk / ((i64)H * nc);
+  const i64 t0 = (i64)c * Q;
+  const int len = (int)(t0 + Q < L ? Q : L - t0), nt = (Q + G4_TILE - 1) / G4_TILE;
+  const i64 hrow = (b * H + h) * L + t0, srow = b * L + t0;
+  const int seg_end = seg[srow + len - 1], seg_prev = t0 > 0 ? seg[srow - 1] : 0;
+  const float cs_end = cs[hrow + len - 1];
+  const float* rp = rowp + ((b * nc + c) * H + h) * (i64)nt * Q;
+  const float* cp = colp + ((b * nc + c) * H + h) * (i64)nt * Q;
+  const int lane = threadIdx.x % SSM_WARP_SIZE, warp = threadIdx.x / SSM_WARP_SIZE;
+  const int nwarps = blockDim.x / SSM_WARP_SIZE;
+  // The p sums <dy_t, hC_t>, <x_t, dhB_t>: from ssdb_h4<T, 6 / 7>'s per-tile partials when given, else here.
+  const i64 tpo = ((b * nc + c) * H + h) * (i64)ntp * Q;
+  if (termp != nullptr) {
+    for (int t = threadIdx.x; t < len; t += blockDim.x) {
+      const int sg = seg[srow + t];
+      float term = 0.f, state = 0.f;
+      for (int k = 0; k < ntp; ++k) {
+        term += termp[tpo + (i64)k * Q + t];
+        state += statep[tpo + (i64)k * Q + t];
+      }
+      const float cs_t = cs[hrow + t];
+      s_term[t] = sg == seg_prev ? term * expf(cs_t) : 0.f;
+      s_state[t] = sg == seg_end ? state * expf(cs_end - cs_t) : 0.f;
+    }
+  }
+  for (int t = warp; t < (termp != nullptr ? 0 : len); t += nwarps) {
+    const int sg = seg[srow + t];
+    float term = 0.f, state = 0.f;
+    const i64 xo = ((srow + t) * H + h) * P;
+    if (sg == seg_prev)
+      for (int p = lane; p < P; p += SSM_WARP_SIZE) term += dy[xo + p] * hC[xo + p];
+    if (sg == seg_end)
+      for (int p = lane; p < P; p += SSM_WARP_SIZE) state += load_f(x + xo + p) * dhB[xo + p];
+    term = warp_sum(term);
+    state = warp_sum(state);
+    if (lane == 0) {
+      const float cs_t = cs[hrow + t];
+      s_term[t] = sg == seg_prev ? term * expf(cs_t) : 0.f;
+      s_state[t] = sg == seg_end ? state * expf(cs_end - cs_t) : 0.f;
+    }
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < len; t += blockDim.x) {
+    const int it = t / G4_TILE, ilast = (len - 1) / G4_TILE;
+    float row = 0.f, col = 0.f;
+    for (int j = 0; j <= it; ++j) row += rp[(i64)j * Q + t];
+    for (int i = it; i <= ilast; ++i) col += cp[(i64)i * Q + t];
+    const float d_t = d[hrow + t], state = s_state[t];
+    const float e = d_t * state;
+    const i64 o = hrow + t;
+    dcs[o] = row - d_t * col + s_term[t] - e;
+    ddir[o] = col + state;
+    est[o] = e;
+  }
+}
+
+// Per-head products on the ssdb_g4 core (v4); grid (nc * H * tiles_i * tiles_j, 1, B), 128 threads:
+//   KIND 3  dx[s, p]   (Q x P)  phase 1: sum_{t >= s} M[t,s] dy_t (M = CB e^(cs_t-cs_s), masked),
+//                               phase 2: (B_s v_s e^(cs_end-cs_s)) . dh[p, :]; d_s acc + D dy stored as T into
+//                               out (the caller's dx dtype: out points to a T array)
+//   KIND 4  S[p, n]    (P x N)  sum_s x_s[p] d_s e^(cs_end-cs_s) v_s B_s[n]       (chunk states, ssdb_mm KIND 2)
+//   KIND 5  Gl[p, n]   (P x N)  sum_t dy_t[p] e^(cs_t) w_t C_t[n]                 (ssdb_mm KIND 3)
+//   KIND 6  termp[t]   sum over the p tile of (C_t . h0[p, :]) dy_t[p]  ((B, nc, H, tiles_p, Q); for ssdb_dcs4)
+//   KIND 7  statep[t]  sum over the p tile of (B_t . dh[p, :]) x_t[p]
+// Every operand element is base[row * si + k * sk] with one of si, sk = 1: the staging walks the unit-stride
+// axis with consecutive threads; per-position factors are precomputed once per block in shared memory.
+#ifndef SSDB_H4_MINB
+#define SSDB_H4_MINB 3
+#endif
+template <typename T, int KIND>
+__global__ void __launch_bounds__(256, (KIND == 6 || KIND == 7) ? 2 : SSDB_H4_MINB) ssdb_h4(
+    const T* __restrict__ x, const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ dy,
+    const float* __restrict__ Dp, const float* __restrict__ d, const float* __restrict__ cs,
+    const int* __restrict__ seg, const float* __restrict__ cb, const float* __restrict__ h0,
+    const float* __restrict__ dh, float* __restrict__ out, float* __restrict__ aux, int batch, i64 L, int H, int G,
+    int P, int N, int Q, int nc) {
+  SSDB_ALIGN16 __shared__ T As[G4_TILE][G4_LD];
+  SSDB_ALIGN16 __shared__ T Bs[G4_TILE][G4_LD];
+  __shared__ float s_cs[MM3_MAXQ], s_fac[MM3_MAXQ];
+  __shared__ int s_seg[MM3_MAXQ];
+  constexpr bool QROWS = KIND == 3 || KIND == 6 || KIND == 7;  // output rows are positions
+  const int I = QROWS ? Q : P, J = (KIND == 4 || KIND == 5) ? N : P;
+  const int nti = (I + G4_TILE - 1) / G4_TILE, ntj = (J + G4_TILE - 1) / G4_TILE;
+  int rb_ = (int)blockIdx.x;
+  const int tj = rb_ % ntj;
+  rb_ /= ntj;
+  const int ti = rb_ % nti;
+  rb_ /= nti;
+  const int h = rb_ % H, c = rb_ / H, g = h / (H / G);
+  const i64 b = blockIdx.z;
+  const i64 t0 = (i64)c * Q;
+  const int len = (int)(t0 + Q < L ? Q : L - t0);
+  const int i0 = ti * G4_TILE, j0 = tj * G4_TILE;
+  if (QROWS && i0 >= len) {  // rows past the chunk's end: nothing to compute (dD partials are 0)
+    if (KIND == 3 && aux != nullptr && threadIdx.x < G4_TILE && j0 + (int)threadIdx.x < P)
+      aux[(((b * nc + c) * H + h) * (i64)nti + ti) * P + j0 + threadIdx.x] = 0.f;
+    return;
+  }
+  const i64 srow = b * L + t0, hrow = (b * H + h) * L + t0;
+  const int HP = H * P, GN = G * N;
+  const i64 st = ((b * nc + c) * H + h) * (i64)P * N;
+  const i64 mqg = (((b * nc + c) * (i64)G + g) * Q) * (i64)Q;
+  // 256 threads: 8 warps of 32 x 16 (2 x 4) over the 64 x 64 tile.
+  constexpr int NTH = 256, PER = G4_TILE * G4_KS / NTH, WN = 2, RSTEP = NTH / 32, KSTEP = NTH / 64;
+  const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const int wr = 32 * (w & 1), wc = 8 * WN * (w >> 1);
+
+
+  int ks1 = 0, ke1 = len, n2 = 0;
+  if (KIND == 3) {
+    ks1 = i0;
+    n2 = (N + G4_KS - 1) / G4_KS;
+  }
+  if (KIND == 6 || KIND == 7) ke1 = N;
+  const int n1 = (ke1 - ks1 + G4_KS - 1) / G4_KS, nsteps = n1 + n2;
+
+  float ra[PER], rbv[PER];
+  // dst[u] = base[r * si + k * sk] for this thread's elements u of the slice at k0 (rows r < rlim, k < klim);
+  // RF: row-fast mapping (si == 1), else k-fast (sk == 1).
+  auto ldop = [&](auto RF, auto base, int si, int sk, int rlim, int klim, int k0, float(&dst)[PER]) {
+    constexpr bool rf = decltype(RF)::value;
+    if (rf) {
+      const int r = tid & 63, kb = k0 + (tid >> 6);
+#pragma unroll
+      for (int u = 0; u < PER; ++u) {
+        const int kk = kb + KSTEP * u;
+        dst[u] = (r < rlim && kk < klim) ? load_f(base + r + kk * sk) : 0.f;
+      }
+    } else {
+      const int kk = k0 + lane, r0 = tid >> 5;
+#pragma unroll
+      for (int u = 0; u < PER; ++u) {
+        const int r = r0 + RSTEP * u;
+        dst[u] = (r < rlim && kk < klim) ? load_f(base + r * si + kk) : 0.f;
+      }
+    }
+  };
+  using RowF = ssdb_int<1>;
+  using KF = ssdb_int<0>;
+  auto load = [&](int step) {
+    if (step < n1) {
+      const int k0 = ks1 + step * G4_KS;
+      if (KIND == 3) {
+        ldop(RowF{}, cb + mqg + i0, 1, Q, len - i0, len, k0, ra);                         // CB[t][s]
+        ldop(RowF{}, dy + srow * HP + (i64)h * P + j0, 1, HP, P - j0, len, k0, rbv);      // dy[t][p]
+      } else if (KIND == 4 || KIND == 5) {
+        if (KIND == 4) ldop(RowF{}, x + srow * HP + (i64)h * P + i0, 1, HP, P - i0, len, k0, ra);
+        else ldop(RowF{}, dy + srow * HP + (i64)h * P + i0, 1, HP, P - i0, len, k0, ra);
+        ldop(RowF{}, (KIND == 4 ? Bm : Cm) + srow * GN + (i64)g * N + j0, 1, GN, N - j0, len, k0, rbv);
+      } else {
+        ldop(KF{}, (KIND == 6 ? Cm : Bm) + (srow + i0) * GN + (i64)g * N, GN, 1, len - i0, N, k0, ra);
+        ldop(KF{}, (KIND == 6 ? h0 : dh) + st + (i64)j0 * N, N, 1, P - j0, N, k0, rbv);
+      }
+    } else {  // KIND 3 phase 2: B_s (scaled at the store) and dh[p][n]
+      const int k0 = (step - n1) * G4_KS;
+      ldop(KF{}, Bm + (srow + i0) * GN + (i64)g * N, GN, 1, len - i0, N, k0, ra);
+      ldop(KF{}, dh + st + (i64)j0 * N, N, 1, P - j0, N, k0, rbv);
+    }
+  };
+  auto store = [&](int step) {
+    const bool p2 = step >= n1;
+    const int k0 = p2 ? (step - n1) * G4_KS : ks1 + step * G4_KS;
+    const bool arf = !p2 && KIND <= 5, brf = !p2 && KIND <= 5;
+#pragma unroll
+    for (int u = 0; u < PER; ++u) {
+      const int r = arf ? (tid & 63) : (tid >> 5) + RSTEP * u, k = arf ? (tid >> 6) + KSTEP * u : lane;
+      float v = ra[u];
+      const int kk = k0 + k;
+      if (KIND == 3 && !p2) {  // M[t = kk][s = i0 + r]
+        const int s = i0 + r;
+        v = (s <= kk && kk < len && s_seg[s] == s_seg[kk]) ? v * expf(s_cs[kk] - s_cs[s]) : 0.f;
+      } else if (KIND == 3) {
+        v *= s_fac[i0 + r < Q ? i0 + r : Q - 1];
+      } else if (KIND == 4 || KIND == 5) {
+        v *= s_fac[kk < Q ? kk : Q - 1];
+      }
+      T tv;
+      store_f(&tv, v);
+      As[r][k] = tv;
+    }
+#pragma unroll
+    for (int u = 0; u < PER; ++u) {
+      const int r = brf ? (tid & 63) : (tid >> 5) + RSTEP * u, k = brf ? (tid >> 6) + KSTEP * u : lane;
+      T tv;
+      store_f(&tv, rbv[u]);
+      Bs[r][k] = tv;
+    }
+  };
+
+  float acc[2][WN][4];
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int n = 0; n < WN; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
+  if (nsteps > 0) load(0);  // in flight while the chunk scalars are staged
+  for (int l = tid; l < Q; l += NTH) {
+    const bool in = l < len;
+    s_cs[l] = in ? cs[hrow + l] : 0.f;
+    s_seg[l] = in ? seg[srow + l] : -1;
+  }
+  __syncthreads();
+  const int seg_end = s_seg[len - 1], seg_prev = t0 > 0 ? seg[srow - 1] : 0;
+  const float cs_end = s_cs[len - 1];
+  if (KIND == 3 || KIND == 4 || KIND == 5) {
+    for (int l = tid; l < Q; l += NTH) {
+      float f = 0.f;
+      if (l < len) {
+        if (KIND == 3) f = s_seg[l] == seg_end ? expf(cs_end - s_cs[l]) : 0.f;
+        if (KIND == 4) f = s_seg[l] == seg_end ? d[hrow + l] * expf(cs_end - s_cs[l]) : 0.f;
+        if (KIND == 5) f = s_seg[l] == seg_prev ? expf(s_cs[l]) : 0.f;
+      }
+      s_fac[l] = f;
+    }
+  }  // ordered before use by the first step's __syncthreads
+  for (int step = 0; step < nsteps; ++step) {
+    __syncthreads();
+    store(step);
+    __syncthreads();
+    if (step + 1 < nsteps) load(step + 1);
+    g4_products<T, WN>(acc, As, Bs, wr, wc, gq, tq);
+  }
+
+  if (KIND == 6 || KIND == 7) {
+    __shared__ float red_row[G4_TILE][17];
+    float rs[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int t = i0 + wr + 16 * m + gq + 8 * hf;
+        if (t >= len) continue;
+        const i64 xo = (srow + t) * HP + (i64)h * P;
+#pragma unroll
+        for (int n = 0; n < WN; ++n)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int p = j0 + wc + 8 * n + 2 * tq + j;
+            if (p < P) rs[m][hf] += acc[m][n][2 * hf + j] * (KIND == 6 ? dy[xo + p] : load_f(x + xo + p));
+          }
+      }
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) red_row[wr + 16 * m + gq + 8 * hf][(w >> 1) * 4 + tq] = rs[m][hf];
+    __syncthreads();
+    if (tid < G4_TILE && i0 + tid < Q) {
+      float v = 0.f;
+#pragma unroll
+      for (int k = 0; k < 16; ++k) v += red_row[tid][k];
+      out[(((b * nc + c) * H + h) * (i64)ntj + tj) * Q + i0 + tid] = v;
+    }
+  } else if (KIND == 3) {
+    // dx, and (aux != null) the partial dD sums over this tile's rows: aux[((b, c, h), ti), p] = sum_s dy x.
+    __shared__ float red_col[G4_TILE][17];
+    float cl[WN][2];
+#pragma unroll
+    for (int n = 0; n < WN; ++n) cl[n][0] = cl[n][1] = 0.f;
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int n = 0; n < WN; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int i = i0 + wr + 16 * m + gq + (q >= 2 ? 8 : 0), j = j0 + wc + 8 * n + 2 * tq + (q & 1);
+          if (i >= len || j >= P) continue;
+          const i64 xo = (srow + i) * HP + (i64)h * P + j;
+          const float g_ = dy[xo];
+          store_f(reinterpret_cast<T*>(out) + xo, d[hrow + i] * acc[m][n][q] + Dp[h * P + j] * g_);
+          if (aux != nullptr) cl[n][q & 1] += g_ * load_f(x + xo);
+        }
+    if (aux != nullptr) {
+#pragma unroll
+      for (int n = 0; n < WN; ++n)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) red_col[wc + 8 * n + 2 * tq + j][(w & 1) * 8 + gq] = cl[n][j];
+      __syncthreads();
+      if (tid < G4_TILE && j0 + tid < P) {
+        float v = 0.f;
+#pragma unroll
+        for (int k = 0; k < 16; ++k) v += red_col[tid][k];
+        aux[(((b * nc + c) * H + h) * (i64)nti + ti) * P + j0 + tid] = v;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int n = 0; n < WN; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int i = i0 + wr + 16 * m + gq + (q >= 2 ? 8 : 0), j = j0 + wc + 8 * n + 2 * tq + (q & 1);
+          if (i < I && j < J) out[st + (i64)i * N + j] = acc[m][n][q];
+        }
   }
 }

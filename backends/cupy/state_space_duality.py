@@ -15,6 +15,11 @@ x, z, B and C run in x's dtype when B and C share it, else all in float32; dt in
 (x's or float32); A, D, dt_bias and initial_states as float32. seq_idx (or the sequences of
 cu_seqlens) enter as "sequence starts": any change of seq_idx resets the state, as in the
 reference recurrence, even when seq_idx is not sorted.
+
+Strided inputs: x, z, B and C may be views whose two innermost dimensions are C-contiguous (for example
+Mamba-2's in_proj / conv output split into z | x | B | C): the v4 kernels read them through their batch and
+position strides (multiples of 16 bytes, 16-byte aligned data), other paths copy them. dt may have any batch /
+position strides (heads contiguous) on every path.
 """
 
 from __future__ import annotations
@@ -44,14 +49,20 @@ INSTANTIATIONS = (
     + [f"ssd_chunk_states_v3<{t}>" for t in _TYPES[1:]]
     + [f"ssd_chunk_cb_v3<{t}>" for t in _TYPES[1:]]
     + [f"ssd_chunk_scan_v3<{t}>" for t in _TYPES[1:]]
+    + [f"ssd_chunk_cb_v4<{t}>" for t in _TYPES[1:]]
+    + [f"ssd_chunk_states_v4<{t}>" for t in _TYPES[1:]]
+    + [f"ssd_state_passing_v4<{t}>" for t in _TYPES[1:]]
+    + [f"ssd_chunk_scan_v4<{t}, {p}>" for t in _TYPES[1:] for p in ("float", t)]
 )
 
-# Kernel generation: "v3" (default; chunk_scan from C B^T computed once per chunk and group, batched and
+# Kernel generation: "v4" (default; ldmatrix fragments, no transposed staging, chunk_scan's decayed C B^T
+# operand built in registers, strided x / z / B / C rows read in place: 16-bit types with P, N multiples of 8
+# and 16-byte aligned rows, else v3's rules), "v3" (chunk_scan from C B^T computed once per chunk and group, batched and
 # prefetched loads; 16-bit types with 16-byte aligned rows, else v2's chunk_scan), "v2" (whole-N staging in
 # chunk_scan, float4 + prefetched state passing; H200 session 4: bitwise equal to v1, main shape 4068 us vs
 # v1's 5879) or "v1" (the first tensor-core kernels). All three give bitwise equal results. A module
 # attribute so that a benchmark can flip it in-process.
-fwd_path = os.environ.get("SSMCORE_SSD_FWD", "v3")
+fwd_path = os.environ.get("SSMCORE_SSD_FWD", "v4")
 
 _NO_LIMIT = (0.0, math.inf)
 
@@ -79,8 +90,34 @@ def _seq_ids(seq_idx, cu_seqlens, length):
     return None
 
 
+def _row_strides(a):
+    """(batch, position) element strides of a (B, L, ...) array whose trailing dimensions are C-contiguous."""
+    item = a.itemsize
+    return (a.strides[0] // item if a.shape[0] > 1 else 0), (a.strides[1] // item if a.shape[1] > 1 else 0)
+
+
+def _rows_view(a, vec16=False):
+    """a (B, L, ...) itself when its trailing dimensions are C-contiguous (and, with vec16, its batch and
+    position strides are multiples of 16 bytes and its data 16-byte aligned), else a C-contiguous copy.
+    The kernels that take row strides read it through (_row_strides(a))."""
+    if a is None:
+        return None
+    item, ok = a.itemsize, True
+    expect = item
+    for n, st in zip(reversed(a.shape[2:]), reversed(a.strides[2:])):
+        if n > 1 and st != expect:
+            ok = False
+        expect *= n
+    for n, st in zip(a.shape[:2], a.strides[:2]):
+        if n > 1 and (st <= 0 or st % item or (vec16 and st % 16)):
+            ok = False
+    if ok and vec16 and not _arrays.aligned16(a):
+        ok = False
+    return a if ok else cupy.ascontiguousarray(a)
+
+
 def _chunk_cumsum(dt, A, dt_bias, dt_softplus, dt_limit, seq, Q):
-    """dt (B, L, H) -> (dtp, dacs, seg).
+    """dt (B, L, H) -> (dtp, dacs, seg). dt may be a strided view (heads contiguous: _rows_view).
 
     dtp, dacs: (B, H, nc*Q) float32, dt' and the inclusive within-chunk cumulative sum of dt' * A
     (padding past L: dt' = 0, the sum constant). seg: (B, nc*Q) int32, the within-chunk index of
@@ -95,8 +132,10 @@ def _chunk_cumsum(dt, A, dt_bias, dt_softplus, dt_limit, seq, Q):
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     clamp = (lo, hi) != _NO_LIMIT
     kernel = _runtime.function(FAMILY, f"ssd_chunk_cumsum<{_arrays.kernel_type('dt', dt)}>")
+    sdb, sdl = _row_strides(dt)
     _runtime.launch(kernel, (nc, nheads, batch), (Q,),
-                    (dt, A, ptr(dt_bias), ptr(seq), np.int32(length), np.int32(nheads), np.int32(Q),
+                    (dt, np.int64(sdb), np.int64(sdl), A, ptr(dt_bias), ptr(seq), np.int32(length), np.int32(nheads),
+                     np.int32(Q),
                      np.int32(bool(dt_softplus)), np.int32(clamp), np.float32(lo if clamp else 0.0),
                      np.float32(hi if clamp else 0.0), dtp, dacs, ptr(seg)))
     return dtp, dacs, seg
@@ -123,17 +162,51 @@ def _vec(x, B, C=None) -> int:
     return int(x.shape[3] % 8 == 0 and B.shape[3] % 8 == 0 and _arrays.aligned16(x, B, C))
 
 
+def _v4_ok(*arrays) -> bool:
+    """The v4 kernels apply: 16-bit elements, last dimension a multiple of 8, 16-byte aligned rows
+    (views from _rows_view(.., vec16=True) or contiguous arrays). Not on ROCm: hipcc spills the v4 kernels
+    heavily (gfx90a: 0.8-1 KB per thread), so SSMCORE_SSD_FWD=v4 runs v3 there."""
+    if _runtime.is_hip():
+        return False
+    for a in arrays:
+        if a is None:
+            continue
+        if a.itemsize != 2 or a.shape[-1] % 8 or not _arrays.aligned16(a):
+            return False
+        if any(st % 16 for n, st in zip(a.shape[:2], a.strides[:2]) if n > 1):
+            return False
+        if a.strides[-1] != 2 or (a.shape[-2] > 1 and a.strides[-2] != 2 * a.shape[-1]):
+            return False
+    return True
+
+
+def _contiguous_rows(*arrays):
+    """C-contiguous versions (the v1-v3 kernels index rows as contiguous)."""
+    return tuple(None if a is None else cupy.ascontiguousarray(a) for a in arrays)
+
+
 def _chunk_states(x, B, dtp, dacs, seg, Q):
     """Each chunk's own contribution to its end state: (B, nc, H, P, N) float32.
 
-    x (B, L, H, P) and B (B, L, G, N) contiguous, same dtype; dtp/dacs/seg from _chunk_cumsum.
+    x (B, L, H, P) and B (B, L, G, N), same dtype, C-contiguous or (v4) strided views from _rows_view;
+    dtp/dacs/seg from _chunk_cumsum.
     """
     batch, length, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nc = cdiv(length, Q)
     states = cupy.empty((batch, nc, nheads, headdim, dstate), cupy.float32)
     blocks = cdiv(headdim, 64) * cdiv(dstate, 64) * nheads * nc
-    if fwd_path == "v3" and x.itemsize == 2 and _vec(x, B):
+    if fwd_path == "v4" and _v4_ok(x, B):
+        kernel = _runtime.function(FAMILY, f"ssd_chunk_states_v4<{_arrays.kernel_type('x', x)}>")
+        sxb, sxl = _row_strides(x)
+        sbb, sbl = _row_strides(B)
+        _runtime.launch(kernel, (blocks, batch), (128,),
+                        (x, np.int64(sxb), np.int64(sxl), B, np.int64(sbb), np.int64(sbl), dtp, dacs, ptr(seg),
+                         np.int32(length), np.int32(nheads), np.int32(ngroups), np.int32(headdim), np.int32(dstate),
+                         np.int32(Q), np.int32(nc), states))
+        return states
+    x, B = _contiguous_rows(x, B)
+    if fwd_path in ("v3", "v4") and x.itemsize == 2 and _vec(x, B):
         kernel = _runtime.function(FAMILY, f"ssd_chunk_states_v3<{_arrays.kernel_type('x', x)}>")
         _runtime.launch(kernel, (blocks, batch), (128,),
                         (x, B, dtp, dacs, ptr(seg), np.int32(length), np.int32(nheads), np.int32(ngroups),
@@ -167,8 +240,43 @@ def _state_passing(states, dacs, seg, initial_states, Q):
     return final
 
 
+def _state_passing_v4(states, dacs, seg, initial_states, Q, dtype):
+    """Like _state_passing, but the chunk-start states go to a new (B, nc, H, P, N) array in ``dtype``
+    (x's 16-bit type; chunk_scan rounds them to it anyway) and states is left as it is. Returns
+    (final float32, starts). Needs P * N % 4 == 0 and 16-byte aligned initial_states."""
+    batch, nc, nheads, headdim, dstate = states.shape
+    final = cupy.empty((batch, nheads, headdim, dstate), cupy.float32)
+    starts = cupy.empty(states.shape, dtype)
+    pn = headdim * dstate
+    kernel = _runtime.function(FAMILY, f"ssd_state_passing_v4<{_arrays.kernel_type('x', starts)}>")
+    _runtime.launch(kernel, (cdiv(pn, 1024), nheads, batch), (256,),
+                    (states, dacs, ptr(seg), ptr(initial_states), np.int32(nheads), np.int32(pn), np.int32(Q),
+                     np.int32(nc), starts, final))
+    return final, starts
+
+
+def _v4_starts_ok(x, z, B, C, states, initial_states) -> bool:
+    """The v4 pipeline with 16-bit chunk-start states applies (see _state_passing_v4, _chunk_scan)."""
+    return (fwd_path == "v4" and _v4_ok(x, z, B, C) and (states.shape[3] * states.shape[4]) % 4 == 0
+            and _arrays.aligned16(initial_states) and _scan_v4_smem(B.shape[3]) <= _max_shared())
+
+
+def _scan_v4_smem(dstate):
+    ldc = cdiv(dstate, 32) * 32 + 8
+    return 64 * (max(ldc, 72) + ldc) * 2
+
+
+def _passing_for_scan(states, dacs, seg, initial_states, Q, x, z, B, C, keep_f32=False):
+    """State passing feeding _chunk_scan: (final, prev). prev is x-typed chunk-start states (v4) unless
+    keep_f32 (the varlen states need the fp32 ones) or v4 does not apply: then states, turned in place."""
+    if not keep_f32 and _v4_starts_ok(x, z, B, C, states, initial_states):
+        return _state_passing_v4(states, dacs, seg, initial_states, Q, x.dtype)
+    return _state_passing(states, dacs, seg, initial_states, Q), states
+
+
 def _chunk_scan(x, z, B, C, dtp, dacs, seg, prev, D, Q):
-    """out (B, L, H, P) in x's dtype from the chunk-start states prev (B, nc, H, P, N) float32.
+    """out (B, L, H, P) in x's dtype from the chunk-start states prev (B, nc, H, P, N) float32, or in
+    x's dtype from _state_passing_v4 (then the v4 kernels must apply: see _passing_for_scan).
 
     D: (H, P) float32 contiguous or None; z like x or None.
     """
@@ -176,6 +284,11 @@ def _chunk_scan(x, z, B, C, dtp, dacs, seg, prev, D, Q):
     ngroups, dstate = B.shape[2], B.shape[3]
     nc = cdiv(length, Q)
     blocks = cdiv(headdim, 64) * (Q // 64) * nheads * nc
+    if prev.dtype != cupy.float32 or (fwd_path == "v4" and _v4_ok(x, z, B, C)):
+        smem = _scan_v4_smem(dstate)
+        if smem <= _max_shared():
+            return _chunk_scan_v4(x, z, B, C, dtp, dacs, seg, prev, D, Q, cdiv(dstate, 32) * 32 + 8, smem)
+    x, z, B, C = _contiguous_rows(x, z, B, C)
     # The block's C tile in dynamic shared memory: 64 rows of roundup(N, 32) + pad (conflict-free rows).
     ldc = cdiv(dstate, 32) * 32 + (8 if x.itemsize == 2 else 4)
     smem = 64 * ldc * x.itemsize
@@ -185,7 +298,7 @@ def _chunk_scan(x, z, B, C, dtp, dacs, seg, prev, D, Q):
         smem_v2 = 2 * 64 * (ldc + (72 if x.itemsize == 2 else 68)) * x.itemsize
         if smem_v2 <= _max_shared():
             name, smem = "ssd_chunk_scan_v2", smem_v2
-            if fwd_path == "v3" and x.itemsize == 2 and _vec(x, B, C):
+            if fwd_path in ("v3", "v4") and x.itemsize == 2 and _vec(x, B, C):
                 return _chunk_scan_v3(x, z, B, C, dtp, dacs, seg, prev, D, Q, ldc, smem)
     out = cupy.empty(x.shape, x.dtype)
     kernel = _runtime.function(FAMILY, f"{name}<{_arrays.kernel_type('x', x)}>")
@@ -218,10 +331,40 @@ def _chunk_scan_v3(x, z, B, C, dtp, dacs, seg, prev, D, Q, ldc, smem):
     return out
 
 
+def _chunk_scan_v4(x, z, B, C, dtp, dacs, seg, prev, D, Q, ldc, smem):
+    """_chunk_scan with the v4 kernels: ssd_chunk_cb_v4 (v3's lower-triangular fp32 C B^T tiles, strided
+    B / C) then ssd_chunk_scan_v4 (strided x / z / C, out contiguous)."""
+    batch, length, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    nc = cdiv(length, Q)
+    t4 = Q // 64
+    ntri = t4 * (t4 + 1) // 2
+    typ = _arrays.kernel_type("x", x)
+    sbb, sbl = _row_strides(B)
+    scb, scl = _row_strides(C)
+    cb = cupy.empty((batch, nc, ngroups, ntri, 64, 64), cupy.float32)
+    _runtime.launch(_runtime.function(FAMILY, f"ssd_chunk_cb_v4<{typ}>"), (nc * ngroups * ntri, batch), (128,),
+                    (B, np.int64(sbb), np.int64(sbl), C, np.int64(scb), np.int64(scl), np.int32(length),
+                     np.int32(ngroups), np.int32(dstate), np.int32(Q), np.int32(nc), np.int32(ldc), cb),
+                    shared_mem=2 * 64 * ldc * 2)
+    out = cupy.empty(x.shape, x.dtype)
+    sxb, sxl = _row_strides(x)
+    szb, szl = _row_strides(z) if z is not None else (0, 0)
+    blocks = cdiv(headdim, 64) * t4 * nheads * nc
+    ptyp = "float" if prev.dtype == cupy.float32 else typ
+    _runtime.launch(_runtime.function(FAMILY, f"ssd_chunk_scan_v4<{typ}, {ptyp}>"), (blocks, batch), (128,),
+                    (x, np.int64(sxb), np.int64(sxl), ptr(z), np.int64(szb), np.int64(szl), C, np.int64(scb),
+                     np.int64(scl), dtp, dacs, ptr(seg), prev, ptr(D), cb, np.int32(length), np.int32(nheads),
+                     np.int32(ngroups), np.int32(headdim), np.int32(dstate), np.int32(Q), np.int32(nc),
+                     np.int32(ldc), out), shared_mem=smem)
+    return out
+
+
 def _varlen_states(x, B, dtp, dacs, seg, prev, cu_seqlens, Q):
     """The state at the end of each sequence of cu_seqlens (batch 1): (S, H, P, N) float32."""
     _, length, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
+    x, B = _contiguous_rows(x, B)
     cu = np.asarray(cu_seqlens.get() if hasattr(cu_seqlens, "get") else cu_seqlens, dtype=np.int64)
     ends = cupy.asarray(cu[1:] - 1)
     nseq = ends.shape[0]
@@ -234,11 +377,16 @@ def _varlen_states(x, B, dtp, dacs, seg, prev, cu_seqlens, Q):
 
 
 def _prepare(x, dt, A, B, C, D, z, dt_bias, initial_states):
-    """Contiguous arrays in the kernels' types (see the module docstring)."""
+    """Arrays in the kernels' types (see the module docstring). x, z, B, C: strided views where the v4
+    kernels can read them in place (_rows_view), else C-contiguous; dt: heads contiguous, any row strides."""
     _arrays.check_kernel_dtypes(x=x, dt=dt, B=B, C=C, z=z)
     work = x.dtype if (B.dtype == x.dtype and C.dtype == x.dtype) else cupy.dtype(cupy.float32)
-    x, z, B, C = (_arrays.contiguous(a, work) for a in (x, z, B, C))
-    dt = _arrays.contiguous(dt, dt.dtype if dt.dtype in (x.dtype, cupy.float32) else cupy.float32)
+    if fwd_path == "v4" and work.itemsize == 2 and not _runtime.is_hip():
+        x, z, B, C = (None if a is None else _rows_view(a, vec16=True) for a in (x, z, B, C))
+    else:
+        x, z, B, C = (_arrays.contiguous(a, work) for a in (x, z, B, C))
+    dt_type = dt.dtype if dt.dtype in (x.dtype, cupy.float32) else cupy.dtype(cupy.float32)
+    dt = _rows_view(dt if dt.dtype == dt_type else dt.astype(dt_type))
     nheads, headdim = x.shape[2], x.shape[3]
     D_full = None
     if D is not None:
@@ -283,8 +431,8 @@ def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplu
         seq = _seq_ids(seq_idx, cu_seqlens, length)
         dtp, dacs, seg = _chunk_cumsum(dtk, Ak, biask, dt_softplus, dt_limit, seq, Q)
         states = _chunk_states(xk, Bk, dtp, dacs, seg, Q)
-        final = _state_passing(states, dacs, seg, initk, Q)
-        out = _chunk_scan(xk, zk, Bk, Ck, dtp, dacs, seg, states, Dk, Q)
+        final, prev = _passing_for_scan(states, dacs, seg, initk, Q, xk, zk, Bk, Ck, keep_f32=return_varlen_states)
+        out = _chunk_scan(xk, zk, Bk, Ck, dtp, dacs, seg, prev, Dk, Q)
         if out.dtype != out_dtype:
             out = out.astype(out_dtype)
         varlen = _varlen_states(xk, Bk, dtp, dacs, seg, states, cu_seqlens, Q) if return_varlen_states else None

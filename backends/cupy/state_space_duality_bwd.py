@@ -10,13 +10,16 @@ The chunk matrix products run on tensor cores (ssdb_mm: bf16/f16 operands for 16
 single writer and the sums over batch, chunks and the heads of a group are taken afterwards, so
 results are deterministic (no atomics).
 
-chunk_size: a speed/memory knob only (results do not depend on it beyond rounding). The
-backward keeps two float32 (Q x Q) matrices per chunk (C_t . B_s per group, dy_t . x_s per
-head), so the chunk is capped at 256 and at L. Scratch: about B*L*H*(Q + 4P + 2N) + 2*B*nc*H*P*N
-floats (2 GiB of DX plus ~2.7 GiB at B8 L4096 H64 P64 N128).
+chunk_size: a speed/memory knob only (results do not depend on it beyond rounding). The chunk is
+capped at 256 and at L. Scratch (float32): v1-v3 keep two (Q x Q) matrices per chunk (C_t . B_s per
+group, dy_t . x_s per head) and per-head dB / dC: about B*L*H*(Q + 4P + 2N) + 2*B*nc*H*P*N floats
+(~7 GB at B8 L4096 H64 P64 N128); v4 (16-bit inputs) keeps the Q x Q matrices per group only and no
+per-head (B, L, H, N) or hC / dhB buffers: about B*L*H*(P + 18) + 2*B*nc*H*P*N + 2*B*nc*G*Q*Q floats
+(~1.3 GB there, plus the outputs).
 
-Speed knob: the environment variable SSMCORE_SSD_BWD_IMPL (read at each call): v3 (default), v2 or v1
-(the previous kernels, kept for comparison; see IMPL_ENV below).
+Speed knob: the environment variable SSMCORE_SSD_BWD_IMPL (read at each call): v4 (default; for 16-bit
+x/B/C/dout on CUDA, otherwise it runs v3), v3, v2 or v1 (the previous kernels, kept for comparison;
+see IMPL_ENV below).
 """
 
 from __future__ import annotations
@@ -44,28 +47,39 @@ _MM3_THREADS = 256  # ssdb_mm3 blocks (MM3_THREADS of ssd_bwd.cu)
 # Speed knob, read at each call: SSMCORE_SSD_BWD_IMPL=v1 selects the previous kernels (operand tiles
 # filled along the tile axes whatever the global layout, ssdb_dcs with one thread per position,
 # ssdb_dt's serial <dh, h0> loop); v2 fills every operand tile along its contiguous global axis, and
-# uses ssdb_dcs2 (a block per chunk) and ssdb_fro (a block per chunk); v3 (default) is v2 with ssdb_mm3
+# uses ssdb_dcs2 (a block per chunk) and ssdb_fro (a block per chunk); v3 is v2 with ssdb_mm3
 # for the products (chunk scalars in shared memory, all loads of a K slice in flight, register
 # double-buffering, the output tiles of a chunk-head in consecutive blocks), ssdb_pass2 (float4, 8
 # chunks' loads in flight) for the state passing and ssdb_dcs3 (8 loads in flight per walk). Same math,
 # bitwise equal to v2.
+# v4 (16-bit x/B/C/dout on CUDA; otherwise v3): the decayed dy.x^T matrices stay on chip (ssdb_g4<T, 0> sums
+# them over the group's heads into F and reduces the per-head row / column sums for ssdb_dcs4), dB and dC are
+# computed once per group (ssdb_g4<T, 1/2>, the state terms as one GEMM over the group's heads), so the
+# (B, nc, H, Q, Q) DX buffer and the per-head (B, L, H, N) dB / dC buffers are gone.
 IMPL_ENV = "SSMCORE_SSD_BWD_IMPL"
-IMPLS = ("v1", "v2", "v3")
+IMPLS = ("v1", "v2", "v3", "v4")
+DEFAULT_IMPL = "v4"
+_G4_TILE = 64  # G4_TILE of ssd_bwd.cu
+_G4_THREADS = 256  # NTH of ssdb_g4 / ssdb_h4
+_G4_TARGET_BLOCKS = 800  # ssdb_g4<T, 1/2> blocks wanted (~2 waves of 3 blocks per SM on 132 SMs)
 
 
 def _impl():
-    v = os.environ.get(IMPL_ENV, "v3").strip().lower()
-    return v if v in IMPLS else "v3"
+    v = os.environ.get(IMPL_ENV, DEFAULT_IMPL).strip().lower()
+    return v if v in IMPLS else DEFAULT_IMPL
 
 
 _MM = {"cb": 0, "dxdot": 1, "states": 2, "gl": 3, "hc": 4, "dhb": 5, "dx": 6, "dz": 7, "dc": 8, "db": 9}
 
-INSTANTIATIONS = ["ssdb_cumsum", "ssdb_pass", "ssdb_pass2", "ssdb_dt", "ssdb_fro"] + [
+INSTANTIATIONS = ["ssdb_cumsum", "ssdb_cumsum4", "ssdb_pass", "ssdb_pass2", "ssdb_dt", "ssdb_dt4", "ssdb_fro"] + [
     f"{k}<{t}>" for k in ("ssdb_dy", "ssdb_cb", "ssdb_dx_dot", "ssdb_states", "ssdb_dx", "ssdb_dbc", "ssdb_dcs",
                           "ssdb_dcs2", "ssdb_dcs3")
     for t in _TYPES
 ] + [f"ssdb_mm<{t}, {k}>" for t in _TYPES for k in range(10)] + [
-    f"ssdb_mm3<{t}, {k}>" for t in _TYPES for k in range(10)]
+    f"ssdb_mm3<{t}, {k}>" for t in _TYPES for k in range(10)] + ["ssdb_fac4"] + [
+    f"ssdb_g4<{t}, {k}>" for t in _TYPES[1:] for k in range(3)] + [
+    f"ssdb_h4<{t}, {k}>" for t in _TYPES[1:] for k in range(3, 8)] + [f"ssdb_dcs4<{t}>" for t in _TYPES[1:]] + [
+    f"ssdb_dy8<{t}>" for t in _TYPES]
 
 
 def _launch(name, n, args):
@@ -125,7 +139,10 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     v2 = impl != "v1"  # v3 keeps v2's coalesced staging, ssdb_dcs2 and ssdb_fro
     # ssdb_mm3 addresses operand elements with 32-bit offsets from a chunk's first row: v2 beyond that, and on
     # ROCm (hipcc: ssdb_mm3 spills there, 230-390 VGPRs).
-    v3 = impl == "v3" and Q * max(H * P, G * N, Q) < 2**31 and not _runtime.is_hip()
+    v3 = impl in ("v3", "v4") and Q * max(H * P, G * N, Q) < 2**31 and not _runtime.is_hip()
+    # v4: 16-bit streams only (float32 keeps v3's 3xTF32 products); 32-bit offsets within a chunk-group.
+    v4 = (impl == "v4" and v3 and USE_TENSOR_CORES and T in ("half_t", "bf16_t")
+          and Q * H * P < 2**31 and batch * nc * H * cdiv(Q, _G4_TILE) * Q < 2**31)
 
     dtf = _f32(dt)
     Af = _f32(A)
@@ -151,33 +168,45 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     dtp = cupy.empty((batch, H, L), cupy.float32)
     slope = cupy.empty((batch, H, L), cupy.float32)
     cs = cupy.empty((batch, H, L), cupy.float32)
-    _launch("ssdb_cumsum", batch * H * nc,
-            (dtf, Af, biasf, i32(bool(dt_softplus)), i32(clamp), f32(lo if clamp else 0.0),
-             f32(hi if clamp else 0.0), dtp, slope, cs, i32(batch), i64(L), i32(H), i32(Q), i32(nc)))
+    cs_args = (dtf, Af, biasf, i32(bool(dt_softplus)), i32(clamp), f32(lo if clamp else 0.0),
+               f32(hi if clamp else 0.0), dtp, slope, cs, i32(batch), i64(L), i32(H), i32(Q), i32(nc))
+    if v4:  # a block per (b, c, h), the chunk cumsum as a block scan
+        if batch * nc * H >= 2**31:
+            raise ValueError(f"ssd_bwd: problem too large for one launch ({batch * nc * H} chunks)")
+        _launch_grid("ssdb_cumsum4", (batch * nc * H,), cs_args, threads=_MAX_CHUNK)
+    else:
+        _launch("ssdb_cumsum", batch * H * nc, cs_args)
 
     # dy = dout * silu(z).
     n_x = batch * L * H * P
     dy = cupy.empty((batch, L, H, P), cupy.float32)
-    _launch(f"ssdb_dy<{T}>", n_x, (douts, ptr(zs), dy, i64(n_x)))
+    if v4:
+        vec = n_x % 8 == 0 and _arrays.aligned16(douts, zs, dy)
+        _launch(f"ssdb_dy8<{T}>", cdiv(n_x, 8), (douts, ptr(zs), dy, i64(n_x), i32(vec)))
+    else:
+        _launch(f"ssdb_dy<{T}>", n_x, (douts, ptr(zs), dy, i64(n_x)))
 
     dims = (i32(batch), i64(L), i32(H), i32(G), i32(P), i32(N), i32(Q), i32(nc))
     cb = cupy.empty((batch, nc, G, Q, Q), cupy.float32)
-    dxd = cupy.empty((batch, nc, H, Q, Q), cupy.float32)
+    # v4: F (per group, the head sum of d_s E_h) in place of DX (per head).
+    dxd = cupy.empty((batch, nc, G if v4 else H, Q, Q), cupy.float32)
     h0 = cupy.empty((batch, nc, H, P, N), cupy.float32)
     dh = cupy.empty((batch, nc, H, P, N), cupy.float32)
     dinit = cupy.empty((batch, H, P, N), cupy.float32) if initial_states is not None else None
-    dx = cupy.empty((batch, L, H, P), cupy.float32)
+    dx = cupy.empty((batch, L, H, P), xs.dtype if v4 else cupy.float32)  # v4: written in x's dtype
     dz = cupy.empty((batch, L, H, P), cupy.float32) if z is not None else None
-    hC = cupy.empty((batch, L, H, P), cupy.float32)
-    dhB = cupy.empty((batch, L, H, P), cupy.float32)
-    dBh = cupy.empty((batch, L, H, N), cupy.float32)
-    dCh = cupy.empty((batch, L, H, N), cupy.float32)
+    # v4 without z: the p sums that hC / dhB feed are reduced in ssdb_h4<T, 6 / 7> (no (B, L, H, P) buffers).
+    lean = v4 and z is None
+    hC = None if lean else cupy.empty((batch, L, H, P), cupy.float32)
+    dhB = None if lean else cupy.empty((batch, L, H, P), cupy.float32)
+    dBh = cupy.empty((batch, L, G if v4 else H, N), cupy.float32)
+    dCh = cupy.empty((batch, L, G if v4 else H, N), cupy.float32)
     pass_args = (cs, seg, i32(batch), i64(L), i32(H), i32(P * N), i32(Q), i32(nc))
 
     if USE_TENSOR_CORES:
         def mm(kind, rows, cols, out, per=nc * H):
             _mm(kind, T, rows, cols, per, batch, (xs, Bs, Cs, ptr(douts), ptr(zs), dy, Df, dtp, cs, seg, cb, dxd, h0,
-                                                  dh, hC, out) + dims + (i32(v2),), v3=v3)
+                                                  dh, ptr(hC), out) + dims + (i32(v2),), v3=v3)
 
         def state_pass(reverse, buf, init, dinit_):
             # ssdb_pass2 needs float4 rows: PN % 4 == 0 and 16-byte aligned pointers (init may be a caller's view).
@@ -188,19 +217,78 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
             else:
                 _launch("ssdb_pass", batch * H * P * N, args)
 
+        def h4(kind, rows, cols, out, aux=None):
+            grid = (nc * H * cdiv(rows, _G4_TILE) * cdiv(cols, _G4_TILE), 1, batch)
+            if grid[2] > 65535:
+                raise ValueError(f"x: expected a batch of at most 65535 rows on the GPU, got {batch}")
+            if grid[0] >= 2**31:
+                raise ValueError(f"ssd_bwd: problem too large for one launch ({nc * H} chunk-heads)")
+            _launch_grid(f"ssdb_h4<{T}, {kind}>", grid, (xs, Bs, Cs, dy, Df, dtp, cs, seg, cb, h0, dh, out, ptr(aux))
+                         + dims, threads=_G4_THREADS)
+
         mm("cb", Q, Q, cb, per=nc * G)
-        mm("dxdot", Q, Q, dxd)
-        mm("states", P, N, h0)
+        if not v4:
+            mm("dxdot", Q, Q, dxd)
+        if v4:
+            h4(4, P, N, h0)
+        else:
+            mm("states", P, N, h0)
         state_pass(0, h0, initf, None)
-        mm("gl", P, N, dh)
+        if v4:
+            h4(5, P, N, dh)
+        else:
+            mm("gl", P, N, dh)
         state_pass(1, dh, dfinf, dinit)
-        mm("hc", Q, P, hC)
-        mm("dhb", Q, P, dhB)
-        mm("dx", Q, P, dx)
+        if lean:  # hC / dhB only feed ssdb_dcs4's p sums: reduced in ssdb_h4 instead
+            ntp = cdiv(P, _G4_TILE)
+            termp = cupy.empty((batch, nc, H, ntp, Q), cupy.float32)
+            statep = cupy.empty((batch, nc, H, ntp, Q), cupy.float32)
+            h4(6, Q, P, termp)
+            h4(7, Q, P, statep)
+        else:
+            mm("hc", Q, P, hC)
+            mm("dhb", Q, P, dhB)
+        if v4:  # dx, and the dD partial sums per (b, c, h, 64-row tile) when D is given
+            dDp = cupy.empty((batch, nc, H, cdiv(Q, _G4_TILE), P), cupy.float32) if D is not None else None
+            h4(3, Q, P, dx, dDp)
+        else:
+            mm("dx", Q, P, dx)
         if z is not None:
             mm("dz", Q, P, dz)
-        mm("dc", Q, N, dCh)
-        mm("db", Q, N, dBh)
+        if v4:
+            nt = cdiv(Q, _G4_TILE)
+            fcC = cupy.empty((batch, H, L), cupy.float32)
+            fcB = cupy.empty((batch, H, L), cupy.float32)
+            _launch("ssdb_fac4", batch * H * L, (dtp, cs, seg, fcC, fcB, i32(batch), i64(L), i32(H), i32(Q)))
+            rowp = cupy.empty((batch, nc, H, nt, Q), cupy.float32)
+            colp = cupy.empty((batch, nc, H, nt, Q), cupy.float32)
+            g4_args = (xs, Bs, Cs, dy, dtp, cs, seg, cb, dxd, h0, dh, fcC, fcB)
+            tail = (rowp, colp) + dims
+
+            def g4(kind, tiles, out, splits=1):
+                grid = (nc * G * tiles, splits, batch)
+                if grid[2] > 65535:
+                    raise ValueError(f"x: expected a batch of at most 65535 rows on the GPU, got {batch}")
+                if grid[0] >= 2**31:
+                    raise ValueError(f"ssd_bwd: problem too large for one launch ({nc * G} chunk-groups)")
+                _launch_grid(f"ssdb_g4<{T}, {kind}>", grid, g4_args + (out,) + tail, threads=_G4_THREADS)
+
+            g4(0, nt * (nt + 1) // 2, NULL)
+            # dC / dB: split the group's heads over grid y when the (chunk, group, tile) blocks are too few to fill
+            # the GPU (small batch x length); the partials are summed here.
+            tiles = nt * cdiv(N, _G4_TILE)
+            splits = max(1, min(H // G, cdiv(_G4_TARGET_BLOCKS, nc * G * tiles * batch)))
+            if splits > 1:
+                parts = cupy.empty((2, splits, batch, L, G, N), cupy.float32)
+                g4(1, tiles, parts[0], splits)
+                g4(2, tiles, parts[1], splits)
+                dCh, dBh = parts[0].sum(axis=0), parts[1].sum(axis=0)
+            else:
+                g4(1, tiles, dCh)
+                g4(2, tiles, dBh)
+        else:
+            mm("dc", Q, N, dCh)
+            mm("db", Q, N, dBh)
     else:
         _launch(f"ssdb_cb<{T}>", cb.size, (Bs, Cs, cb, i32(batch), i64(L), i32(G), i32(N), i32(Q), i32(nc)))
         _launch(f"ssdb_dx_dot<{T}>", dxd.size, (dy, xs, dxd, i32(batch), i64(L), i32(H), i32(P), i32(Q), i32(nc)))
@@ -221,7 +309,13 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     if v2:
         if batch * nc * H >= 2**31:
             raise ValueError(f"ssd_bwd: problem too large for one launch ({batch * nc * H} chunks)")
-        _launch_grid(f"ssdb_dcs{'3' if v3 else '2'}<{T}>", (batch * nc * H,), dcs_args, threads=_DCS_THREADS)
+        if v4:
+            tp = (termp, statep, i32(termp.shape[3])) if hC is None else (NULL, NULL, i32(0))
+            _launch_grid(f"ssdb_dcs4<{T}>", (batch * nc * H,), (xs, dy, dtp, cs, seg, rowp, colp, ptr(hC), ptr(dhB))
+                         + tp + (dcs, ddir, est, i32(batch), i64(L), i32(H), i32(P), i32(Q), i32(nc)),
+                         threads=_DCS_THREADS)
+        else:
+            _launch_grid(f"ssdb_dcs{'3' if v3 else '2'}<{T}>", (batch * nc * H,), dcs_args, threads=_DCS_THREADS)
         fro = cupy.empty((batch * nc * H,), cupy.float32)
         _launch_grid("ssdb_fro", (batch * nc * H,), (h0, dh, fro, i32(P * N)), threads=_DCS_THREADS)
     else:
@@ -229,17 +323,30 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     ddt = cupy.empty((batch, L, H), cupy.float32)
     dA_part = cupy.empty((batch * nc, H), cupy.float32)
     dtb_part = cupy.empty((batch * nc, H), cupy.float32)
-    _launch("ssdb_dt", batch * H * nc, (Af, dtp, slope, cs, seg, dcs, ddir, est, h0, dh, ptr(fro), ddt, dA_part,
-                                        dtb_part, i32(batch), i64(L), i32(H), i32(P * N), i32(Q), i32(nc)))
+    if v4:  # a block per (b, c, h): scan + tree sums
+        _launch_grid("ssdb_dt4", (batch * nc * H,), (Af, dtp, slope, cs, seg, dcs, ddir, est, fro, ddt, dA_part,
+                                                     dtb_part, i32(batch), i64(L), i32(H), i32(Q), i32(nc)),
+                     threads=_MAX_CHUNK)
+    else:
+        _launch("ssdb_dt", batch * H * nc, (Af, dtp, slope, cs, seg, dcs, ddir, est, h0, dh, ptr(fro), ddt, dA_part,
+                                            dtb_part, i32(batch), i64(L), i32(H), i32(P * N), i32(Q), i32(nc)))
 
     def cast(a, like):
         return a.astype(like.dtype) if a.dtype != like.dtype else a
 
-    hpg = H // G
-    dB = dBh.reshape(batch, L, G, hpg, N).sum(axis=3)
-    dC = dCh.reshape(batch, L, G, hpg, N).sum(axis=3)
+    if v4:  # dB / dC already summed over the group's heads
+        dB, dC = dBh, dCh
+    else:
+        hpg = H // G
+        dB = dBh.reshape(batch, L, G, hpg, N).sum(axis=3)
+        dC = dCh.reshape(batch, L, G, hpg, N).sum(axis=3)
     dD = None
-    if D is not None:
+    if D is not None and v4:  # (B, nc, H, tiles, P) partial sums of dy x from ssdb_h4<T, 3>
+        dD = dDp.sum(axis=(0, 1, 3))
+        if D.ndim == 1:
+            dD = dD.sum(axis=1)
+        dD = cast(dD, D)
+    elif D is not None:
         dD = (dy * xs.astype(cupy.float32)).reshape(batch * L, H, P).sum(axis=0)
         if D.ndim == 1:
             dD = dD.sum(axis=1)

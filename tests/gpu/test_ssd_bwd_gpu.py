@@ -164,8 +164,10 @@ def test_simt_path(rng, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("dims", [(66, 67), (68, 72)])  # P * N % 4 != 0 (ssdb_pass) / == 0 (v3: ssdb_pass2)
 def test_impl_knob_versions_agree(rng, dtype, dims, monkeypatch):
-    """SSMCORE_SSD_BWD_IMPL=v1, v2 and v3 (default) give the same gradients; each vs float64.
-    Two chunks with a sequence boundary inside, P and N past one 64-wide tile, L not a multiple of the chunk."""
+    """SSMCORE_SSD_BWD_IMPL=v1, v2, v3 and v4 (default) give the same gradients; each vs float64.
+    Two chunks with a sequence boundary inside, P and N past one 64-wide tile, L not a multiple of the chunk.
+    v4 rounds differently for 16-bit inputs (F and the state terms rounded once per group): held to the 16-bit
+    tolerance against v1; for float32 it is v3."""
     import ssmcore.backends.cupy.state_space_duality_bwd as launcher
 
     args, kw = make(rng, 1, 45, 2, dims[0], 1, dims[1], dtype)
@@ -175,13 +177,57 @@ def test_impl_knob_versions_agree(rng, dtype, dims, monkeypatch):
         monkeypatch.setenv(launcher.IMPL_ENV, impl)
         got[impl] = run_gpu(args, kw, 32)
         compare(got[impl], want, args, kw)
-    for impl in ("v2", "v3"):
+    for impl in ("v2", "v3", "v4"):
+        loose = impl == "v4" and dtype != "float32"
         for name, a, b in zip(NAMES, got[impl], got["v1"]):
             if b is not None:
                 a, b = a.astype(np.float32), b.astype(np.float32)
-                assert_close(a, b, "float32", rtol=1e-4, atol=1e-4 * np.abs(b).max(), name=f"{name} {impl}")
+                tol = 2e-2 if loose else 1e-4
+                assert_close(a, b, "float32", rtol=tol, atol=tol * np.abs(b).max(), name=f"{name} {impl}")
     monkeypatch.delenv(launcher.IMPL_ENV)
-    assert launcher._impl() == "v3"
+    assert launcher._impl() == "v4"
+
+
+@pytest.mark.parametrize("case", ["bf16_z_groups", "bf16_D_no_z", "f16_plain"])
+def test_v4_tiles_groups_sequences(rng, case, monkeypatch):
+    """v4 (16-bit inputs) vs float64 and vs v3 where its kernels tile: several 64-wide tiles of the chunk
+    (triangle of tiles), P past one K slice of 32 and not a multiple of it, N past one 64-wide tile, several
+    heads per group, sequence boundaries; with z (hC kept for dz) and without (the p sums reduced in ssdb_h4);
+    dC / dB with the heads split over grid y (tiny shapes) and in one pass. The v4 kernels must actually run
+    (launch names recorded)."""
+    import ssmcore.backends.cupy.state_space_duality_bwd as launcher
+
+    if case == "bf16_z_groups":
+        args, kw = make(rng, 1, 150, 4, 40, 2, 72, "bfloat16")
+        chunk = 128
+    elif case == "bf16_D_no_z":  # the Mamba-2 block's call: D, dt_bias, softplus, no z (dD from ssdb_h4's sums)
+        args, kw = make(rng, 2, 150, 4, 40, 1, 72, "bfloat16")
+        del kw["z"]
+        chunk = 128
+    else:
+        args, kw = make(rng, 2, 100, 2, 24, 1, 20, "float16", options=None)
+        chunk = 80
+        monkeypatch.setattr(launcher, "_G4_TARGET_BLOCKS", 0)  # dC / dB in one pass over the heads (no split)
+    want = run_cpu64(args, kw, chunk)
+    names = []
+    launch = launcher._launch_grid
+
+    def recording(name, grid, a, **k):
+        names.append(name)
+        return launch(name, grid, a, **k)
+
+    monkeypatch.setattr(launcher, "_launch_grid", recording)
+    monkeypatch.setenv(launcher.IMPL_ENV, "v4")
+    got = run_gpu(args, kw, chunk)
+    assert any(n.startswith("ssdb_g4") for n in names) and any(n.startswith("ssdb_h4") for n in names), names
+    assert not any(n.startswith("ssdb_mm3") and n.endswith(("1>", "8>", "9>")) for n in names), names
+    compare(got, want, args, kw)
+    monkeypatch.setenv(launcher.IMPL_ENV, "v3")
+    v3 = run_gpu(args, kw, chunk)
+    for name, a, b in zip(NAMES, got, v3):
+        if b is not None:
+            a, b = a.astype(np.float32), b.astype(np.float32)
+            assert_close(a, b, "float32", rtol=2e-2, atol=2e-2 * np.abs(b).max(), name=f"{name} v4 vs v3")
 
 
 @pytest.mark.parametrize("variant", ["no_options", "limit", "d_per_channel", "unsorted_seq", "mixed_dtypes"])

@@ -234,16 +234,16 @@ def test_cuda_graph_capture_replay(rng):
     pytest.param((1, 517, 6, 64, 3, 256, "bfloat16", 256), id="big10"),
 ])
 def test_kernel_paths_agree(rng, monkeypatch, shape):
-    """SSMCORE_SSD_FWD v1, v2 and v3 (same math and rounding points, rescheduled): the same outputs and final
-    states (v3 bitwise equal to v2), and the default right against the reference, with packed sequences and
-    initial states."""
+    """SSMCORE_SSD_FWD v1, v2, v3 and v4 (same math and rounding points, rescheduled): the same outputs and
+    final states (v3 bitwise equal to v2, v4 within rounding), and v3 / v4 right against the reference, with
+    packed sequences and initial states."""
     from ssmcore.backends.cupy import state_space_duality as S
 
     batch, length, heads, headdim, groups, dstate, dtype, chunk = shape
     seq = np.sort(rng.integers(0, 3, (batch, length)), axis=1).astype(np.int64)
     kw = make(rng, batch, length, heads, headdim, groups, dstate, dtype, initial=True, seq=seq)
     res = {}
-    for path in ("v1", "v2", "v3"):
+    for path in ("v1", "v2", "v3", "v4"):
         monkeypatch.setattr(S, "fwd_path", path)
         res[path] = [host(a) for a in run_gpu(kw, chunk_size=chunk, dt_softplus=True, return_final_states=True)]
     ref_out, ref_final = reference.ssd(**kw, dt_softplus=True, return_final_states=True)
@@ -253,3 +253,74 @@ def test_kernel_paths_agree(rng, monkeypatch, shape):
         scale = max(np.abs(res["v1"][i]).max(), 1e-6)
         assert np.abs(res["v2"][i] - res["v1"][i]).max() <= 1e-5 * scale
         np.testing.assert_array_equal(res["v3"][i], res["v2"][i])
+    # v4: ldmatrix fragments and __expf in chunk_scan: within rounding of v3, not bitwise
+    check("out v4", res["v4"][0], ref_out, dtype)
+    check("final v4", res["v4"][1], ref_final, dtype)
+    for i in range(2):
+        scale = max(np.abs(res["v3"][i]).max(), 1e-6)
+        assert np.abs(res["v4"][i] - res["v3"][i]).max() <= REL[dtype] / 3 * scale, ("v4 vs v3", i)
+
+
+def _packed_views(kw, offset):
+    """x, z, B, C, dt as strided views of one (B, L, W) buffer laid out like Mamba-2's in_proj output
+    (z | x | B | C | dt, rows of W elements), starting `offset` elements into each row."""
+    x, z, Bm, Cm, dt = (gpu(kw[k]) for k in ("x", "z", "B", "C", "dt"))
+    batch, length, heads, headdim = x.shape
+    ngroups, dstate = Bm.shape[2], Bm.shape[3]
+    hp, gn = heads * headdim, ngroups * dstate
+    width = offset + 2 * hp + 2 * gn + 8 * heads + 24
+    buf = cupy.zeros((batch, length, width), x.dtype)
+    dbuf = cupy.zeros((batch, length, width), dt.dtype)
+    views = {}
+    o = offset
+    for name, a, n in (("z", z, hp), ("x", x, hp), ("B", Bm, gn), ("C", Cm, gn)):
+        v = buf[:, :, o:o + n]
+        v[...] = a.reshape(batch, length, n)
+        views[name] = v.reshape(a.shape)
+        o += n
+    dv = dbuf[:, :, o:o + heads]
+    dv[...] = dt
+    views["dt"] = dv
+    return views
+
+
+@pytest.mark.parametrize("dtype,offset", [("bfloat16", 0), ("float16", 8), ("bfloat16", 4), ("float32", 0)])
+def test_strided_inputs(rng, monkeypatch, dtype, offset):
+    """x / z / B / C / dt as strided views of one in_proj-like buffer (no copies on the v4 path when rows
+    are 16-byte aligned; offset 4 is not: copies), same results as contiguous inputs; also v3 on views."""
+    from ssmcore.backends.cupy import state_space_duality as S
+
+    kw = make(rng, 2, 70, 2, 16, 1, 16, dtype, initial=True)
+    views = _packed_views(kw, offset)
+    assert not views["x"].flags.c_contiguous
+    if dtype != "float32":
+        aligned = offset % 8 == 0
+        for name in ("x", "z", "B", "C"):
+            assert (S._rows_view(views[name], vec16=True) is views[name]) == aligned, name
+            assert S._v4_ok(views[name]) == aligned, name
+    assert S._rows_view(views["dt"]) is views["dt"]
+    gkw = {k: gpu(v) for k, v in kw.items()}
+    ref_out, ref_final = reference.ssd(**kw, dt_softplus=True, return_final_states=True)
+    for path in ("v4", "v3") if dtype != "float32" else ("v4",):
+        monkeypatch.setattr(S, "fwd_path", path)
+        want = [host(a) for a in ssmcore.ssd(**gkw, chunk_size=64, dt_softplus=True, return_final_states=True)]
+        got = [host(a) for a in ssmcore.ssd(**dict(gkw, **views), chunk_size=64, dt_softplus=True,
+                                            return_final_states=True)]
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        check("out", got[0], ref_out, dtype)
+        check("final", got[1], ref_final, dtype)
+
+
+def test_varlen_states_16bit(rng):
+    """bf16 with cu_seqlens varlen states: the v4 path keeps fp32 chunk-start states for them (chunk_scan
+    reads fp32 starts: ssd_chunk_scan_v4<T, float>), and matches the reference."""
+    cu = np.array([0, 5, 64, 65, 140], np.int32)
+    kw = make(rng, 1, 140, 2, 16, 1, 16, "bfloat16", initial=True)
+    out, final, varlen = run_gpu(dict(kw, cu_seqlens=cu), chunk_size=64, dt_softplus=True,
+                                 return_final_states=True, return_varlen_states=True)
+    ref_out, ref_final, ref_varlen = reference.ssd(**kw, cu_seqlens=cu, dt_softplus=True,
+                                                   return_final_states=True, return_varlen_states=True)
+    check("out", out, ref_out, "bfloat16")
+    check("final", final, ref_final, "bfloat16")
+    check("varlen", varlen, ref_varlen, "bfloat16")
