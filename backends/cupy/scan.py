@@ -219,6 +219,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 
 _TP_MAX_LENGTH = 4096
+_TP_LANES_PER_SM = _WIDE_THREADS_PER_SM // 4  # N = 16: fewer than 5280 rows on the H200's 132 SMs
 
 
 def _use_time_parallel(a: _Args) -> bool:
@@ -232,9 +233,13 @@ def _use_time_parallel(a: _Args) -> bool:
     # L16384 (2467 vs 2214 us), where the lanes kernel's serial loop is long enough to hide its latency.
     if a.length > _TP_MAX_LENGTH:
         return False
+    # The lanes kernel (checkpoint pass) at B8 D2048 L2048 N16 (16384 rows) took 355 us against the
+    # time-parallel kernel's 913 us (H200, session 5, bench/profile_block.py), while B1 D4096 (4096 rows) still
+    # favours the time-parallel one (the lanes layouts' thread count, rows x lanes per row, against a quarter of
+    # the wide-layout threshold).
     npad = _pow2_ceil(max(a.n_states, 1))
     wide = max(min(npad, 4), npad // 32)
-    return a.batch * a.channels * (npad // wide) < _arrays.sm_count() * _WIDE_THREADS_PER_SM
+    return a.batch * a.channels * (npad // wide) < _arrays.sm_count() * _TP_LANES_PER_SM
 
 
 def _cast(x, dtype):
