@@ -109,7 +109,9 @@ class MambaInnerFn(torch.autograd.Function):
                 delta = _delta(x_dbl, delta_proj_weight, batch)
             B_scan, C_scan = _scan_BC(x_dbl, B, C, B_proj_bias, C_proj_bias, rank, dstate, batch)
             dout = dout.to(out_proj_weight.dtype).reshape(batch * length, -1)  # (B*L, E)
-            dout_y = (dout @ out_proj_weight).view(batch, length, -1).transpose(1, 2)
+            # (D, B*L) = W^T dout^T, viewed (B, D, L) with L contiguous: the scan reads it through its strides
+            # (no copy), where (dout @ W) viewed (B, D, L) has D contiguous and needs one.
+            dout_y = torch.matmul(out_proj_weight.t(), dout.t()).view(-1, batch, length).permute(1, 0, 2)
             dconv_out, ddelta, dA, dB, dC, dD, dz, ddelta_bias, _ = _ops.selective_scan_bwd(
                 dout_y, conv_out, delta, A, B_scan, C_scan, D, z, delta_bias, None, None, ctx.delta_softplus)
             dout_proj_weight = dout.t() @ _rows(out_z)

@@ -259,13 +259,16 @@ __device__ __forceinline__ void fwd_tile(float (&h)[S], const float (&A2)[S], co
 // float32 gets the state before each chunk of Cfg::kChunk steps; last (B, D, N) float32 the final
 // state. B/C: input-dependent (flags bit 1 / bit 2) as (B, GB|GC, N, L) of T, else (D, N) float32.
 // flags bit 0: softplus. The block covers Dblk = D / lcm(GB, GC) channels per (batch, group).
+// u, delta, z are read through (batch, channel) strides in elements (su_b, su_d, ...; L stride 1);
+// out, last and ckpt are contiguous.
 template <typename T, int S, int R>
 __global__ void __launch_bounds__(kThreads, 3)
 scan_fwd(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
          const void* __restrict__ Bp, const void* __restrict__ Cp, const float* __restrict__ Dv,
          const T* __restrict__ z, const float* __restrict__ bias, const float* __restrict__ h0,
          T* __restrict__ out, float* __restrict__ last, float* __restrict__ ckpt, int L, int Dm,
-         int N, int Dblk, int Gblk, int GB, int GC, int ptiles, int flags, int nchunks) {
+         int N, int Dblk, int Gblk, int GB, int GC, int ptiles, int flags, int nchunks, i64 su_b,
+         i64 su_d, i64 sd_b, i64 sd_d, i64 sz_b, i64 sz_d) {
   using Cf = Cfg<S, R>;
   constexpr int RB = Cf::kRows, TL = Cf::kTile, CH = Cf::kChunk, NP = Cf::kNP, BS = Cf::kBS;
   constexpr int RS = TL + 1;  // odd row stride: the rows of a warp hit different banks
@@ -303,6 +306,15 @@ scan_fwd(const T* __restrict__ u, const T* __restrict__ delta, const float* __re
   const int sBt = varB ? BS : 0, sCt = varC ? BS : 0;
   const T* Bvar = varB ? static_cast<const T*>(Bp) + ((i64)blk.b * GB + blk.gB) * N * L : nullptr;
   const T* Cvar = varC ? static_cast<const T*>(Cp) + ((i64)blk.b * GC + blk.gC) * N * L : nullptr;
+  // Strided inputs (L stride 1): element (b, d, t) of u at u[b * su_b + d * su_d + t] (delta, z alike).
+  // Staging element k of this thread (e = tid + k * kThreads; TL divides kThreads) sits at row
+  // tid / TL + k * (kThreads / TL), step tid % TL of the tile: one pointer per tensor and thread plus
+  // a uniform per-k row step (no per-k 64-bit offsets held in registers).
+  static_assert(kThreads % TL == 0, "staging rows per k step");
+  const T* u_th = u + (i64)blk.b * su_b + (i64)(blk.row0 + tid / TL) * su_d + tid % TL;
+  const T* delta_th = delta + (i64)blk.b * sd_b + (i64)(blk.row0 + tid / TL) * sd_d + tid % TL;
+  const T* z_th = z != nullptr ? z + (i64)blk.b * sz_b + (i64)(blk.row0 + tid / TL) * sz_d + tid % TL : nullptr;
+  const i64 ku = (kThreads / TL) * su_d, kd = (kThreads / TL) * sd_d, kz = (kThreads / TL) * sz_d;
 
   float* ck = nullptr;
   const i64 ck_stride = (i64)Dm * NP;
@@ -332,10 +344,9 @@ scan_fwd(const T* __restrict__ u, const T* __restrict__ delta, const float* __re
 #pragma unroll
     for (int k = 0; k < KE; ++k) {
       if (element_ok(k, t0)) {
-        const i64 off = offset(k, t0);
-        ru[k] = u[off];
-        rd[k] = delta[off];
-        if (want_y && z != nullptr) rz[k] = z[off];
+        ru[k] = u_th[k * ku + t0];
+        rd[k] = delta_th[k * kd + t0];
+        if (want_y && z != nullptr) rz[k] = z_th[k * kz + t0];
       }
     }
 #pragma unroll
@@ -503,7 +514,8 @@ scan_fwd3(const T* __restrict__ u, const T* __restrict__ delta, const float* __r
           const void* __restrict__ Bp, const void* __restrict__ Cp, const float* __restrict__ Dv,
           const T* __restrict__ z, const float* __restrict__ bias, const float* __restrict__ h0,
           T* __restrict__ out, float* __restrict__ last, float* __restrict__ ckpt, int L, int Dm,
-          int N, int Dblk, int Gblk, int GB, int GC, int ptiles, int flags, int nchunks) {
+          int N, int Dblk, int Gblk, int GB, int GC, int ptiles, int flags, int nchunks, i64 su_b,
+          i64 su_d, i64 sd_b, i64 sd_d, i64 sz_b, i64 sz_d) {
   using Cf = Cfg<S, R>;
   constexpr int RB = Cf::kRows, TL = Cf::kTile, CH = Cf::kChunk, NP = Cf::kNP, BS = Cf::kBS;
   constexpr int RS = TL + 4;  // TL is a power of two >= 8: RS / 4 odd keeps rows on distinct banks
@@ -548,6 +560,15 @@ scan_fwd3(const T* __restrict__ u, const T* __restrict__ delta, const float* __r
   const int sBt = varB ? BS : 0, sCt = varC ? BS : 0;
   const T* Bvar = varB ? static_cast<const T*>(Bp) + ((i64)blk.b * GB + blk.gB) * N * L : nullptr;
   const T* Cvar = varC ? static_cast<const T*>(Cp) + ((i64)blk.b * GC + blk.gC) * N * L : nullptr;
+  // Strided inputs (L stride 1): element (b, d, t) of u at u[b * su_b + d * su_d + t] (delta, z alike).
+  // Staging element k of this thread (e = tid + k * kThreads; TL divides kThreads) sits at row
+  // tid / TL + k * (kThreads / TL), step tid % TL of the tile: one pointer per tensor and thread plus
+  // a uniform per-k row step (no per-k 64-bit offsets held in registers).
+  static_assert(kThreads % TL == 0, "staging rows per k step");
+  const T* u_th = u + (i64)blk.b * su_b + (i64)(blk.row0 + tid / TL) * su_d + tid % TL;
+  const T* delta_th = delta + (i64)blk.b * sd_b + (i64)(blk.row0 + tid / TL) * sd_d + tid % TL;
+  const T* z_th = z != nullptr ? z + (i64)blk.b * sz_b + (i64)(blk.row0 + tid / TL) * sz_d + tid % TL : nullptr;
+  const i64 ku = (kThreads / TL) * su_d, kd = (kThreads / TL) * sd_d, kz = (kThreads / TL) * sz_d;
   T* out_i = want_y ? out + ((i64)blk.b * Dm + (row_ok ? d : blk.row0)) * L : nullptr;
 
   float* ck = nullptr;
@@ -588,11 +609,9 @@ scan_fwd3(const T* __restrict__ u, const T* __restrict__ delta, const float* __r
 #pragma unroll
     for (int k = 0; k < KE; ++k) {
       if (element_ok(k, t0)) {
-        const int e = tid + k * kThreads;
-        const i64 off = ((i64)blk.b * Dm + blk.row0 + e / TL) * L + t0 + e % TL;
-        ru[k] = u[off];
-        rd[k] = delta[off];
-        if (want_z) rz[k] = z[off];
+        ru[k] = u_th[k * ku + t0];
+        rd[k] = delta_th[k * kd + t0];
+        if (want_z) rz[k] = z_th[k * kz + t0];
       }
     }
 #pragma unroll
@@ -672,14 +691,15 @@ scan_fwd3(const T* __restrict__ u, const T* __restrict__ delta, const float* __r
 // adding C_t h_t to y_t. One exp per (n, t), u/delta/z/out once, B/C rows once per block (L2 hits
 // across the channels of a group). The carried state per n lives in shared memory, double-buffered
 // by chunk parity, as are the warp totals. flags as scan_fwd (bit 0 softplus, 1 / 2 varB / varC).
-// vec: L % 8 == 0 and 16-byte aligned rows (else element loads).
+// vec: L % 8 == 0 and 16-byte aligned rows (else element loads): with the strided inputs (su_*, sd_*,
+// sz_*: (batch, channel) strides in elements, L stride 1), the launcher also needs every stride % 8 == 0.
 template <typename T, int TP_NB>
 __global__ void __launch_bounds__(kThreads)
 scan_fwd_tp(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
             const void* __restrict__ Bp, const void* __restrict__ Cp, const float* __restrict__ Dv,
             const T* __restrict__ z, const float* __restrict__ bias, const float* __restrict__ h0,
             T* __restrict__ out, float* __restrict__ last, int L, int Dm, int N, int GB, int GC, int flags,
-            int vec) {
+            int vec, i64 su_b, i64 su_d, i64 sd_b, i64 sd_d, i64 sz_b, i64 sz_d) {
   constexpr int K = 8, NW = kThreads / SSM_WARP_SIZE;
   __shared__ float sCarry[2][256];
   __shared__ float sWa[2][256][NW];
@@ -694,14 +714,24 @@ scan_fwd_tp(const T* __restrict__ u, const T* __restrict__ delta, const float* _
   const float* Cc = varC ? nullptr : static_cast<const float*>(Cp) + (i64)d * N;
   const float bias_d = bias ? bias[d] : 0.f;
   const float D_d = Dv ? Dv[d] : 0.f;
+  // Strided rows (L stride 1): row (b, d) of u starts at u + b * su_b + d * su_d (delta, z alike). The
+  // three offsets sit in shared memory, read where used (held in registers across the chunk loop they
+  // made TP_NB = 4 spill at sm_80).
+  __shared__ i64 sRow[3];
+  if (tid == 0) {
+    sRow[0] = (i64)b * su_b + (i64)d * su_d;
+    sRow[1] = (i64)b * sd_b + (i64)d * sd_d;
+    sRow[2] = (i64)b * sz_b + (i64)d * sz_d;
+  }
+  __syncthreads();
   for (int n = tid; n < N; n += kThreads) sCarry[0][n] = h0 ? h0[rowid * N + n] : 0.f;
 
   int par = 0;
   for (i64 c0 = 0; c0 < L; c0 += kThreads * K, par ^= 1) {
     const i64 t0 = c0 + tid * K;
     float uv[K], dt[K], y[K];
-    load_chunk8(u + rowid * L, t0, (i64)L, vec, uv);
-    load_chunk8(delta + rowid * L, t0, (i64)L, vec, dt);
+    load_chunk8(u + sRow[0], t0, (i64)L, vec, uv);
+    load_chunk8(delta + sRow[1], t0, (i64)L, vec, dt);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const float x = dt[k] + bias_d;
@@ -775,7 +805,7 @@ scan_fwd_tp(const T* __restrict__ u, const T* __restrict__ delta, const float* _
       }
     }
     float zv[K];
-    if (z) load_chunk8(z + rowid * L, t0, (i64)L, vec, zv);
+    if (z) load_chunk8(z + sRow[2], t0, (i64)L, vec, zv);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       float o = fmaf(D_d, uv[k], y[k]);
@@ -795,6 +825,8 @@ scan_fwd_tp(const T* __restrict__ u, const T* __restrict__ delta, const float* _
 // or with flags & 8 (deterministic) are stored per block into slice blockIdx.x of (grid, N, L)
 // (flags & 16 as well: into (Gblk / G * ptiles, B, G, N, L), the v1 layout);
 // dh0 (B, D, N) float32 (nullptr when there is no initial state).
+// dout, u, delta, z are read through (batch, channel) strides in elements (so_*, su_*, sd_*, sz_*; L
+// stride 1); du, ddelta, dz are written contiguous.
 // Blocks per SM the backward's registers are capped for (a speed variant: -DSCAN_BWD_MIN_BLOCKS=3
 // caps them at 168 per thread; scan.py sets it from SSMCORE_SCAN_BWD_MIN_BLOCKS).
 #ifndef SCAN_BWD_MIN_BLOCKS
@@ -822,7 +854,8 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
          T* __restrict__ ddelta, T* __restrict__ dz, float* __restrict__ dA_part,
          float* __restrict__ dB_out, float* __restrict__ dC_out, float* __restrict__ dD_part,
          float* __restrict__ dbias_part, float* __restrict__ dh0, int L, int Dm, int N, int Dblk,
-         int Gblk, int GB, int GC, int ptiles, int flags, int nchunks) {
+         int Gblk, int GB, int GC, int ptiles, int flags, int nchunks, i64 so_b, i64 so_d, i64 su_b,
+         i64 su_d, i64 sd_b, i64 sd_d, i64 sz_b, i64 sz_d) {
   using Cf = Cfg<S, R>;
   constexpr int kWarps = kThreads / SSM_WARP_SIZE;
   constexpr int RB = Cf::kRows, CH = Cf::kChunk, NP = Cf::kNP, BS = Cf::kBS;
@@ -899,6 +932,18 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
   const int sBt = varB ? BS : 0, sCt = varC ? BS : 0;
   const T* Bvar = varB ? static_cast<const T*>(Bp) + ((i64)blk.b * GB + blk.gB) * N * L : nullptr;
   const T* Cvar = varC ? static_cast<const T*>(Cp) + ((i64)blk.b * GC + blk.gC) * N * L : nullptr;
+  // Strided inputs (L stride 1): element (b, d, t) of u at u[b * su_b + d * su_d + t] (delta, z, dout
+  // alike). Load element k of this thread (e = tid + k * kThreads; CH divides kThreads) sits at row
+  // tid / CH + k * (kThreads / CH), step tid % CH of the chunk: one pointer per tensor and thread plus a
+  // uniform per-k row step (no per-k 64-bit offsets held across the chunk loop).
+  static_assert(kThreads % CH == 0, "load rows per k step");
+  const int r_th = blk.row0 + tid / CH;
+  const T* u_th = u + (i64)blk.b * su_b + (i64)r_th * su_d + tid % CH;
+  const T* delta_th = delta + (i64)blk.b * sd_b + (i64)r_th * sd_d + tid % CH;
+  const T* dout_th = dout + (i64)blk.b * so_b + (i64)r_th * so_d + tid % CH;
+  const T* z_th = z != nullptr ? z + (i64)blk.b * sz_b + (i64)r_th * sz_d + tid % CH : nullptr;
+  const i64 ku = (kThreads / CH) * su_d, kd = (kThreads / CH) * sd_d, ko = (kThreads / CH) * so_d,
+            kz = (kThreads / CH) * sz_d;
   const float* ck = ckpt + ((i64)blk.b * nchunks * Dm + (row_ok ? d : blk.row0)) * NP + j * S;
   const i64 ck_stride = (i64)Dm * NP;
   const float* sU_i = sU + i * RS;
@@ -920,11 +965,10 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
         ru[k] = rd[k] = ro[k] = rz[k] = T{};
         rbias[k] = 0.f;
         if ((RB * CH % kThreads == 0 || e < RB * CH) && ii < blk.rows && t < L) {
-          const i64 off = ((i64)blk.b * Dm + blk.row0 + ii) * L + t;
-          ru[k] = u[off];
-          rd[k] = delta[off];
-          ro[k] = dout[off];
-          if (z != nullptr) rz[k] = z[off];
+          ru[k] = u_th[k * ku + t0];
+          rd[k] = delta_th[k * kd + t0];
+          ro[k] = dout_th[k * ko + t0];
+          if (z != nullptr) rz[k] = z_th[k * kz + t0];
           if (bias != nullptr) rbias[k] = bias[blk.row0 + ii];
         }
       }
@@ -982,14 +1026,13 @@ scan_bwd(const T* __restrict__ dout, const T* __restrict__ u, const T* __restric
         float uv = 0.f, dtv = 0.f, dyv = 0.f;
         if (ii < blk.rows && t < L) {
           const int dd = blk.row0 + ii;
-          const i64 off = ((i64)blk.b * Dm + dd) * L + t;
-          uv = load_f(u + off);
-          float x = load_f(delta + off);
+          uv = load_f(u_th + k * ku + t0);
+          float x = load_f(delta_th + k * kd + t0);
           if (bias != nullptr) x += bias[dd];
           dtv = softplus ? softplus_f(x) : x;
-          dyv = load_f(dout + off);
+          dyv = load_f(dout_th + k * ko + t0);
           if (z != nullptr) {
-            const float zv = load_f(z + off);
+            const float zv = load_f(z_th + k * kz + t0);
             dz_factor[k] = dyv * dsilu_f(zv);
             dyv *= silu_f(zv);
           }

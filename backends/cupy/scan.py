@@ -113,6 +113,41 @@ def _chunk(s: int, r: int) -> int:
     return min(64 // s, 32, max(8, 512 // rows))
 
 
+# Strided inputs: u, delta, z (and the backward's dout) go to the kernels as they are when their L stride is
+# one element, with their (batch, channel) strides in elements (views such as MambaInnerFn's delta and z,
+# (L, B*L, 1), need no copy); other layouts are copied contiguous first. SSMCORE_SCAN_STRIDED=0 copies
+# every non-contiguous one, as before 2026-11-29 (read on every call; the module attribute wins when set).
+strided = None
+
+
+def _strided() -> bool:
+    if strided is not None:
+        return bool(strided)
+    return os.environ.get("SSMCORE_SCAN_STRIDED", "1") != "0"
+
+
+_NO_STRIDES = (np.int64(0), np.int64(0))
+
+
+def _rows(x, allow_strided: bool):
+    """(kernel array, (stride_b, stride_d) in elements as np.int64) of a (B, D, L) input; None -> (None, 0s)."""
+    if x is None:
+        return None, _NO_STRIDES
+    nb, nd, length = x.shape
+    item = x.dtype.itemsize
+    sb, sd, sl = x.strides
+    if not (allow_strided and (sl == item or length <= 1) and sb % item == 0 and sd % item == 0):
+        x = _arrays.contiguous(x)
+        sb, sd = x.strides[0], x.strides[1]
+    # A size-1 dimension's stride is never used: 0 keeps the vector-load checks simple.
+    return x, (np.int64(sb // item if nb > 1 else 0), np.int64(sd // item if nd > 1 else 0))
+
+
+def _vec_strides(*strides) -> bool:
+    """Every (stride_b, stride_d) a multiple of 8 elements (16-byte rows for 16-bit types)."""
+    return all(int(s) % 8 == 0 for pair in strides for s in pair)
+
+
 class _Args:
     """Kernel-ready arrays and sizes shared by the forward and the backward."""
 
@@ -126,9 +161,10 @@ class _Args:
                 f"(shape {tuple(A.shape)})"
             )
         self.T = _runtime.ctype(u.dtype)
-        self.u = _arrays.contiguous(u)
-        self.delta = _arrays.contiguous(delta)
-        self.z = _arrays.contiguous(z)
+        allow = _strided()
+        self.u, self.su = _rows(u, allow)
+        self.delta, self.sdelta = _rows(delta, allow)
+        self.z, self.sz = _rows(z, allow)
         self.A = _arrays.contiguous(A, cupy.float32)
         self.D = _arrays.contiguous(D, cupy.float32)
         self.delta_bias = _arrays.contiguous(delta_bias, cupy.float32)
@@ -190,7 +226,7 @@ def _forward(a: _Args, softplus, out=None, last=None, ckpt=None):
     kernel = _runtime.function(FAMILY, f"{name}<{a.T}, {a.S}, {a.R}>")
     _runtime.launch(kernel, a.grid, (_THREADS,), (
         a.u, a.delta, a.A, a.B, a.C, ptr(a.D), ptr(a.z), ptr(a.delta_bias), ptr(a.initial_state),
-        ptr(out), ptr(last), ptr(ckpt), *a.sizes(softplus),
+        ptr(out), ptr(last), ptr(ckpt), *a.sizes(softplus), *a.su, *a.sdelta, *a.sz,
     ))
 
 
@@ -205,13 +241,21 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             last[...] = 0 if a.initial_state is None else a.initial_state
     elif _use_time_parallel(a):
         kernel = _runtime.function(FAMILY, f"scan_fwd_tp<{a.T}, {tp_states}>")
+        if a.length % 8 == 0:
+            # Vector loads need 16-byte rows: a strided input whose rows are not gets copied contiguous.
+            for name, sname in (("u", "su"), ("delta", "sdelta"), ("z", "sz")):
+                x = getattr(a, name)
+                if x is not None and not (_vec_strides(getattr(a, sname)) and _arrays.aligned16(x)):
+                    x, st = _rows(x, False)
+                    setattr(a, name, x)
+                    setattr(a, sname, st)
         vec = a.length % 8 == 0 and _arrays.aligned16(a.u, a.delta, a.z, out, a.B if a.var_B else None,
-                                                       a.C if a.var_C else None)
+                                                       a.C if a.var_C else None) and _vec_strides(a.su, a.sdelta, a.sz)
         _runtime.launch(kernel, (a.batch * a.channels,), (_THREADS,), (
             a.u, a.delta, a.A, a.B, a.C, ptr(a.D), ptr(a.z), ptr(a.delta_bias), ptr(a.initial_state),
             out, ptr(last), np.int32(a.length), np.int32(a.channels), np.int32(a.n_states),
             np.int32(a.groups_B if a.var_B else 1), np.int32(a.groups_C if a.var_C else 1),
-            a.flags(delta_softplus), np.int32(vec),
+            a.flags(delta_softplus), np.int32(vec), *a.su, *a.sdelta, *a.sz,
         ))
     else:
         _forward(a, delta_softplus, out=out, last=last)
@@ -318,6 +362,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     dinitial_state), each in its input's dtype, None for inputs that were None."""
     _arrays.check_kernel_dtypes(dout=dout)
     a = _Args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    dout, sdout = _rows(dout, _strided())
     nb, nd, L, N = a.batch, a.channels, a.length, a.n_states
     f32 = cupy.float32
     du = cupy.empty((nb, nd, L), u.dtype)
@@ -351,9 +396,10 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
             options += ("-DSCAN_BWD_V=2",)
         kernel = _runtime.function(FAMILY, f"scan_bwd<{a.T}, {a.S}, {a.R}>", options)
         _runtime.launch(kernel, a.grid, (_THREADS,), (
-            _arrays.contiguous(dout), a.u, a.delta, a.A, a.B, a.C, ptr(a.D), ptr(a.z),
+            dout, a.u, a.delta, a.A, a.B, a.C, ptr(a.D), ptr(a.z),
             ptr(a.delta_bias), ckpt, ptr(dlast), du, ddelta, ptr(dz), dA_part, dB_buf, dC_buf,
-            ptr(dD_part), ptr(dbias_part), ptr(dh0), *a.sizes(delta_softplus, det),
+            ptr(dD_part), ptr(dbias_part), ptr(dh0), *a.sizes(delta_softplus, det), *sdout, *a.su,
+            *a.sdelta, *a.sz,
         ))
         if det & _DET_V1:
             dB_buf = _fixed_order_sum(dB_buf) if a.var_B else dB_buf
