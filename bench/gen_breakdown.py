@@ -14,34 +14,11 @@ Also counts the synchronising torch calls of one of our generate calls (torch.cu
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 import warnings
 
 import torch
-
-PRESET = {"mamba1": "mamba-2.8b", "mamba2": "mamba2-2.7b"}
-
-
-def build(arch, layers, dtype):
-    from ssmcore.adapters.torch import MambaConfig, MambaLMHeadModel
-    from ssmcore.adapters.torch.cli_generate import PRESETS
-
-    cfg = copy.deepcopy(PRESETS[PRESET[arch]])
-    cfg["n_layer"] = layers
-    torch.manual_seed(0)
-    ours = MambaLMHeadModel(MambaConfig(**copy.deepcopy(cfg)), device="cuda", dtype=dtype)
-    try:
-        from mamba_ssm.models.config_mamba import MambaConfig as PeerConfig
-        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as PeerModel
-        from mamba_ssm.utils.generation import InferenceParams as PeerParams
-
-        torch.manual_seed(0)
-        peer = (PeerModel(PeerConfig(**copy.deepcopy(cfg)), device="cuda", dtype=dtype), PeerParams)
-    except Exception as err:  # noqa: BLE001
-        print(f"peer unavailable: {type(err).__name__}: {err}")
-        peer = None
-    return ours, peer
+from profile_decode import build  # bench/ is the script's folder
 
 
 def wall(fn, reps=3):

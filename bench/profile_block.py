@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from profile_decode import kernel_times  # bench/ is the script's folder
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -60,13 +61,7 @@ def measure(fn, top):
         fn()
         torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-    per = {}
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None)
-        if t is None:
-            t = getattr(ev, "cuda_time_total", 0.0)
-        if t and ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.key[:80]] = (t, ev.count)
+    per = kernel_times(prof, 80)
     return wall, sum(t for t, _ in per.values()), sum(c for _, c in per.values()), peak, per
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -42,6 +41,19 @@ def build(arch, layers, dtype):
     return ours, peer
 
 
+def kernel_times(prof, width=70) -> dict:
+    """{kernel name (first `width` characters): (GPU us, launches)} of a finished torch.profiler run."""
+    per = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = getattr(ev, "cuda_time_total", 0.0)
+        if t and ev.device_type == torch.autograd.DeviceType.CUDA:
+            old_t, old_c = per.get(ev.key[:width], (0.0, 0))
+            per[ev.key[:width]] = (old_t + t, old_c + ev.count)
+    return per
+
+
 def step_kernels(model, params_cls, batch, steps, vocab):
     """{kernel name: GPU us per decode step}, total us per step."""
     ids = torch.randint(1, min(1000, vocab), (batch, 16), device="cuda")
@@ -59,16 +71,8 @@ def step_kernels(model, params_cls, batch, steps, vocab):
                 model(tok, inference_params=params, num_last_tokens=1)
                 params.seqlen_offset += 1
             torch.cuda.synchronize()
-    per = defaultdict(float)
-    count = defaultdict(float)
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None)
-        if t is None:
-            t = getattr(ev, "cuda_time_total", 0.0)
-        if t and ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.key[:70]] += t / steps
-            count[ev.key[:70]] += ev.count / steps
-    return {k: (v, count[k]) for k, v in per.items()}, sum(per.values())
+    per = {k: (t / steps, c / steps) for k, (t, c) in kernel_times(prof).items()}
+    return per, sum(t for t, _ in per.values())
 
 
 def graph_step_us(model, params_cls, batch, vocab, replays=50):
@@ -117,13 +121,7 @@ def prefill_kernels(model, batch, length, vocab, reps=3):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model(ids, num_last_tokens=1)
             torch.cuda.synchronize()
-    per = {}
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None)
-        if t is None:
-            t = getattr(ev, "cuda_time_total", 0.0)
-        if t and ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.key[:70]] = (t, ev.count)
+    per = kernel_times(prof)
     return per, sum(t for t, _ in per.values()), sorted(walls)[len(walls) // 2] * 1e6
 
 
