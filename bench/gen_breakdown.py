@@ -18,7 +18,7 @@ import time
 import warnings
 
 import torch
-from profile_decode import build  # bench/ is the script's folder
+from profile_decode import build, graph_step_us  # bench/ is the script's folder
 
 
 def wall(fn, reps=3):
@@ -31,36 +31,6 @@ def wall(fn, reps=3):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2] * 1e6
-
-
-def replay_us(model, params_cls, ids, max_length, replays=30):
-    batch = ids.shape[0]
-    params = params_cls(max_seqlen=max_length, max_batch_size=batch)
-    tok = ids[:, -1:].clone()
-    with torch.no_grad():
-        model(ids, inference_params=params, num_last_tokens=1)
-        params.seqlen_offset = ids.shape[1]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model(tok, inference_params=params, num_last_tokens=1)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            model(tok, inference_params=params, num_last_tokens=1)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    us = start.elapsed_time(end) * 1e3 / replays
-    del graph, params
-    torch.cuda.empty_cache()
-    return us
 
 
 def sync_count(fn):
@@ -111,7 +81,7 @@ def main():
 
                 t_gen = wall(gen)
                 t_pre = wall(prefill)
-                t_rep = replay_us(model, pcls, ids, max_length)
+                t_rep = graph_step_us(model, pcls, ids, max_length, replays=30)
                 rest = (t_gen - t_pre) / (args.new - 1) - t_rep
                 rows[who] = (t_gen, t_pre, t_rep, rest)
                 print(f"{arch} b{batch} {who}: generate {t_gen / 1e3:8.1f} ms ({batch * args.new / t_gen * 1e6:8.0f} tok/s)"

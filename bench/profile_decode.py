@@ -75,10 +75,11 @@ def step_kernels(model, params_cls, batch, steps, vocab):
     return per, sum(t for t, _ in per.values())
 
 
-def graph_step_us(model, params_cls, batch, vocab, replays=50):
-    """Mean time of one CUDA-graph replay of the decode step over `replays` back-to-back replays (CUDA events), us."""
-    ids = torch.randint(1, min(1000, vocab), (batch, 16), device="cuda")
-    params = params_cls(max_seqlen=64, max_batch_size=batch)
+def graph_step_us(model, params_cls, ids, max_length=64, replays=50):
+    """Mean time of one CUDA-graph replay of the decode step after the prompt ``ids`` (B, L), in a cache of
+    ``max_length``, over `replays` back-to-back replays (CUDA events), us."""
+    batch = ids.shape[0]
+    params = params_cls(max_seqlen=max_length, max_batch_size=batch)
     tok = ids[:, -1:].clone()
     with torch.no_grad():
         model(ids, inference_params=params, num_last_tokens=1)
@@ -100,7 +101,10 @@ def graph_step_us(model, params_cls, batch, vocab, replays=50):
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / replays
+    us = start.elapsed_time(end) * 1e3 / replays
+    del graph, params
+    torch.cuda.empty_cache()
+    return us
 
 
 def prefill_kernels(model, batch, length, vocab, reps=3):
@@ -149,8 +153,9 @@ def main():
                     print(f"  {who} {t:8.1f} {c:5.0f}  {name}")
         for batch in args.batch:
             try:
-                o_g = graph_step_us(ours, InferenceParams, batch, vocab)
-                p_g = graph_step_us(peer[0], peer[1], batch, vocab) if peer else float("nan")
+                ids = torch.randint(1, min(1000, vocab), (batch, 16), device="cuda")
+                o_g = graph_step_us(ours, InferenceParams, ids)
+                p_g = graph_step_us(peer[0], peer[1], ids) if peer else float("nan")
                 print(f"\n{arch}, batch {batch}: CUDA-graph replay of one decode step ({args.layers} layers) ours "
                       f"{o_g:.1f} us vs peer {p_g:.1f} us")
             except Exception as err:  # noqa: BLE001
