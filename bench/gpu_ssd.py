@@ -1,6 +1,6 @@
 """GPU benchmark of the SSD forward (CuPy backend) vs the peer's mamba_chunk_scan_combined.
 
-    python bench/gpu_ssd.py [--quick] [--json PATH]
+    python bench/gpu_ssd.py [--quick] [--json PATH] [--impls v5,v4,v3]
 
 PERFORMANCE.md shape B8 L4096 H64 P64 N128 G1, chunk 256, bf16 x/B/C/z-less, fp32 dt/A/D/dt_bias,
 dt_softplus, D per head; plus a sweep L in {512, 2048, 16384} x N in {64, 128, 256} (same B/H/P).
@@ -12,7 +12,8 @@ state_space_duality_bwd imports, forward+backward of both.
 Floor (PERFORMANCE.md): forward ~140 us at the main shape (matmul-bound); scaled by B*L*H*P*N*Q
 for the sweep (matmul work: chunk_states 2LPN, chunk_scan 2L(Q/2)(N+P) + 2LPN per head).
 Every row also times the other kernel generations of the SSMCORE_SSD_FWD knob in the same process
-(default v4: v3 and v2; `fwd_<path>_us`, `stages_<path>_us`, `max_rel_diff_<path>` vs the default), and the
+(default v4: v5, v3 and v2, or the --impls list; `fwd_<path>_us`, `stages_<path>_us`, `max_rel_diff_<path>` vs
+the default), and the
 main shape times the forward on strided views of one in_proj-like (B, L, W) buffer (z | x | B | C | dt per
 row, as the Mamba-2 block passes them): `fwd_strided_v4_us` (read in place) vs `fwd_strided_v3_us` (copied).
 The "scan" stage of v3/v4 includes the C B^T kernel.
@@ -152,7 +153,10 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the main shape only")
     parser.add_argument("--json", default=None)
     parser.add_argument("--sweep-one", action="store_true",
-                        help="time only the first other kernel generation (v3 when v4 is the default)")
+                        help="time only the first other kernel generation (v5 when v4 is the default)")
+    parser.add_argument("--impls", default="v5,v4,v3,v2",
+                        help="SSMCORE_SSD_FWD generations timed next to the default, comma-separated "
+                             "(default %(default)s)")
     args = parser.parse_args(argv)
     out_json = args.json or (os.path.join(os.environ["OUT"], "ssd_bench.json") if os.environ.get("OUT") else None)
 
@@ -187,7 +191,8 @@ def main(argv=None):
 
             default_path = S.fwd_path
             row["fwd_path"] = default_path
-            for other in [p for p in ("v4", "v3", "v2") if p != default_path][: 1 if args.sweep_one else 3]:
+            impls = [p for p in args.impls.split(",") if p and p != default_path]
+            for other in impls[: 1 if args.sweep_one else len(impls)]:
                 try:
                     S.fwd_path = other
                     alt = fwd()
@@ -203,7 +208,7 @@ def main(argv=None):
             # place, v3 copies them first (the cupy_copy kernels of the Mamba-2 prefill profile).
             if shape == MAIN:
                 views = strided_views(x)
-                for path in (default_path, "v3"):
+                for path in dict.fromkeys((default_path, "v3") + (("v5",) if "v5" in impls else ())):
                     try:
                         S.fwd_path = path
                         fs = lambda: ssmcore.ssd(**dict(x, **views), chunk_size=256, dt_softplus=True)
@@ -267,11 +272,11 @@ def main(argv=None):
               f"{g(r, 'fwd_bwd_ratio', '%8.2f'):>8s}  "
               + "/".join(f"{st[k]:.0f}" for k in ("cumsum", "states", "passing", "scan") if k in st)
               + f"  {g(r, 'max_rel_diff_vs_peer', '%.2e')}")
-        for key in ("fwd_strided_v4_us", "fwd_strided_v3_us"):
+        for key in ("fwd_strided_v4_us", "fwd_strided_v5_us", "fwd_strided_v3_us"):
             if key in r:
                 print(f"{'  (strided rows, ' + key.split('_')[2] + ')':26s} {r[key]:9.1f}"
                       f"{' ' * 62}  vs contiguous default {r.get('max_rel_diff_strided_' + key.split('_')[2], 0):.2e}")
-        for other in ("v1", "v2", "v3", "v4"):
+        for other in ("v1", "v2", "v3", "v4", "v5"):
             if f"fwd_{other}_us" in r:
                 st = r.get(f"stages_{other}_us", {})
                 pad = " " * 62

@@ -1478,3 +1478,306 @@ __global__ void __launch_bounds__(128, 3) ssd_chunk_scan_v4(
     }
   }
 }
+
+// ==== v5 chunk_scan (launcher knob SSMCORE_SSD_FWD=v5; 16-bit chunk-start states from ssd_state_passing_v4) ===
+// H200 (B8 L4096 H64 P64 N128, Q 256): ssd_chunk_scan_v4 ran ~1.1 ms = ~13 us per block at 3 blocks per SM while
+// a block needs ~1.2 us of issue: latency-bound. Its SASS (sm_90): ~2600 instructions per warp, ~800 of them
+// in the prologue's two stage_rows_raw calls (a runtime e / nch division per 16-byte item), 456 per s-slice
+// (32 HMMA); every block waited out ~6 dependent global round trips (dacs -> smem, C, h_prev, each slice's x,
+// the epilogue's x / z), with 12 warps per SM to cover them. v5, same tile and math as v4:
+//  * every tile goes global -> shared by cp.async (16 bytes, zero-filled past the ends; thread -> (row, chunk)
+//    without division): C, h_prev, dacs / dt' of the chunk, D, x slice 0 and 1 in one prologue wave; x slices
+//    double-buffered two ahead; the z tile loaded during the s-loop into h_prev's buffer; the epilogue's D x
+//    reads the diagonal x slice already in shared memory: no global loads after the loop, no x registers;
+//  * the masks (s <= t, s >= sequence start) only on the diagonal slice or with sequence starts (a uniform
+//    branch); the decay exponent one FFMA of the raw cumulative decays;
+//  * __launch_bounds__(128, 4): 16 warps per SM (54 KB of shared memory per block at N = 128).
+// Rounding as v4 (the exponent's FFMA differs in the last bit of the ex2 argument).
+// dst: the shared destination as a pointer (emulator / HIP) and as a shared-window address (PTX: computing it
+// once per tile and stepping it keeps the generic -> shared conversion out of the per-chunk instructions).
+__device__ __forceinline__ void cp_async16(void* dst, uint32_t sdst, const void* src, bool valid) {
+#if SSM_MMA_PTX
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(sdst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#else
+  *reinterpret_cast<uint4*>(dst) = valid ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if SSM_MMA_PTX
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+#if SSM_MMA_PTX
+  asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
+#endif
+}
+
+// 64 rows x nch 16-byte chunks (nch % 4 == 0) of T from base + r * stride + 8 k into dst[r * ld + 8 k] by
+// cp.async (128 threads: row tid / 4 (+32), chunks tid % 4 + 4 m); rows >= rows_valid or chunks >= kvalid
+// zero-filled.
+template <typename T>
+__device__ __forceinline__ void cp_rows64(T* dst, int ld, const T* base, i64 stride, int rows_valid, int kvalid,
+                                          int nch) {
+  const int r = threadIdx.x >> 2, k0 = threadIdx.x & 3;
+  T* d = dst + r * ld + 8 * k0;
+  uint32_t sd = smem_addr(d);
+  const T* src = base + r * stride + 8 * k0;
+  const i64 s32 = 32 * stride;
+  const int d32 = 32 * ld;
+  const bool v0 = r < rows_valid, v1 = r + 32 < rows_valid;
+  for (int k = k0; k < nch; k += 4, d += 32, sd += 32 * sizeof(T), src += 32) {
+    const bool ok0 = v0 && k < kvalid, ok1 = v1 && k < kvalid;
+    cp_async16(d, sd, ok0 ? src : base, ok0);
+    cp_async16(d + d32, sd + d32 * sizeof(T), ok1 ? src + s32 : base, ok1);
+  }
+}
+
+// ldsm_x4 / ldsm_x4_trans at a shared-window address sbase (bytes, of base) + off elements (PTX); else v4's.
+template <typename T>
+__device__ __forceinline__ void ldsm_x4_at(uint32_t (&r)[4], const T* base, uint32_t sbase, int off) {
+#if SSM_MMA_PTX
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(sbase + off * int(sizeof(T)))
+               : "memory");
+#else
+  ldsm_x4(r, base, off);
+#endif
+}
+template <typename T>
+__device__ __forceinline__ void ldsm_x4_trans_at(uint32_t (&r)[4], const T* base, uint32_t sbase, int off) {
+#if SSM_MMA_PTX
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(sbase + off * int(sizeof(T)))
+               : "memory");
+#else
+  ldsm_x4_trans(r, base, off);
+#endif
+}
+
+// The A fragments of one 64-wide s-slice (v4's build): C B^T[t][s] 2^(at - a_s log2 e) dt'_s, rows r0 + gg
+// (+8), masked to sg <= s <= t when MASK.
+template <typename T, bool MASK>
+__device__ __forceinline__ void scan_v5_operand(uint32_t (&af)[4][4], const float2 (&cr)[4][4], const float* a_s,
+                                                const float* d_s, int sb, int tq, float at0, float at1, int sg0,
+                                                int sg1, unsigned span0, unsigned span1) {
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    const int s = sb * 64 + ks * 16 + 2 * tq;
+    const float2 a01 = *reinterpret_cast<const float2*>(a_s + s), a89 = *reinterpret_cast<const float2*>(a_s + s + 8);
+    const float2 d01 = *reinterpret_cast<const float2*>(d_s + s), d89 = *reinterpret_cast<const float2*>(d_s + s + 8);
+    const float sa[4] = {a01.x, a01.y, a89.x, a89.y};
+    const float sd[4] = {d01.x, d01.y, d89.x, d89.y};
+    const int sp[4] = {s, s + 1, s + 8, s + 9};
+    const float c0[4] = {cr[ks][0].x, cr[ks][0].y, cr[ks][2].x, cr[ks][2].y};
+    const float c1[4] = {cr[ks][1].x, cr[ks][1].y, cr[ks][3].x, cr[ks][3].y};
+    float m0[4], m1[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      m0[k] = c0[k] * ex2_ftz(fmaf(sa[k], -kLog2e, at0)) * sd[k];
+      m1[k] = c1[k] * ex2_ftz(fmaf(sa[k], -kLog2e, at1)) * sd[k];
+      if (MASK) {
+        m0[k] = unsigned(sp[k] - sg0) <= span0 ? m0[k] : 0.f;
+        m1[k] = unsigned(sp[k] - sg1) <= span1 ? m1[k] : 0.f;
+      }
+    }
+    const T* tag = nullptr;
+    af[ks][0] = pack2(m0[0], m0[1], tag);
+    af[ks][1] = pack2(m1[0], m1[1], tag);
+    af[ks][2] = pack2(m0[2], m0[3], tag);
+    af[ks][3] = pack2(m1[2], m1[3], tag);
+  }
+}
+
+// Grid, tile and warp split as ssd_chunk_scan_v4 (prev in T). Dynamic shared memory (_scan_v5_smem): cs, hs:
+// 64 x max(ldc, 72) T each (C; h_prev, then the z tile); two x slices 64 x 72 T; dacs, dt' (Q floats each);
+// D (64 floats).
+template <typename T>
+__global__ void __launch_bounds__(128, 4) ssd_chunk_scan_v5(
+    const T* __restrict__ x, i64 sxb, i64 sxl, const T* __restrict__ z, i64 szb, i64 szl, const T* __restrict__ Cm,
+    i64 scb, i64 scl, const float* __restrict__ dtp, const float* __restrict__ dacs, const int* __restrict__ seg,
+    const T* __restrict__ prev, const float* __restrict__ D, const float* __restrict__ cb, int L, int H, int G,
+    int P, int N, int Q, int nc, int ldc, T* __restrict__ out) {
+  constexpr int LX = 72;
+  SSM_DYNAMIC_SMEM(dyn);
+  const int reg = 64 * imax(ldc, LX);
+  T* cs = reinterpret_cast<T*>(dyn);
+  T* hs = cs + reg;  // then z
+  T* xs = hs + reg;  // two slices
+  float* a_s = reinterpret_cast<float*>(xs + 2 * 64 * LX);
+  float* d_s = a_s + Q;
+  float* Ds = d_s + Q;
+
+  const int tilesP = (P + 63) / 64, T4 = Q / 64, ntri = T4 * (T4 + 1) / 2;
+  i64 id = blockIdx.x;
+  const int tp = int(id % tilesP); id /= tilesP;
+  const int tt = int(id % T4); id /= T4;
+  const int h = int(id % H); id /= H;
+  const int c = int(id);
+  const int b = blockIdx.y;
+  const int p0 = tp * 64, t0 = tt * 64;
+  const i64 cpos = i64(c) * Q;
+  if (cpos + t0 >= L) return;
+  const int g = h / (H / G);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gg = lane >> 2, tq = lane & 3;
+  const int r0 = warp * 16;
+  const i64 row = (i64(b) * H + h) * nc * Q + cpos;
+  const int nch = (N + 31) / 32 * 4, npad = nch * 8;
+  const int pch = imax(0, P - p0 < 64 ? (P - p0) / 8 : 8);
+  const int tvalid = int(L - cpos - t0 < 64 ? L - cpos - t0 : 64);
+
+  // group 0: C, h_prev, dacs / dt' up to the t-tile end, D, x slice 0; group 1: x slice 1 (or nothing)
+  cp_rows64(cs, ldc, Cm + i64(b) * scb + (cpos + t0) * scl + i64(g) * N, scl, tvalid, N / 8, nch);
+  cp_rows64(hs, ldc, prev + (((i64(b) * nc + c) * H + h) * P + p0) * i64(N), i64(N), P - p0, N / 8, nch);
+  for (int q = tid; q < (t0 + 64) / 4; q += 128) {
+    cp_async16(a_s + 4 * q, smem_addr(a_s + 4 * q), dacs + row + 4 * q, true);
+    cp_async16(d_s + 4 * q, smem_addr(d_s + 4 * q), dtp + row + 4 * q, true);
+  }
+  if (D && tid < 16) {
+    const bool ok = 4 * tid < P - p0;
+    cp_async16(Ds + 4 * tid, smem_addr(Ds + 4 * tid), ok ? D + i64(h) * P + p0 + 4 * tid : D, ok);
+  }
+  const T* xtile = x + i64(b) * sxb + cpos * sxl + i64(h) * P + p0;
+  auto fetch_x = [&](int sb) {
+    cp_rows64(xs + (sb & 1) * 64 * LX, LX, xtile + i64(sb) * 64 * sxl, sxl, int(L - cpos - sb * 64), pch, 8);
+    cp_async_commit();
+  };
+  fetch_x(0);
+  if (tt >= 1) {
+    fetch_x(1);
+  } else {
+    cp_async_commit();
+  }
+  // C B^T fragments of slice 0 in registers (rows r0 + gg (+8), columns 16 ks + 2 tq (+8)), the rows' sequence starts
+  const float* cbt = cb + (((i64(b) * nc + c) * G + g) * ntri + tt * (tt + 1) / 2) * 4096;
+  float2 cr[4][4];
+  auto fetch_cb = [&](int sb) {
+    const float* tile = cbt + sb * 4096 + (r0 + gg) * 64 + 2 * tq;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      cr[ks][0] = *reinterpret_cast<const float2*>(tile + ks * 16);
+      cr[ks][1] = *reinterpret_cast<const float2*>(tile + 8 * 64 + ks * 16);
+      cr[ks][2] = *reinterpret_cast<const float2*>(tile + ks * 16 + 8);
+      cr[ks][3] = *reinterpret_cast<const float2*>(tile + 8 * 64 + ks * 16 + 8);
+    }
+  };
+  fetch_cb(0);
+  const int sg0 = seg ? seg[i64(b) * nc * Q + cpos + t0 + r0 + gg] : -1;
+  const int sg1 = seg ? seg[i64(b) * nc * Q + cpos + t0 + r0 + gg + 8] : -1;
+  cp_async_wait<1>();
+  __syncthreads();
+
+  float acc[8][4];
+  zero_acc(acc);
+  {  // state term C h_prev^T: warp_gemm_ldsm<T, 8> with the shared addresses computed once
+    const int aoff = (r0 + (lane & 15)) * ldc + (lane >> 4) * 8;
+    const int hoff = (((lane >> 4) << 3) + (lane & 7)) * ldc + ((lane >> 3) & 1) * 8;
+    const uint32_t cs_s = smem_addr(cs), hs_s = smem_addr(hs);
+#pragma unroll 2
+    for (int k0 = 0; k0 < npad; k0 += 16) {
+      uint32_t af[4];
+      ldsm_x4_at(af, cs, cs_s, aoff + k0);
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        uint32_t bf[4];
+        ldsm_x4_at(bf, hs, hs_s, hoff + jj * 16 * ldc + k0);
+        const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+        mma16<T>(acc[2 * jj], af, b0);
+        mma16<T>(acc[2 * jj + 1], af, b1);
+      }
+    }
+  }
+  const float ar0 = a_s[t0 + r0 + gg], ar1 = a_s[t0 + r0 + gg + 8];
+  {
+    const float e0 = sg0 < 0 ? expf(ar0) : 0.f, e1 = sg1 < 0 ? expf(ar1) : 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      acc[j][0] *= e0;
+      acc[j][1] *= e0;
+      acc[j][2] *= e1;
+      acc[j][3] *= e1;
+    }
+  }
+  const float at0 = ar0 * kLog2e, at1 = ar1 * kLog2e;
+  // Row t keeps column s when sg <= s <= t (sg, the row's sequence start or -1, is <= t): one unsigned compare.
+  const unsigned span0 = unsigned(t0 + r0 + gg - sg0), span1 = unsigned(t0 + r0 + gg + 8 - sg1);
+  __syncthreads();  // everyone is done with cs / hs
+  // group 2: the z tile into hs (or nothing)
+  if (z) cp_rows64(hs, LX, z + i64(b) * szb + (cpos + t0) * szl + i64(h) * P + p0, szl, tvalid, pch, 8);
+  cp_async_commit();
+
+  const int li = lane >> 3, lr = lane & 7;
+  const int boff = ((li & 1) * 8 + lr) * LX + (li >> 1) * 8;  // ldmatrix.trans of an x slice [s][p]
+  const uint32_t xs_s = smem_addr(xs);
+  for (int sb = 0; sb <= tt; ++sb) {
+    uint32_t af[4][4];
+    if (sb == tt || seg) {
+      scan_v5_operand<T, true>(af, cr, a_s, d_s, sb, tq, at0, at1, sg0, sg1, span0, span1);
+    } else {
+      scan_v5_operand<T, false>(af, cr, a_s, d_s, sb, tq, at0, at1, sg0, sg1, span0, span1);
+    }
+    // x slice sb: group 0 / 1 (then groups 1..2 / 2..E0 may pend) or E(sb - 2) (then E(sb - 1) may pend)
+    if (sb < 2) {
+      cp_async_wait<2>();
+    } else {
+      cp_async_wait<1>();
+    }
+    __syncthreads();  // x slice sb visible
+    if (sb < tt) fetch_cb(sb + 1);
+    const T* xb = xs + (sb & 1) * 64 * LX;
+    const uint32_t xb_s = xs_s + (sb & 1) * 64 * LX * int(sizeof(T));
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        uint32_t bq[4];
+        ldsm_x4_trans_at(bq, xb, xb_s, boff + ks * 16 * LX + jj * 16);
+        const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+        mma16<T>(acc[2 * jj], af[ks], b0);
+        mma16<T>(acc[2 * jj + 1], af[ks], b1);
+      }
+    __syncthreads();  // everyone is done with this x buffer
+    if (sb + 2 <= tt) {
+      fetch_x(sb + 2);  // group E(sb)
+    } else {
+      cp_async_commit();
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // z tile visible
+  // epilogue: y = acc + D x (x: the diagonal slice, rows t0 + r), times silu(z); pairs of columns per access
+  const T* xd = xs + (tt & 1) * 64 * LX;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int r = r0 + gg + 8 * hh;
+    const i64 ps = cpos + t0 + r;
+    if (ps >= L) continue;
+    T* orow = out + ((i64(b) * L + ps) * H + h) * P;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int pl = 8 * j + 2 * tq;
+      if (p0 + pl >= P) continue;  // P % 8 == 0: the pair is inside
+      float y0 = acc[j][2 * hh], y1 = acc[j][2 * hh + 1];
+      if (D) {
+        const uint32_t xv = *reinterpret_cast<const uint32_t*>(xd + r * LX + pl);
+        const T* xe = reinterpret_cast<const T*>(&xv);
+        y0 += Ds[pl] * load_f(xe);
+        y1 += Ds[pl + 1] * load_f(xe + 1);
+      }
+      if (z) {
+        const uint32_t zv = *reinterpret_cast<const uint32_t*>(hs + r * LX + pl);
+        const T* ze = reinterpret_cast<const T*>(&zv);
+        y0 *= silu_f(load_f(ze));
+        y1 *= silu_f(load_f(ze + 1));
+      }
+      uint32_t ov;
+      T* oe = reinterpret_cast<T*>(&ov);
+      store_f(oe, y0);
+      store_f(oe + 1, y1);
+      *reinterpret_cast<uint32_t*>(orow + p0 + pl) = ov;
+    }
+  }
+}

@@ -1348,6 +1348,12 @@ __global__ void __launch_bounds__(256) ssdb_dcs3(const T* __restrict__ x, const 
 #define SSDB_ALIGN16 __align__(16)
 #endif
 constexpr int G4_TILE = 64, G4_KS = 32, G4_LD = G4_KS + 8;  // smem row: 80 bytes
+// v5: the decay e^(cs_t - cs_s) factored as e^(cs_t - ref) e^(ref - cs_s) only where every |cs - ref| involved
+// is at most this (both factors within [e^-80, e^80]: normal floats, no overflow, the product's relative error a
+// few ulp); elsewhere the exact per-element exp.
+#ifndef SSDB_FAC_MAX
+#define SSDB_FAC_MAX 80.f
+#endif
 
 template <typename T>
 struct G4Mma;
@@ -1356,12 +1362,14 @@ struct G4Mma<bf16_t> {
   __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     mma_16816_bf16(c, a, b);
   }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) { return pack_bf16x2(lo, hi); }
 };
 template <>
 struct G4Mma<half_t> {
   __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     mma_16816_f16(c, a, b);
   }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) { return pack_f16x2(lo, hi); }
 };
 
 // acc (the warp's 32 x 32 block at rows wr, columns wc of the tile) += As[rows][0..32) . Bs[cols][0..32)^T.
@@ -1421,19 +1429,21 @@ extern "C" __global__ void ssdb_fac4(const float* __restrict__ d, const float* _
 // KIND 1 / 2: dC / dB per group into out (B, L, G, N) fp32; grid (nc * G * nt * ceil(N / 64), 1, B).
 // rowp, colp: (B, nc, H, nt, Q) fp32, only the (j <= i) parts written.
 template <typename T, int KIND>
-__global__ void __launch_bounds__(256, KIND == 0 ? 2 : 3) ssdb_g4(
+__global__ void __launch_bounds__(256, KIND % 8 == 0 ? 2 : 3) ssdb_g4(
     const T* __restrict__ x, const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ dy,
     const float* __restrict__ d, const float* __restrict__ cs, const int* __restrict__ seg,
     const float* __restrict__ cb, float* __restrict__ F, const float* __restrict__ h0, const float* __restrict__ dh,
     const float* __restrict__ fcC, const float* __restrict__ fcB, float* __restrict__ out, float* __restrict__ rowp,
     float* __restrict__ colp, int batch, i64 L, int H, int G, int P, int N, int Q, int nc) {
-  SSDB_ALIGN16 __shared__ T As[G4_TILE][G4_LD];
-  SSDB_ALIGN16 __shared__ T Bs[G4_TILE][G4_LD];
+  constexpr int KD = KIND % 8;  // KIND 8: v5's KIND 0 (see the v5 section)
+  constexpr bool V5 = KIND >= 8;
+  SSDB_ALIGN16 __shared__ T As[V5 ? 2 : 1][G4_TILE][G4_LD];  // v5: double-buffered slices
+  SSDB_ALIGN16 __shared__ T Bs[V5 ? 2 : 1][G4_TILE][G4_LD];
   const int nt = (Q + G4_TILE - 1) / G4_TILE, hpg = H / G;
   int c, g, ti, tj;
   {
     int r = (int)blockIdx.x;
-    if (KIND == 0) {
+    if (KD == 0) {
       const int ntri = nt * (nt + 1) / 2;
       int tri = r % ntri;
       r /= ntri;
@@ -1462,40 +1472,42 @@ __global__ void __launch_bounds__(256, KIND == 0 ? 2 : 3) ssdb_g4(
   const int HP = H * P, GN = G * N, KH = hpg * P;
   const i64 mqg = (((b * nc + c) * (i64)G + g) * Q) * (i64)Q;  // the group's Q x Q block (CB, F)
   const i64 st_g = ((b * nc + c) * H + (i64)g * hpg) * (i64)P * N;  // the group's first head's (P, N) state
-  // 256 threads, 8 warps of 32 x 16 (2 x 4) over the 64 x 64 tile (registers: KIND 0 at 2 blocks per SM,
-  // KIND 1 / 2 at 3).
+  // 256 threads, 8 warps of 32 x 16 (2 x 4) over the 64 x 64 tile (registers: KD 0 at 2 blocks per SM,
+  // KD 1 / 2 at 3).
   constexpr int NTH = 256, PER = G4_TILE * G4_KS / NTH, WN = 2;
   constexpr int RSTEP = NTH / 32, KSTEP = NTH / 64;  // k-fast: row step per element; row-fast: k step
   const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
   const int wr = 32 * (w & 1), wc = 8 * WN * (w >> 1);
 
-  // Steps: KIND 0: (head, P slice); KIND 1 / 2: phase 1 position slices, then phase 2 (head, p) slices.
+  // Steps: KD 0: (head, P slice); KD 1 / 2: phase 1 position slices, then phase 2 (head, p) slices.
   const int nsl = (P + G4_KS - 1) / G4_KS;
   int ks1 = 0, ke1 = 0;
-  if (KIND == 1) ke1 = i0 + G4_TILE < len ? i0 + G4_TILE : len;  // s <= t
-  if (KIND == 2) { ks1 = i0; ke1 = len; }                          // t >= s
-  // KIND 1 / 2 split over the group's heads (grid y, for parallelism at small batch): split y takes heads
+  if (KD == 1) ke1 = i0 + G4_TILE < len ? i0 + G4_TILE : len;  // s <= t
+  if (KD == 2) { ks1 = i0; ke1 = len; }                          // t >= s
+  // KD 1 / 2 split over the group's heads (grid y, for parallelism at small batch): split y takes heads
   // [y * hps, (y + 1) * hps) of phase 2 and writes its partial to out + y * B * L * G * N; split 0 also phase 1.
   const int hps = (hpg + (int)gridDim.y - 1) / (int)gridDim.y;
   const int y_lo = (int)blockIdx.y * hps, y_hi = y_lo + hps;
   const int kh_lo = (y_lo < hpg ? y_lo : hpg) * P, kh_hi = (y_hi < hpg ? y_hi : hpg) * P;
-  const int n1 = (KIND == 0 || blockIdx.y > 0) ? 0 : (ke1 - ks1 + G4_KS - 1) / G4_KS;
-  const int nsteps = KIND == 0 ? hpg * nsl : n1 + (kh_hi - kh_lo + G4_KS - 1) / G4_KS;
+  const int n1 = (KD == 0 || blockIdx.y > 0) ? 0 : (ke1 - ks1 + G4_KS - 1) / G4_KS;
+  const int nsteps = KD == 0 ? hpg * nsl : n1 + (kh_hi - kh_lo + G4_KS - 1) / G4_KS;
 
   // Per step, the raw operand values of this thread (16 of A, 16 of B, and for phase 2 the row scale).
   float ra[PER], rb[PER], rf[PER];
   // Element u of this thread: k-fast (row = tid / 32 + 4u, k = tid % 32) or row-fast (row = tid % 64,
   // k = tid / 64 + 2u); the mapping follows the operand's contiguous global axis.
   auto load = [&](int step) {
-    if (KIND == 0) {
+    if (KD == 0) {
       const int hh = step / nsl, k0 = (step % nsl) * G4_KS;
-      const int h = g * hpg + hh, kk = k0 + lane;
+      const int h = g * hpg + hh, kk_ = k0 + lane;
       const int r0 = tid >> 5;
       const float* dyb = dy + (srow + i0) * HP + (i64)h * P;
       const T* xb = x + (srow + j0) * HP + (i64)h * P;
 #pragma unroll
       for (int u = 0; u < PER; ++u) {
-        const int r = r0 + RSTEP * u;
+        // v5: k pairs (2 (tid % 16) + u % 2, packed into one 32-bit shared store), rows tid / 16 + 16 (u / 2)
+        const int r = V5 ? (tid >> 4) + 16 * (u >> 1) : r0 + RSTEP * u;
+        const int kk = V5 ? k0 + 2 * (tid & 15) + (u & 1) : kk_;
         const bool ka = kk < P;
         ra[u] = (ka && i0 + r < len) ? dyb[r * HP + kk] : 0.f;
         rb[u] = (ka && j0 + r < len) ? load_f(xb + r * HP + kk) : 0.f;
@@ -1503,7 +1515,7 @@ __global__ void __launch_bounds__(256, KIND == 0 ? 2 : 3) ssdb_g4(
     } else if (step < n1) {
       const int k0 = ks1 + step * G4_KS;
       const float* Fb = F + mqg;
-      if (KIND == 1) {  // A(t, s) = F[t][s], k-fast
+      if (KD == 1) {  // A(t, s) = F[t][s], k-fast
         const int kk = k0 + lane, r0 = tid >> 5;
 #pragma unroll
         for (int u = 0; u < PER; ++u) {
@@ -1519,7 +1531,7 @@ __global__ void __launch_bounds__(256, KIND == 0 ? 2 : 3) ssdb_g4(
         }
       }
       // B(k = position, n) = B / C row, row-fast over n
-      const T* src = (KIND == 1 ? Bm : Cm) + srow * GN + (i64)g * N + j0;
+      const T* src = (KD == 1 ? Bm : Cm) + srow * GN + (i64)g * N + j0;
       const int n = tid & 63, kb = k0 + (tid >> 6);
 #pragma unroll
       for (int u = 0; u < PER; ++u) {
@@ -1531,7 +1543,7 @@ __global__ void __launch_bounds__(256, KIND == 0 ? 2 : 3) ssdb_g4(
       {  // A(row, (h, p)) = dy (dC) or x (dB) times the row scale, k-fast
         const int kk = k0 + lane, r0 = tid >> 5;
         const int hh = kk < kh_hi ? kk / P : 0;
-        const float* fac = (KIND == 1 ? fcC : fcB) + (b * H + (i64)g * hpg + hh) * L + t0 + i0;
+        const float* fac = (KD == 1 ? fcC : fcB) + (b * H + (i64)g * hpg + hh) * L + t0 + i0;
         const i64 ob = (srow + i0) * HP + (i64)g * KH;
         const float* dyb = dy + ob;
         const T* xb = x + ob;
@@ -1539,12 +1551,12 @@ __global__ void __launch_bounds__(256, KIND == 0 ? 2 : 3) ssdb_g4(
         for (int u = 0; u < PER; ++u) {
           const int r = r0 + RSTEP * u;
           const bool in = kk < kh_hi && i0 + r < len;
-          ra[u] = in ? (KIND == 1 ? dyb[r * HP + kk] : load_f(xb + r * HP + kk)) : 0.f;
+          ra[u] = in ? (KD == 1 ? dyb[r * HP + kk] : load_f(xb + r * HP + kk)) : 0.f;
           rf[u] = in ? fac[r] : 0.f;
         }
       }
       // B((h, p), n) = h0 (dC) or dh (dB) of the group's heads: a (KH, N) matrix, row-fast over n
-      const float* src = (KIND == 1 ? h0 : dh) + st_g + j0;
+      const float* src = (KD == 1 ? h0 : dh) + st_g + j0;
       const int n = tid & 63, kb = k0 + (tid >> 6);
 #pragma unroll
       for (int u = 0; u < PER; ++u) {
@@ -1553,23 +1565,32 @@ __global__ void __launch_bounds__(256, KIND == 0 ? 2 : 3) ssdb_g4(
       }
     }
   };
-  auto store = [&](int step) {
-    const bool p2 = KIND != 0 && step >= n1;
-    const bool a_rowfast = KIND == 2 && !p2;
-    const bool b_rowfast = KIND != 0;
+  auto store = [&](int step, int sb) {
+    if (V5) {  // KIND 0 only: both operands k-fast pairs
+#pragma unroll
+      for (int up = 0; up < PER / 2; ++up) {
+        const int r = (tid >> 4) + 16 * up, k = 2 * (tid & 15);
+        *reinterpret_cast<uint32_t*>(&As[sb][r][k]) = G4Mma<T>::pack(ra[2 * up], ra[2 * up + 1]);
+        *reinterpret_cast<uint32_t*>(&Bs[sb][r][k]) = G4Mma<T>::pack(rb[2 * up], rb[2 * up + 1]);
+      }
+      return;
+    }
+    const bool p2 = KD != 0 && step >= n1;
+    const bool a_rowfast = KD == 2 && !p2;
+    const bool b_rowfast = KD != 0;
 #pragma unroll
     for (int u = 0; u < PER; ++u) {
       const int r = a_rowfast ? (tid & 63) : (tid >> 5) + RSTEP * u, k = a_rowfast ? (tid >> 6) + KSTEP * u : lane;
       T v;
       store_f(&v, p2 ? ra[u] * rf[u] : ra[u]);
-      As[r][k] = v;
+      As[sb][r][k] = v;
     }
 #pragma unroll
     for (int u = 0; u < PER; ++u) {
       const int r = b_rowfast ? (tid & 63) : (tid >> 5) + RSTEP * u, k = b_rowfast ? (tid >> 6) + KSTEP * u : lane;
       T v;
       store_f(&v, rb[u]);
-      Bs[r][k] = v;
+      Bs[sb][r][k] = v;
     }
   };
 
@@ -1578,9 +1599,9 @@ __global__ void __launch_bounds__(256, KIND == 0 ? 2 : 3) ssdb_g4(
   for (int m = 0; m < 2; ++m)
 #pragma unroll
     for (int n = 0; n < WN; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
-  auto products = [&]() { g4_products<T, WN>(acc, As, Bs, wr, wc, gq, tq); };
+  auto products = [&](int sb) { g4_products<T, WN>(acc, As[sb], Bs[sb], wr, wc, gq, tq); };
 
-  if (KIND == 0) {
+  if (KD == 0) {
     // Head-independent parts of the epilogue: CB and the mask (s <= t < len, same sequence) per element.
     __shared__ float s_rcs[G4_TILE], s_ccs[G4_TILE], s_cd[G4_TILE];
     __shared__ float red_row[G4_TILE][17], red_col[G4_TILE][17];
@@ -1609,21 +1630,54 @@ __global__ void __launch_bounds__(256, KIND == 0 ? 2 : 3) ssdb_g4(
       float rs[2][2] = {{0.f, 0.f}, {0.f, 0.f}}, cl[WN][2];
 #pragma unroll
       for (int n = 0; n < WN; ++n) cl[n][0] = cl[n][1] = 0.f;
+      // v4: e^(cs_t - cs_s) per element. v5: e^(cs_t - ref) e^(ref - cs_s) (ref = cs of the tile's first column):
+      // 8 exp per thread instead of 32, when this thread's |cs - ref| <= SSDB_FAC_MAX (no overflow / loss).
+      auto elems = [&](auto FAC) {
+        constexpr bool fac = decltype(FAC)::value;
+        float er[2][2], ec[WN][2];
+        if (fac) {
+          const float ref = s_ccs[0];
 #pragma unroll
-      for (int m = 0; m < 2; ++m)
+          for (int m = 0; m < 2; ++m)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) er[m][hf] = __expf(s_rcs[wr + 16 * m + gq + 8 * hf] - ref);
+#pragma unroll
+          for (int n = 0; n < WN; ++n)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) ec[n][j] = __expf(ref - s_ccs[wc + 8 * n + 2 * tq + j]);
+        }
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+          for (int n = 0; n < WN; ++n)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              const int r = wr + 16 * m + gq + (q >= 2 ? 8 : 0), cc = wc + 8 * n + 2 * tq + (q & 1);
+              float e = 0.f;
+              if (msk & (1u << (16 * m + 4 * n + q)))
+                e = fac ? acc[m][n][q] * er[m][q >> 1] * ec[n][q & 1] : acc[m][n][q] * __expf(s_rcs[r] - s_ccs[cc]);
+              const float ed = e * s_cd[cc], cbe = s_cb[r][cc] * e;
+              Facc[m][n][q] += ed;
+              rs[m][q >> 1] += cbe * s_cd[cc];
+              cl[n][q & 1] += cbe;
+              acc[m][n][q] = 0.f;
+            }
+      };
+      bool fac = false;
+      if (V5) {
+        const float ref = s_ccs[0];
+        fac = true;
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) fac = fac && fabsf(s_rcs[wr + 16 * m + gq + 8 * hf] - ref) <= SSDB_FAC_MAX;
 #pragma unroll
         for (int n = 0; n < WN; ++n)
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const int r = wr + 16 * m + gq + (q >= 2 ? 8 : 0), cc = wc + 8 * n + 2 * tq + (q & 1);
-            float e = 0.f;
-            if (msk & (1u << (16 * m + 4 * n + q))) e = acc[m][n][q] * __expf(s_rcs[r] - s_ccs[cc]);
-            const float ed = e * s_cd[cc], cbe = s_cb[r][cc] * e;
-            Facc[m][n][q] += ed;
-            rs[m][q >> 1] += cbe * s_cd[cc];
-            cl[n][q & 1] += cbe;
-            acc[m][n][q] = 0.f;
-          }
+          for (int j = 0; j < 2; ++j) fac = fac && fabsf(s_ccs[wc + 8 * n + 2 * tq + j] - ref) <= SSDB_FAC_MAX;
+      }
+      if (fac) elems(ssdb_int<1>{});
+      else elems(ssdb_int<0>{});
 #pragma unroll
       for (int m = 0; m < 2; ++m)
 #pragma unroll
@@ -1664,18 +1718,38 @@ __global__ void __launch_bounds__(256, KIND == 0 ? 2 : 3) ssdb_g4(
           Facc[m][n][q] = 0.f;
           if (on) msk |= 1u << (16 * m + 4 * n + q);
         }
-    for (int step = 0; step < nsteps; ++step) {
-      const int hh = step / nsl;
-      __syncthreads();
-      store(step);
-      if (step % nsl == 0) store_sc();
-      __syncthreads();
-      if (step + 1 < nsteps) {
-        load(step + 1);
-        if ((step + 1) % nsl == 0) load_sc((step + 1) / nsl);
+    if (V5) {  // double-buffered slices: one barrier per slice; slice step + 1 loads during slice step's mma
+      // Iteration step: the products (and a head's epilogue) of slice step - 1 while the loads of slice step land,
+      // then slice step into the other buffer; the epilogue's barrier orders its scalar reads before store_sc.
+      for (int step = 0; step <= nsteps; ++step) {
+        if (step > 0) {
+          products((step - 1) & 1);
+          if ((step - 1) % nsl == nsl - 1) epilogue((step - 1) / nsl);
+        }
+        if (step < nsteps) {
+          store(step, step & 1);
+          if (step % nsl == 0) store_sc();
+        }
+        __syncthreads();
+        if (step + 1 < nsteps) {
+          load(step + 1);
+          if ((step + 1) % nsl == 0) load_sc((step + 1) / nsl);
+        }
       }
-      products();
-      if (step % nsl == nsl - 1) epilogue(hh);
+    } else {
+      for (int step = 0; step < nsteps; ++step) {
+        const int hh = step / nsl;
+        __syncthreads();
+        store(step, 0);
+        if (step % nsl == 0) store_sc();
+        __syncthreads();
+        if (step + 1 < nsteps) {
+          load(step + 1);
+          if ((step + 1) % nsl == 0) load_sc((step + 1) / nsl);
+        }
+        products(0);
+        if (step % nsl == nsl - 1) epilogue(hh);
+      }
     }
     // F tile (lower tiles only; zeros above the diagonal and past the chunk end).
 #pragma unroll
@@ -1691,10 +1765,10 @@ __global__ void __launch_bounds__(256, KIND == 0 ? 2 : 3) ssdb_g4(
     load(0);
     for (int step = 0; step < nsteps; ++step) {
       __syncthreads();
-      store(step);
+      store(step, 0);
       __syncthreads();
       if (step + 1 < nsteps) load(step + 1);
-      products();
+      products(0);
     }
 #pragma unroll
     for (int m = 0; m < 2; ++m)
@@ -1793,18 +1867,21 @@ __global__ void __launch_bounds__(256) ssdb_dcs4(const T* __restrict__ x, const 
 #define SSDB_H4_MINB 3
 #endif
 template <typename T, int KIND>
-__global__ void __launch_bounds__(256, (KIND == 6 || KIND == 7) ? 2 : SSDB_H4_MINB) ssdb_h4(
+__global__ void __launch_bounds__(256, (KIND % 8 == 6 || KIND % 8 == 7) ? 2 : SSDB_H4_MINB) ssdb_h4(
     const T* __restrict__ x, const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ dy,
     const float* __restrict__ Dp, const float* __restrict__ d, const float* __restrict__ cs,
     const int* __restrict__ seg, const float* __restrict__ cb, const float* __restrict__ h0,
     const float* __restrict__ dh, float* __restrict__ out, float* __restrict__ aux, int batch, i64 L, int H, int G,
     int P, int N, int Q, int nc) {
-  SSDB_ALIGN16 __shared__ T As[G4_TILE][G4_LD];
-  SSDB_ALIGN16 __shared__ T Bs[G4_TILE][G4_LD];
+  constexpr int KD = KIND % 8;  // KIND 11: v5's KIND 3 (see the v5 section)
+  constexpr bool V5 = KIND >= 8;
+  SSDB_ALIGN16 __shared__ T As[V5 ? 2 : 1][G4_TILE][G4_LD];  // v5: double-buffered slices
+  SSDB_ALIGN16 __shared__ T Bs[V5 ? 2 : 1][G4_TILE][G4_LD];
   __shared__ float s_cs[MM3_MAXQ], s_fac[MM3_MAXQ];
-  __shared__ int s_seg[MM3_MAXQ];
-  constexpr bool QROWS = KIND == 3 || KIND == 6 || KIND == 7;  // output rows are positions
-  const int I = QROWS ? Q : P, J = (KIND == 4 || KIND == 5) ? N : P;
+  __shared__ float s_ek[V5 ? MM3_MAXQ : 1];  // v5 KIND 3: e^(cs_t - ref), ref = cs of the tile's first row
+  __shared__ int s_seg[MM3_MAXQ], s_ok;
+  constexpr bool QROWS = KD == 3 || KD == 6 || KD == 7;  // output rows are positions
+  const int I = QROWS ? Q : P, J = (KD == 4 || KD == 5) ? N : P;
   const int nti = (I + G4_TILE - 1) / G4_TILE, ntj = (J + G4_TILE - 1) / G4_TILE;
   int rb_ = (int)blockIdx.x;
   const int tj = rb_ % ntj;
@@ -1817,7 +1894,7 @@ __global__ void __launch_bounds__(256, (KIND == 6 || KIND == 7) ? 2 : SSDB_H4_MI
   const int len = (int)(t0 + Q < L ? Q : L - t0);
   const int i0 = ti * G4_TILE, j0 = tj * G4_TILE;
   if (QROWS && i0 >= len) {  // rows past the chunk's end: nothing to compute (dD partials are 0)
-    if (KIND == 3 && aux != nullptr && threadIdx.x < G4_TILE && j0 + (int)threadIdx.x < P)
+    if (KD == 3 && aux != nullptr && threadIdx.x < G4_TILE && j0 + (int)threadIdx.x < P)
       aux[(((b * nc + c) * H + h) * (i64)nti + ti) * P + j0 + threadIdx.x] = 0.f;
     return;
   }
@@ -1831,12 +1908,17 @@ __global__ void __launch_bounds__(256, (KIND == 6 || KIND == 7) ? 2 : SSDB_H4_MI
   const int wr = 32 * (w & 1), wc = 8 * WN * (w >> 1);
 
 
+  // v5 element u of this thread (k pairs u = 2 up, 2 up + 1, stored as one 32-bit word): row-fast: row tid % 64,
+  // k = 2 (tid / 64) + 8 (u / 2) + u % 2; k-fast: row tid / 16 + 16 (u / 2), k = 2 (tid % 16) + u % 2.
+  auto v5k_rf = [&](int u) { return 2 * (tid >> 6) + 8 * (u >> 1) + (u & 1); };
+  auto v5r_kf = [&](int u) { return (tid >> 4) + 16 * (u >> 1); };
+  auto v5k_kf = [&](int u) { return 2 * (tid & 15) + (u & 1); };
   int ks1 = 0, ke1 = len, n2 = 0;
-  if (KIND == 3) {
+  if (KD == 3) {
     ks1 = i0;
     n2 = (N + G4_KS - 1) / G4_KS;
   }
-  if (KIND == 6 || KIND == 7) ke1 = N;
+  if (KD == 6 || KD == 7) ke1 = N;
   const int n1 = (ke1 - ks1 + G4_KS - 1) / G4_KS, nsteps = n1 + n2;
 
   float ra[PER], rbv[PER];
@@ -1848,14 +1930,14 @@ __global__ void __launch_bounds__(256, (KIND == 6 || KIND == 7) ? 2 : SSDB_H4_MI
       const int r = tid & 63, kb = k0 + (tid >> 6);
 #pragma unroll
       for (int u = 0; u < PER; ++u) {
-        const int kk = kb + KSTEP * u;
+        const int kk = V5 ? k0 + v5k_rf(u) : kb + KSTEP * u;
         dst[u] = (r < rlim && kk < klim) ? load_f(base + r + kk * sk) : 0.f;
       }
     } else {
-      const int kk = k0 + lane, r0 = tid >> 5;
+      const int r0 = tid >> 5;
 #pragma unroll
       for (int u = 0; u < PER; ++u) {
-        const int r = r0 + RSTEP * u;
+        const int r = V5 ? v5r_kf(u) : r0 + RSTEP * u, kk = k0 + (V5 ? v5k_kf(u) : lane);
         dst[u] = (r < rlim && kk < klim) ? load_f(base + r * si + kk) : 0.f;
       }
     }
@@ -1865,50 +1947,73 @@ __global__ void __launch_bounds__(256, (KIND == 6 || KIND == 7) ? 2 : SSDB_H4_MI
   auto load = [&](int step) {
     if (step < n1) {
       const int k0 = ks1 + step * G4_KS;
-      if (KIND == 3) {
+      if (KD == 3) {
         ldop(RowF{}, cb + mqg + i0, 1, Q, len - i0, len, k0, ra);                         // CB[t][s]
         ldop(RowF{}, dy + srow * HP + (i64)h * P + j0, 1, HP, P - j0, len, k0, rbv);      // dy[t][p]
-      } else if (KIND == 4 || KIND == 5) {
-        if (KIND == 4) ldop(RowF{}, x + srow * HP + (i64)h * P + i0, 1, HP, P - i0, len, k0, ra);
+      } else if (KD == 4 || KD == 5) {
+        if (KD == 4) ldop(RowF{}, x + srow * HP + (i64)h * P + i0, 1, HP, P - i0, len, k0, ra);
         else ldop(RowF{}, dy + srow * HP + (i64)h * P + i0, 1, HP, P - i0, len, k0, ra);
-        ldop(RowF{}, (KIND == 4 ? Bm : Cm) + srow * GN + (i64)g * N + j0, 1, GN, N - j0, len, k0, rbv);
+        ldop(RowF{}, (KD == 4 ? Bm : Cm) + srow * GN + (i64)g * N + j0, 1, GN, N - j0, len, k0, rbv);
       } else {
-        ldop(KF{}, (KIND == 6 ? Cm : Bm) + (srow + i0) * GN + (i64)g * N, GN, 1, len - i0, N, k0, ra);
-        ldop(KF{}, (KIND == 6 ? h0 : dh) + st + (i64)j0 * N, N, 1, P - j0, N, k0, rbv);
+        ldop(KF{}, (KD == 6 ? Cm : Bm) + (srow + i0) * GN + (i64)g * N, GN, 1, len - i0, N, k0, ra);
+        ldop(KF{}, (KD == 6 ? h0 : dh) + st + (i64)j0 * N, N, 1, P - j0, N, k0, rbv);
       }
-    } else {  // KIND 3 phase 2: B_s (scaled at the store) and dh[p][n]
+    } else {  // KD 3 phase 2: B_s (scaled at the store) and dh[p][n]
       const int k0 = (step - n1) * G4_KS;
       ldop(KF{}, Bm + (srow + i0) * GN + (i64)g * N, GN, 1, len - i0, N, k0, ra);
       ldop(KF{}, dh + st + (i64)j0 * N, N, 1, P - j0, N, k0, rbv);
     }
   };
-  auto store = [&](int step) {
+  bool fac_ok = false;  // v5 KIND 3: s_ok
+  float er_s = 1.f;  // v5 KIND 3: e^(ref - cs_s) of this thread's row s = i0 + tid % 64 (phase 1, row-fast)
+  auto store = [&](int step, int sb) {
     const bool p2 = step >= n1;
+    if (V5) {  // KIND 3 only
+      const int k0 = p2 ? (step - n1) * G4_KS : ks1 + step * G4_KS;
+#pragma unroll
+      for (int up = 0; up < PER / 2; ++up) {
+        const int r = p2 ? v5r_kf(2 * up) : tid & 63, k = p2 ? v5k_kf(2 * up) : v5k_rf(2 * up);
+        float v[2];
+#pragma unroll
+        for (int o = 0; o < 2; ++o) {
+          const int kk = k0 + k + o, s = i0 + r;
+          if (!p2) {  // M[t = kk][s]
+            const bool on = s <= kk && kk < len && s_seg[s] == s_seg[kk];
+            v[o] = on ? (fac_ok ? ra[2 * up + o] * s_ek[kk] * er_s : ra[2 * up + o] * __expf(s_cs[kk] - s_cs[s])) : 0.f;
+          } else {
+            v[o] = ra[2 * up + o] * s_fac[s < Q ? s : Q - 1];
+          }
+        }
+        *reinterpret_cast<uint32_t*>(&As[sb][r][k]) = G4Mma<T>::pack(v[0], v[1]);
+        *reinterpret_cast<uint32_t*>(&Bs[sb][p2 ? r : tid & 63][k]) = G4Mma<T>::pack(rbv[2 * up], rbv[2 * up + 1]);
+      }
+      return;
+    }
     const int k0 = p2 ? (step - n1) * G4_KS : ks1 + step * G4_KS;
-    const bool arf = !p2 && KIND <= 5, brf = !p2 && KIND <= 5;
+    const bool arf = !p2 && KD <= 5, brf = !p2 && KD <= 5;
 #pragma unroll
     for (int u = 0; u < PER; ++u) {
       const int r = arf ? (tid & 63) : (tid >> 5) + RSTEP * u, k = arf ? (tid >> 6) + KSTEP * u : lane;
       float v = ra[u];
       const int kk = k0 + k;
-      if (KIND == 3 && !p2) {  // M[t = kk][s = i0 + r]
+      if (KD == 3 && !p2) {  // M[t = kk][s = i0 + r]
         const int s = i0 + r;
         v = (s <= kk && kk < len && s_seg[s] == s_seg[kk]) ? v * expf(s_cs[kk] - s_cs[s]) : 0.f;
-      } else if (KIND == 3) {
+      } else if (KD == 3) {
         v *= s_fac[i0 + r < Q ? i0 + r : Q - 1];
-      } else if (KIND == 4 || KIND == 5) {
+      } else if (KD == 4 || KD == 5) {
         v *= s_fac[kk < Q ? kk : Q - 1];
       }
       T tv;
       store_f(&tv, v);
-      As[r][k] = tv;
+      As[sb][r][k] = tv;
     }
 #pragma unroll
     for (int u = 0; u < PER; ++u) {
       const int r = brf ? (tid & 63) : (tid >> 5) + RSTEP * u, k = brf ? (tid >> 6) + KSTEP * u : lane;
       T tv;
       store_f(&tv, rbv[u]);
-      Bs[r][k] = tv;
+      Bs[sb][r][k] = tv;
     }
   };
 
@@ -1926,26 +2031,50 @@ __global__ void __launch_bounds__(256, (KIND == 6 || KIND == 7) ? 2 : SSDB_H4_MI
   __syncthreads();
   const int seg_end = s_seg[len - 1], seg_prev = t0 > 0 ? seg[srow - 1] : 0;
   const float cs_end = s_cs[len - 1];
-  if (KIND == 3 || KIND == 4 || KIND == 5) {
+  if (KD == 3 || KD == 4 || KD == 5) {
     for (int l = tid; l < Q; l += NTH) {
       float f = 0.f;
       if (l < len) {
-        if (KIND == 3) f = s_seg[l] == seg_end ? expf(cs_end - s_cs[l]) : 0.f;
-        if (KIND == 4) f = s_seg[l] == seg_end ? d[hrow + l] * expf(cs_end - s_cs[l]) : 0.f;
-        if (KIND == 5) f = s_seg[l] == seg_prev ? expf(s_cs[l]) : 0.f;
+        if (KD == 3) f = s_seg[l] == seg_end ? expf(cs_end - s_cs[l]) : 0.f;
+        if (KD == 4) f = s_seg[l] == seg_end ? d[hrow + l] * expf(cs_end - s_cs[l]) : 0.f;
+        if (KD == 5) f = s_seg[l] == seg_prev ? expf(s_cs[l]) : 0.f;
       }
       s_fac[l] = f;
     }
   }  // ordered before use by the first step's __syncthreads
-  for (int step = 0; step < nsteps; ++step) {
+  if (V5) {
+    // KIND 3: factored decay when every |cs_t - ref| (t in [i0, len): the rows s and the positions t >= s) is at
+    // most SSDB_FAC_MAX (block-uniform s_ok), else the exact per-element exp.
+    const float ref = s_cs[i0];
+    if (tid == 0) s_ok = 1;
     __syncthreads();
-    store(step);
+    for (int l = tid; l < Q; l += NTH) {
+      const bool in = l >= i0 && l < len;
+      if (in && !(fabsf(s_cs[l] - ref) <= SSDB_FAC_MAX)) s_ok = 0;
+      s_ek[l] = in ? __expf(s_cs[l] - ref) : 0.f;
+    }
+    er_s = i0 + (tid & 63) < len ? __expf(ref - s_cs[i0 + (tid & 63)]) : 0.f;
     __syncthreads();
-    if (step + 1 < nsteps) load(step + 1);
-    g4_products<T, WN>(acc, As, Bs, wr, wc, gq, tq);
+    fac_ok = s_ok != 0;
+    // Double-buffered, one barrier per slice: iteration step runs the products of slice step - 1 while the loads
+    // of slice step (issued after the previous barrier) land, then stores slice step into the other buffer.
+    for (int step = 0; step <= nsteps; ++step) {
+      if (step > 0) g4_products<T, WN>(acc, As[(step - 1) & 1], Bs[(step - 1) & 1], wr, wc, gq, tq);
+      if (step < nsteps) store(step, step & 1);
+      __syncthreads();
+      if (step + 1 < nsteps) load(step + 1);
+    }
+  } else {
+    for (int step = 0; step < nsteps; ++step) {
+      __syncthreads();
+      store(step, 0);
+      __syncthreads();
+      if (step + 1 < nsteps) load(step + 1);
+      g4_products<T, WN>(acc, As[0], Bs[0], wr, wc, gq, tq);
+    }
   }
 
-  if (KIND == 6 || KIND == 7) {
+  if (KD == 6 || KD == 7) {
     __shared__ float red_row[G4_TILE][17];
     float rs[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 #pragma unroll
@@ -1960,7 +2089,7 @@ __global__ void __launch_bounds__(256, (KIND == 6 || KIND == 7) ? 2 : SSDB_H4_MI
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             const int p = j0 + wc + 8 * n + 2 * tq + j;
-            if (p < P) rs[m][hf] += acc[m][n][2 * hf + j] * (KIND == 6 ? dy[xo + p] : load_f(x + xo + p));
+            if (p < P) rs[m][hf] += acc[m][n][2 * hf + j] * (KD == 6 ? dy[xo + p] : load_f(x + xo + p));
           }
       }
 #pragma unroll
@@ -1974,7 +2103,7 @@ __global__ void __launch_bounds__(256, (KIND == 6 || KIND == 7) ? 2 : SSDB_H4_MI
       for (int k = 0; k < 16; ++k) v += red_row[tid][k];
       out[(((b * nc + c) * H + h) * (i64)ntj + tj) * Q + i0 + tid] = v;
     }
-  } else if (KIND == 3) {
+  } else if (KD == 3) {
     // dx, and (aux != null) the partial dD sums over this tile's rows: aux[((b, c, h), ti), p] = sum_s dy x.
     __shared__ float red_col[G4_TILE][17];
     float cl[WN][2];

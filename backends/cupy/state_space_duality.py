@@ -53,6 +53,7 @@ INSTANTIATIONS = (
     + [f"ssd_chunk_states_v4<{t}>" for t in _TYPES[1:]]
     + [f"ssd_state_passing_v4<{t}>" for t in _TYPES[1:]]
     + [f"ssd_chunk_scan_v4<{t}, {p}>" for t in _TYPES[1:] for p in ("float", t)]
+    + [f"ssd_chunk_scan_v5<{t}>" for t in _TYPES[1:]]
 )
 
 # Kernel generation: "v4" (default; ldmatrix fragments, no transposed staging, chunk_scan's decayed C B^T
@@ -63,6 +64,9 @@ INSTANTIATIONS = (
 # v1's 5879) or "v1" (the first tensor-core kernels). All three give bitwise equal results. A module
 # attribute so that a benchmark can flip it in-process.
 fwd_path = os.environ.get("SSMCORE_SSD_FWD", "v4")
+# "v5": v4 with ssd_chunk_scan_v5 (cp.async staging, x slices double-buffered, 16 warps per SM) where the
+# 16-bit chunk-start states apply, else exactly v4. Not the default until measured.
+_V4 = ("v4", "v5")
 
 _NO_LIMIT = (0.0, math.inf)
 
@@ -196,7 +200,7 @@ def _chunk_states(x, B, dtp, dacs, seg, Q):
     nc = cdiv(length, Q)
     states = cupy.empty((batch, nc, nheads, headdim, dstate), cupy.float32)
     blocks = cdiv(headdim, 64) * cdiv(dstate, 64) * nheads * nc
-    if fwd_path == "v4" and _v4_ok(x, B):
+    if fwd_path in _V4 and _v4_ok(x, B):
         kernel = _runtime.function(FAMILY, f"ssd_chunk_states_v4<{_arrays.kernel_type('x', x)}>")
         sxb, sxl = _row_strides(x)
         sbb, sbl = _row_strides(B)
@@ -206,7 +210,7 @@ def _chunk_states(x, B, dtp, dacs, seg, Q):
                          np.int32(Q), np.int32(nc), states))
         return states
     x, B = _contiguous_rows(x, B)
-    if fwd_path in ("v3", "v4") and x.itemsize == 2 and _vec(x, B):
+    if fwd_path in ("v3",) + _V4 and x.itemsize == 2 and _vec(x, B):
         kernel = _runtime.function(FAMILY, f"ssd_chunk_states_v3<{_arrays.kernel_type('x', x)}>")
         _runtime.launch(kernel, (blocks, batch), (128,),
                         (x, B, dtp, dacs, ptr(seg), np.int32(length), np.int32(nheads), np.int32(ngroups),
@@ -257,13 +261,18 @@ def _state_passing_v4(states, dacs, seg, initial_states, Q, dtype):
 
 def _v4_starts_ok(x, z, B, C, states, initial_states) -> bool:
     """The v4 pipeline with 16-bit chunk-start states applies (see _state_passing_v4, _chunk_scan)."""
-    return (fwd_path == "v4" and _v4_ok(x, z, B, C) and (states.shape[3] * states.shape[4]) % 4 == 0
+    return (fwd_path in _V4 and _v4_ok(x, z, B, C) and (states.shape[3] * states.shape[4]) % 4 == 0
             and _arrays.aligned16(initial_states) and _scan_v4_smem(B.shape[3]) <= _max_shared())
 
 
 def _scan_v4_smem(dstate):
     ldc = cdiv(dstate, 32) * 32 + 8
     return 64 * (max(ldc, 72) + ldc) * 2
+
+
+def _scan_v5_smem(dstate, Q):
+    ldc = cdiv(dstate, 32) * 32 + 8
+    return 2 * 64 * max(ldc, 72) * 2 + 2 * 64 * 72 * 2 + (2 * Q + 64) * 4
 
 
 def _passing_for_scan(states, dacs, seg, initial_states, Q, x, z, B, C, keep_f32=False):
@@ -284,10 +293,14 @@ def _chunk_scan(x, z, B, C, dtp, dacs, seg, prev, D, Q):
     ngroups, dstate = B.shape[2], B.shape[3]
     nc = cdiv(length, Q)
     blocks = cdiv(headdim, 64) * (Q // 64) * nheads * nc
-    if prev.dtype != cupy.float32 or (fwd_path == "v4" and _v4_ok(x, z, B, C)):
+    if prev.dtype != cupy.float32 or (fwd_path in _V4 and _v4_ok(x, z, B, C)):
         smem = _scan_v4_smem(dstate)
         if smem <= _max_shared():
-            return _chunk_scan_v4(x, z, B, C, dtp, dacs, seg, prev, D, Q, cdiv(dstate, 32) * 32 + 8, smem)
+            # v5 copies D with 16-byte cp.async: a user's (H, P) view may start off the boundary
+            v5 = (fwd_path == "v5" and prev.dtype != cupy.float32 and _arrays.aligned16(D)
+                  and _scan_v5_smem(dstate, Q) <= _max_shared())
+            return _chunk_scan_v4(x, z, B, C, dtp, dacs, seg, prev, D, Q, cdiv(dstate, 32) * 32 + 8,
+                                  _scan_v5_smem(dstate, Q) if v5 else smem, v5)
     x, z, B, C = _contiguous_rows(x, z, B, C)
     # The block's C tile in dynamic shared memory: 64 rows of roundup(N, 32) + pad (conflict-free rows).
     ldc = cdiv(dstate, 32) * 32 + (8 if x.itemsize == 2 else 4)
@@ -298,7 +311,7 @@ def _chunk_scan(x, z, B, C, dtp, dacs, seg, prev, D, Q):
         smem_v2 = 2 * 64 * (ldc + (72 if x.itemsize == 2 else 68)) * x.itemsize
         if smem_v2 <= _max_shared():
             name, smem = "ssd_chunk_scan_v2", smem_v2
-            if fwd_path in ("v3", "v4") and x.itemsize == 2 and _vec(x, B, C):
+            if fwd_path in ("v3",) + _V4 and x.itemsize == 2 and _vec(x, B, C):
                 return _chunk_scan_v3(x, z, B, C, dtp, dacs, seg, prev, D, Q, ldc, smem)
     out = cupy.empty(x.shape, x.dtype)
     kernel = _runtime.function(FAMILY, f"{name}<{_arrays.kernel_type('x', x)}>")
@@ -331,9 +344,10 @@ def _chunk_scan_v3(x, z, B, C, dtp, dacs, seg, prev, D, Q, ldc, smem):
     return out
 
 
-def _chunk_scan_v4(x, z, B, C, dtp, dacs, seg, prev, D, Q, ldc, smem):
+def _chunk_scan_v4(x, z, B, C, dtp, dacs, seg, prev, D, Q, ldc, smem, v5=False):
     """_chunk_scan with the v4 kernels: ssd_chunk_cb_v4 (v3's lower-triangular fp32 C B^T tiles, strided
-    B / C) then ssd_chunk_scan_v4 (strided x / z / C, out contiguous)."""
+    B / C) then ssd_chunk_scan_v4 (strided x / z / C, out contiguous), or with v5 (prev in x's type)
+    ssd_chunk_scan_v5 (same arguments and grid)."""
     batch, length, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nc = cdiv(length, Q)
@@ -352,7 +366,8 @@ def _chunk_scan_v4(x, z, B, C, dtp, dacs, seg, prev, D, Q, ldc, smem):
     szb, szl = _row_strides(z) if z is not None else (0, 0)
     blocks = cdiv(headdim, 64) * t4 * nheads * nc
     ptyp = "float" if prev.dtype == cupy.float32 else typ
-    _runtime.launch(_runtime.function(FAMILY, f"ssd_chunk_scan_v4<{typ}, {ptyp}>"), (blocks, batch), (128,),
+    name = f"ssd_chunk_scan_v5<{typ}>" if v5 else f"ssd_chunk_scan_v4<{typ}, {ptyp}>"
+    _runtime.launch(_runtime.function(FAMILY, name), (blocks, batch), (128,),
                     (x, np.int64(sxb), np.int64(sxl), ptr(z), np.int64(szb), np.int64(szl), C, np.int64(scb),
                      np.int64(scl), dtp, dacs, ptr(seg), prev, ptr(D), cb, np.int32(length), np.int32(nheads),
                      np.int32(ngroups), np.int32(headdim), np.int32(dstate), np.int32(Q), np.int32(nc),
@@ -381,7 +396,7 @@ def _prepare(x, dt, A, B, C, D, z, dt_bias, initial_states):
     kernels can read them in place (_rows_view), else C-contiguous; dt: heads contiguous, any row strides."""
     _arrays.check_kernel_dtypes(x=x, dt=dt, B=B, C=C, z=z)
     work = x.dtype if (B.dtype == x.dtype and C.dtype == x.dtype) else cupy.dtype(cupy.float32)
-    if fwd_path == "v4" and work.itemsize == 2 and not _runtime.is_hip():
+    if fwd_path in _V4 and work.itemsize == 2 and not _runtime.is_hip():
         x, z, B, C = (None if a is None else _rows_view(a, vec16=True) for a in (x, z, B, C))
     else:
         x, z, B, C = (_arrays.contiguous(a, work) for a in (x, z, B, C))

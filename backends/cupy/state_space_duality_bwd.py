@@ -18,7 +18,8 @@ per-head (B, L, H, N) or hC / dhB buffers: about B*L*H*(P + 18) + 2*B*nc*H*P*N +
 (~1.3 GB there, plus the outputs).
 
 Speed knob: the environment variable SSMCORE_SSD_BWD_IMPL (read at each call): v4 (default; for 16-bit
-x/B/C/dout on CUDA, otherwise it runs v3), v3, v2 or v1 (the previous kernels, kept for comparison;
+x/B/C/dout on CUDA, otherwise it runs v3), v5 (experimental: v4 with two reworked kernels; falls back like v4),
+v3, v2 or v1 (the previous kernels, kept for comparison;
 see IMPL_ENV below).
 """
 
@@ -57,7 +58,10 @@ _MM3_THREADS = 256  # ssdb_mm3 blocks (MM3_THREADS of ssd_bwd.cu)
 # computed once per group (ssdb_g4<T, 1/2>, the state terms as one GEMM over the group's heads), so the
 # (B, nc, H, Q, Q) DX buffer and the per-head (B, L, H, N) dB / dC buffers are gone.
 IMPL_ENV = "SSMCORE_SSD_BWD_IMPL"
-IMPLS = ("v1", "v2", "v3", "v4")
+# v5 (experimental, not the default): v4 with ssdb_g4<T, 8> (KIND 0 with k-pair 32-bit shared stores,
+# double-buffered slices with one barrier per slice, the decay factored per thread when safe) and ssdb_h4<T, 11>
+# (KIND 3 likewise, the decay factored per block when safe) in place of ssdb_g4<T, 0> / ssdb_h4<T, 3>.
+IMPLS = ("v1", "v2", "v3", "v4", "v5")
 DEFAULT_IMPL = "v4"
 _G4_TILE = 64  # G4_TILE of ssd_bwd.cu
 _G4_THREADS = 256  # NTH of ssdb_g4 / ssdb_h4
@@ -78,7 +82,9 @@ INSTANTIATIONS = ["ssdb_cumsum", "ssdb_cumsum4", "ssdb_pass", "ssdb_pass2", "ssd
 ] + [f"ssdb_mm<{t}, {k}>" for t in _TYPES for k in range(10)] + [
     f"ssdb_mm3<{t}, {k}>" for t in _TYPES for k in range(10)] + ["ssdb_fac4"] + [
     f"ssdb_g4<{t}, {k}>" for t in _TYPES[1:] for k in range(3)] + [
-    f"ssdb_h4<{t}, {k}>" for t in _TYPES[1:] for k in range(3, 8)] + [f"ssdb_dcs4<{t}>" for t in _TYPES[1:]] + [
+    f"ssdb_h4<{t}, {k}>" for t in _TYPES[1:] for k in range(3, 8)] + [
+    f"ssdb_{k}<{t}, {v}>" for t in _TYPES[1:] for k, v in (("g4", 8), ("h4", 11))] + [
+    f"ssdb_dcs4<{t}>" for t in _TYPES[1:]] + [
     f"ssdb_dy8<{t}>" for t in _TYPES]
 
 
@@ -139,10 +145,11 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     v2 = impl != "v1"  # v3 keeps v2's coalesced staging, ssdb_dcs2 and ssdb_fro
     # ssdb_mm3 addresses operand elements with 32-bit offsets from a chunk's first row: v2 beyond that, and on
     # ROCm (hipcc: ssdb_mm3 spills there, 230-390 VGPRs).
-    v3 = impl in ("v3", "v4") and Q * max(H * P, G * N, Q) < 2**31 and not _runtime.is_hip()
+    v3 = impl in ("v3", "v4", "v5") and Q * max(H * P, G * N, Q) < 2**31 and not _runtime.is_hip()
     # v4: 16-bit streams only (float32 keeps v3's 3xTF32 products); 32-bit offsets within a chunk-group.
-    v4 = (impl == "v4" and v3 and USE_TENSOR_CORES and T in ("half_t", "bf16_t")
+    v4 = (impl in ("v4", "v5") and v3 and USE_TENSOR_CORES and T in ("half_t", "bf16_t")
           and Q * H * P < 2**31 and batch * nc * H * cdiv(Q, _G4_TILE) * Q < 2**31)
+    v5 = v4 and impl == "v5"
 
     dtf = _f32(dt)
     Af = _f32(A)
@@ -250,7 +257,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
             mm("dhb", Q, P, dhB)
         if v4:  # dx, and the dD partial sums per (b, c, h, 64-row tile) when D is given
             dDp = cupy.empty((batch, nc, H, cdiv(Q, _G4_TILE), P), cupy.float32) if D is not None else None
-            h4(3, Q, P, dx, dDp)
+            h4(11 if v5 else 3, Q, P, dx, dDp)
         else:
             mm("dx", Q, P, dx)
         if z is not None:
@@ -273,7 +280,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
                     raise ValueError(f"ssd_bwd: problem too large for one launch ({nc * G} chunk-groups)")
                 _launch_grid(f"ssdb_g4<{T}, {kind}>", grid, g4_args + (out,) + tail, threads=_G4_THREADS)
 
-            g4(0, nt * (nt + 1) // 2, NULL)
+            g4(8 if v5 else 0, nt * (nt + 1) // 2, NULL)
             # dC / dB: split the group's heads over grid y when the (chunk, group, tile) blocks are too few to fill
             # the GPU (small batch x length); the partials are summed here.
             tiles = nt * cdiv(N, _G4_TILE)

@@ -164,7 +164,7 @@ def test_simt_path(rng, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("dims", [(66, 67), (68, 72)])  # P * N % 4 != 0 (ssdb_pass) / == 0 (v3: ssdb_pass2)
 def test_impl_knob_versions_agree(rng, dtype, dims, monkeypatch):
-    """SSMCORE_SSD_BWD_IMPL=v1, v2, v3 and v4 (default) give the same gradients; each vs float64.
+    """SSMCORE_SSD_BWD_IMPL=v1, v2, v3, v4 (default) and v5 give the same gradients; each vs float64.
     Two chunks with a sequence boundary inside, P and N past one 64-wide tile, L not a multiple of the chunk.
     v4 rounds differently for 16-bit inputs (F and the state terms rounded once per group): held to the 16-bit
     tolerance against v1; for float32 it is v3."""
@@ -177,8 +177,8 @@ def test_impl_knob_versions_agree(rng, dtype, dims, monkeypatch):
         monkeypatch.setenv(launcher.IMPL_ENV, impl)
         got[impl] = run_gpu(args, kw, 32)
         compare(got[impl], want, args, kw)
-    for impl in ("v2", "v3", "v4"):
-        loose = impl == "v4" and dtype != "float32"
+    for impl in ("v2", "v3", "v4", "v5"):
+        loose = impl in ("v4", "v5") and dtype != "float32"
         for name, a, b in zip(NAMES, got[impl], got["v1"]):
             if b is not None:
                 a, b = a.astype(np.float32), b.astype(np.float32)
@@ -228,6 +228,45 @@ def test_v4_tiles_groups_sequences(rng, case, monkeypatch):
         if b is not None:
             a, b = a.astype(np.float32), b.astype(np.float32)
             assert_close(a, b, "float32", rtol=2e-2, atol=2e-2 * np.abs(b).max(), name=f"{name} v4 vs v3")
+
+
+@pytest.mark.parametrize("case", ["bf16_D_no_z", "f16_z_steep"])
+def test_v5_vs_v4(rng, case, monkeypatch):
+    """v5 (ssdb_g4<T, 8>, ssdb_h4<T, 11>) vs float64 and vs v4: the same products and summation order, only the
+    decay factored (e^(cs_t - ref) e^(ref - cs_s)) where safe, so within a bf16 / f16 rounding of v4. f16_z_steep:
+    |A| large enough that many tiles exceed SSDB_FAC_MAX (the exact-exp fallback, per thread in ssdb_g4 and per
+    block in ssdb_h4), L not a multiple of the chunk, chunk not a multiple of 64, sequence boundaries."""
+    import ssmcore.backends.cupy.state_space_duality_bwd as launcher
+
+    if case == "bf16_D_no_z":
+        args, kw = make(rng, 1, 150, 4, 40, 1, 72, "bfloat16")
+        del kw["z"]
+        chunk = 128
+    else:
+        args, kw = make(rng, 1, 100, 4, 24, 2, 20, "float16")
+        args["A"] = (args["A"] * 3).astype(np.float32)  # ~1-3 per step: ranges past SSDB_FAC_MAX in most tiles
+        chunk = 80
+    want = run_cpu64(args, kw, chunk)
+    names = []
+    launch = launcher._launch_grid
+
+    def recording(name, grid, a, **k):
+        names.append(name)
+        return launch(name, grid, a, **k)
+
+    monkeypatch.setattr(launcher, "_launch_grid", recording)
+    monkeypatch.setenv(launcher.IMPL_ENV, "v5")
+    got = run_gpu(args, kw, chunk)
+    assert any(n.endswith(", 8>") and n.startswith("ssdb_g4") for n in names), names
+    assert any(n.endswith(", 11>") and n.startswith("ssdb_h4") for n in names), names
+    assert not any(n.startswith(("ssdb_g4", "ssdb_h4")) and n.endswith((", 0>", ", 3>")) for n in names), names
+    compare(got, want, args, kw)
+    monkeypatch.setenv(launcher.IMPL_ENV, "v4")
+    v4 = run_gpu(args, kw, chunk)
+    for name, a, b in zip(NAMES, got, v4):
+        if b is not None:
+            a, b = a.astype(np.float32), b.astype(np.float32)
+            assert_close(a, b, "float32", rtol=1e-2, atol=1e-2 * np.abs(b).max(), name=f"{name} v5 vs v4")
 
 
 @pytest.mark.parametrize("variant", ["no_options", "limit", "d_per_channel", "unsorted_seq", "mixed_dtypes"])
