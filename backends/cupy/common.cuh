@@ -211,6 +211,18 @@ typedef unsigned short uint16_t;
 #define SSM_MMA_PTX 0
 #endif
 
+// 2^x on the SFU (ex2.approx.ftz: results below 2^-126 flush to 0, relative error ~2^-22); exp2f on HIP and in the
+// CPU emulator. The scan's and the SSD's decays.
+__device__ __forceinline__ float exp2_fast(float x) {
+#if SSM_MMA_PTX
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 #if SSM_MMA_PTX
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);

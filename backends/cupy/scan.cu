@@ -85,16 +85,6 @@ struct Cfg {
   static constexpr int kTile = cmax(kChunk, cmin(cmin(16, 1024 / kRows), pow2_floor(2048 / kBS)));
 };
 
-__device__ __forceinline__ float exp2_fast(float x) {
-#if SSM_HIP
-  return exp2f(x);
-#else
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#endif
-}
-
 __device__ __forceinline__ float dsilu_f(float z) {
   const float s = sigmoid_f(z);
   return s * (1.f + z * (1.f - s));

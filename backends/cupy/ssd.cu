@@ -1234,16 +1234,6 @@ __global__ void __launch_bounds__(128, 4) ssd_chunk_states_v4(
       }
 }
 
-// 2^x on the SFU (ex2.approx.ftz: results below 2^-126 flush to 0, relative error ~2^-22).
-__device__ __forceinline__ float ex2_ftz(float x) {
-#if SSM_MMA_PTX
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#else
-  return exp2f(x);
-#endif
-}
 constexpr float kLog2e = 1.4426950408889634f;
 
 // ---- 3'''. state_passing writing the chunk-start states in T (16-bit): chunk_scan rounds them to T when
@@ -1421,7 +1411,7 @@ __global__ void __launch_bounds__(128, 3) ssd_chunk_scan_v4(
       const float c1[4] = {cr[ks][1].x, cr[ks][1].y, cr[ks][3].x, cr[ks][3].y};
 #pragma unroll
       for (int k = 0; k < 4; ++k) {  // computed everywhere, then selected: no divergent branches
-        const float v0 = c0[k] * ex2_ftz(at0 - sa[k]) * sd[k], v1 = c1[k] * ex2_ftz(at1 - sa[k]) * sd[k];
+        const float v0 = c0[k] * exp2_fast(at0 - sa[k]) * sd[k], v1 = c1[k] * exp2_fast(at1 - sa[k]) * sd[k];
         m0[k] = unsigned(sp[k] - sg0) <= span0 ? v0 : 0.f;
         m1[k] = unsigned(sp[k] - sg1) <= span1 ? v1 : 0.f;
       }
@@ -1577,8 +1567,8 @@ __device__ __forceinline__ void scan_v5_operand(uint32_t (&af)[4][4], const floa
     float m0[4], m1[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      m0[k] = c0[k] * ex2_ftz(fmaf(sa[k], -kLog2e, at0)) * sd[k];
-      m1[k] = c1[k] * ex2_ftz(fmaf(sa[k], -kLog2e, at1)) * sd[k];
+      m0[k] = c0[k] * exp2_fast(fmaf(sa[k], -kLog2e, at0)) * sd[k];
+      m1[k] = c1[k] * exp2_fast(fmaf(sa[k], -kLog2e, at1)) * sd[k];
       if (MASK) {
         m0[k] = unsigned(sp[k] - sg0) <= span0 ? m0[k] : 0.f;
         m1[k] = unsigned(sp[k] - sg1) <= span1 ? m1[k] : 0.f;
