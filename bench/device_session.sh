@@ -3,7 +3,7 @@
 # benchmarks. Everything goes to one log ($OUT/log.txt) to stay within the device tool's 8 returned files.
 #   TESTS="tests/gpu/..." BENCH="scan ops" bash bench/device_session.sh
 # TESTS: pytest paths for the GPU tests ("" to skip). BENCH: words among scan scanq conv ssd ssdq ssd_bwd ops blocks
-# e2e det mgpu ovh prof ovp gen hprof pblock dec.
+# e2e det mgpu ovh prof ovp gen hprof pblock dec cmd (runs $CMD). A PAR_TESTS group may start with NAME=value words.
 # PACK_PEER=1 returns the built peer extensions as $OUT/peerbuild.tgz.* (carry them back in .peers/).
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -33,7 +33,12 @@ if [ -n "${PAR_TESTS:-}" ]; then  # groups of test paths separated by ';', one p
   IFS=';' read -ra groups <<< "$PAR_TESTS"
   for g in "${groups[@]}"; do
     i=$((i + 1))
-    ( eval "timeout $(( $(left) - ${BENCH_RESERVE:-0} )) python3 -m pytest -q -m gpu -p no:cacheprovider -rfE $g ${PYTEST_ARGS:-}" > /tmp/gpu_tests_$i.txt 2>&1; echo "exit $?" >> /tmp/gpu_tests_$i.txt ) &
+    # leading NAME=value words of a group set environment variables for that group's pytest only
+    envs=""; rest="$g"
+    while [[ "$rest" =~ ^[[:space:]]*([A-Z_][A-Z0-9_]*=[^[:space:]]*)[[:space:]]+(.*)$ ]]; do
+      envs="$envs ${BASH_REMATCH[1]}"; rest="${BASH_REMATCH[2]}"
+    done
+    ( eval "$envs timeout $(( $(left) - ${BENCH_RESERVE:-0} )) python3 -m pytest -q -m gpu -p no:cacheprovider -rfE $rest ${PYTEST_ARGS:-}" > /tmp/gpu_tests_$i.txt 2>&1; echo "exit $?" >> /tmp/gpu_tests_$i.txt ) &
     pids+=($!)
   done
   wait "${pids[@]}"
@@ -71,6 +76,7 @@ for b in ${BENCH:-}; do
     hprof) timeout $t python3 bench/host_profile.py ${HPROF_ARGS:-} >> "$LOG" 2>&1 ;;
     ssdq) timeout $t python3 bench/gpu_ssd.py --quick >> "$LOG" 2>&1 ;;
     scanq) timeout $t python3 bench/gpu_scan.py --warm --peer >> "$LOG" 2>&1 ;;
+    cmd) timeout $t bash -c "$CMD" >> "$LOG" 2>&1 ;;  # CMD: any shell command line (its output goes to the log)
     det) timeout $t python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/gpu/test_determinism_gpu.py >> "$LOG" 2>&1 ;;
     mgpu) export NCCL_NVLS_ENABLE=0
        timeout $t torchrun --standalone --nproc_per_node=1 bench/multi_gpu_train.py ddp --steps 20 --out /tmp/mg >> "$LOG" 2>&1
