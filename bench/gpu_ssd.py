@@ -12,7 +12,7 @@ state_space_duality_bwd imports, forward+backward of both.
 Floor (PERFORMANCE.md): forward ~140 us at the main shape (matmul-bound); scaled by B*L*H*P*N*Q
 for the sweep (matmul work: chunk_states 2LPN, chunk_scan 2L(Q/2)(N+P) + 2LPN per head).
 Every row also times the other kernel generations of the SSMCORE_SSD_FWD knob in the same process
-(default v4: v5, v3 and v2, or the --impls list; `fwd_<path>_us`, `stages_<path>_us`, `max_rel_diff_<path>` vs
+(default v5: v4, v3 and v2, or the --impls list; `fwd_<path>_us`, `stages_<path>_us`, `max_rel_diff_<path>` vs
 the default), and the
 main shape times the forward on strided views of one in_proj-like (B, L, W) buffer (z | x | B | C | dt per
 row, as the Mamba-2 block passes them): `fwd_strided_v4_us` (read in place) vs `fwd_strided_v3_us` (copied).
@@ -153,7 +153,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the main shape only")
     parser.add_argument("--json", default=None)
     parser.add_argument("--sweep-one", action="store_true",
-                        help="time only the first other kernel generation (v5 when v4 is the default)")
+                        help="time only the first other kernel generation (the first of --impls that is not the default)")
     parser.add_argument("--impls", default="v5,v4,v3,v2",
                         help="SSMCORE_SSD_FWD generations timed next to the default, comma-separated "
                              "(default %(default)s)")
