@@ -798,77 +798,126 @@ struct DoutWord {
 };
 }  // namespace
 
+namespace {
+// What one warp segment of conv_fwd_ws / conv_fwd_wsp reads: lane's NW words and, on lane 0, the
+// W-1 inputs before the segment (0 elsewhere). Loads only, so a persistent warp can issue the next
+// segment's before it computes the current one.
+template <typename T, int W, int NW>
+struct WsFwdSegment {
+  static constexpr int G = 16 / sizeof(T), WM1 = W - 1, WS = SSM_WARP_SIZE, SEG = WS * NW * G;
+  uint4 raw[NW];
+  float head[WM1 > 0 ? WM1 : 1];
+
+  __device__ __forceinline__ void load(const T* __restrict__ x, const void* __restrict__ init, int init_f32, i64 L,
+                                       i64 row, i64 base, int lane) {
+    const T* xr = x + row * L;
+#pragma unroll
+    for (int i = 0; i < NW; ++i) {
+      const i64 p = base + (i64)(i * WS + lane) * G;
+      raw[i] = p < L ? *reinterpret_cast<const uint4*>(xr + p) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int j = 0; j < WM1; ++j) {
+      const i64 s = base - WM1 + j;
+      head[j] = 0.f;
+      if (lane == 0) {
+        if (s >= 0)
+          head[j] = load_f(xr + s);
+        else if (init)
+          head[j] = load_elem<T>(init, init_f32, row * WM1 + WM1 + s);
+      }
+    }
+  }
+
+  // Convolve and store the segment (the whole warp together: it shuffles).
+  __device__ __forceinline__ void compute(const float* __restrict__ weight, const float* __restrict__ bias,
+                                          T* __restrict__ out, void* __restrict__ final_states, int final_f32, int d,
+                                          i64 L, i64 row, i64 base, int lane, int silu) const {
+    float wk[W];
+#pragma unroll
+    for (int k = 0; k < W; ++k) wk[k] = weight[(i64)d * W + k];
+    const float bias_d = bias ? bias[d] : 0.f;
+    T* orow = out + row * L;
+    float tail[WM1 > 0 ? WM1 : 1];  // the last W-1 inputs of this lane's previous word
+#pragma unroll
+    for (int j = 0; j < WM1; ++j) tail[j] = 0.f;
+#pragma unroll
+    for (int i = 0; i < NW; ++i) {
+      const i64 p = base + (i64)(i * WS + lane) * G;
+      float cur[G], prev[WM1 > 0 ? WM1 : 1], o[G];
+      word_to_f<T>(raw[i], cur);
+#pragma unroll
+      for (int j = 0; j < WM1; ++j) {  // lane l - 1's word i; lane 0: the last lane's word i - 1
+        const float send = (lane == WS - 1) ? tail[j] : cur[G - WM1 + j];
+        const float got = SSM_SHFL(send, (lane + WS - 1) % WS);
+        prev[j] = (lane == 0 && i == 0) ? head[j] : got;
+      }
+#pragma unroll
+      for (int k = 0; k < G; ++k) {
+        float acc = bias_d;
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          const int u = k - WM1 + j;  // index into cur, negative: into prev
+          acc = fmaf(wk[j], u >= 0 ? cur[u >= 0 ? u : 0] : prev[u + WM1 >= 0 ? u + WM1 : 0], acc);
+        }
+        o[k] = silu ? silu_fast(acc) : acc;
+      }
+      if (p < L) *reinterpret_cast<uint4*>(orow + p) = f_to_word<T>(o);
+      if (final_states && p + G == L) {  // L >= G >= W-1: the final inputs are this word's last
+#pragma unroll
+        for (int j = 0; j < WM1; ++j) store_elem<T>(final_states, final_f32, row * WM1 + j, cur[G - WM1 + j]);
+      }
+#pragma unroll
+      for (int j = 0; j < WM1; ++j) tail[j] = cur[G - WM1 + j];
+    }
+  }
+};
+}  // namespace
+
 template <typename T, int W, int NW>
 __global__ void __launch_bounds__(CONV_WS_THREADS) conv_fwd_ws(
     const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
     const void* __restrict__ init, int init_f32, T* __restrict__ out, void* __restrict__ final_states,
     int final_f32, int D, i64 L, unsigned nseg, unsigned nwarps, int silu) {
-  constexpr int G = 16 / sizeof(T), WM1 = W - 1, WS = SSM_WARP_SIZE, SEG = WS * NW * G;
-  static_assert(G >= WM1, "a word holds the W-1 carried inputs");
-  const int lane = threadIdx.x % WS;
-  const unsigned gw = blockIdx.x * (CONV_WS_THREADS / WS) + threadIdx.x / WS;
-  if (gw >= nwarps) return;  // whole warps leave together: the shuffles below stay full
-  const unsigned row32 = gw / nseg, seg = gw % nseg;
-  const i64 row = row32;
-  const int d = (int)(row32 % (unsigned)D);
-  const i64 base = (i64)seg * SEG;
-  const T* xr = x + row * L;
+  using Seg = WsFwdSegment<T, W, NW>;
+  static_assert(Seg::G >= Seg::WM1, "a word holds the W-1 carried inputs");
+  const int lane = threadIdx.x % Seg::WS;
+  const unsigned gw = blockIdx.x * (CONV_WS_THREADS / Seg::WS) + threadIdx.x / Seg::WS;
+  if (gw >= nwarps) return;  // whole warps leave together: the shuffles stay full
+  const unsigned row32 = gw / nseg;
+  const i64 row = row32, base = (i64)(gw % nseg) * Seg::SEG;
+  Seg seg;
+  seg.load(x, init, init_f32, L, row, base, lane);
+  seg.compute(weight, bias, out, final_states, final_f32, (int)(row32 % (unsigned)D), L, row, base, lane, silu);
+}
 
-  uint4 raw[NW];
-#pragma unroll
-  for (int i = 0; i < NW; ++i) {
-    const i64 p = base + (i64)(i * WS + lane) * G;
-    raw[i] = p < L ? *reinterpret_cast<const uint4*>(xr + p) : make_uint4(0, 0, 0, 0);
-  }
-  float head[WM1 > 0 ? WM1 : 1];  // lane 0: the W-1 inputs before the segment
-#pragma unroll
-  for (int j = 0; j < WM1; ++j) {
-    const i64 s = base - WM1 + j;
-    head[j] = 0.f;
-    if (lane == 0) {
-      if (s >= 0)
-        head[j] = load_f(xr + s);
-      else if (init)
-        head[j] = load_elem<T>(init, init_f32, row * WM1 + WM1 + s);
-    }
-  }
-  float wk[W];
-#pragma unroll
-  for (int k = 0; k < W; ++k) wk[k] = weight[(i64)d * W + k];
-  const float bias_d = bias ? bias[d] : 0.f;
-
-  T* orow = out + row * L;
-  float tail[WM1 > 0 ? WM1 : 1];  // the last W-1 inputs of this lane's previous word
-#pragma unroll
-  for (int j = 0; j < WM1; ++j) tail[j] = 0.f;
-#pragma unroll
-  for (int i = 0; i < NW; ++i) {
-    const i64 p = base + (i64)(i * WS + lane) * G;
-    float cur[G], prev[WM1 > 0 ? WM1 : 1], o[G];
-    word_to_f<T>(raw[i], cur);
-#pragma unroll
-    for (int j = 0; j < WM1; ++j) {  // lane l - 1's word i; lane 0: the last lane's word i - 1
-      const float send = (lane == WS - 1) ? tail[j] : cur[G - WM1 + j];
-      const float got = SSM_SHFL(send, (lane + WS - 1) % WS);
-      prev[j] = (lane == 0 && i == 0) ? head[j] : got;
-    }
-#pragma unroll
-    for (int k = 0; k < G; ++k) {
-      float acc = bias_d;
-#pragma unroll
-      for (int j = 0; j < W; ++j) {
-        const int u = k - WM1 + j;  // index into cur, negative: into prev
-        acc = fmaf(wk[j], u >= 0 ? cur[u >= 0 ? u : 0] : prev[u + WM1 >= 0 ? u + WM1 : 0], acc);
-      }
-      o[k] = silu ? silu_fast(acc) : acc;
-    }
-    if (p < L) *reinterpret_cast<uint4*>(orow + p) = f_to_word<T>(o);
-    if (final_states && p + G == L) {  // L >= G >= W-1: the final inputs are this word's last
-#pragma unroll
-      for (int j = 0; j < WM1; ++j) store_elem<T>(final_states, final_f32, row * WM1 + j, cur[G - WM1 + j]);
-    }
-#pragma unroll
-    for (int j = 0; j < WM1; ++j) tail[j] = cur[G - WM1 + j];
+// Persistent form (session 6): gridDim.x x 4 warps walk the segments gw, gw + total warps, ...;
+// a warp issues the loads of its next segment before it convolves and stores the current one, so
+// reads stay in flight through the stores and no partial last wave of blocks is left.
+template <typename T, int W, int NW>
+__global__ void __launch_bounds__(CONV_WS_THREADS) conv_fwd_wsp(
+    const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
+    const void* __restrict__ init, int init_f32, T* __restrict__ out, void* __restrict__ final_states,
+    int final_f32, int D, i64 L, unsigned nseg, unsigned nwarps, int silu) {
+  using Seg = WsFwdSegment<T, W, NW>;
+  static_assert(Seg::G >= Seg::WM1, "a word holds the W-1 carried inputs");
+  const int lane = threadIdx.x % Seg::WS;
+  const unsigned step = gridDim.x * (CONV_WS_THREADS / Seg::WS);
+  unsigned gw = blockIdx.x * (CONV_WS_THREADS / Seg::WS) + threadIdx.x / Seg::WS;
+  if (gw >= nwarps) return;
+  Seg cur;
+  cur.load(x, init, init_f32, L, (i64)(gw / nseg), (i64)(gw % nseg) * Seg::SEG, lane);
+  for (;;) {
+    const unsigned nxt = gw + step;
+    const bool more = nxt < nwarps && nxt > gw;  // (nxt > gw: no wrap past 2**32)
+    Seg next;
+    if (more) next.load(x, init, init_f32, L, (i64)(nxt / nseg), (i64)(nxt % nseg) * Seg::SEG, lane);
+    const unsigned row32 = gw / nseg;
+    cur.compute(weight, bias, out, final_states, final_f32, (int)(row32 % (unsigned)D), L, (i64)row32,
+                (i64)(gw % nseg) * Seg::SEG, lane, silu);
+    if (!more) break;
+    cur = next;
+    gw = nxt;
   }
 }
 
