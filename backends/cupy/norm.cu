@@ -2,8 +2,9 @@
 //
 // Work decomposition (every kernel here):
 //   A "row" is one normalised vector: a (rows, D) row for rms/layer norm, one group of G
-//   channels for the gated norm (row r = m * ngroups + g starts at r * G; its weight slice
-//   starts at g * G). blockDim.x threads own one row (a power of two <= warp, or a multiple
+//   channels for the gated norm (row r = m * ngroups + g starts at m * row stride + g * G of each
+//   input (x, z, dy: strided rows such as a channel slice of the in_proj output are read in place;
+//   outputs are contiguous); its weight slice starts at g * G). blockDim.x threads own one row (a power of two <= warp, or a multiple
 //   of the warp, up to 512) and blockDim.y rows share a block (256 threads when rows are
 //   short). Thread t owns the 8-element chunks t, t + blockDim.x, ... of its row: NV chunks
 //   held in registers (NV = 1, 2, 4 templated), or NV = 0 for very long rows, which streams
@@ -380,19 +381,23 @@ __global__ void __launch_bounds__(512) norm_bwd(const void* __restrict__ dy, int
 // Gated RMSNorm forward, statistics per group of G channels (rows = M * ngroups):
 //   norm_before_gate: y = v * rstd(v) * w * silu(z) with v = x;   else: v = x * silu(z), y = v * rstd(v) * w.
 template <typename TX, int NV>
-__global__ void __launch_bounds__(512) gated_fwd(const TX* __restrict__ x, const void* __restrict__ z, int z_f32,
-                                                 const float* __restrict__ weight, TX* __restrict__ y, i64 rows,
-                                                 int G, int ngroups, float eps, int vec, int norm_before_gate) {
+__global__ void __launch_bounds__(512) gated_fwd(const TX* __restrict__ x, i64 x_rs, const void* __restrict__ z,
+                                                 int z_f32, i64 z_rs, const float* __restrict__ weight,
+                                                 TX* __restrict__ y, i64 rows, int G, int ngroups, float eps, int vec,
+                                                 int norm_before_gate) {
   __shared__ float red[64];
   const int tpr = blockDim.x;
   const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
   const bool live = row < rows;
   const i64 base = live ? row * G : 0;
-  // 32-bit modulo (rows < 2**31, checked by the launcher): 64-bit division is a slow subroutine.
-  const float* wr = weight + (live ? (i64)((unsigned)row % (unsigned)ngroups) * G : 0);
+  // 32-bit division (rows < 2**31, checked by the launcher): 64-bit division is a slow subroutine.
+  const unsigned m = live ? (unsigned)row / (unsigned)ngroups : 0u, g = live ? (unsigned)row - m * (unsigned)ngroups : 0u;
+  const float* wr = weight + (i64)g * G;
   const int nchunks = (G + 7) / 8;
-  const TX* xr = x + base;
-  const void* zr = z ? advance<TX>(z, z_f32, base) : nullptr;
+  // x and z rows through their row strides (x_rs, z_rs: elements between consecutive (..., D) rows);
+  // y is contiguous.
+  const TX* xr = x + (i64)m * x_rs + (i64)g * G;
+  const void* zr = z ? advance<TX>(z, z_f32, (i64)m * z_rs + (i64)g * G) : nullptr;
 
   // v (the normalised values) and gate (silu(z), 1 without z) of chunk c.
   auto load_v = [&](int c, float (&v)[8], float (&gate)[8]) {
@@ -466,8 +471,9 @@ __global__ void __launch_bounds__(512) gated_fwd(const TX* __restrict__ x, const
 // Row slots as in norm_bwd; slots is a multiple of ngroups, so a slot always sees one group and
 // its partial row is dw_part[slot / ngroups, group * G .. group * G + G).
 template <typename TX, int NV>
-__global__ void __launch_bounds__(512) gated_bwd(const void* __restrict__ dy, int dy_f32, const TX* __restrict__ x,
-                                                 const void* __restrict__ z, int z_f32,
+__global__ void __launch_bounds__(512) gated_bwd(const void* __restrict__ dy, int dy_f32, i64 dy_rs,
+                                                 const TX* __restrict__ x, i64 x_rs,
+                                                 const void* __restrict__ z, int z_f32, i64 z_rs,
                                                  const float* __restrict__ weight, TX* __restrict__ dx,
                                                  void* __restrict__ dz, float* __restrict__ dw_part, i64 rows, int G,
                                                  int ngroups, float eps, int vec, int norm_before_gate) {
@@ -490,10 +496,13 @@ __global__ void __launch_bounds__(512) gated_bwd(const void* __restrict__ dy, in
   for (i64 first = (i64)blockIdx.x * blockDim.y; first < rows; first += slots) {
     const i64 row = first + threadIdx.y;
     const bool live = row < rows;
-    const i64 base = live ? row * G : 0;
-    const TX* xr = x + base;
-    const void* zr = z ? advance<TX>(z, z_f32, base) : nullptr;
-    const void* dyr = advance<TX>(dy, dy_f32, base);
+    const i64 base = live ? row * G : 0;  // dx, dz: contiguous
+    // dy, x, z through their row strides (elements between consecutive (..., D) rows).
+    const unsigned m = live ? (unsigned)row / (unsigned)ngroups : 0u;
+    const i64 gofs = live ? (i64)((unsigned)row - m * (unsigned)ngroups) * G : 0;
+    const TX* xr = x + (i64)m * x_rs + gofs;
+    const void* zr = z ? advance<TX>(z, z_f32, (i64)m * z_rs + gofs) : nullptr;
+    const void* dyr = advance<TX>(dy, dy_f32, (i64)m * dy_rs + gofs);
 
     auto load_v = [&](int c, float (&v)[8], float (&xv)[8], float (&gate)[8], float (&dgate)[8]) {
       const i64 i = (i64)c * 8;

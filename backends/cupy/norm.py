@@ -162,6 +162,31 @@ def layer_norm_bwd(dy, x, weight, bias=None, residual=None, eps=1e-5, dresidual_
 # --- gated_rms_norm -----------------------------------------------------------------------------
 
 
+def _rows(a, dtype=None):
+    """(array, row stride in elements) for a gated-norm input stream: a itself when its last axis is unit-stride and
+    its leading axes collapse into one row axis with a single stride >= the row length (e.g. a channel slice of
+    wider rows), else a C-contiguous copy (in dtype when given and different). None stays (None, 0)."""
+    if a is None:
+        return None, 0
+    if dtype is not None and a.dtype != dtype:
+        a = a.astype(dtype)
+    d, item = a.shape[-1], a.itemsize
+    if a.size and a.strides[-1] == item and all(st % item == 0 for st in a.strides):
+        dims = [(n, st // item) for n, st in zip(a.shape[:-1], a.strides[:-1]) if n != 1]
+        stride = dims[-1][1] if dims else d
+        if stride >= d and all(dims[k][1] == dims[k + 1][0] * dims[k + 1][1] for k in range(len(dims) - 1)):
+            return a, stride
+    return cupy.ascontiguousarray(a), d
+
+
+def _row_stream(a, row_dtype):
+    """As _arrays.row_stream (row_dtype or float32, 1 if float32), with the row stride of _rows."""
+    if a is None:
+        return None, 0, 0
+    a, stride = _rows(a, None if a.dtype in (row_dtype, cupy.float32) else cupy.float32)
+    return a, int(a.dtype == cupy.float32), stride
+
+
 def gated_rms_norm(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=True):
     _arrays.check_kernel_dtypes(x=x, weight=weight, z=z)
     tx = _arrays.kernel_type("x", x)
@@ -171,16 +196,17 @@ def gated_rms_norm(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gat
     _check_rows(rows, x)
     y = cupy.empty(x.shape, x.dtype)
     if rows:
-        x2 = _arrays.contiguous(x)
-        z2, z_f32 = _arrays.row_stream(z, x.dtype)
+        x2, x_rs = _rows(x)
+        z2, z_f32, z_rs = _row_stream(z, x.dtype)
         w = _arrays.contiguous(weight, cupy.float32)
         nv, tpr, rpb = _row_layout(group, _NV_FWD)
-        vec = group % 8 == 0 and _arrays.aligned16(x2, z2, w, y)
+        vec = (group % 8 == 0 and _arrays.aligned16(x2, z2, w, y) and x_rs * x.itemsize % 16 == 0
+               and z_rs * (4 if z_f32 else x.itemsize) % 16 == 0)
         kernel = _runtime.function(FAMILY, f"gated_fwd<{tx}, {nv}>")
         _runtime.launch(
             kernel, (cdiv(rows, rpb),), (tpr, rpb),
-            (x2, ptr(z2), np.int32(z_f32), w, y, np.int64(rows), np.int32(group), np.int32(d // group),
-             np.float32(eps), np.int32(vec), np.int32(bool(norm_before_gate))),
+            (x2, np.int64(x_rs), ptr(z2), np.int32(z_f32), np.int64(z_rs), w, y, np.int64(rows), np.int32(group),
+             np.int32(d // group), np.float32(eps), np.int32(vec), np.int32(bool(norm_before_gate))),
         )
     return y
 
@@ -194,20 +220,22 @@ def gated_rms_norm_bwd(dy, x, weight, z=None, eps=1e-5, group_size=None, norm_be
     rows = (x.size // d) * ngroups
     _check_rows(rows, x)
     dx = cupy.empty(x.shape, x.dtype)
-    z2, z_f32 = _arrays.row_stream(z, x.dtype)
+    z2, z_f32, z_rs = _row_stream(z, x.dtype)
     dz = None if z is None else cupy.empty(x.shape, z2.dtype)
     nv, tpr, rpb = _row_layout(group, _NV_GATED_BWD)
     grid = _bwd_grid(rows, tpr, rpb, ngroups)
     dw_part = (cupy.zeros if nv == 0 or not rows else cupy.empty)((grid * rpb // ngroups, d), cupy.float32)
     if rows:
-        x2 = _arrays.contiguous(x)
-        dy2, dy_f32 = _arrays.row_stream(dy, x.dtype)
+        x2, x_rs = _rows(x)
+        dy2, dy_f32, dy_rs = _row_stream(dy, x.dtype)
         w = _arrays.contiguous(weight, cupy.float32)
-        vec = group % 8 == 0 and _arrays.aligned16(x2, dy2, z2, w, dx, dz)
+        vec = (group % 8 == 0 and _arrays.aligned16(x2, dy2, z2, w, dx, dz) and x_rs * x.itemsize % 16 == 0
+               and z_rs * (4 if z_f32 else x.itemsize) % 16 == 0 and dy_rs * (4 if dy_f32 else x.itemsize) % 16 == 0)
         kernel = _runtime.function(FAMILY, f"gated_bwd<{tx}, {nv}>")
         _runtime.launch(
             kernel, (grid,), (tpr, rpb),
-            (dy2, np.int32(dy_f32), x2, ptr(z2), np.int32(z_f32), w, dx, ptr(dz), dw_part, np.int64(rows),
-             np.int32(group), np.int32(ngroups), np.float32(eps), np.int32(vec), np.int32(bool(norm_before_gate))),
+            (dy2, np.int32(dy_f32), np.int64(dy_rs), x2, np.int64(x_rs), ptr(z2), np.int32(z_f32), np.int64(z_rs), w,
+             dx, ptr(dz), dw_part, np.int64(rows), np.int32(group), np.int32(ngroups), np.float32(eps),
+             np.int32(vec), np.int32(bool(norm_before_gate))),
         )
     return dx, _column_sum(dw_part, weight), None if z is None else _cast(dz, z.dtype)
