@@ -155,6 +155,7 @@ def main(argv=None):
 
     print(f"device: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, cupy {cupy.__version__}")
     default_tp_states = scan.tp_states
+    default_tp_prefetch = scan.tp_prefetch
     rows = []
     for batch, channels, length, N in SHAPES:
         x = make_inputs(batch, channels, length, N)
@@ -186,7 +187,8 @@ def main(argv=None):
                          (" det", True, 0, "auto", None, None, None), (" mb2", False, 2, "auto", None, None, None),
                          (" mb3", False, 3, "auto", None, None, None), (" det mb3", True, 3, "auto", None, None, None),
                          (" lanes", False, 0, "lanes", None, None, None), (" tp1", False, 0, "tp", 1, None, None),
-                         (" tp2", False, 0, "tp", 2, None, None), (" tp4", False, 0, "tp", 4, None, None)]
+                         (" tp2", False, 0, "tp", 2, None, None), (" tp4", False, 0, "tp", 4, None, None),
+                         (" tp1 pf", False, 0, "tp", 1, None, None), (" tp2 pf", False, 0, "tp", 2, None, None)]
         for op, fn, floor in ops:
             timed_by_peer = peers and op in ("fwd", "fwd+bwd")
             peer_us = bench_us(peers[0] if op == "fwd" else peers[1]) if timed_by_peer else None
@@ -205,6 +207,7 @@ def main(argv=None):
                 scan.bwd_min_blocks = min_blocks
                 scan.fwd_kernel, scan.tp_states = fwd_kernel, tp_states or default_tp_states
                 scan.fwd_impl, scan.bwd_impl = fwd_impl, bwd_impl
+                scan.tp_prefetch = vname.endswith(" pf") or (default_tp_prefetch and not vname)
                 os.environ.pop("SSMCORE_DETERMINISTIC", None)
                 if det:
                     os.environ["SSMCORE_DETERMINISTIC"] = "1"
@@ -220,6 +223,7 @@ def main(argv=None):
                     scan.bwd_min_blocks = 0
                     scan.fwd_kernel, scan.tp_states = "auto", default_tp_states
                     scan.fwd_impl = scan.bwd_impl = None
+                    scan.tp_prefetch = default_tp_prefetch
                     continue
                 try:
                     graphed = graph_us(fn)
@@ -232,6 +236,7 @@ def main(argv=None):
                     scan.bwd_min_blocks = 0
                     scan.fwd_kernel, scan.tp_states = "auto", default_tp_states
                     scan.fwd_impl = scan.bwd_impl = None
+                    scan.tp_prefetch = default_tp_prefetch
                 s, r = scan._layout(N, batch * channels)
                 auto_tp = scan._use_time_parallel(scan._Args(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                                              x["delta_bias"], None))

@@ -683,7 +683,31 @@ scan_fwd3(const T* __restrict__ u, const T* __restrict__ delta, const float* __r
 // by chunk parity, as are the warp totals. flags as scan_fwd (bit 0 softplus, 1 / 2 varB / varC).
 // vec: L % 8 == 0 and 16-byte aligned rows (else element loads): with the strided inputs (su_*, sd_*,
 // sz_*: (batch, channel) strides in elements, L stride 1), the launcher also needs every stride % 8 == 0.
-template <typename T, int TP_NB>
+// PF = 1 (session 6): the B / C rows of the next TP_NB state entries are loaded (raw 16-byte words) before the
+// current entries' exps, scan and barrier, so their L2 round trip is hidden behind that work instead of
+// starting each state entry (32 serial round trips per block at N 16, L 2048).
+template <typename T>
+struct Raw8 {  // 8 consecutive elements of T as loaded, converted at use
+  static constexpr int PER = 16 / sizeof(T), NWD = 8 / PER;
+  uint4 w[NWD];
+  __device__ __forceinline__ void load(const T* p, i64 i, i64 n, bool vec) {
+    if (vec && i + 8 <= n) {
+#pragma unroll
+      for (int h = 0; h < NWD; ++h) w[h] = *reinterpret_cast<const uint4*>(p + i + h * PER);
+    } else {
+      T* e = reinterpret_cast<T*>(w);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) store_f(e + k, (i + k < n) ? load_f(p + i + k) : 0.f);
+    }
+  }
+  __device__ __forceinline__ void to_f(float (&v)[8]) const {
+    const T* e = reinterpret_cast<const T*>(w);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] = load_f(e + k);
+  }
+};
+
+template <typename T, int TP_NB, int PF>
 __global__ void __launch_bounds__(kThreads)
 scan_fwd_tp(const T* __restrict__ u, const T* __restrict__ delta, const float* __restrict__ A,
             const void* __restrict__ Bp, const void* __restrict__ Cp, const float* __restrict__ Dv,
@@ -728,21 +752,47 @@ scan_fwd_tp(const T* __restrict__ u, const T* __restrict__ delta, const float* _
       dt[k] = t0 + k < L ? (softplus ? softplus_f(x) : x) : 0.f;  // past L: the identity map
       y[k] = 0.f;
     }
+    constexpr int NPF = PF ? TP_NB : 1;
+    Raw8<T> pB[NPF], pC[NPF];  // PF: the B / C rows of the state entries n0 .. n0 + TP_NB - 1
+    auto fetch = [&](int first) {
+#pragma unroll
+      for (int q = 0; q < NPF; ++q) {
+        const int n = first + q < N ? first + q : N - 1;
+        if (varB) pB[q].load(Bvar + (i64)n * L, t0, (i64)L, vec);
+        if (varC) pC[q].load(Cvar + (i64)n * L, t0, (i64)L, vec);
+      }
+    };
+    if (PF) fetch(0);
     for (int n0 = 0; n0 < N; n0 += TP_NB) {
       float a[TP_NB][K], bu[TP_NB][K], cv[TP_NB][K], ma[TP_NB], mb[TP_NB];
+      Raw8<T> qB[NPF], qC[NPF];
+      if (PF) {
+#pragma unroll
+        for (int q = 0; q < NPF; ++q) {
+          qB[q] = pB[q];
+          qC[q] = pC[q];
+        }
+        if (n0 + TP_NB < N) fetch(n0 + TP_NB);
+      }
 #pragma unroll
       for (int q = 0; q < TP_NB; ++q) {
         const int n = n0 + q < N ? n0 + q : N - 1;  // duplicates past N are computed, not used
         const float A2 = A[(i64)d * N + n] * kLog2e;
         float bv[K];
         if (varB) {
-          load_chunk8(Bvar + (i64)n * L, t0, (i64)L, vec, bv);
+          if (PF)
+            qB[q < NPF ? q : 0].to_f(bv);
+          else
+            load_chunk8(Bvar + (i64)n * L, t0, (i64)L, vec, bv);
         } else {
 #pragma unroll
           for (int k = 0; k < K; ++k) bv[k] = Bc[n];
         }
         if (varC) {
-          load_chunk8(Cvar + (i64)n * L, t0, (i64)L, vec, cv[q]);
+          if (PF)
+            qC[q < NPF ? q : 0].to_f(cv[q]);
+          else
+            load_chunk8(Cvar + (i64)n * L, t0, (i64)L, vec, cv[q]);
         } else {
 #pragma unroll
           for (int k = 0; k < K; ++k) cv[q][k] = Cc[n];

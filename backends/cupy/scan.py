@@ -32,7 +32,7 @@ _LAYOUTS = ((1, 1), (2, 1), (1, 2), (4, 1), (1, 4), (4, 2), (1, 8), (4, 4), (1, 
 
 INSTANTIATIONS = [f"scan_fwd<{t}, {s}, {r}>" for t in _TYPES for s, r in _LAYOUTS] + [
     f"scan_fwd3<{t}, {s}, {r}>" for t in _TYPES for s, r in _LAYOUTS if r >= 2] + [
-    f"scan_fwd_tp<{t}, {nb}>" for t in _TYPES for nb in (1, 2, 4)] + [
+    f"scan_fwd_tp<{t}, {nb}, {pf}>" for t in _TYPES for nb in (1, 2, 4) for pf in (0, 1)] + [
     f"scan_bwd<{t}, {s}, {r}>" for t in _TYPES for s, r in _LAYOUTS
 ] + ["column_sum<float>"] + [f"bc_slice_sum<{t}, {v}>" for t in _TYPES for v in (1, 4)]
 
@@ -86,6 +86,9 @@ fwd_kernel = os.environ.get("SSMCORE_SCAN_FWD", "auto")
 # States per thread in scan_fwd_tp. H200 (bench/NOTES.md, run 4): B1 D4096 N16 L2048 tp1 240 us, tp2 262,
 # tp4 434; L16384 tp1 2467, tp2 2789.
 tp_states = int(os.environ.get("SSMCORE_SCAN_TP_STATES", "1"))
+# scan_fwd_tp's B / C prefetch (PF, session 6: the next state entries' rows loaded before the current ones'
+# scan and barrier). Off until measured; SSMCORE_SCAN_TP_PREFETCH=1 turns it on.
+tp_prefetch = os.environ.get("SSMCORE_SCAN_TP_PREFETCH", "0") == "1"
 
 
 def _pow2_ceil(n: int) -> int:
@@ -240,7 +243,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if last is not None:
             last[...] = 0 if a.initial_state is None else a.initial_state
     elif _use_time_parallel(a):
-        kernel = _runtime.function(FAMILY, f"scan_fwd_tp<{a.T}, {tp_states}>")
+        kernel = _runtime.function(FAMILY, f"scan_fwd_tp<{a.T}, {tp_states}, {int(bool(tp_prefetch))}>")
         if a.length % 8 == 0:
             # Vector loads need 16-byte rows: a strided input whose rows are not gets copied contiguous.
             for name, sname in (("u", "su"), ("delta", "sdelta"), ("z", "sz")):

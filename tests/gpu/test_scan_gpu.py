@@ -397,19 +397,22 @@ def test_forward_beyond_int32_offsets():
 # --- the time-parallel forward (scan_fwd_tp) ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("tp_states", [1, 2, 4])
+@pytest.mark.parametrize("tp_states,prefetch", [(1, False), (2, False), (4, False), (1, True), (2, True),
+                                                (4, True)])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("length,N,B_kind,C_kind", [(1, 5, "BNL", "DN"), (17, 16, "DN", 2), (264, 17, 2, "BNL"),
                                                     (1030, 3, "BNL", "BNL"), (2056, 4, "DN", "DN"),
                                                     (40, 256, "BNL", 2)])
-def test_time_parallel_forward(rng, monkeypatch, tp_states, dtype, length, N, B_kind, C_kind):
+def test_time_parallel_forward(rng, monkeypatch, tp_states, prefetch, dtype, length, N, B_kind, C_kind):
     """scan_fwd_tp forced: steps split over a block's threads (8 each, chunks of 1024), the maps
     scanned across lanes, warps and chunks; N not a multiple of the states per barrier; lengths
-    inside one warp, across warps, across chunks, unaligned (element loads); all options, then none."""
+    inside one warp, across warps, across chunks, unaligned (element loads); all options, then none;
+    with and without the B / C prefetch of the next state entries."""
     from ssmcore.backends.cupy import scan as gpu_scan
 
     monkeypatch.setattr(gpu_scan, "fwd_kernel", "tp")
     monkeypatch.setattr(gpu_scan, "tp_states", tp_states)
+    monkeypatch.setattr(gpu_scan, "tp_prefetch", prefetch)
     check_forward(make_inputs(rng, 2, 4, length, N, B_kind=B_kind, C_kind=C_kind, dtype=dtype), dtype)
     check_forward(make_inputs(rng, 1, 2, length, N, B_kind=B_kind, C_kind=C_kind, dtype=dtype, options=()),
                   dtype, softplus=False)
