@@ -16,6 +16,8 @@ cuts the GPU eager overhead too. Columns (microseconds per call, best of the rep
     convert   to_array on every argument + fresh_outputs on the results (the bridge alone)
     dispatch  torch.op - numpy - convert: torch.library's own cost
     dropin    the mamba_ssm drop-in name in ssmcore.adapters.torch.functional (when there is one)
+    dropin0   (--fastpath both, CUDA) the same with the launch-plan fast path off (adapters/torch/_plans.py;
+              the 'dropin' column is then the fast path on, after a recording call)
     over      torch.op - backend: host overhead of the eager torch path (target <= 25 us)
 """
 
@@ -30,7 +32,7 @@ import torch
 
 import ssmcore
 from ssmcore import _dispatch
-from ssmcore.adapters.torch import _bridge
+from ssmcore.adapters.torch import _bridge, _plans
 from ssmcore.adapters.torch import functional as F
 
 B, D, N, W = 1, 16, 8, 4
@@ -100,7 +102,8 @@ def case_ssd(rng, L=4):
     core.update(dt_limit=(0.0, float("inf")), return_final_states=True)
     return dict(core=ssmcore.ssd, backend="ssd", kwargs=core, order=order, op_kwargs=a, core_order=tuple(core),
                 arrays=("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states", "seq_idx", "cu_seqlens"),
-                op=torch.ops.ssmcore.ssd_fwd, dropin=None, dropin_kw=())
+                op=torch.ops.ssmcore.ssd_fwd, dropin=F.mamba_chunk_scan_combined,
+                dropin_kw=("x", "dt", "A", "B", "C", "chunk_size", "D", "dt_bias", "dt_softplus"))
 
 
 def case_rms_norm(rng, L=4):
@@ -150,7 +153,7 @@ def _time(fn, number, repeat, sync=None) -> float:
     return min(runs)
 
 
-def measure(name, number, repeat, device="cpu") -> dict:
+def measure(name, number, repeat, device="cpu", fastpath="on") -> dict:
     """One row of the table; on CUDA the 'numpy' and 'backend' columns run on CuPy views of the tensors."""
     case = CASES[name](_rng())
     op_kw = {k: torch.from_numpy(v).to(device) if isinstance(v, np.ndarray) else v
@@ -186,14 +189,25 @@ def measure(name, number, repeat, device="cpu") -> dict:
     row["dispatch"] = row["torch.op"] - row["numpy"] - row["convert"]
     if case["dropin"] is not None:
         dropin_kw = {k: op_kw[k] for k in case["dropin_kw"]}
-        row["dropin"] = _time(lambda: case["dropin"](**dropin_kw), number, repeat, sync)
+        dropin = lambda: case["dropin"](**dropin_kw)  # noqa: E731
+        was = _plans.ENABLED
+        try:
+            if fastpath == "both":
+                _plans.ENABLED = False
+                row["dropin0"] = _time(dropin, number, repeat, sync)
+            _plans.ENABLED = was if fastpath == "both" else fastpath == "on"
+            row["dropin"] = _time(dropin, number, repeat, sync)
+        finally:
+            _plans.ENABLED = was
     else:
         row["dropin"] = float("nan")
+    row.setdefault("dropin0", float("nan"))
     row["over"] = row["torch.op"] - row["backend"]
     return row
 
 
 COLUMNS = ("numpy", "backend", "resolve", "checks", "torch.op", "convert", "dispatch", "dropin", "over")
+COLUMNS_BOTH = COLUMNS[:7] + ("dropin0",) + COLUMNS[7:]
 
 
 def main(argv=None):
@@ -202,18 +216,25 @@ def main(argv=None):
     parser.add_argument("--number", type=int, default=300, help="calls per repeat")
     parser.add_argument("--repeat", type=int, default=7, help="repeats (the best is shown)")
     parser.add_argument("--device", default="cpu", help="cpu (NumPy/Numba) or cuda (CuPy)")
+    parser.add_argument("--fastpath", default="on", choices=("on", "off", "both"),
+                        help="CUDA launch plans for the torch calls: on, off, or both (adds column dropin0 = off)")
     args = parser.parse_args(argv)
+    columns = COLUMNS_BOTH if args.fastpath == "both" else COLUMNS
     torch.set_num_threads(1)
     print(f"host overhead per call, us (B={B}, D={D}, N={N}, W={W}, L<=4, float32, {args.device}; best of "
           f"{args.repeat} x {args.number} calls; on cuda 'numpy'/'backend' are the CuPy core/backend)")
-    print(f"{'op':<16}" + "".join(f"{c:>10}" for c in COLUMNS))
+    print(f"{'op':<16}" + "".join(f"{c:>10}" for c in columns))
     for name in args.ops.split(","):
         try:
-            row = measure(name.strip(), args.number, args.repeat, args.device)
+            row = measure(name.strip(), args.number, args.repeat, args.device, args.fastpath)
         except Exception as err:  # one op's failure should not hide the others' numbers
             print(f"{name:<16}  failed: {type(err).__name__}: {err}", flush=True)
             continue
-        print(f"{name:<16}" + "".join(f"{row[c]:>10.1f}" for c in COLUMNS), flush=True)
+        print(f"{name:<16}" + "".join(f"{row[c]:>10.1f}" for c in columns), flush=True)
+    if args.device != "cpu":
+        print(f"launch plans: {_plans.STATS}")
+        for op, why in sorted(_plans.REFUSED.items()):
+            print(f"  refused {op}: {why}")
 
 
 if __name__ == "__main__":

@@ -288,12 +288,22 @@ def _torch_malloc(size: int):
     cupy = _cupy
     device = cupy.cuda.runtime.getDevice()
     if size == 0:
+        if _alloc_hook is not None:
+            _alloc_hook(0, None)
         return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(0, 0, None, device), 0)
     where = _TORCH_DEVICES.get(device)
     if where is None:
         where = _TORCH_DEVICES[device] = torch.device("cuda", device)
     block = torch.empty(((size + 15) >> 4) << 4, dtype=torch.uint8, device=where)
-    return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(block.data_ptr(), size, _Block(block), device), 0)
+    owner = _Block(block)
+    if _alloc_hook is not None:
+        _alloc_hook(size, owner)
+    return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(block.data_ptr(), size, owner, device), 0)
+
+
+# While the launch-plan recorder (_plans.py) runs: called as (requested bytes, _Block or None) by every
+# allocation of an op's scope, from _torch_malloc's frame (it looks at the allocating caller); None otherwise.
+_alloc_hook = None
 
 
 def _block_of(a):

@@ -30,9 +30,11 @@ from torch.autograd.graph import increment_version
 
 import ssmcore
 
+from . import _plans
 from ._bridge import _PLAIN, absent, backend_scope, fresh_outputs, to_array
 
-# name -> (the op's Python implementation, names and positions of the arguments it mutates)
+# name -> (the op's Python implementation behind its launch-plan fast path (_plans.run), names and positions of
+# the arguments it mutates)
 _IMPLS: dict = {}
 
 
@@ -42,8 +44,17 @@ def custom_op(qualname: str, *, mutates_args):
     def register(fn):
         params = list(inspect.signature(fn).parameters)
         mutated = tuple((name, params.index(name)) for name in mutates_args)
-        _IMPLS[qualname.split("::", 1)[1]] = (fn, mutated)
-        return torch.library.custom_op(qualname, mutates_args=mutates_args)(fn)
+        name = qualname.split("::", 1)[1]
+
+        def run(*args, **kwargs):  # CUDA tensors: replayed from a launch plan when one applies (see _plans)
+            return _plans.run(name, fn, args, kwargs)
+
+        run.__name__ = run.__qualname__ = fn.__name__
+        run.__doc__ = fn.__doc__
+        _IMPLS[name] = (run, mutated)
+        op = torch.library.custom_op(qualname, mutates_args=mutates_args)(fn)
+        op.register_kernel("cuda", run)
+        return op
 
     return register
 

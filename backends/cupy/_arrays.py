@@ -54,11 +54,19 @@ def check_kernel_dtypes(**arrays) -> None:
             kernel_type(name, a)
 
 
+# While the torch adapter records a launch plan (adapters/torch/_plans.py): called as (a, dtype) before a cast
+# here; returns the cast array (made by torch, so that a replay can make it the same way) or None; else None.
+_cast_hook = None
+
+
 def contiguous(a, dtype=None):
     """A C-contiguous array (a itself when it already is, in ``dtype``); None stays None."""
     if a is None:
         return None
-    return cupy.ascontiguousarray(a if dtype is None or a.dtype == dtype else a.astype(dtype))
+    if dtype is not None and a.dtype != dtype:
+        cast = None if _cast_hook is None else _cast_hook(a, dtype)
+        a = a.astype(dtype) if cast is None else cast
+    return cupy.ascontiguousarray(a)
 
 
 def row_stream(a, row_dtype):

@@ -69,16 +69,26 @@ def function(family: str, name_expression: str, options: tuple = ()):
 _SHARED_ALLOWED: dict = {}
 
 
+# While the torch adapter records a launch plan (adapters/torch/_plans.py): called with every launch's
+# (kernel, grid, block, args, shared_mem) before it happens; None otherwise.
+_recorder = None
+
+
 def launch(kernel, grid, block, args, shared_mem: int = 0) -> None:
     """Launch on the current stream (named explicitly, so CUDA-graph capture records it).
 
     A launch with dynamic shared memory opts its kernel in to that amount once (static + dynamic above
     48 KiB needs it; without it the driver refuses the launch with CUDA_ERROR_INVALID_VALUE).
     """
+    if _recorder is not None:
+        _recorder(kernel, grid, block, args, shared_mem)
     if shared_mem and shared_mem > _SHARED_ALLOWED.get(id(kernel), 0) and not is_hip():
         kernel.max_dynamic_shared_size_bytes = shared_mem  # (a cupy.RawKernel; cached in _FUNCTIONS, so id is stable)
         _SHARED_ALLOWED[id(kernel)] = shared_mem
     kernel(grid, block, args, shared_mem=shared_mem, stream=cupy.cuda.get_current_stream())
+
+
+_ORIGINAL_LAUNCH = launch  # the torch adapter replays launch plans only while ``launch`` is this one (not patched)
 
 
 _CTYPES = {"float32": "float", "float16": "half_t", "bfloat16": "bf16_t", "float64": "double",

@@ -1,0 +1,697 @@
+"""Launch plans: the eager CUDA path of an op call, recorded once per call key and replayed.
+
+An op on CUDA tensors spends most of its host time in Python that decides the same things every call
+for the same shapes: argument checks, dispatch, CuPy views of the tensors, the backend's choice of
+kernel, grid and arguments, fresh output allocation, wrapping results back into tensors. For a call
+*key* (op, and per argument: dtype, shape, strides, device and pointer alignment of a tensor; type and
+exact value of anything else) the normal path is run once under a recorder that notes every
+``_runtime.launch`` (kernel, grid, block, shared memory, arguments) and every allocation; array
+arguments are mapped to slots (an input tensor + byte offset, or an allocation + byte offset). A
+later call with the same key replays the launches with the new tensors' pointers (CuPy passes a
+Python int as a 64-bit argument, a pointer's size) and allocates the outputs with torch directly:
+the same kernels with the same arguments, so the results are bitwise those of the normal path.
+
+A recording becomes a plan only when the normal path did nothing but launches through
+``_runtime.launch`` and allocations through ``cupy.empty`` (checked, not assumed):
+
+* every allocation's nearest Python caller is ``cupy.empty`` (an ``astype``, a copying
+  ``ascontiguousarray``, ``zeros``, a reduction... allocate from elsewhere and are refused);
+* no CuPy function or method ran outside ``_runtime`` other than view-making ones (``transpose``,
+  ``reshape``, a non-copying ``ascontiguousarray``, the stream/allocator plumbing): ``get``,
+  ``item``, ``fill``, ``astype``, ``copy``... are refused (profile hook: CuPy's methods are C calls; the
+  line trace below also refuses calls of CuPy ufunc objects, which the profile hook does not see);
+* no executed line of the backend stores into a CuPy array (``out[...] = 0``), updates one in place
+  (``a += b``) or converts one to a host number (``int(a)``) (line trace + the statement's AST);
+* every array argument of a launch lies in an input tensor or an allocation; integer constants that
+  look like a pointer into one are refused; every output is a whole allocation, not copied.
+
+A float16/bfloat16 input that the backend casts to float32 in ``_arrays.contiguous`` (conv and norm
+parameters) is cast by torch in the recording and in each replay (an exact widening: the same bits as CuPy's
+cast). A key is recorded on its second call (a one-off shape costs no recording); a refused key is tried
+``RECORD_TRIES`` times, then runs the normal path for good.
+
+What the path read is part of the plan: the environment variables read while recording, and the simple module-level settings (lowercase names bound to str/int/float/bool/None)
+of the backend modules that ran; a replay first checks they still hold, else records again.
+Anything unusual runs the normal path: the fast path off (``SSMCORE_FASTPATH=0`` or
+``_plans.ENABLED = False``), keyword arguments, a tensor not on CUDA or not a plain tensor, a
+non-default stream (so also CUDA-graph capture), autocast, deterministic algorithms, dispatch or
+torch-function modes, a patched ``_runtime.launch`` (the emulator), a device other than CuPy's
+current one (an active profiler or debugger only stops new recordings). Plans hold no tensors (kernels, constants and offsets only). Not detected: a backend
+*function* replaced at run time (a test monkeypatching a launcher) -- call :func:`clear` after doing that.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections.abc
+import os
+import sys
+import threading
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _bridge
+
+ENABLED = os.environ.get("SSMCORE_FASTPATH", "1") != "0"
+MAX_PLANS = 4096
+
+_PLANS: dict = {}  # key -> _Plan or _Refused
+_SEEN: dict = {}  # key -> calls so far, for keys not recorded yet
+RECORD_AFTER = 2  # a key is recorded on its RECORD_AFTER-th call (its first calls run the normal path only)
+STATS = {"hits": 0, "recorded": 0, "refused": 0, "rerecorded": 0}
+REFUSED: dict = {}  # op name -> the last reason a recording was refused
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+_lock = threading.Lock()
+_rt = None  # ssmcore.backends.cupy._runtime, imported with the first CUDA call
+_arrays = None  # ssmcore.backends.cupy._arrays
+_cupy = None
+
+
+def clear() -> None:
+    """Forget every plan and refusal (plans are also dropped wholesale past MAX_PLANS)."""
+    _PLANS.clear()
+    _SEEN.clear()
+    REFUSED.clear()
+
+
+class _Refused:
+    __slots__ = ("reason", "tries")
+
+    def __init__(self, reason, tries):
+        self.reason = reason
+        self.tries = tries
+
+
+# Recordings of one key before its refusal stands: the first calls of a process also import the backend,
+# compile kernels and create stream objects (CuPy work outside launches), which a later call does not do.
+RECORD_TRIES = 2
+MAX_RERECORDS = 64  # re-recordings of one key (its environment / module settings changed) before it is refused
+
+
+class _Plan:
+    __slots__ = ("replay", "env", "env_encoded", "knobs", "n_launches", "source", "rerecords")
+
+    def __init__(self, replay, env, knobs, n_launches, source):
+        self.replay, self.env, self.knobs = replay, env, knobs
+        try:
+            encode_key, encode_value = os.environ.encodekey, os.environ.encodevalue
+            self.env_encoded = tuple((encode_key(k), None if v is None else encode_value(v)) for k, v in env)
+        except (AttributeError, TypeError, ValueError):
+            self.env_encoded = None
+        self.n_launches, self.source = n_launches, source
+        self.rerecords = 0
+
+
+def _key(name, args):
+    """(key, pointers, device) of a call, or None when the fast path does not apply."""
+    parts = [name]
+    ptrs = []
+    device = None
+    for a in args:
+        ta = type(a)
+        if ta is Tensor or ta is torch.nn.Parameter:
+            if not a.is_cuda:
+                return None
+            dev = a.get_device()
+            if device is None:
+                device = dev
+            elif dev != device:
+                return None
+            p = a.data_ptr()
+            ptrs.append(p)
+            parts.append((a.dtype, a.shape, a.stride(), p & 63))
+        elif a is None:
+            ptrs.append(0)
+            parts.append(None)
+        elif ta is bool or ta is int or ta is str:
+            ptrs.append(0)
+            parts.append((ta, a))
+        elif ta is float:
+            ptrs.append(0)
+            parts.append((ta, a.hex()))  # exact bits (0.0 and -0.0 differ; a NaN never hits)
+        else:
+            return None
+    if device is None:
+        return None
+    parts.append(device)
+    return tuple(parts), ptrs, device
+
+
+def _context_ok(device) -> bool:
+    """Nothing unusual around the call (see the module doc)."""
+    return (_rt.launch is _rt._ORIGINAL_LAUNCH
+            and not torch.is_autocast_enabled("cuda")
+            and not torch.are_deterministic_algorithms_enabled()
+            and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._is_torch_function_mode_enabled()
+            and _bridge._current_raw_stream(device) == 0
+            and _cupy.cuda.runtime.getDevice() == device)
+
+
+def _import():
+    global _rt, _cupy, _arrays
+    try:
+        import cupy
+
+        from ssmcore.backends.cupy import _arrays as arrays
+        from ssmcore.backends.cupy import _runtime
+    except ImportError:
+        return False
+    _cupy, _rt, _arrays = cupy, _runtime, arrays
+    return True
+
+
+def run(name, fn, args, kwargs):
+    """``fn(*args, **kwargs)`` (an op's implementation), replayed from a plan when one applies."""
+    if not ENABLED or kwargs:
+        return fn(*args, **kwargs)
+    found = _key(name, args)
+    if found is None or (_rt is None and not _import()):
+        return fn(*args)
+    key, ptrs, device = found
+    if not _context_ok(device):
+        return fn(*args)
+    plan = _PLANS.get(key)
+    tries = rerecords = 0
+    if plan is None and RECORD_AFTER > 1:
+        seen = _SEEN.get(key, 0) + 1
+        if seen < RECORD_AFTER:  # a key met once (a one-off shape) is not worth a recording yet
+            if len(_SEEN) >= MAX_PLANS:
+                _SEEN.clear()
+            _SEEN[key] = seen
+            return fn(*args)
+        _SEEN.pop(key, None)
+    if plan is not None:
+        if type(plan) is _Refused:
+            if plan.tries >= RECORD_TRIES:
+                return fn(*args)
+            tries = plan.tries
+        elif _still_valid(plan):
+            STATS["hits"] += 1
+            return plan.replay(ptrs, args)
+        else:
+            STATS["rerecorded"] += 1
+            rerecords = plan.rerecords + 1
+            if rerecords > MAX_RERECORDS:  # a setting that changes all the time (a counter?): stop recording
+                _PLANS[key] = _Refused("the settings it read change between calls", RECORD_TRIES)
+                return fn(*args)
+    return _record(name, fn, args, key, ptrs, device, tries, rerecords)
+
+
+def _still_valid(plan) -> bool:
+    environ = os.environ
+    data = getattr(environ, "_data", None)  # os._Environ's dict of encoded keys and values: no encoding per call
+    if data is not None and plan.env_encoded is not None:
+        for k, v in plan.env_encoded:
+            if data.get(k) != v:
+                return False
+    else:
+        for k, v in plan.env:
+            if environ.get(k) != v:
+                return False
+    for module, attr, v in plan.knobs:
+        got = getattr(module, attr, _MISSING)
+        if got is not v and (type(got) is not type(v) or got != v):
+            return False
+    return True
+
+
+_MISSING = object()
+
+
+# ------------------------------------------------------------------------------------------ recording
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _dirs():
+    import ssmcore
+    from ssmcore.backends.cupy import _runtime
+
+    root = os.path.dirname(os.path.abspath(ssmcore.__file__)) + os.sep
+    backend = os.path.dirname(os.path.abspath(_runtime.__file__)) + os.sep
+    cupy_dir = os.path.dirname(os.path.abspath(_cupy.__file__)) + os.sep
+    # line-traced: ssmcore's core (checks, dispatch, ops) and the CuPy backend
+    return (root, backend), backend, cupy_dir, _runtime.function.__code__.co_filename
+
+
+# CuPy C functions/methods that only make views or set up the stream/device/allocator.
+_C_OK = frozenset({
+    "ascontiguousarray", "transpose", "reshape", "view", "swapaxes", "squeeze", "ravel", "getDevice",
+    "get_current_stream", "__enter__", "__exit__", "_get_thread_local_allocator", "_set_thread_local_allocator",
+    "expand_dims", "broadcast_to", "diagonal",
+})
+
+
+def _is_cupy_callable(fn) -> bool:
+    module = getattr(fn, "__module__", None)
+    if isinstance(module, str) and module.startswith("cupy"):
+        return True
+    owner = getattr(fn, "__objclass__", None)
+    if owner is None:
+        owner = getattr(fn, "__self__", None)
+        if owner is None or type(owner).__name__ == "module":
+            return False
+        owner = type(owner)
+    return isinstance(getattr(owner, "__module__", None), str) and owner.__module__.startswith("cupy")
+
+
+_LINE_CHECKS: dict = {}  # filename -> {line: ((kind, name), ...)}
+
+
+def _line_checks(filename):
+    """Per source line of ``filename``: what to check before it runs. ('array', name): refuse when ``name`` is a
+    CuPy array (a subscript store into it, an in-place update of it, int()/float()/bool() of it); ('refuse', text):
+    refuse whenever the line runs (a form whose target we cannot look up)."""
+    checks = _LINE_CHECKS.get(filename)
+    if checks is not None:
+        return checks
+    checks = {}
+    try:
+        with open(filename) as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        _LINE_CHECKS[filename] = None
+        return None
+
+    def add(node, check):
+        for line in range(node.lineno, (node.end_lineno or node.lineno) + 1):
+            checks.setdefault(line, []).append(check)
+
+    def target_check(t, node):
+        if isinstance(t, ast.Name):
+            return ("array", t.id)
+        if isinstance(t, ast.Subscript):
+            base = t.value
+            while isinstance(base, ast.Subscript):
+                base = base.value
+            if isinstance(base, ast.Name):
+                return ("array", base.id)
+        return ("refuse", ast.unparse(node)[:60])
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AugAssign):
+            add(node, target_check(node.target, node))
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                for sub in ast.walk(t):
+                    if isinstance(sub, ast.Subscript) and isinstance(sub.ctx, ast.Store):
+                        add(node, target_check(sub, node))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and isinstance(node.func.value, ast.Name) and node.func.value.id == "cupy"):
+            # cupy.<f>(...): a Python function is seen by the profile hook; a ufunc / kernel object is not
+            obj = getattr(_cupy, node.func.attr, None) if _cupy is not None else None
+            if not (isinstance(obj, type) or type(obj).__name__ == "function"):
+                add(node, ("refuse", ast.unparse(node)[:60]))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("int", "float", "bool", "complex") and node.args):
+            arg = node.args[0]
+            while isinstance(arg, ast.Subscript):
+                arg = arg.value
+            if isinstance(arg, ast.Name):
+                add(node, ("array", arg.id))
+    checks = {line: tuple(v) for line, v in checks.items()}
+    _LINE_CHECKS[filename] = checks
+    return checks
+
+
+class _EnvSpy(collections.abc.MutableMapping):
+    """``os.environ`` while recording: notes the keys the recording thread reads."""
+
+    def __init__(self, env, recorder):
+        self._env = env
+        self._rec = recorder
+
+    def _note(self, key):
+        if threading.get_ident() == self._rec.thread:
+            self._rec.env[key] = self._env.get(key)
+
+    def __getitem__(self, key):
+        self._note(key)
+        return self._env[key]
+
+    def get(self, key, default=None):
+        self._note(key)
+        return self._env.get(key, default)
+
+    def __contains__(self, key):
+        self._note(key)
+        return key in self._env
+
+    def __setitem__(self, key, value):
+        self._env[key] = value
+
+    def __delitem__(self, key):
+        del self._env[key]
+
+    def __iter__(self):
+        if threading.get_ident() == self._rec.thread:
+            self._rec.refuse("the environment was iterated")
+        return iter(self._env)
+
+    def __len__(self):
+        return len(self._env)
+
+    def copy(self):
+        return self._env.copy()
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+
+class _Recorder:
+    def __init__(self, args, ptrs, device):
+        self.thread = threading.get_ident()
+        self.device = device
+        self.args = args
+        self.ptrs = ptrs
+        self.blocks = []  # [(_Block, requested bytes)]
+        self.casts = []  # [(float32 tensor made by torch, argument index)]
+        self.launches = []  # [(kernel, grid, block, template, shared_mem, stream)]
+        self.reason = None
+        self.rt_depth = 0
+        self.modules = {}
+        self.env = {}
+        self.extents = [(p, p + _bridge.span_bytes(a)) for a, p in zip(args, ptrs) if isinstance(a, Tensor)]
+        self.watched, self.backend_dir, self.cupy_dir, self.rt_file = _dirs()
+
+    def refuse(self, why):
+        if self.reason is None:
+            self.reason = why
+            if threading.get_ident() == self.thread:  # nothing more to learn: run the rest of the call untraced
+                sys.setprofile(None)
+                sys.settrace(None)
+
+    # -- hooks
+    def on_alloc(self, size, block):
+        if threading.get_ident() != self.thread:
+            return
+        try:
+            self._on_alloc(size, block, sys._getframe(2))  # 0: this, 1: _torch_malloc, 2: who allocated
+        except Exception as err:  # a recorder bug must not break the call: refuse the plan instead
+            self.refuse(f"recorder error {err!r}")
+
+    def _on_alloc(self, size, block, caller):
+        if caller.f_code is not _EMPTY_CODE:
+            self.refuse(f"allocation in {caller.f_code.co_name} ({os.path.basename(caller.f_code.co_filename)}:"
+                        f"{caller.f_lineno})")
+        if block is not None:
+            self.blocks.append((block, size))
+            p = block.tensor.data_ptr()
+            self.extents.append((p, p + size))
+
+    def on_launch(self, kernel, grid, block, args, shared_mem):
+        if threading.get_ident() != self.thread:
+            return
+        try:
+            self._on_launch(kernel, grid, block, args, shared_mem)
+        except Exception as err:
+            self.refuse(f"recorder error {err!r}")
+
+    def _on_launch(self, kernel, grid, block, args, shared_mem):
+        ndarray = _cupy.ndarray
+        template = []
+        for a in args:
+            if isinstance(a, ndarray):
+                template.append(self._slot(a))
+            elif a is None or isinstance(a, (np.generic, bool, int, float)):
+                if isinstance(a, (np.integer, int)) and not isinstance(a, bool) and int(a) >= 4096 and any(
+                        lo <= int(a) < hi for lo, hi in self.extents):
+                    self.refuse("an integer argument that points into an array")
+                template.append(("C", a))
+            else:
+                self.refuse(f"a launch argument of type {type(a).__name__}")
+                template.append(("C", a))
+        self.launches.append((kernel, grid, block, tuple(template), shared_mem, _cupy.cuda.get_current_stream()))
+
+    def on_cast(self, a, dtype):
+        """``_arrays.contiguous`` casting ``a`` (a whole input tensor, float16/bfloat16, C-contiguous) to float32:
+        done by torch (``Tensor.to``, exact for these widenings, as CuPy's cast is), so a replay repeats it."""
+        if threading.get_ident() != self.thread:
+            return None
+        try:
+            if np.dtype(dtype) != np.float32 or a.dtype.name not in ("float16", "bfloat16"):
+                return None
+            owner = getattr(a.data.mem, "_owner", None)
+            found = [i for i, t in enumerate(self.args) if t is owner]
+            if len(found) != 1 or not isinstance(owner, Tensor):
+                return None
+            i = found[0]
+            if (a.data.ptr != self.ptrs[i] or tuple(a.shape) != tuple(owner.shape) or not a.flags.c_contiguous
+                    or not owner.is_contiguous() or owner.dtype not in (torch.float16, torch.bfloat16)):
+                return None
+            t = owner.to(torch.float32)
+            self.casts.append((t, i))
+            return _bridge._cupy_view("cast", t)
+        except Exception as err:
+            self.refuse(f"recorder error {err!r}")
+            return None
+
+    def _slot(self, a):
+        if a.size == 0:
+            self.refuse("an empty array argument")
+            return ("C", None)
+        mem = a.data.mem
+        owner = getattr(mem, "_owner", None)
+        ptr = a.data.ptr
+        if type(owner) is _bridge._Block:
+            for j, (b, _) in enumerate(self.blocks):
+                if b is owner:
+                    return ("B", j, ptr - mem.ptr)
+            self.refuse("an allocation made outside the call")
+            return ("C", None)
+        for k, (t, _) in enumerate(self.casts):
+            if t is owner:
+                return ("X", k, ptr - t.data_ptr())
+        found = [i for i, t in enumerate(self.args) if t is owner]
+        if len(found) != 1 or not isinstance(owner, Tensor):
+            self.refuse("an array of unknown origin" if not found else "one tensor passed as two arguments")
+            return ("C", None)
+        i = found[0]
+        return ("P", i, ptr - self.ptrs[i])
+
+    def on_profile(self, frame, event, arg):
+        try:
+            self._on_profile(frame, event, arg)
+        except Exception as err:
+            self.refuse(f"recorder error {err!r}")
+
+    def _on_profile(self, frame, event, arg):
+        if event == "call":
+            code = frame.f_code
+            filename = code.co_filename
+            if filename == self.rt_file:
+                self.rt_depth += 1
+            elif self.rt_depth:
+                pass
+            elif filename.startswith(self.cupy_dir):
+                if code not in _CUPY_OK_CODES:
+                    self.refuse(f"cupy's {code.co_name}")
+            elif filename.startswith(self.backend_dir):
+                name = frame.f_globals.get("__name__")
+                if name:
+                    self.modules[name] = sys.modules.get(name)
+        elif event == "return":
+            if frame.f_code.co_filename == self.rt_file:
+                self.rt_depth -= 1
+        elif event == "c_call" and not self.rt_depth and _is_cupy_callable(arg):
+            name = getattr(arg, "__name__", "?")
+            if name not in _C_OK:
+                self.refuse(f"cupy's {name}")
+
+    def on_trace(self, frame, event, arg):
+        # Global trace function: line-trace the frames of ssmcore's own files (not _runtime, not cupy).
+        try:
+            return self._on_trace(frame)
+        except Exception as err:
+            self.refuse(f"recorder error {err!r}")
+            return None
+
+    def _on_trace(self, frame):
+        filename = frame.f_code.co_filename
+        if filename.startswith(self.watched) and filename != self.rt_file and not self.rt_depth:
+            checks = _line_checks(filename)
+            if checks is None:
+                self.refuse(f"no source for {os.path.basename(filename)}")
+                return None
+            if checks:
+                return self._local_tracer(checks)
+        return None
+
+    def _local_tracer(self, checks):
+        def tracer(frame, event, arg):
+            try:
+                check(frame, event)
+            except Exception as err:
+                self.refuse(f"recorder error {err!r}")
+            return tracer
+
+        def check(frame, event):
+            if event == "line":
+                todo = checks.get(frame.f_lineno)
+                if todo:
+                    for kind, what in todo:
+                        if kind == "refuse":
+                            self.refuse(f"line {frame.f_lineno} of {os.path.basename(frame.f_code.co_filename)}: "
+                                        f"{what}")
+                        else:
+                            value = frame.f_locals.get(what, frame.f_globals.get(what))
+                            if isinstance(value, _cupy.ndarray):
+                                self.refuse(f"line {frame.f_lineno} of "
+                                            f"{os.path.basename(frame.f_code.co_filename)} works on array {what}")
+
+        return tracer
+
+    # -- the plan
+    def finish(self, out):
+        results = out if isinstance(out, tuple) else (out,)
+        outputs = []  # per result: None (placeholder) or block index
+        used = {}
+        for t in results:
+            if not isinstance(t, Tensor) or type(t) not in _PLAIN:
+                self.refuse("a result that is not a tensor")
+                return None
+            if t.numel() == 0:
+                if t.shape == (0,) and t.dtype == torch.float32:
+                    outputs.append(None)
+                    continue
+                self.refuse("an empty result")
+                return None
+            base = t.untyped_storage().data_ptr()
+            j = next((j for j, (b, _) in enumerate(self.blocks) if b.tensor.data_ptr() == base), None)
+            if j is None or j in used or t.storage_offset() != 0 or _bridge.span_bytes(t) != self.blocks[j][1]:
+                self.refuse("a result that is not exactly one fresh allocation (copied, aliased or partial)")
+                return None
+            used[j] = len(outputs)
+            outputs.append((j, tuple(t.shape), tuple(t.stride()), t.dtype))
+        if self.reason is not None:
+            return None
+        knobs = []
+        for module in self.modules.values():
+            if module is None:
+                continue
+            for attr, value in vars(module).items():
+                if (attr[:1].islower() and not attr.startswith("_")
+                        and (value is None or type(value) in (str, int, float, bool))):
+                    knobs.append((module, attr, value))
+        env = tuple(sorted((k, v) for k, v in self.env.items() if isinstance(k, str)))
+        replay, source = _compile(self.blocks, self.launches, outputs, isinstance(out, tuple), used, self.device,
+                                  [i for _, i in self.casts])
+        return _Plan(replay, env, tuple(knobs), len(self.launches), source)
+
+
+_EMPTY_CODE = None
+_CUPY_OK_CODES: frozenset = frozenset()
+
+
+def _torch_device(index):
+    return torch.device("cuda", index)
+
+
+def _compile(blocks, launches, outputs, as_tuple, used, device, casts=()):
+    """Python source of the replay function, compiled: allocations, launches with pointer arithmetic, results."""
+    ns = {"_empty": torch.empty, "_empty_strided": torch.empty_strided, "_uint8": torch.uint8,
+          "_absent": _bridge.absent, "_f32": torch.float32}
+    ns["d"] = _torch_device(device)  # plans are per device (the key holds it)
+    lines = ["def replay(P, A):"]
+    for k, i in enumerate(casts):  # parameters cast to float32 (torch, on the current stream, before the launches)
+        lines.append(f"    x{k} = A[{i}].to(_f32)")
+        lines.append(f"    c{k} = x{k}.data_ptr()")
+    needed = set(used)
+    for launch in launches:
+        for slot in launch[3]:
+            if slot[0] == "B":
+                needed.add(slot[1])
+    for j, (_, size) in enumerate(blocks):
+        if j not in needed:
+            continue
+        if j in used:
+            _, shape, stride, dtype = outputs[used[j]]
+            ns[f"_dt{j}"] = dtype
+            lines.append(f"    o{j} = _empty_strided({shape!r}, {stride!r}, dtype=_dt{j}, device=d)")
+        else:
+            lines.append(f"    o{j} = _empty(({((size + 15) >> 4) << 4},), dtype=_uint8, device=d)")
+        lines.append(f"    b{j} = o{j}.data_ptr()")
+    for n, (kernel, grid, block, template, shared_mem, stream) in enumerate(launches):
+        ns[f"_k{n}"], ns[f"_g{n}"], ns[f"_bl{n}"], ns[f"_s{n}"] = kernel, grid, block, stream
+        items = []
+        for m, slot in enumerate(template):
+            if slot[0] == "P":
+                items.append(f"P[{slot[1]}] + {slot[2]}" if slot[2] else f"P[{slot[1]}]")
+            elif slot[0] == "B":
+                items.append(f"b{slot[1]} + {slot[2]}" if slot[2] else f"b{slot[1]}")
+            elif slot[0] == "X":
+                items.append(f"c{slot[1]} + {slot[2]}" if slot[2] else f"c{slot[1]}")
+            else:
+                ns[f"_c{n}_{m}"] = slot[1]
+                items.append(f"_c{n}_{m}")
+        lines.append(f"    _k{n}(_g{n}, _bl{n}, ({', '.join(items)}{',' if len(items) == 1 else ''}), "
+                     f"shared_mem={int(shared_mem)}, stream=_s{n})")
+    results = [f"o{o[0]}" if o is not None else "_absent(d)" for o in outputs]
+    if as_tuple:
+        lines.append(f"    return ({', '.join(results)}{',' if len(results) == 1 else ''})")
+    else:
+        lines.append(f"    return {results[0]}")
+    source = "\n".join(lines)
+    exec(compile(source, "<ssmcore launch plan>", "exec"), ns)
+    return ns["replay"], source
+
+
+def _record(name, fn, args, key, ptrs, device, tries=0, rerecords=0):
+    """Run ``fn`` under the recorder; cache a plan (or the refusal)."""
+    global _EMPTY_CODE, _CUPY_OK_CODES
+    if (sys.getprofile() is not None or sys.gettrace() is not None or not _stream_known(device)
+            or not _lock.acquire(blocking=False)):
+        # a profiler, debugger or another recording is running, or the first call on this stream: not now
+        return fn(*args)
+    try:
+        if _EMPTY_CODE is None:
+            from cupy._creation import basic, from_data
+
+            _EMPTY_CODE = basic.empty.__code__
+            _CUPY_OK_CODES = frozenset({basic.empty.__code__, from_data.ascontiguousarray.__code__})
+        rec = _Recorder(args, ptrs, device)
+        environ = os.environ
+        os.environ = _EnvSpy(environ, rec)
+        _rt._recorder = rec.on_launch
+        _bridge._alloc_hook = rec.on_alloc
+        _arrays._cast_hook = rec.on_cast
+        sys.setprofile(rec.on_profile)
+        sys.settrace(rec.on_trace)
+        try:
+            out = fn(*args)
+        finally:
+            sys.settrace(None)
+            sys.setprofile(None)
+            _bridge._alloc_hook = None
+            _arrays._cast_hook = None
+            _rt._recorder = None
+            os.environ = environ
+        plan = rec.finish(out)
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        if plan is None:
+            STATS["refused"] += 1
+            REFUSED[name] = rec.reason
+            _PLANS[key] = _Refused(rec.reason, tries + 1)
+        else:
+            STATS["recorded"] += 1
+            plan.rerecords = rerecords
+            _PLANS[key] = plan
+        return out
+    finally:
+        _lock.release()
+
+
+def _stream_known(device) -> bool:
+    """True when the adapter has already made its CuPy stream object for torch's default stream of ``device``
+    (the first call makes it, with CuPy calls a recording would refuse)."""
+    return (device, 0) in _bridge._streams
+
+
+def plans_of(name):
+    """The plans and refusals recorded for op ``name`` (for tests and benchmarks)."""
+    return [(k, p) for k, p in _PLANS.items() if k[0] == name]
