@@ -1,6 +1,6 @@
 """GPU benchmark of the selective scan (CuPy backend) at the PERFORMANCE.md shapes.
 
-    python bench/gpu_scan.py [--warm] [--layouts] [--peer] [--variants]
+    python bench/gpu_scan.py [--warm] [--layouts] [--peer] [--variants] [--shape B,D,L,N ...]
 
 bf16 activations with z, D, delta_bias and softplus, B/C input-dependent (B, N, L), fp32 A/D/bias.
 Times are triton.testing.do_bench medians (L2 flushed between repetitions) of the public ops
@@ -144,6 +144,8 @@ def main(argv=None):
     parser.add_argument("--layouts", action="store_true")
     parser.add_argument("--peer", action="store_true")
     parser.add_argument("--variants", action="store_true")
+    parser.add_argument("--shape", action="append", default=None, metavar="B,D,L,N",
+                        help="only this shape (repeatable; default: the PERFORMANCE.md shapes)")
     args = parser.parse_args(argv)
     if args.warm:
         warm(args.jobs)
@@ -157,7 +159,8 @@ def main(argv=None):
     default_tp_states = scan.tp_states
     default_tp_prefetch = scan.tp_prefetch
     rows = []
-    for batch, channels, length, N in SHAPES:
+    shapes = [tuple(int(v) for v in sh.split(",")) for sh in args.shape] if args.shape else SHAPES
+    for batch, channels, length, N in shapes:
         x = make_inputs(batch, channels, length, N)
         dout = make_inputs(batch, channels, length, N, seed=1)["u"]
         fwd = lambda: ssmcore.selective_scan(**x, delta_softplus=True)
