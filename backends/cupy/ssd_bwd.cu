@@ -36,6 +36,8 @@
 // ssdb_dt's serial P*N loop for <dh_c, h0_c>.
 // v4 (default for 16-bit inputs; section at the end of this file): F per group instead of DX per head,
 // dB / dC per group, the products on a bf16/f16 shared-memory GEMM core (ssdb_g4, ssdb_h4).
+// v6 (SSMCORE_SSD_BWD_IMPL=v6, last section): ssdb_dx6 / ssdb_st6 / ssdb_tp6 replace the per-head ssdb_h4 kernels,
+// looping the group's heads inside a block over once-staged head-independent operand panels.
 // v3 = v2 with ssdb_mm3 (products), ssdb_pass2 (state passing) and ssdb_dcs3: the same math and
 // summation order (bitwise equal to v2), global loads issued together and overlapped with the mma work (the
 // v3 section at the end of this file says how).
@@ -2145,5 +2147,542 @@ __global__ void __launch_bounds__(256, (KIND % 8 == 6 || KIND % 8 == 7) ? 2 : SS
           const int i = i0 + wr + 16 * m + gq + (q >= 2 ? 8 : 0), j = j0 + wc + 8 * n + 2 * tq + (q & 1);
           if (i < I && j < J) out[st + (i64)i * N + j] = acc[m][n][q];
         }
+  }
+}
+
+// =====================================================================================================
+// v6 (SSMCORE_SSD_BWD_IMPL=v6; v4 with ssdb_dx6 in place of ssdb_h4<T, 3>): dx with the head-independent operands
+// staged once per block and the group's heads looped inside it. Per (b, c, g, 64-row tile of s, 64-column tile
+// of p) and a run of hps heads (grid y splits the group's heads):
+//   dx[s, p] = d_s (es_s * sum_{t >= s} CB[t,s] (et_t dy_t[p])  +  fac_s * sum_n B_s[n] dh[p, n])  +  D_p dy[s, p]
+// with the decay factored e^(cs_t - cs_s) = et_t es_s, et_t = e^(cs_t - ref), es_s = e^(ref - cs_s), ref = cs of
+// the tile's middle row, and fac_s = [seg_s == seg_end] e^(cs_end - cs_s). The masked CB^T panel (rows s, K = t)
+// and the B_s panel (rows s, K = n) are the same for every head of the group: staged once per block as T (the
+// mma operand rounding), so per head only dy^T (scaled by et) and dh go through the K-slice pipeline (double
+// buffered, one barrier per slice, register prefetch one slice ahead, the next head's first slice during the
+// current head's last). No per-element exp, no mask work and no CB reads per head (h4<3>: CB fp32 from L2 per
+// head, an expf per element of the A operand).
+// Factoring is used for a head when every |cs_s - ref| (rows s of the tile) <= SSDB_DX6_FAC and every
+// cs_t - ref (t >= the tile's first row) <= SSDB_DX6_FAC: then et <= e^40 and es <= e^40, nothing overflows, and
+// where et underflows (cs_t - ref < -87) the exact decay is below e^-47 (the term is negligible next to the
+// diagonal one, whose factors are both normal). Otherwise (block-uniform per head) the exact decay is applied per
+// element to the panel's (T-rounded) CB into a per-slice A buffer (the rounding of v4 plus one more T rounding).
+// Dynamic shared memory (bytes, same formula as the launcher): (ceil(Q/32) + ceil(N/32) + 4) * 64 * 40 * 2
+// + (2 Q + 3 * 64 + 64 * 17) * 4 + (Q + 1) * 4.
+// float16: the factor e^(cs_t - ref) scales a float16 operand (max 65504, normal down to 6e-5), so the range is
+// SSDB_DX6_FAC_F16 (the operand is at most e^2 = 7.4x |dy|; a factor in f16's subnormal range keeps an absolute error
+// of ~6e-8 |dy|).
+#ifndef SSDB_DX6_FAC
+#define SSDB_DX6_FAC 40.f
+#endif
+#ifndef SSDB_DX6_FAC_F16
+#define SSDB_DX6_FAC_F16 2.f
+#endif
+__device__ __forceinline__ float ssdb_dx6_lim(const bf16_t*) { return SSDB_DX6_FAC; }
+__device__ __forceinline__ float ssdb_dx6_lim(const half_t*) { return SSDB_DX6_FAC_F16; }
+template <typename T>
+__global__ void __launch_bounds__(256, 2) ssdb_dx6(
+    const T* __restrict__ x, const T* __restrict__ Bm, const float* __restrict__ dy, const float* __restrict__ Dp,
+    const float* __restrict__ d, const float* __restrict__ cs, const int* __restrict__ seg,
+    const float* __restrict__ cb, const float* __restrict__ dh, T* __restrict__ out, float* __restrict__ aux,
+    int batch, i64 L, int H, int G, int P, int N, int Q, int nc, int hps) {
+  SSM_DYNAMIC_SMEM(dyn);
+  typedef T Slice[G4_TILE][G4_LD];
+  const int nka = (Q + G4_KS - 1) / G4_KS, nkb = (N + G4_KS - 1) / G4_KS;
+  Slice* Ap = reinterpret_cast<Slice*>(dyn);  // [nka] masked CB^T: [s - i0][t - i0 - 32 slice]
+  Slice* Bp = Ap + nka;                        // [nkb] B_s: [s - i0][n - 32 slice]
+  Slice* Ws = Bp + nkb;                        // [2] per head: dy^T [p - j0][t] (phase 1) or dh [p - j0][n] (phase 2)
+  Slice* Xs = Ws + 2;                          // [2] exact-decay A slices (heads that cannot factor)
+  float* s_cs = reinterpret_cast<float*>(Xs + 2);  // [Q]
+  float* s_e = s_cs + Q;                           // [Q] e^(cs_t - ref)
+  float* s_es = s_e + Q;                           // [64] e^(ref - cs_s)
+  float* s_fac = s_es + G4_TILE;                   // [64] [seg_s == seg_end] e^(cs_end - cs_s)
+  float* s_rat = s_fac + G4_TILE;                  // [64] e^(cs_end - ref) (0 where seg_s != seg_end)
+  float* s_red = s_rat + G4_TILE;                  // [64][17] dD partials
+  int* s_seg = reinterpret_cast<int*>(s_red + G4_TILE * 17);  // [Q]
+  int* s_ok = s_seg + Q;                                       // [1]
+
+  const int nti = (Q + G4_TILE - 1) / G4_TILE, ntj = (P + G4_TILE - 1) / G4_TILE;
+  int rb_ = (int)blockIdx.x;
+  const int tj = rb_ % ntj;
+  rb_ /= ntj;
+  const int ti = rb_ % nti;
+  rb_ /= nti;
+  const int g = rb_ % G, c = rb_ / G;
+  const int hpg = H / G, hbeg = g * hpg + (int)blockIdx.y * hps;
+  const int hend = hbeg + hps < (g + 1) * hpg ? hbeg + hps : (g + 1) * hpg;
+  if (hbeg >= hend) return;
+  const i64 b = blockIdx.z;
+  const i64 t0 = (i64)c * Q;
+  const int len = (int)(t0 + Q < L ? Q : L - t0);
+  const int i0 = ti * G4_TILE, j0 = tj * G4_TILE;
+  const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  if (i0 >= len) {  // rows past the chunk's end: nothing to compute (dD partials are 0)
+    for (int h = hbeg; h < hend; ++h)
+      if (aux != nullptr && tid < G4_TILE && j0 + tid < P)
+        aux[(((b * nc + c) * H + h) * (i64)nti + ti) * P + j0 + tid] = 0.f;
+    return;
+  }
+  constexpr int WN = 2;
+  const int wr = 32 * (w & 1), wc = 8 * WN * (w >> 1);
+  const i64 srow = b * L + t0;
+  const int HP = H * P, GN = G * N;
+  const i64 mqg = (((b * nc + c) * (i64)G + g) * Q) * (i64)Q;
+  // Staging map (every slice: 64 rows x 32 k as 1024 k-pairs, 4 per thread): row r = tid / 4, k = 2 (tid % 4) + 8 u.
+  // A warp covers 8 rows x 4 pairs per u: conflict-free 32-bit shared stores (row pitch 20 words).
+  const int r = tid >> 2, kq = 2 * (tid & 3);
+  const int n1 = (len - i0 + G4_KS - 1) / G4_KS, nst = n1 + nkb;
+
+  for (int l = tid; l < Q; l += 256) s_seg[l] = l < len ? seg[srow + l] : -1;
+  __syncthreads();
+  const int seg_end = s_seg[len - 1];
+  // Panels (once per block).
+  for (int sl = 0; sl < n1; ++sl) {
+    float v[8];
+    const int s = i0 + r;
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int o = 0; o < 2; ++o) {
+        const int t = i0 + sl * G4_KS + kq + 8 * u + o;
+        const bool on = s <= t && t < len && s_seg[s] == s_seg[t];
+        v[2 * u + o] = on ? cb[mqg + (i64)t * Q + s] : 0.f;
+      }
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      *reinterpret_cast<uint32_t*>(&Ap[sl][r][kq + 8 * u]) = G4Mma<T>::pack(v[2 * u], v[2 * u + 1]);
+  }
+  for (int sl = 0; sl < nkb; ++sl) {
+    float v[8];
+    const int s = i0 + r;
+    const T* row = Bm + (srow + (s < len ? s : 0)) * GN + (i64)g * N;
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int o = 0; o < 2; ++o) {
+        const int n = sl * G4_KS + kq + 8 * u + o;
+        v[2 * u + o] = (s < len && n < N) ? load_f(row + n) : 0.f;
+      }
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      *reinterpret_cast<uint32_t*>(&Bp[sl][r][kq + 8 * u]) = G4Mma<T>::pack(v[2 * u], v[2 * u + 1]);
+  }
+
+  float rv[8];
+  // Steps of a head: nkb phase-2 slices (dh, K = n) first, then n1 phase-1 slices (dy^T, K = t).
+  // This thread's 8 elements of slice step of head h into rv (raw fp32).
+  auto loadw = [&](int h, int step) {
+    const int p = j0 + r;
+    if (step >= nkb) {
+      const float* base = dy + srow * HP + (i64)h * P + p;
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int o = 0; o < 2; ++o) {
+          const int t = i0 + (step - nkb) * G4_KS + kq + 8 * u + o;
+          rv[2 * u + o] = (t < len && p < P) ? base[(i64)t * HP] : 0.f;
+        }
+    } else {
+      const float* base = dh + (((b * nc + c) * H + h) * (i64)P + p) * N;
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int o = 0; o < 2; ++o) {
+          const int n = step * G4_KS + kq + 8 * u + o;
+          rv[2 * u + o] = (n < N && p < P) ? base[n] : 0.f;
+        }
+    }
+  };
+  auto storew = [&](int step, int sb, bool fac) {
+    if (step >= nkb) {
+      const int sl = step - nkb;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int k = kq + 8 * u, t = i0 + sl * G4_KS + k;
+        float e0 = 1.f, e1 = 1.f;
+        if (fac) {
+          e0 = t < len ? s_e[t] : 0.f;
+          e1 = t + 1 < len ? s_e[t + 1] : 0.f;
+        }
+        *reinterpret_cast<uint32_t*>(&Ws[sb][r][k]) = G4Mma<T>::pack(rv[2 * u] * e0, rv[2 * u + 1] * e1);
+        if (!fac) {  // exact decay on the panel's CB: A[s][t] = CB e^(cs_t - cs_s) (0 where masked)
+          const int s = i0 + r;
+          float a[2];
+#pragma unroll
+          for (int o = 0; o < 2; ++o) {
+            const float cbv = load_f(&Ap[sl][r][k + o]);
+            a[o] = cbv != 0.f ? cbv * expf(s_cs[t + o] - s_cs[s]) : 0.f;  // cbv != 0: s <= t + o < len
+          }
+          *reinterpret_cast<uint32_t*>(&Xs[sb][r][k]) = G4Mma<T>::pack(a[0], a[1]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        *reinterpret_cast<uint32_t*>(&Ws[sb][r][kq + 8 * u]) = G4Mma<T>::pack(rv[2 * u], rv[2 * u + 1]);
+    }
+  };
+
+  float acc[2][WN][4];
+  loadw(hbeg, 0);
+  // cs of the next head at position tid, prefetched with its first slice.
+  auto loadcs = [&](int h) { return tid < len ? cs[(b * H + h) * L + t0 + tid] : 0.f; };
+  float cs_n = loadcs(hbeg);
+  for (int h = hbeg; h < hend; ++h) {
+    const i64 hrow = (b * H + h) * L + t0;
+    // Head prologue: chunk scalars, the factoring check, the row factors (2 barriers).
+    // (s_es, s_fac are written after the first barrier: the previous head's epilogue may still read them.)
+    if (tid < Q) s_cs[tid] = cs_n;  // Q <= 256 threads
+    if (tid == 0) *s_ok = 1;
+    __syncthreads();
+    const int rmid = i0 + 32 < len ? i0 + 32 : len - 1;
+    const float ref = s_cs[rmid], cs_end = s_cs[len - 1], lim = ssdb_dx6_lim(x);
+    for (int l = tid; l < Q; l += 256) {
+      const bool in = l >= i0 && l < len;
+      float e = 0.f;
+      if (in) {
+        const float dv = s_cs[l] - ref;
+        const bool row = l < i0 + G4_TILE;
+        if (!(dv <= lim) || (row && !(dv >= -lim))) *s_ok = 0;
+        e = __expf(dv);
+      }
+      s_e[l] = e;
+    }
+    if (tid < G4_TILE) {
+      const int s = i0 + tid;
+      s_es[tid] = s < len ? __expf(ref - s_cs[s]) : 0.f;
+      // phase-2 rows: fac_s / es_s = [seg_s == seg_end] e^(cs_end - ref) when factored, else fac_s (see the switch)
+      s_fac[tid] = (s < len && s_seg[s] == seg_end) ? expf(cs_end - s_cs[s]) : 0.f;
+      s_rat[tid] = (s < len && s_seg[s] == seg_end) ? expf(cs_end - ref) : 0.f;
+    }
+    __syncthreads();
+    const bool fac = *s_ok != 0;
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int n = 0; n < WN; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[m][n][q] = 0.f;
+    for (int step = 0; step <= nst; ++step) {
+      if (step > 0) {
+        const int ps = step - 1, pb = ps & 1;
+        if (ps == nkb) {  // phase 2 done (acc = B_s . dh): acc = fac_s / es_s * acc (fac_s when not factored)
+#pragma unroll
+          for (int m = 0; m < 2; ++m)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+              const int il = wr + 16 * m + gq + 8 * hf;
+              const float f = fac ? s_rat[il] : s_fac[il];
+#pragma unroll
+              for (int n = 0; n < WN; ++n) {
+                acc[m][n][2 * hf] *= f;
+                acc[m][n][2 * hf + 1] *= f;
+              }
+            }
+        }
+        g4_products<T, WN>(acc, ps < nkb ? Bp[ps] : (fac ? Ap[ps - nkb] : Xs[pb]), Ws[pb], wr, wc, gq, tq);
+      }
+      if (step < nst) storew(step, step & 1, fac);
+      __syncthreads();
+      if (step + 1 < nst) loadw(h, step + 1);
+      else if (step + 1 == nst && h + 1 < hend) {
+        loadw(h + 1, 0);
+        cs_n = loadcs(h + 1);
+      }
+    }
+    // Epilogue: dx as T, and the dD partial sums of this tile's rows.
+    float cl[WN][2];
+#pragma unroll
+    for (int n = 0; n < WN; ++n) cl[n][0] = cl[n][1] = 0.f;
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int n = 0; n < WN; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int il = wr + 16 * m + gq + (q >= 2 ? 8 : 0), i = i0 + il, j = j0 + wc + 8 * n + 2 * tq + (q & 1);
+          if (i >= len || j >= P) continue;
+          const i64 xo = (srow + i) * HP + (i64)h * P + j;
+          const float g_ = dy[xo];
+          const float v = fac ? s_es[il] * acc[m][n][q] : acc[m][n][q];
+          store_f(out + xo, d[hrow + i] * v + Dp[h * P + j] * g_);
+          if (aux != nullptr) cl[n][q & 1] += g_ * load_f(x + xo);
+        }
+    if (aux != nullptr) {
+#pragma unroll
+      for (int n = 0; n < WN; ++n)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) s_red[(wc + 8 * n + 2 * tq + j) * 17 + (w & 1) * 8 + gq] = cl[n][j];
+      __syncthreads();
+      if (tid < G4_TILE && j0 + tid < P) {
+        float v = 0.f;
+#pragma unroll
+        for (int k = 0; k < 16; ++k) v += s_red[tid * 17 + k];
+        aux[(((b * nc + c) * H + h) * (i64)nti + ti) * P + j0 + tid] = v;
+      }
+    }
+  }
+}
+
+// ssdb_tp6<T> (v6, z absent): ssdb_h4<T, 6> and <T, 7> in one launch, the group's heads looped in a block over the
+// head-independent panels C_t and B_t (rows t of the 64-row tile, K = n, staged once per block as T):
+//   termp[t]  = sum over the p tile of (C_t . h0[p, :]) dy_t[p]
+//   statep[t] = sum over the p tile of (B_t . dh[p, :]) x_t[p]
+// (outputs (B, nc, H, tiles_p, Q) as ssdb_h4's). Per head two units (termp, then statep) of ceil(N / 32) K slices
+// each: only h0 / dh go through the slice pipeline (double buffered, one barrier per slice, register prefetch one
+// slice ahead across units and heads); a unit's row sums are reduced in shared memory (buffer by unit parity) and
+// written after the next barrier. Grid (nc * G * tiles_t * tiles_p, head runs, B), 256 threads.
+// Dynamic shared memory (bytes): (2 ceil(N/32) + 2) * 64 * 40 * 2 + 2 * 64 * 17 * 4.
+template <typename T>
+__global__ void __launch_bounds__(256, 2) ssdb_tp6(
+    const T* __restrict__ x, const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ dy,
+    const float* __restrict__ h0, const float* __restrict__ dh, float* __restrict__ termp, float* __restrict__ statep,
+    int batch, i64 L, int H, int G, int P, int N, int Q, int nc, int hps) {
+  SSM_DYNAMIC_SMEM(dyn);
+  typedef T Slice[G4_TILE][G4_LD];
+  const int nkb = (N + G4_KS - 1) / G4_KS;
+  Slice* Cp = reinterpret_cast<Slice*>(dyn);  // [nkb] C_t: [t - i0][n - 32 slice]
+  Slice* Bp = Cp + nkb;                        // [nkb] B_t
+  Slice* Ws = Bp + nkb;                        // [2] h0 or dh of a head: [p - j0][n - 32 slice]
+  float* s_red = reinterpret_cast<float*>(Ws + 2);  // [2][64][17] row partials by unit parity
+
+  const int nti = (Q + G4_TILE - 1) / G4_TILE, ntj = (P + G4_TILE - 1) / G4_TILE;
+  int rb_ = (int)blockIdx.x;
+  const int tj = rb_ % ntj;
+  rb_ /= ntj;
+  const int ti = rb_ % nti;
+  rb_ /= nti;
+  const int g = rb_ % G, c = rb_ / G;
+  const int hpg = H / G, hbeg = g * hpg + (int)blockIdx.y * hps;
+  const int hend = hbeg + hps < (g + 1) * hpg ? hbeg + hps : (g + 1) * hpg;
+  const i64 b = blockIdx.z;
+  const i64 t0 = (i64)c * Q;
+  const int len = (int)(t0 + Q < L ? Q : L - t0);
+  const int i0 = ti * G4_TILE, j0 = tj * G4_TILE;
+  if (hbeg >= hend || i0 >= len) return;  // (rows past the chunk's end are not read, as with ssdb_h4)
+  const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  constexpr int WN = 2;
+  const int wr = 32 * (w & 1), wc = 8 * WN * (w >> 1);
+  const i64 srow = b * L + t0;
+  const int HP = H * P, GN = G * N;
+  const int r = tid >> 2, kq = 2 * (tid & 3);  // staging map as ssdb_dx6
+  const int nunits = 2 * (hend - hbeg), total = nunits * nkb;
+
+  for (int sl = 0; sl < nkb; ++sl) {
+    float v[8], u8[8];
+    const int t = i0 + r;
+    const i64 ro = (srow + (t < len ? t : 0)) * GN + (i64)g * N;
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int o = 0; o < 2; ++o) {
+        const int n = sl * G4_KS + kq + 8 * u + o;
+        const bool ok = t < len && n < N;
+        v[2 * u + o] = ok ? load_f(Cm + ro + n) : 0.f;
+        u8[2 * u + o] = ok ? load_f(Bm + ro + n) : 0.f;
+      }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      *reinterpret_cast<uint32_t*>(&Cp[sl][r][kq + 8 * u]) = G4Mma<T>::pack(v[2 * u], v[2 * u + 1]);
+      *reinterpret_cast<uint32_t*>(&Bp[sl][r][kq + 8 * u]) = G4Mma<T>::pack(u8[2 * u], u8[2 * u + 1]);
+    }
+  }
+
+  float rv[8];
+  auto loadw = [&](int step) {  // unit step / nkb: head hbeg + unit / 2, h0 (even) or dh (odd); slice step % nkb
+    const int unit = step / nkb, sl = step - unit * nkb, h = hbeg + (unit >> 1), p = j0 + r;
+    const float* base = ((unit & 1) ? dh : h0) + (((b * nc + c) * H + h) * (i64)P + p) * N;
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int o = 0; o < 2; ++o) {
+        const int n = sl * G4_KS + kq + 8 * u + o;
+        rv[2 * u + o] = (n < N && p < P) ? base[n] : 0.f;
+      }
+  };
+  float acc[2][WN][4];
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int n = 0; n < WN; ++n)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[m][n][q] = 0.f;
+  int done = -1;  // unit whose row partials wait for the barrier
+  loadw(0);
+  for (int step = 0; step <= total; ++step) {
+    if (step > 0) {
+      const int ps = step - 1, unit = ps / nkb, sl = ps - unit * nkb, pb = ps & 1;
+      const bool last = sl == nkb - 1;
+      const int h = hbeg + (unit >> 1);
+      float e[2][2][WN][2];  // the reduction operand (dy or x) at this thread's accumulator positions
+      if (last) {
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int t = i0 + wr + 16 * m + gq + 8 * hf;
+            const i64 xo = (srow + (t < len ? t : 0)) * HP + (i64)h * P;
+#pragma unroll
+            for (int n = 0; n < WN; ++n)
+#pragma unroll
+              for (int j = 0; j < 2; ++j) {
+                const int p = j0 + wc + 8 * n + 2 * tq + j;
+                const bool ok = t < len && p < P;
+                e[m][hf][n][j] = !ok ? 0.f : ((unit & 1) ? load_f(x + xo + p) : dy[xo + p]);
+              }
+          }
+      }
+      g4_products<T, WN>(acc, (unit & 1) ? Bp[sl] : Cp[sl], Ws[pb], wr, wc, gq, tq);
+      if (last) {
+        float* red = s_red + (unit & 1) * G4_TILE * 17;
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            float v = 0.f;
+#pragma unroll
+            for (int n = 0; n < WN; ++n)
+#pragma unroll
+              for (int j = 0; j < 2; ++j) {
+                v += acc[m][n][2 * hf + j] * e[m][hf][n][j];
+                acc[m][n][2 * hf + j] = 0.f;
+              }
+            red[(wr + 16 * m + gq + 8 * hf) * 17 + (w >> 1) * 4 + tq] = v;
+          }
+        done = unit;
+      }
+    }
+    if (step < total) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        *reinterpret_cast<uint32_t*>(&Ws[step & 1][r][kq + 8 * u]) = G4Mma<T>::pack(rv[2 * u], rv[2 * u + 1]);
+    }
+    __syncthreads();
+    if (step + 1 < total) loadw(step + 1);
+    if (done >= 0) {  // the unit's partials are complete: 16 per row
+      if (tid < G4_TILE && i0 + tid < Q) {
+        const float* red = s_red + (done & 1) * G4_TILE * 17;
+        float v = 0.f;
+#pragma unroll
+        for (int k = 0; k < 16; ++k) v += red[tid * 17 + k];
+        const int h = hbeg + (done >> 1);
+        ((done & 1) ? statep : termp)[(((b * nc + c) * H + h) * (i64)ntj + tj) * Q + i0 + tid] = v;
+      }
+      done = -1;
+    }
+  }
+}
+
+// ssdb_st6<T> (v6): ssdb_h4<T, 4> and <T, 5> in one launch, the group's heads looped in a block over the
+// head-independent panels B^T and C^T (rows n of the 64-column tile, K = positions, staged once per block as T):
+//   S[p, n]  = sum_s (x_s[p] fcB_s) B_s[n],   Gl[p, n] = sum_t (dy_t[p] fcC_t) C_t[n]
+// with fcB = v e^(cs_end - cs) d, fcC = w e^(cs) from ssdb_fac4. Per head two units (S, then Gl) of ceil(len / 32)
+// K slices: only x^T / dy^T (scaled) go through the slice pipeline (double buffered, one barrier per slice,
+// register prefetch one slice ahead across units and heads); a unit's 64 x 64 tile is stored from the accumulators
+// (no reduction). Grid (nc * G * tiles_n * tiles_p, head runs, B), 256 threads.
+// Dynamic shared memory (bytes): (2 ceil(Q/32) + 2) * 64 * 40 * 2.
+template <typename T>
+__global__ void __launch_bounds__(256, 2) ssdb_st6(
+    const T* __restrict__ x, const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ dy,
+    const float* __restrict__ fcB, const float* __restrict__ fcC, float* __restrict__ S, float* __restrict__ Gl,
+    int batch, i64 L, int H, int G, int P, int N, int Q, int nc, int hps) {
+  SSM_DYNAMIC_SMEM(dyn);
+  typedef T Slice[G4_TILE][G4_LD];
+  const int nka = (Q + G4_KS - 1) / G4_KS;
+  Slice* Bp = reinterpret_cast<Slice*>(dyn);  // [nka] B^T: [n - n0][s - 32 slice]
+  Slice* Cp = Bp + nka;                        // [nka] C^T
+  Slice* Ws = Cp + nka;                        // [2] x^T fcB or dy^T fcC of a head: [p - p0][s - 32 slice]
+
+  const int ntp = (P + G4_TILE - 1) / G4_TILE, ntn = (N + G4_TILE - 1) / G4_TILE;
+  int rb_ = (int)blockIdx.x;
+  const int tp = rb_ % ntp;
+  rb_ /= ntp;
+  const int tn = rb_ % ntn;
+  rb_ /= ntn;
+  const int g = rb_ % G, c = rb_ / G;
+  const int hpg = H / G, hbeg = g * hpg + (int)blockIdx.y * hps;
+  const int hend = hbeg + hps < (g + 1) * hpg ? hbeg + hps : (g + 1) * hpg;
+  if (hbeg >= hend) return;
+  const i64 b = blockIdx.z;
+  const i64 t0 = (i64)c * Q;
+  const int len = (int)(t0 + Q < L ? Q : L - t0);
+  const int p0 = tp * G4_TILE, n0 = tn * G4_TILE;
+  const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  constexpr int WN = 2;
+  const int wr = 32 * (w & 1), wc = 8 * WN * (w >> 1);
+  const i64 srow = b * L + t0;
+  const int HP = H * P, GN = G * N;
+  const int r = tid >> 2, kq = 2 * (tid & 3);  // staging map as ssdb_dx6
+  const int n1 = (len + G4_KS - 1) / G4_KS, total = 2 * (hend - hbeg) * n1;
+
+  for (int sl = 0; sl < n1; ++sl) {
+    float v[8], u8[8];
+    const int n = n0 + r;
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int o = 0; o < 2; ++o) {
+        const int s = sl * G4_KS + kq + 8 * u + o;
+        const bool ok = s < len && n < N;
+        const i64 ro = (srow + (ok ? s : 0)) * GN + (i64)g * N + (ok ? n : 0);
+        v[2 * u + o] = ok ? load_f(Bm + ro) : 0.f;
+        u8[2 * u + o] = ok ? load_f(Cm + ro) : 0.f;
+      }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      *reinterpret_cast<uint32_t*>(&Bp[sl][r][kq + 8 * u]) = G4Mma<T>::pack(v[2 * u], v[2 * u + 1]);
+      *reinterpret_cast<uint32_t*>(&Cp[sl][r][kq + 8 * u]) = G4Mma<T>::pack(u8[2 * u], u8[2 * u + 1]);
+    }
+  }
+
+  float rv[8];
+  auto loadw = [&](int step) {  // unit step / n1: head hbeg + unit / 2, S (even) or Gl (odd); slice step % n1
+    const int unit = step / n1, sl = step - unit * n1, h = hbeg + (unit >> 1), p = p0 + r;
+    const float* fac = ((unit & 1) ? fcC : fcB) + (b * H + h) * L + t0;
+    const i64 xo = srow * HP + (i64)h * P + p;
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int o = 0; o < 2; ++o) {
+        const int s = sl * G4_KS + kq + 8 * u + o;
+        const bool ok = s < len && p < P;
+        const i64 e = xo + (i64)(ok ? s : 0) * HP;
+        rv[2 * u + o] = ok ? ((unit & 1) ? dy[e] : load_f(x + e)) * fac[s] : 0.f;
+      }
+  };
+  float acc[2][WN][4];
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int n = 0; n < WN; ++n)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[m][n][q] = 0.f;
+  loadw(0);
+  for (int step = 0; step <= total; ++step) {
+    if (step > 0) {
+      const int ps = step - 1, unit = ps / n1, sl = ps - unit * n1, pb = ps & 1;
+      g4_products<T, WN>(acc, Ws[pb], (unit & 1) ? Cp[sl] : Bp[sl], wr, wc, gq, tq);
+      if (sl == n1 - 1) {  // the unit's tile is complete
+        const int h = hbeg + (unit >> 1);
+        float* o_ = ((unit & 1) ? Gl : S) + ((b * nc + c) * H + h) * (i64)P * N;
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+          for (int n = 0; n < WN; ++n)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              const int p = p0 + wr + 16 * m + gq + (q >= 2 ? 8 : 0), nn = n0 + wc + 8 * n + 2 * tq + (q & 1);
+              if (p < P && nn < N) o_[(i64)p * N + nn] = acc[m][n][q];
+              acc[m][n][q] = 0.f;
+            }
+      }
+    }
+    if (step < total) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        *reinterpret_cast<uint32_t*>(&Ws[step & 1][r][kq + 8 * u]) = G4Mma<T>::pack(rv[2 * u], rv[2 * u + 1]);
+    }
+    __syncthreads();
+    if (step + 1 < total) loadw(step + 1);
   }
 }
