@@ -1,6 +1,6 @@
 """Where a block's forward+backward GPU time goes, ours vs the peer (GPU machine; data for block/training speed).
 
-    python3 bench/profile_block.py [--batch 8] [--length 2048] [--d-model 1024] [--top 22]
+    python3 bench/profile_block.py [--batch 8] [--length 2048] [--d-model 1024] [--top 22] [--who ours peer]
 
 The setting of bench/test_gpu_blocks.py: Mamba (d_state 16) and Mamba2 (H32 P64 N128, chunk 256), fp32 parameters
 under bf16 autocast, torch.autograd.grad of the output w.r.t. input and parameters. Prints wall time per
@@ -72,13 +72,14 @@ def main():
     ap.add_argument("--d-model", type=int, default=1024)
     ap.add_argument("--top", type=int, default=22)
     ap.add_argument("--kinds", nargs="+", default=["Mamba", "Mamba2"])
+    ap.add_argument("--who", nargs="+", default=["ours", "peer"], help="ours and/or peer")
     args = ap.parse_args()
     for kind in args.kinds:
         x = torch.randn(args.batch, args.length, args.d_model, device="cuda", dtype=torch.bfloat16,
                         requires_grad=True)
         g = torch.randn_like(x)
         rows = {}
-        for who in ("ours", "peer"):
+        for who in args.who:
             try:
                 module = make(kind, args.d_model, who == "peer")
             except Exception as err:  # noqa: BLE001

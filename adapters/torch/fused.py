@@ -5,8 +5,9 @@ Each is one ``torch.autograd.Function`` from the mixer's in_proj output to its o
 output. Autograd through the separate ops would keep every intermediate alive until the
 backward: the conv output, dt, the gated scan output, the normed output. These functions
 keep only the in_proj output, the small projection ``x_dbl`` (Mamba-1) and one (B, L, D)
-activation for the out_proj weight gradient, and recompute the conv (and dt) in the
-backward, as the reference does. Shapes use the glossary letters (B batch, L length,
+activation (the gated scan output / the SSD output, dropped early in the backward: see
+``_stash``), and recompute the conv (and dt) in the backward, as the reference does; the
+backward frees each temporary after its last use (bench/NOTES.md, session 6, MEM6). Shapes use the glossary letters (B batch, L length,
 D channels, N state size, G groups, H heads, P head dim, W conv width).
 
 Under autocast the weights are cast to the autocast dtype once, and the body runs with
@@ -61,7 +62,9 @@ class MambaInnerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                 out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
-                delta_softplus=True, checkpoint_lvl=1):
+                delta_softplus=True, checkpoint_lvl=1, z=None):
+        # z given (ssmcore's Mamba module): xz is x alone, (B, D, L), and z comes apart; both may then be contiguous
+        # (the conv reads a contiguous x without copying it) and their gradients come back apart (no dxz).
         if checkpoint_lvl not in (0, 1):
             raise ValueError(f"checkpoint_lvl: expected 0 (store conv output and dt) or 1 (recompute them), "
                              f"got {checkpoint_lvl!r}")
@@ -69,16 +72,17 @@ class MambaInnerFn(torch.autograd.Function):
             raise TypeError("A: complex A is not supported by ssmcore's selective scan; expected a real (D, N) tensor")
         input_dtypes = tuple(None if t is None else t.dtype
                              for t in (xz, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias))
+        ctx.z_dtype = None if z is None else z.dtype
         dtype = _autocast_dtype(xz)
         if dtype is not None:
-            xz = xz.to(dtype)
+            xz, z = xz.to(dtype), _cast(z, dtype)
             x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias = (
                 _cast(t, dtype) for t in (x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias))
         with _no_autocast(xz):
             conv_weight = conv1d_weight.reshape(conv1d_weight.shape[0], conv1d_weight.shape[-1])
-            x, z = xz.chunk(2, dim=1)
+            x, z = xz.chunk(2, dim=1) if z is None else (xz, z)
             conv_out = _conv_silu(x, conv_weight, conv1d_bias)
-            x_dbl = F.linear(_rows(conv_out), x_proj_weight)  # (B*L, R + 2N)
+            x_dbl = _x_proj(conv_out, x_proj_weight)  # (B*L, R + 2N)
             delta = _delta(x_dbl, delta_proj_weight, xz.shape[0])
             B_scan, C_scan = _scan_BC(x_dbl, B, C, B_proj_bias, C_proj_bias, delta_proj_weight.shape[1],
                                       A.shape[-1], xz.shape[0])
@@ -87,9 +91,12 @@ class MambaInnerFn(torch.autograd.Function):
             out = F.linear(out_z.transpose(1, 2), out_proj_weight, out_proj_bias)
         if checkpoint_lvl == 1:
             conv_out = delta = None
+        # out_z only feeds the out_proj weight gradient, the backward's first step: kept on ctx (see _stash) it
+        # is dropped before the scan backward, the peak of the backward.
+        ctx.out_z = out_z if _stash() else None
         ctx.save_for_backward(xz, conv_weight, conv1d_bias, x_dbl, x_proj_weight, delta_proj_weight,
                               out_proj_weight, conv_out, delta, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
-                              out_z)
+                              None if ctx.out_z is not None else out_z, z if ctx.z_dtype is not None else None)
         ctx.delta_softplus = bool(delta_softplus)
         ctx.has_out_proj_bias = out_proj_bias is not None
         ctx.input_dtypes = input_dtypes
@@ -99,29 +106,39 @@ class MambaInnerFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         (xz, conv_weight, conv1d_bias, x_dbl, x_proj_weight, delta_proj_weight, out_proj_weight, conv_out, delta,
-         A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, out_z) = ctx.saved_tensors
+         A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, out_z, z_apart) = ctx.saved_tensors
+        if out_z is None:
+            out_z, ctx.out_z = ctx.out_z, None
         batch, _, length = xz.shape
         rank, dstate = delta_proj_weight.shape[1], A.shape[-1]
+        # Peak memory: every (B, D, L) temporary is dropped right after its last use (the scan backward, with
+        # its checkpoints, is the peak); see bench/NOTES.md, session 6 (helper MEM6).
         with _no_autocast(xz):
-            x, z = xz.chunk(2, dim=1)
+            x, z = xz.chunk(2, dim=1) if z_apart is None else (xz, z_apart)
             if conv_out is None:
                 conv_out = _conv_silu(x, conv_weight, conv1d_bias)
                 delta = _delta(x_dbl, delta_proj_weight, batch)
             B_scan, C_scan = _scan_BC(x_dbl, B, C, B_proj_bias, C_proj_bias, rank, dstate, batch)
+            if out_z is None:  # a second backward (retain_graph) after the first dropped it
+                out_z, _ = _ops.selective_scan_fwd(conv_out, delta, A, B_scan, C_scan, D, z, delta_bias, None,
+                                                   ctx.delta_softplus)
             dout = dout.to(out_proj_weight.dtype).reshape(batch * length, -1)  # (B*L, E)
+            dout_proj_weight = dout.t() @ _rows(out_z)
+            del out_z
+            dout_proj_bias = dout.sum(0) if ctx.has_out_proj_bias else None
             # (D, B*L) = W^T dout^T, viewed (B, D, L) with L contiguous: the scan reads it through its strides
             # (no copy), where (dout @ W) viewed (B, D, L) has D contiguous and needs one.
             dout_y = torch.matmul(out_proj_weight.t(), dout.t()).view(-1, batch, length).permute(1, 0, 2)
             dconv_out, ddelta, dA, dB, dC, dD, dz, ddelta_bias, _ = _ops.selective_scan_bwd(
                 dout_y, conv_out, delta, A, B_scan, C_scan, D, z, delta_bias, None, None, ctx.delta_softplus)
-            dout_proj_weight = dout.t() @ _rows(out_z)
-            dout_proj_bias = dout.sum(0) if ctx.has_out_proj_bias else None
+            del dout_y, delta, B_scan, C_scan
 
             ddelta = ddelta.permute(1, 0, 2).reshape(ddelta.shape[1], -1)  # (D, B*L)
             ddelta_proj_weight = ddelta @ x_dbl[:, :rank]
             # Columns of x_dbl that feed a constant B or C are unused: their gradient is 0.
             dx_dbl = torch.zeros_like(x_dbl)
             dx_dbl[:, :rank] = ddelta.t() @ delta_proj_weight
+            del ddelta
             dB_proj_bias = dC_proj_bias = None
             if B is None:
                 dx_dbl[:, rank:rank + dstate] = _rows(dB)
@@ -132,16 +149,21 @@ class MambaInnerFn(torch.autograd.Function):
                 dC_proj_bias = _rows(dC).sum(0) if C_proj_bias is not None else None
                 dC = None
             dx_proj_weight = dx_dbl.t() @ _rows(conv_out)
-            # Peak memory: dz goes into its half of dxz at once (and is freed), the x_proj term is added in
-            # place (the scan's gradient is a fresh tensor of ours), dx fills the other half.
-            dxz = torch.empty(xz.shape, dtype=torch.promote_types(dz.dtype, x.dtype), device=xz.device)
-            dxz[:, x.shape[1]:].copy_(dz)
-            del dz
-            dconv_out.add_((dx_dbl @ x_proj_weight).view(batch, length, -1).transpose(1, 2))
+            del conv_out
+            # The x_proj term W_x^T dx_dbl_b^T is accumulated into the scan's gradient (a fresh tensor of ours) by
+            # one batched GEMM (no (B*L, D) product and no strided add).
+            dconv_out.baddbmm_(x_proj_weight.t().unsqueeze(0).expand(batch, -1, -1),
+                               dx_dbl.view(batch, length, -1).transpose(1, 2))
             dx, dconv_weight, dconv_bias, _ = _ops.causal_conv1d_bwd(
                 dconv_out.to(x.dtype), x, conv_weight, conv1d_bias, None, None, None, "silu")
             del dconv_out
-            dxz[:, :x.shape[1]].copy_(dx)
+            if z_apart is not None:
+                dxz = dx
+            else:
+                dxz = torch.empty(xz.shape, dtype=torch.promote_types(dz.dtype, x.dtype), device=xz.device)
+                dxz[:, x.shape[1]:].copy_(dz)
+                dz = None
+                dxz[:, :x.shape[1]].copy_(dx)
             del dx
         xz_dtype, x_proj_dtype, delta_proj_dtype, out_proj_dtype, out_bias_dtype = ctx.input_dtypes
         return (
@@ -154,13 +176,34 @@ class MambaInnerFn(torch.autograd.Function):
             None if dout_proj_bias is None else dout_proj_bias.to(out_bias_dtype),
             dA, dB, dC, _present(dD, D), _present(ddelta_bias, delta_bias),
             _grad_like(dB_proj_bias, B_proj_bias), _grad_like(dC_proj_bias, C_proj_bias),
-            None, None,
+            None, None, None if z_apart is None else dz.to(ctx.z_dtype),
         )
+
+
+def _stash() -> bool:
+    """Whether an intermediate the backward needs only briefly may live on ``ctx`` (dropped there as soon as it
+    is used) instead of ``save_for_backward`` (held until the backward returns): in plain eager mode only, so
+    that saved-tensor hooks (offloading, checkpointing) and tracing still see every saved tensor. A second
+    backward (``retain_graph=True``) recomputes what the first dropped."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    except (AttributeError, RuntimeError, TypeError):  # an internal API: without it, save everything
+        return False
 
 
 def _rows(t):
     """(B, C, L) -> (B*L, C)."""
     return t.transpose(1, 2).reshape(-1, t.shape[1])
+
+
+def _x_proj(conv_out, weight):
+    """x_dbl = conv_out's rows (B*L, D) @ W^T as one batched GEMM over (B, L, D) views: (B*L, R + 2N) contiguous,
+    without the (B*L, D) transposing copy of conv_out."""
+    batch, _, length = conv_out.shape
+    out = torch.bmm(conv_out.transpose(1, 2), weight.t().unsqueeze(0).expand(batch, -1, -1))
+    return out.view(batch * length, -1)
 
 
 def _conv_silu(x, weight, bias):
@@ -284,8 +327,11 @@ class MambaSplitConv1dScanCombinedFn(torch.autograd.Function):
             out = _mixer_out(y, z, zx0, rmsnorm_weight, rmsnorm_eps, dim // ngroups, norm_before_gate)
             if outproj_weight is not None:
                 out = F.linear(out, outproj_weight, outproj_bias)
-        ctx.save_for_backward(zxbcdt, conv1d_weight, conv1d_bias, y, A, D, dt_bias, initial_states, seq_idx,
-                              rmsnorm_weight, outproj_weight, outproj_bias)
+        # y feeds the norm's backward (or, without the norm, the out_proj weight gradient) early in the backward:
+        # kept on ctx (see _stash) it is dropped before the SSD backward, the peak of the backward.
+        ctx.y = y if _stash() else None
+        ctx.save_for_backward(zxbcdt, conv1d_weight, conv1d_bias, None if ctx.y is not None else y, A, D, dt_bias,
+                              initial_states, seq_idx, rmsnorm_weight, outproj_weight, outproj_bias)
         ctx.options = (int(chunk_size), dt_min, dt_max, conv_activation, float(rmsnorm_eps), bool(norm_before_gate),
                        headdim, ngroups, d_nonssm, dstate)
         ctx.dtypes = (input_dtype, *proj_dtypes)
@@ -297,22 +343,34 @@ class MambaSplitConv1dScanCombinedFn(torch.autograd.Function):
          outproj_weight, outproj_bias) = ctx.saved_tensors
         (chunk_size, dt_min, dt_max, conv_activation, eps, norm_before_gate, headdim, ngroups, d_nonssm,
          dstate) = ctx.options
+        if y is None:
+            y, ctx.y = ctx.y, None
         nheads = D.shape[0]
         dim = nheads * headdim
         batch, seqlen, _ = zxbcdt.shape
+        # Peak memory (the SSD backward and its float32 work buffers): everything else not needed there is gone
+        # by then (y, the out_proj input, dout), and x comes from a conv of its own channels, contiguous, so
+        # that the SSD backward does not copy it. See bench/NOTES.md, session 6 (helper MEM6).
         with _no_autocast(zxbcdt):
             zx0, z, xBC, dt = torch.split(zxbcdt, [2 * d_nonssm, dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
-            x, B, C = _conv_xBC(xBC, conv1d_weight, conv1d_bias, seq_idx, conv_activation, nheads, ngroups, dstate)
+            x, B, C = _conv_xBC(xBC, conv1d_weight, conv1d_bias, seq_idx, conv_activation, nheads, ngroups, dstate,
+                                split=True)
             z = z.reshape(batch, seqlen, nheads, headdim)
+            if y is None:  # a second backward (retain_graph) after the first dropped it
+                y = _ops.ssd_fwd(x, dt, A, B, C, chunk_size, D, None if rmsnorm_weight is not None else z, dt_bias,
+                                 initial_states, seq_idx, None, True, dt_min, dt_max, False)[0]
             doutproj_weight = doutproj_bias = None
             if outproj_weight is not None:
                 dout = dout.to(outproj_weight.dtype)
                 out = _mixer_out(y, z, zx0, rmsnorm_weight, eps, dim // ngroups, norm_before_gate)
                 doutproj_weight = dout.reshape(-1, dout.shape[-1]).t() @ out.reshape(-1, out.shape[-1])
+                del out
                 doutproj_bias = dout.sum(dim=(0, 1)) if outproj_bias is not None else None
                 dout = dout @ outproj_weight
             dout0, dout1 = dout.split([d_nonssm, dim], dim=-1)
+            del dout
             dzx0 = _swiglu_bwd(zx0, dout0)
+            del dout0
             drmsnorm_weight = None
             if rmsnorm_weight is not None:
                 dy, drmsnorm_weight, dz = _ops.gated_rms_norm_bwd(
@@ -323,14 +381,15 @@ class MambaSplitConv1dScanCombinedFn(torch.autograd.Function):
             else:
                 dy = dout1.to(y.dtype).reshape(batch, seqlen, nheads, headdim)
                 ssd_z = z
+            del dout1, y, z
             dx, ddt, dA, dB, dC, dD, dz_ssd, ddt_bias, dinitial_states = _ops.ssd_bwd(
                 dy, x, dt, A, B, C, chunk_size, D, ssd_z, dt_bias, initial_states, seq_idx, None, dfinal_states,
                 True, dt_min, dt_max)
             if ssd_z is not None:
                 dz = dz_ssd
-            del dy, dz_ssd
-            # Peak memory: the gradients go straight into preallocated buffers (in the conv's dtype, then
-            # zxbcdt's) and each is freed as soon as it is copied, instead of float32 concatenations.
+            del dy, dz_ssd, x, B, C
+            # The gradients go straight into preallocated buffers (in the conv's dtype, then zxbcdt's) and each
+            # is freed as soon as it is copied, instead of float32 concatenations.
             nx, nbc = dx.shape[2] * dx.shape[3], dB.shape[2] * dB.shape[3]
             dxBC_conv = torch.empty((batch, seqlen, nx + 2 * nbc), dtype=xBC.dtype, device=xBC.device)
             dxBC_conv[..., :nx].copy_(dx.reshape(batch, seqlen, nx))
@@ -358,9 +417,23 @@ class MambaSplitConv1dScanCombinedFn(torch.autograd.Function):
         )
 
 
-def _conv_xBC(xBC, weight, bias, seq_idx, activation, nheads, ngroups, dstate):
-    """Causal conv of xBC (B, L, C) along L, split into x (B, L, H, P), B and C (B, L, G, N)."""
+def _conv_xBC(xBC, weight, bias, seq_idx, activation, nheads, ngroups, dstate, split=False):
+    """Causal conv of xBC (B, L, C) along L, split into x (B, L, H, P), B and C (B, L, G, N).
+
+    split: two convs (the channels are independent), of x's channels and of B and C's, so that x comes out
+    contiguous (the SSD backward takes strided x rows only by copying them); same values, one more launch.
+    """
     batch, seqlen, _ = xBC.shape
+    if split:
+        nbc = 2 * ngroups * dstate
+        nx = xBC.shape[-1] - nbc
+        x = _ops.causal_conv1d_fwd(xBC[..., :nx].transpose(1, 2), weight[:nx], None if bias is None else bias[:nx],
+                                   seq_idx, None, activation, False)[0].transpose(1, 2)
+        bc = _ops.causal_conv1d_fwd(xBC[..., nx:].transpose(1, 2), weight[nx:], None if bias is None else bias[nx:],
+                                    seq_idx, None, activation, False)[0].transpose(1, 2)
+        B, C = torch.split(bc, [ngroups * dstate, ngroups * dstate], dim=-1)
+        return (x.reshape(batch, seqlen, nheads, -1), B.reshape(batch, seqlen, ngroups, dstate),
+                C.reshape(batch, seqlen, ngroups, dstate))
     # xBC is a channel slice of the in_proj output: the channel-last conv reads its rows in place.
     conv = _ops.causal_conv1d_fwd(xBC.transpose(1, 2), weight, bias, seq_idx, None, activation,
                                   False)[0].transpose(1, 2)

@@ -21,6 +21,7 @@ only takes one token at a time there) and give the same result as one longer pre
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -37,7 +38,7 @@ from .functional import (
     selective_scan_fn,
     selective_state_update,
 )
-from .fused import mamba_inner_fn, mamba_split_conv1d_scan_combined
+from .fused import MambaInnerFn, mamba_inner_fn, mamba_split_conv1d_scan_combined
 
 _NO_DT_LIMIT = (0.0, float("inf"))
 
@@ -74,6 +75,25 @@ def _cached(module: nn.Module, slot: str, tensors: tuple, make):
     if not (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()):
         cache[slot] = (key, value)
     return value
+
+
+def _in_proj_apart(proj: nn.Linear, hidden_states: Tensor, d_inner: int) -> tuple:
+    """x and z of Mamba's in_proj(hidden_states), each (B, D_in, L) and contiguous: one batched GEMM per half,
+    W_half @ h_b^T over the batch with W_half broadcast (stride 0, no copy on the GPU). Under autocast the
+    weight is cast once, before the broadcast."""
+    weight, bias = proj.weight, proj.bias
+    device_type = hidden_states.device.type
+    h_t = hidden_states.transpose(1, 2)  # (B, D, L)
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        weight, h_t = weight.to(dtype), h_t.to(dtype)
+    batch = hidden_states.shape[0]
+    halves = []
+    for w, b in ((weight[:d_inner], None if bias is None else bias[:d_inner]),
+                 (weight[d_inner:], None if bias is None else bias[d_inner:])):
+        y = torch.bmm(w.unsqueeze(0).expand(batch, -1, -1), h_t)
+        halves.append(y if b is None else y + b.to(y.dtype)[:, None])
+    return tuple(halves)
 
 
 def _ssm_constants(module: nn.Module, A_log: Tensor, D: Tensor, dt_bias: Tensor) -> tuple:
@@ -289,18 +309,25 @@ class Mamba(nn.Module):
                 out, _, _ = self.step(hidden_states, conv_state, ssm_state)
                 return out
 
+        A, D, dt_bias = _ssm_constants(self, self.A_log, self.D, self.dt_proj.bias)
+        if self.use_fast_path and inference_params is None and os.environ.get("SSMCORE_INPROJ_APART", "1") != "0":
+            # x and z each (B, D_in, L) contiguous: the conv reads x in place (no copy in its forward, recompute
+            # and backward) and their gradients come back apart (no dxz). The conv weight and bias in float32,
+            # cached outside autograd (a bf16 model converts them once).
+            x, z = _in_proj_apart(self.in_proj, hidden_states, self.d_inner)
+            return MambaInnerFn.apply(x, *_conv_params(self), self.x_proj.weight, self.dt_proj.weight,
+                                      self.out_proj.weight, self.out_proj.bias, A, None, None, D, dt_bias, None,
+                                      None, True, 1, z)
+
         # in_proj as W @ h^T: xz comes out (B, 2*D_in, L) with L contiguous, the scan's layout.
         xz = (self.in_proj.weight @ hidden_states.reshape(batch * seqlen, -1).t()).view(-1, batch, seqlen)
         xz = xz.permute(1, 0, 2)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
-        A, D, dt_bias = _ssm_constants(self, self.A_log, self.D, self.dt_proj.bias)
-        if self.use_fast_path and inference_params is None:
-            # The conv weight and bias in float32, cached outside autograd (a bf16 model converts them once).
+        if self.use_fast_path and inference_params is None:  # SSMCORE_INPROJ_APART=0: one xz, as before session 6
             return mamba_inner_fn(xz, *_conv_params(self), self.x_proj.weight, self.dt_proj.weight,
                                   self.out_proj.weight, self.out_proj.bias, A, None, None, D,
                                   delta_bias=dt_bias, delta_softplus=True)
-
         x, z = xz.chunk(2, dim=1)
         conv_initial = ssm_initial = None
         if conv_state is not None:
