@@ -15,6 +15,7 @@ source tree in .peers/ without running the package's __init__.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import importlib
 import math
@@ -289,6 +290,43 @@ def bench_norms(quick: bool):
            (lambda: gated.rmsnorm_fn(txg, twg, None, z=tzg, eps=1e-5, norm_before_gate=True)) if gated else None)
     dyg = randn((rows, d_inner), BF16)
     report("gated_rms_norm_bwd", xg.size * 2 * 5, lambda: ssmcore.gated_rms_norm_bwd(dyg, xg, wg, zg))
+    # v1 (SSMCORE_GATED_NORM=v1) next to the default in the same process.
+    with _gated_impl(norm_backend, "v1"):
+        report("  variant: v1 kernels (gated_fwd)", xg.size * 2 * 3,
+               lambda: ssmcore.gated_rms_norm(xg, wg, zg, 1e-5, None, True))
+        report("  variant: v1 kernels (gated_bwd)", xg.size * 2 * 5,
+               lambda: ssmcore.gated_rms_norm_bwd(dyg, xg, wg, zg))
+    # The Mamba2 block's norm (bench/profile_block.py: B8 L2048 d_inner 2048, one group, norm after the gate);
+    # the peer's backward is layernorm_gated._layer_norm_bwd with the rstd of its forward.
+    d_inner = 2048
+    xg, zg, dyg = randn((rows, d_inner), BF16), randn((rows, d_inner), BF16), randn((rows, d_inner), BF16)
+    wg = randn(d_inner)
+    txg, tzg, twg, tdyg = torch_view(xg), torch_view(zg), torch_view(wg), torch_view(dyg)
+    report(f"gated_rms_norm {rows}x{d_inner} (gate first, Mamba2)", xg.size * 2 * 3,
+           lambda: ssmcore.gated_rms_norm(xg, wg, zg, 1e-5, None, False),
+           (lambda: gated.rmsnorm_fn(txg, twg, None, z=tzg, eps=1e-5, norm_before_gate=False)) if gated else None)
+    peer_bwd = None
+    if gated:
+        _, _, trstd = gated._layer_norm_fwd(txg, twg, None, 1e-5, z=tzg, norm_before_gate=False, is_rms_norm=True)
+        peer_bwd = lambda: gated._layer_norm_bwd(tdyg, txg, twg, None, 1e-5, None, trstd, z=tzg,  # noqa: E731
+                                                 norm_before_gate=False, is_rms_norm=True)
+    report(f"gated_rms_norm_bwd {rows}x{d_inner} (gate first)", xg.size * 2 * 5,
+           lambda: ssmcore.gated_rms_norm_bwd(dyg, xg, wg, zg, 1e-5, None, False), peer_bwd)
+    with _gated_impl(norm_backend, "v1"):
+        report("  variant: v1 kernels (gated_fwd)", xg.size * 2 * 3,
+               lambda: ssmcore.gated_rms_norm(xg, wg, zg, 1e-5, None, False))
+        report("  variant: v1 kernels (gated_bwd)", xg.size * 2 * 5,
+               lambda: ssmcore.gated_rms_norm_bwd(dyg, xg, wg, zg, 1e-5, None, False))
+
+
+@contextlib.contextmanager
+def _gated_impl(norm_backend, impl: str):
+    """norm_backend.gated_impl = impl for the duration (the SSMCORE_GATED_NORM knob's module attribute)."""
+    old, norm_backend.gated_impl = norm_backend.gated_impl, impl
+    try:
+        yield
+    finally:
+        norm_backend.gated_impl = old
 
 
 def main(argv=None) -> int:

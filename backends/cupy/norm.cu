@@ -635,3 +635,257 @@ __global__ void __launch_bounds__(512) gated_bwd(const void* __restrict__ dy, in
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Gated RMSNorm v2 (SSMCORE_GATED_NORM=v2, the default; v1 = gated_fwd / gated_bwd above, kept for
+// side-by-side timing). Same row layout and the same results up to rounding; norm_before_gate is a
+// template flag (NBG) and:
+//   - every load of a row (x, z, dy) is issued before the first use and held in registers until the
+//     row's outputs are stored: one exposed memory round trip per row, no second read from L1/L2;
+//   - the backward does one reduction per row: sum(v^2) and sum(dvhat * v) together (dvhat does not
+//     depend on rstd), then dv = rstd * dvhat - v * rstd^3 * sum(dvhat * v) / G (v1: two reductions,
+//     dy loaded only after the first);
+//   - sigmoid(z) = 1 / (1 + e^-z) with an approximate division (__fdividef), no IEEE division.
+// The forward is otherwise v1's (NV = 1, 2, 4; one block row per group row); the backward's layout and
+// register budget are described at gated_bwd2.
+namespace {
+
+// sigmoid(z) for the gates: 0 where e^-z overflows (z < -88), like the limit.
+__device__ __forceinline__ float sigmoid_fast(float z) { return __fdividef(1.f, 1.f + __expf(-z)); }
+
+}  // namespace
+
+template <typename TX, int NV, bool NBG>
+__global__ void __launch_bounds__(512) gated_fwd2(const TX* __restrict__ x, i64 x_rs, const void* __restrict__ z,
+                                                  int z_f32, i64 z_rs, const float* __restrict__ weight,
+                                                  TX* __restrict__ y, i64 rows, int G, int ngroups, float eps,
+                                                  int vec) {
+  __shared__ float red[64];
+  const int tpr = blockDim.x;
+  const i64 row = (i64)blockIdx.x * blockDim.y + threadIdx.y;
+  const bool live = row < rows;
+  const unsigned m = live ? (unsigned)row / (unsigned)ngroups : 0u;
+  const i64 gofs = live ? (i64)((unsigned)row - m * (unsigned)ngroups) * G : 0;
+  const TX* xr = x + (i64)m * x_rs + gofs;
+  const void* zr = z ? advance<TX>(z, z_f32, (i64)m * z_rs + gofs) : nullptr;
+  const int nchunks = (G + 7) / 8;
+  float v[NV][8], gate[NV][8];
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int c = threadIdx.x + j * tpr;
+    const bool on = live && c < nchunks;
+    if (on) {
+      load_chunk8(xr, (i64)c * 8, G, vec, v[j]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[j][k] = 0.f;
+    }
+    if (on && zr) {
+      load_chunk8_or_f32<TX>(zr, z_f32, (i64)c * 8, G, vec, gate[j]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) gate[j][k] = 1.f;
+    }
+  }
+  float sq = 0.f;
+#pragma unroll
+  for (int j = 0; j < NV; ++j)
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      if (zr) gate[j][k] *= sigmoid_fast(gate[j][k]);  // silu(z)
+      if (!NBG) v[j][k] *= gate[j][k];
+      sq += v[j][k] * v[j][k];
+    }
+  const float rstd = rsqrtf(row_sum(sq, red) / G + eps);
+  if (!live) return;
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int c = threadIdx.x + j * tpr;
+    if (c < nchunks) {
+      float w[8], o[8];
+      load_chunk8(weight + gofs, (i64)c * 8, G, vec, w);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) o[k] = v[j][k] * rstd * w[k] * (NBG ? gate[j][k] : 1.f);
+      store_chunk8(y + row * G, (i64)c * 8, G, vec, o);
+    }
+  }
+}
+
+// Backward, per element (gate = silu(z), dgate = silu'(z); 1 and 0 without z; vhat = v * rstd):
+//   NBG:  v = x,        dvhat = dy * w * gate, dx = dv,        dz = dy * vhat * w * dgate, dweight += dy * vhat * gate
+//   else: v = x * gate, dvhat = dy * w,        dx = dv * gate, dz = dv * x * dgate,        dweight += dy * vhat
+// with dv = rstd * (dvhat - vhat * mean(dvhat * vhat)). Row slots and partial rows as in gated_bwd.
+// TS: the type of dy and z (TX, or float when the launcher has float32 streams). Layout: NV = 1
+// (64 registers, blocks up to 512 threads) or NV = 2 (16-bit x only; 80 registers and blocks up to 384
+// threads, 96 and 320 with float32 streams); bf16 at G = 2048: NV 2, 128 threads per group, 2 groups per block, 3 blocks = 6 groups
+// in flight per SM (v1: NV 1, 256 threads, 90 registers, 2 groups). Registers per group in flight
+// are what bounds this kernel's bandwidth, hence:
+//   - x, z and dy are held across the reduction as loaded (8 16-bit values = 4 registers per chunk
+//     and stream) and unpacked again after it; after the reduction the packed words go through an
+//     empty asm statement, so the compiler recomputes the unpacked values and gates instead of
+//     keeping the first pass's copies live (CUDA only; else a no-op);
+//   - a slot's running dweight sums live in dynamic shared memory (blockDim.y * NV * blockDim.x
+//     * 32 bytes), not in registers; each thread touches only its own entries (no barrier).
+namespace {
+
+template <typename T>
+struct Packed8 {
+  uint4 u[sizeof(T) / 2];  // 8 elements of T
+};
+
+// Elements [i, i + 8) of p[0 .. n) as stored (out-of-row elements 0); vec as in load_chunk8.
+template <typename T>
+__device__ __forceinline__ void load_packed8(const T* p, i64 i, i64 n, bool vec, Packed8<T>& r) {
+  if (vec && i + 8 <= n) {
+    constexpr int PER = 16 / sizeof(T);
+#pragma unroll
+    for (int h = 0; h < 8 / PER; ++h) r.u[h] = *reinterpret_cast<const uint4*>(p + i + h * PER);
+  } else {
+    T* e = reinterpret_cast<T*>(r.u);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      if (i + k < n)
+        e[k] = p[i + k];
+      else
+        store_f(e + k, 0.f);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float unpack(const Packed8<T>& r, int k) {
+  return load_f(reinterpret_cast<const T*>(r.u) + k);
+}
+
+template <typename T>
+__device__ __forceinline__ void opaque(Packed8<T>& r) {
+#if !SSM_HIP && !defined(SSM_EMULATION)
+#pragma unroll
+  for (int h = 0; h < (int)(sizeof(T) / 2); ++h)
+    asm volatile("" : "+r"(r.u[h].x), "+r"(r.u[h].y), "+r"(r.u[h].z), "+r"(r.u[h].w));
+#endif
+}
+
+}  // namespace
+
+template <typename TX, typename TS, int NV, bool NBG>
+__global__ void __launch_bounds__(NV == 1 ? 512 : sizeof(TS) == 2 ? 384 : 320, 2)
+    gated_bwd2(const TS* __restrict__ dy, i64 dy_rs, const TX* __restrict__ x, i64 x_rs, const TS* __restrict__ z,
+               i64 z_rs, const float* __restrict__ weight, TX* __restrict__ dx, TS* __restrict__ dz,
+               float* __restrict__ dw_part, i64 rows, int G, int ngroups, float eps, int vec) {
+  __shared__ float red[64];
+  const int tpr = blockDim.x;
+  const int nchunks = (G + 7) / 8;
+  const i64 slots = (i64)gridDim.x * blockDim.y;
+  const i64 slot = (i64)blockIdx.x * blockDim.y + threadIdx.y;
+  const i64 D = (i64)G * ngroups;
+  const int group = (int)((unsigned)slot % (unsigned)ngroups);  // 32-bit: slots < 2**31
+  const float* wr = weight + (i64)group * G;
+  const float inv_g = 1.f / G;
+  const bool has_z = z != nullptr;
+  // The slot's dweight sums in shared memory (registers go to the row in flight): float4 (j * 2 + h) of
+  // thread x holds elements 4h .. 4h + 3 of its chunk j, at acc[(j * 2 + h) * tpr] (conflict-free).
+  SSM_DYNAMIC_SMEM(dyn);
+  float4* acc = reinterpret_cast<float4*>(dyn) + (i64)threadIdx.y * NV * 2 * tpr + threadIdx.x;
+#pragma unroll
+  for (int h = 0; h < NV * 2; ++h) acc[h * tpr] = make_float4(0.f, 0.f, 0.f, 0.f);
+
+  for (i64 first = (i64)blockIdx.x * blockDim.y; first < rows; first += slots) {
+    const i64 row = first + threadIdx.y;
+    const bool live = row < rows;
+    const unsigned m = live ? (unsigned)row / (unsigned)ngroups : 0u;
+    const i64 gofs = live ? (i64)((unsigned)row - m * (unsigned)ngroups) * G : 0;
+    const TX* xr = x + (i64)m * x_rs + gofs;
+    const TS* zr = z + (has_z ? (i64)m * z_rs + gofs : 0);
+    const TS* dyr = dy + (i64)m * dy_rs + gofs;
+    // All of the row's loads first (dead rows and chunks past the row hold zeros).
+    Packed8<TX> px[NV];
+    Packed8<TS> pz[NV], pd[NV];
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int c = threadIdx.x + j * tpr;
+      const i64 n = (live && c < nchunks) ? G : 0;
+      load_packed8(xr, (i64)c * 8, n, vec, px[j]);
+      load_packed8(dyr, (i64)c * 8, n, vec, pd[j]);
+      load_packed8(zr, (i64)c * 8, has_z ? n : 0, vec, pz[j]);
+    }
+    // sum(v^2) and sum(dvhat * v) in one reduction.
+    float sq = 0.f, gv = 0.f;
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int c = threadIdx.x + j * tpr;
+      float w[8];
+      load_chunk8(wr, (i64)c * 8, (live && c < nchunks) ? G : 0, vec, w);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float zk = unpack(pz[j], k);
+        const float gate = has_z ? zk * sigmoid_fast(zk) : 1.f;
+        const float v = NBG ? unpack(px[j], k) : unpack(px[j], k) * gate;
+        const float dvhat = unpack(pd[j], k) * w[k] * (NBG ? gate : 1.f);
+        sq += v * v;
+        gv += dvhat * v;
+      }
+    }
+    row_sum2(sq, gv, red);
+    const float rstd = rsqrtf(sq * inv_g + eps);
+    const float b = rstd * rstd * rstd * gv * inv_g;  // dv = rstd * dvhat - b * v
+    if (live) {
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int c = threadIdx.x + j * tpr;
+        opaque(px[j]);
+        opaque(pz[j]);
+        opaque(pd[j]);
+        if (c < nchunks) {
+          float w[8], o[8], oz[8], dw[8];
+          load_chunk8(wr, (i64)c * 8, G, vec, w);  // an L1 hit
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            float gate = 1.f, dgate = 0.f;
+            if (has_z) {
+              const float zk = unpack(pz[j], k);
+              const float s = sigmoid_fast(zk);
+              gate = zk * s;
+              dgate = s * (1.f + zk * (1.f - s));
+            }
+            const float xk = unpack(px[j], k), dk = unpack(pd[j], k);
+            const float v = NBG ? xk : xk * gate;
+            const float vhat = v * rstd;
+            const float dvhat = dk * w[k] * (NBG ? gate : 1.f);
+            const float dv = rstd * dvhat - b * v;
+            if (NBG) {
+              o[k] = dv;
+              oz[k] = dk * vhat * w[k] * dgate;
+              dw[k] = dk * vhat * gate;
+            } else {
+              o[k] = dv * gate;
+              oz[k] = dv * xk * dgate;
+              dw[k] = dk * vhat;
+            }
+          }
+          store_chunk8(dx + row * G, (i64)c * 8, G, vec, o);
+          if (has_z) store_chunk8(dz + row * G, (i64)c * 8, G, vec, oz);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            float4 a = acc[(j * 2 + h) * tpr];
+            a.x += dw[4 * h];
+            a.y += dw[4 * h + 1];
+            a.z += dw[4 * h + 2];
+            a.w += dw[4 * h + 3];
+            acc[(j * 2 + h) * tpr] = a;
+          }
+        }
+      }
+    }
+  }
+  float* dwr = dw_part + (i64)((unsigned)slot / (unsigned)ngroups) * D + (i64)group * G;
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+    const int c = threadIdx.x + j * tpr;
+    if (c < nchunks) {
+      const float4 a0 = acc[j * 2 * tpr], a1 = acc[(j * 2 + 1) * tpr];
+      const float dw[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      store_chunk8(dwr, (i64)c * 8, G, vec, dw);
+    }
+  }
+}

@@ -10,6 +10,7 @@ float32; dweight/dbias come back in their inputs' dtypes.
 from __future__ import annotations
 
 import math
+import os
 
 import cupy
 import numpy as np
@@ -23,13 +24,37 @@ _NV_FWD = (1, 2, 4)  # register-held chunks per thread; 0 = streaming (very long
 _NV_BWD = (1, 2)
 # NV = 2 spills a few bytes (16-bit types), still far cheaper than streaming a 5120-wide group.
 _NV_GATED_BWD = (1, 2)
+# gated_bwd2's register chunks per thread: 16-bit x takes 2 from 64 chunks (512 channels) on, which holds more rows
+# per SM than 1 (sm_90: 80 registers, 128 threads per 2048-wide group, 6 rows per SM instead of 4). NV 1 is
+# compiled for 512 threads at 64 registers, NV 2 for 384 at 80 (320 at 96 with float32 z / dy; float32 x: NV 1
+# only, NV 2 would spill). Longer groups (16-bit over 6144 channels, 5120 with float32 streams, float32 over 4096)
+# take v1's kernels.
+_NV_GATED2 = (1, 2)
+_NV2_MIN_CHUNKS = 64
+_NV2_MAX_THREADS = {False: 384, True: 320}  # by float32 z / dy streams
 _MAX_ROW_THREADS = 512
+
+# gated_rms_norm kernels: "v2" (gated_fwd2 / gated_bwd2: all of a row's loads before its reduction, one reduction
+# in the backward, norm_before_gate compiled in) or "v1" (gated_fwd / gated_bwd, kept for side-by-side timing).
+# The module attribute wins when set (benchmarks); else SSMCORE_GATED_NORM, read on every call.
+gated_impl = None
+
+
+def _gated_impl() -> str:
+    impl = gated_impl or os.environ.get("SSMCORE_GATED_NORM", "v2")
+    if impl not in ("v1", "v2"):
+        raise ValueError(f"SSMCORE_GATED_NORM: expected 'v1' or 'v2', got {impl!r}")
+    return impl
+
 
 INSTANTIATIONS = (
     [f"norm_fwd<{t}, {nv}, {rms}>" for t in _TYPES for nv in (0,) + _NV_FWD for rms in ("true", "false")]
     + [f"norm_bwd<{t}, {nv}, {rms}>" for t in _TYPES for nv in (0,) + _NV_BWD for rms in ("true", "false")]
     + [f"gated_fwd<{t}, {nv}>" for t in _TYPES for nv in (0,) + _NV_FWD]
     + [f"gated_bwd<{t}, {nv}>" for t in _TYPES for nv in (0,) + _NV_GATED_BWD]
+    + [f"gated_fwd2<{t}, {nv}, {nbg}>" for t in _TYPES for nv in _NV_FWD for nbg in ("true", "false")]
+    + [f"gated_bwd2<{t}, {ts}, {nv}, {nbg}>" for t in _TYPES for ts in dict.fromkeys((t, "float"))
+       for nv in _NV_GATED2 if nv == 1 or t != "float" for nbg in ("true", "false")]
     + [f"column_sum<{t}>" for t in _TYPES]
 )
 
@@ -202,16 +227,81 @@ def gated_rms_norm(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gat
         nv, tpr, rpb = _row_layout(group, _NV_FWD)
         vec = (group % 8 == 0 and _arrays.aligned16(x2, z2, w, y) and x_rs * x.itemsize % 16 == 0
                and z_rs * (4 if z_f32 else x.itemsize) % 16 == 0)
-        kernel = _runtime.function(FAMILY, f"gated_fwd<{tx}, {nv}>")
-        _runtime.launch(
-            kernel, (cdiv(rows, rpb),), (tpr, rpb),
-            (x2, np.int64(x_rs), ptr(z2), np.int32(z_f32), np.int64(z_rs), w, y, np.int64(rows), np.int32(group),
-             np.int32(d // group), np.float32(eps), np.int32(vec), np.int32(bool(norm_before_gate))),
-        )
+        args = (x2, np.int64(x_rs), ptr(z2), np.int32(z_f32), np.int64(z_rs), w, y, np.int64(rows), np.int32(group),
+                np.int32(d // group), np.float32(eps), np.int32(vec))
+        if nv > 0 and _gated_impl() == "v2":
+            kernel = _runtime.function(FAMILY, f"gated_fwd2<{tx}, {nv}, {'true' if norm_before_gate else 'false'}>")
+        else:
+            kernel = _runtime.function(FAMILY, f"gated_fwd<{tx}, {nv}>")
+            args += (np.int32(bool(norm_before_gate)),)
+        _runtime.launch(kernel, (cdiv(rows, rpb),), (tpr, rpb), args)
     return y
 
 
+_RESIDENT: dict = {}
+
+
+def _resident_blocks(kernel, threads: int) -> int:
+    """Blocks of `threads` threads one multiprocessor holds at once, from the kernel's register count (64 K
+    registers, 64 warps per SM, registers given out per warp in units of 256); 2048 threads' worth when unknown."""
+    key = (id(kernel), threads)
+    if key not in _RESIDENT:
+        warp = _arrays.warp_size()
+        warps = cdiv(threads, warp)
+        try:
+            per_warp = -(-max(int(kernel.num_regs), 1) * warp // 256) * 256
+            _RESIDENT[key] = max(1, min(64 // warps, 65536 // (per_warp * warps)))
+        except Exception:  # an attribute the runtime does not report (HIP, the emulator)
+            _RESIDENT[key] = max(1, 2048 // (warps * warp))
+    return _RESIDENT[key]  # kernels are cached in _runtime, so id is stable
+
+
 def gated_rms_norm_bwd(dy, x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=True):
+    _arrays.check_kernel_dtypes(dy=dy, x=x, weight=weight, z=z)
+    d = x.shape[-1]
+    group = d if group_size is None else group_size
+    wide = x.dtype != cupy.float32 and cdiv(group, 8) >= _NV2_MIN_CHUNKS
+    nv, tpr, rpb = _row_layout(group, (2,) if wide else (1,))
+    if nv == 0 or _gated_impl() == "v1":
+        return _gated_bwd_v1(dy, x, weight, z, eps, group_size, norm_before_gate)
+    z2, z_f32, z_rs = _row_stream(z, x.dtype)
+    dy2, dy_f32, dy_rs = _row_stream(dy, x.dtype)
+    # One stream type per kernel (a float32 z with a 16-bit dy, or the reverse, stays on v1), and NV 2's bound.
+    if (z is not None and z_f32 != dy_f32) or (nv == 2 and tpr * rpb > _NV2_MAX_THREADS[bool(dy_f32)]):
+        return _gated_bwd_v1(dy, x, weight, z, eps, group_size, norm_before_gate)
+    tx = _arrays.kernel_type("x", x)
+    ngroups = d // group
+    rows = (x.size // d) * ngroups
+    _check_rows(rows, x)
+    dx = cupy.empty(x.shape, x.dtype)
+    dz = None if z is None else cupy.empty(x.shape, z2.dtype)
+    ts = "float" if dy_f32 else tx
+    kernel = _runtime.function(FAMILY, f"gated_bwd2<{tx}, {ts}, {nv}, {'true' if norm_before_gate else 'false'}>")
+    # Persistent grid: as many blocks as the GPU holds at once (none waits for a second wave), at most one per
+    # rpb rows; slots (grid * rpb) a multiple of ngroups so that each slot sees one group.
+    smem = rpb * nv * tpr * 32  # the slots' running dweight sums (float32)
+    per_sm = min(_resident_blocks(kernel, tpr * rpb), (228 << 10) // (smem + 1024))  # sm_90: 228 KB, 1 KB reserved
+    target = max(1, min(cdiv(rows, rpb), _arrays.sm_count() * per_sm))
+    step = ngroups // math.gcd(ngroups, rpb)
+    grid = step * cdiv(target, step)
+    dw_part = cupy.empty((grid * rpb // ngroups, d), cupy.float32)  # every slot writes its whole partial row
+    if rows:
+        x2, x_rs = _rows(x)
+        w = _arrays.contiguous(weight, cupy.float32)
+        vec = (group % 8 == 0 and _arrays.aligned16(x2, dy2, z2, w, dx, dz) and x_rs * x.itemsize % 16 == 0
+               and z_rs * (4 if z_f32 else x.itemsize) % 16 == 0 and dy_rs * (4 if dy_f32 else x.itemsize) % 16 == 0)
+        _runtime.launch(
+            kernel, (grid,), (tpr, rpb),
+            (dy2, np.int64(dy_rs), x2, np.int64(x_rs), ptr(z2), np.int64(z_rs), w, dx, ptr(dz), dw_part,
+             np.int64(rows), np.int32(group), np.int32(ngroups), np.float32(eps), np.int32(vec)),
+            shared_mem=smem,
+        )
+    else:
+        dw_part.fill(0)
+    return dx, _column_sum(dw_part, weight), None if z is None else _cast(dz, z.dtype)
+
+
+def _gated_bwd_v1(dy, x, weight, z, eps, group_size, norm_before_gate):
     _arrays.check_kernel_dtypes(dy=dy, x=x, weight=weight, z=z)
     tx = _arrays.kernel_type("x", x)
     d = x.shape[-1]

@@ -250,6 +250,92 @@ def test_gated_strided_rows(rng, dtype, z_dtype, group_size):
     np.testing.assert_array_equal(f64(host(gwide)), f64(wide))  # inputs untouched
 
 
+@pytest.fixture
+def kernel_names(monkeypatch):
+    """The name expressions of the norm kernels launched (through _runtime.function) while the test runs."""
+    from ssmcore.backends.cupy import _runtime
+
+    names = []
+    original = _runtime.function
+
+    def recording(family, name, *args, **kwargs):
+        if family == "norm":
+            names.append(name)
+        return original(family, name, *args, **kwargs)
+
+    monkeypatch.setattr(_runtime, "function", recording)
+    return names
+
+
+# (x dtype, z and dy dtype, width, group size, rows, kernel expected from the v2 launchers): every gated_bwd2
+# layout (NV 1 and 2, vectorised and element-wise chunks, several groups per row, float32 streams with 16-bit x),
+# and the cases that stay on v1 (mixed z / dy stream types, long groups).
+GATED2_CASES = [
+    ("bfloat16", "bfloat16", 48, 16, 37, "gated_bwd2<bf16_t, bf16_t, 1,"),
+    ("float16", "float16", 1024, 512, 29, "gated_bwd2<half_t, half_t, 2,"),
+    ("bfloat16", "bfloat16", 2002, 1001, 23, "gated_bwd2<bf16_t, bf16_t, 2,"),
+    ("bfloat16", "float32", 600, None, 19, "gated_bwd2<bf16_t, float, 2,"),
+    ("float32", "float32", 1000, 500, 21, "gated_bwd2<float, float, 1,"),
+    ("float32", "float32", 40, 20, 50, "gated_bwd2<float, float, 1,"),
+    ("bfloat16", "mixed", 96, 32, 9, "gated_bwd<bf16_t, 1>"),
+    ("float16", "float16", 6152, None, 3, "gated_bwd<half_t, 2>"),
+]
+
+
+@pytest.mark.parametrize("dtype,s_dtype,width,group_size,rows,expect", GATED2_CASES)
+def test_gated_v2(rng, monkeypatch, kernel_names, dtype, s_dtype, width, group_size, rows, expect):
+    """The v2 gated kernels (default) against the float64 formulas and against v1 on the same inputs, on a
+    persistent grid of few slots (each slot walks several rows, so the dweight sums carry across rows);
+    z absent and both gate orders."""
+    from ssmcore.backends.cupy import _arrays
+    from ssmcore.backends.cupy import norm as backend
+
+    monkeypatch.setattr(_arrays, "sm_count", lambda: 1)
+    monkeypatch.setattr(backend, "_resident_blocks", lambda kernel, threads: 1)  # a grid of ngroups-steps blocks
+    z_dtype = "float32" if s_dtype == "mixed" else s_dtype
+    dy_dtype = dtype if s_dtype == "mixed" else s_dtype
+    x = randn(rng, (rows, width), dtype)
+    z = randn(rng, (rows, width), z_dtype, scale=2.0)
+    dy = randn(rng, (rows, width), dy_dtype)
+    weight = randn(rng, width, "float32")
+    for nbg in (True, False):
+        for gate in (z, None):
+            args = (gpu(x), gpu(weight), gpu(gate), 1e-5, group_size, nbg)
+            del kernel_names[:]
+            monkeypatch.setattr(backend, "gated_impl", None)
+            y = ssmcore.gated_rms_norm(*args)
+            got = ssmcore.gated_rms_norm_bwd(gpu(dy), *args)
+            if gate is not None:
+                assert any(n.startswith(expect) for n in kernel_names), (expect, kernel_names)
+            assert any(n.startswith("gated_fwd2<") for n in kernel_names) == ((group_size or width) <= 8 * 2048)
+            assert_close(host(y), reference.gated_rms_norm(x, weight, gate, 1e-5, group_size, nbg), dtype,
+                         name=f"y (nbg {nbg}, z {gate is not None})")
+            want = gated_grads(dy, x, weight, gate, 1e-5, group_size, nbg)
+            dtypes = (x.dtype, weight.dtype, None if gate is None else np.dtype(z_dtype))
+            assert_grads(got, want, ("dx", "dweight", "dz"), dtypes, dtype)
+            monkeypatch.setattr(backend, "gated_impl", "v1")
+            del kernel_names[:]
+            y1 = ssmcore.gated_rms_norm(*args)
+            old = ssmcore.gated_rms_norm_bwd(gpu(dy), *args)
+            assert not any("2<" in n for n in kernel_names), kernel_names
+            assert_close(host(y), f64(host(y1)), dtype, name="y v2 vs v1")
+            for name, a, b in zip(("dx", "dweight", "dz"), got, old):
+                if b is not None:
+                    scale = max(1.0, float(np.abs(f64(host(b))).max()))
+                    assert_close(host(a), f64(host(b)), dtype, atol=TOL[dtype][1] * scale * 2,
+                                 rtol=TOL[dtype][0] * 2, name=f"{name} v2 vs v1")
+
+
+def test_gated_impl_knob(monkeypatch):
+    from ssmcore.backends.cupy import norm as backend
+
+    monkeypatch.setattr(backend, "gated_impl", None)
+    monkeypatch.setenv("SSMCORE_GATED_NORM", "v3")
+    with pytest.raises(ValueError, match="^SSMCORE_GATED_NORM:"):
+        ssmcore.gated_rms_norm_bwd(cupy.ones((2, 64), cupy.float32), cupy.ones((2, 64), cupy.float32),
+                                   cupy.ones(64, cupy.float32))
+
+
 def test_cuda_graph_capture_and_replay(rng):
     """Forward and backward of every norm captured on a side stream replay on new inputs."""
     shape, width = (4, 50, 256), 256
