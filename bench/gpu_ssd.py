@@ -16,7 +16,8 @@ Every row also times the other kernel generations of the SSMCORE_SSD_FWD knob in
 the default), and the
 main shape times the forward on strided views of one in_proj-like (B, L, W) buffer (z | x | B | C | dt per
 row, as the Mamba-2 block passes them): `fwd_strided_v4_us` (read in place) vs `fwd_strided_v3_us` (copied).
-The "scan" stage of v3/v4 includes the C B^T kernel.
+The "scan" stage of v3/v4 includes the C B^T kernel; v6's "states" stage is the fused chunk_states + state
+passing kernel (its "passing" 0; v6 / v6n: + the cumsum, "cumsum" 0; v6s: the cumsum kernel separate).
 JSON (every row) goes to --json (default $OUT/ssd_bench.json when $OUT is set).
 """
 
@@ -136,6 +137,16 @@ def stages(x):
     Q = 256
     seq = None
     dtp, dacs, seg = S._chunk_cumsum(dtk, Ak, bk, True, (0.0, math.inf), seq, Q)
+    if S._states_v6_ok(xk, zk, Bk, Ck, ik, Q):  # v6: chunk_states and the passing (v6, v6n: + cumsum) in one kernel
+        fused = S.fwd_path != "v6s"
+        cs = (dtk, Ak, bk, True, (0.0, math.inf), seq) if fused else None
+        _, prev = S._states_and_passing_v6(xk, Bk, dtp, dacs, seg, ik, Q, cs)
+        return {
+            "cumsum": 0.0 if fused else cupy_us(lambda: S._chunk_cumsum(dtk, Ak, bk, True, (0.0, math.inf), seq, Q)),
+            "states": cupy_us(lambda: S._states_and_passing_v6(xk, Bk, dtp, dacs, seg, ik, Q, cs)),
+            "passing": 0.0,
+            "scan": cupy_us(lambda: S._chunk_scan(xk, zk, Bk, Ck, dtp, dacs, seg, prev, Dk, Q)),
+        }
     states = S._chunk_states(xk, Bk, dtp, dacs, seg, Q)
     scratch = states.copy()
     _, prev = S._passing_for_scan(states, dacs, seg, ik, Q, xk, zk, Bk, Ck)  # v4: 16-bit starts
@@ -154,6 +165,8 @@ def main(argv=None):
     parser.add_argument("--json", default=None)
     parser.add_argument("--sweep-one", action="store_true",
                         help="time only the first other kernel generation (the first of --impls that is not the default)")
+    parser.add_argument("--fwd-only", action="store_true",
+                        help="skip the forward+backward timings (ours and the peer's)")
     parser.add_argument("--impls", default="v5,v4,v3,v2",
                         help="SSMCORE_SSD_FWD generations timed next to the default, comma-separated "
                              "(default %(default)s)")
@@ -208,7 +221,7 @@ def main(argv=None):
             # place, v3 copies them first (the cupy_copy kernels of the Mamba-2 prefill profile).
             if shape == MAIN:
                 views = strided_views(x)
-                for path in dict.fromkeys((default_path, "v3") + (("v5",) if "v5" in impls else ())):
+                for path in dict.fromkeys((default_path, "v3") + tuple(p for p in ("v5", "v6", "v6s") if p in impls)):
                     try:
                         S.fwd_path = path
                         fs = lambda: ssmcore.ssd(**dict(x, **views), chunk_size=256, dt_softplus=True)
@@ -240,7 +253,7 @@ def main(argv=None):
                 row["fwd_ratio"] = row["fwd_us"] / row["peer_fwd_us"]
             except Exception as err:  # noqa: BLE001
                 print(f"{row['shape']}: peer failed: {type(err).__name__}: {err}", flush=True)
-        if have_bwd:
+        if have_bwd and not args.fwd_only:
             dout = make_inputs(*shape, seed=1)["x"]
 
             def fwd_bwd():

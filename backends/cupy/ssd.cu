@@ -1771,3 +1771,320 @@ __global__ void __launch_bounds__(128, 4) ssd_chunk_scan_v5(
     }
   }
 }
+
+// ==== v6: chunk_states and state passing in one kernel (launcher knob SSMCORE_SSD_FWD=v6) ===============
+// H200 (B8 L4096 H64 P64 N128, Q 256), v5 pipeline: ssd_chunk_states_v4 335 us (~34 GFLOP: latency-bound; four
+// dependent slab round trips per block behind 32 mma per warp each, 16 warps per SM) writing the chunks' own
+// states in fp32 (268 MB), then ssd_state_passing_v4 145 us reading them back (268 MB) and writing the 16-bit
+// chunk-start states (134 MB). v6, per 64 (p) x 64 WN (n) tile of one (b, chunk, head):
+//  * the whole chunk's x and B rows (Q x 64 and Q x 64 WN) go global -> shared by cp.async in one prologue wave (one
+//    commit group per 64-position slab, zero-filled past L), while the weights w_s = dt'_s exp(dacs_end -
+//    dacs_s) are computed; per slab each thread waits for its own group, scales the x items it copied (x w,
+//    rounded to T as in v4; x and B zeroed where w = 0), one barrier, then v4's 2 x 2 warps of 32 x 32 mma
+//    through ldmatrix.trans from precomputed shared-window addresses;
+//  * the state passing runs in the epilogue as a chain over chunks (a decoupled look-back of depth one): the
+//    block of chunk c waits until the block of chunk c - 1 of the same (b, head, tile) has published its
+//    running state S_{c-1} (fp32, in final_states itself: one slot per tile, 16.7 MB at this shape, L2), writes
+//    the chunk-start state S_{c-1} in T to starts (what ssd_state_passing_v4 wrote), and publishes S_c =
+//    (sequence start in chunk c ? 0 : exp(dacs_end) S_{c-1}) + own_c; after the last chunk final_states holds
+//    the final state. No fp32 own-states buffer, no state passing kernel.
+//  * no deadlock: a block takes a ticket (atomicAdd on sync[0], zeroed by the launcher) when it starts and
+//    maps it to (chunk slowest, b, head, p-tile, n-tile), so the block it waits for took an earlier ticket and
+//    is running or done. Flags: sync[1 + tile] = the number of chunks of that tile published (zeroed).
+//  * optionally (dt non-null: SSMCORE_SSD_FWD=v6 / v6n) ssd_chunk_cumsum's work as well: the block computes
+//    dt', the cumulative decay and the latest sequence start of its (b, chunk, head) while its copies are in
+//    flight, and the blocks of tile (0, 0) write dtp / dacs (head 0 also seg) for chunk_scan; with dt null
+//    (v6s) dtp / dacs / seg are inputs from ssd_chunk_cumsum.
+// Same math and rounding points as v4 + ssd_state_passing_v4 (same mma order: the same own states; S as
+// fma(dec, S, own); the in-kernel cumsum adds its partial sums in another order than ssd_chunk_cumsum).
+// Grid (tilesP * tilesN * H * B * nc), 128 WN threads, dynamic shared memory Q * (72 + 64 WN + 8) * 2 bytes.
+#if SSM_MMA_PTX
+__device__ __forceinline__ float2 ld_cg2(const float* p) { return __ldcg(reinterpret_cast<const float2*>(p)); }
+__device__ __forceinline__ void st_cg2(float* p, float2 v) { __stcg(reinterpret_cast<float2*>(p), v); }
+__device__ __forceinline__ int ld_flag(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_flag(int* p, int v) {
+  asm volatile("st.release.gpu.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ int take_ticket(int* p) { return atomicAdd(p, 1); }
+#define SSD_FENCE() __threadfence()
+#else
+__device__ __forceinline__ float2 ld_cg2(const float* p) {
+  const volatile float* q = p;
+  return make_float2(q[0], q[1]);
+}
+__device__ __forceinline__ void st_cg2(float* p, float2 v) {
+  volatile float* q = p;
+  q[0] = v.x;
+  q[1] = v.y;
+}
+__device__ __forceinline__ int ld_flag(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
+__device__ __forceinline__ void st_flag(int* p, int v) { *reinterpret_cast<volatile int*>(p) = v; }
+#ifdef SSM_EMULATION
+__device__ __forceinline__ int take_ticket(int* p) { return (*p)++; }  // the emulator runs blocks one by one
+#define SSD_FENCE() ((void)0)
+#else
+__device__ __forceinline__ int take_ticket(int* p) { return atomicAdd(p, 1); }
+#define SSD_FENCE() __threadfence()
+#endif
+#endif
+
+// cp.async.wait_group with a runtime count of groups left pending (0..3).
+__device__ __forceinline__ void cp_async_wait_upto(int pending) {
+  if (pending >= 3) {
+    cp_async_wait<3>();
+  } else if (pending == 2) {
+    cp_async_wait<2>();
+  } else if (pending == 1) {
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+}
+
+// WN: the n-extent of a block's tile in 64-column units (1: 64 x 64, 4 warps; 2: 64 x 128, 8 warps, x staged once
+// for both halves, the per-block fixed latencies spread over twice the mma; 2 x 2 WN warps of 32 x 32).
+template <typename T, int WN>
+__global__ void __launch_bounds__(128 * WN, 4 - WN) ssd_chunk_states_v6(
+    const T* __restrict__ x, i64 sxb, i64 sxl, const T* __restrict__ Bm, i64 sbb, i64 sbl,
+    float* __restrict__ dtp, float* __restrict__ dacs, int* __restrict__ seg,
+    const float* __restrict__ initial, int batch, int L, int H, int G, int P, int N, int Q, int nc,
+    int* __restrict__ sync, T* __restrict__ starts, float* __restrict__ final_states, const void* __restrict__ dt,
+    int dt_f32, i64 sdb, i64 sdl, const float* __restrict__ A, const float* __restrict__ dt_bias,
+    const long long* __restrict__ seq, int softplus, int clamp, float lo, float hi) {
+  constexpr int LD = 72, LB = 64 * WN + 8, NT = 128 * WN;
+  SSM_DYNAMIC_SMEM(dyn);
+  T* xs = reinterpret_cast<T*>(dyn);  // [s][p], Q rows
+  T* bs = xs + Q * LD;                // [s][n], Q rows
+  __shared__ float wgt[256];
+  __shared__ int ticket;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  if (tid == 0) ticket = take_ticket(sync);
+  __syncthreads();
+  const int tilesP = (P + 63) / 64, tilesN = (N + 64 * WN - 1) / (64 * WN);
+  int id = ticket;
+  const int tn = id % tilesN; id /= tilesN;
+  const int tp = id % tilesP; id /= tilesP;
+  const int h = id % H; id /= H;
+  const int b = id % batch; id /= batch;
+  const int c = id;
+  const int p0 = tp * 64, n0 = tn * 64 * WN;
+  const int g = h / (H / G);
+  const int wm = warp & 1, wn = warp >> 1;
+  const i64 cpos = i64(c) * Q;
+  const int nslab = Q >> 6;
+
+  // prologue wave: every slab's x rows (this thread: rows xr + 16 WN i, 16-byte column chunk xc) and B rows
+  // (rows br + 16 i, chunk bc)
+  const int xr = tid >> 3, xc = (tid & 7) * 8;
+  const int br = tid / (8 * WN), bc = (tid % (8 * WN)) * 8;
+  {
+    const T* xp = x + i64(b) * sxb + (cpos + xr) * sxl + i64(h) * P + p0 + xc;
+    const T* bp = Bm + i64(b) * sbb + (cpos + br) * sbl + i64(g) * N + n0 + bc;
+    const i64 xstep = 16 * WN * sxl, bstep = 16 * sbl;
+    const bool xok = p0 + xc < P, bok = n0 + bc < N;
+    T* xd = xs + xr * LD + xc;
+    T* bd = bs + br * LB + bc;
+    uint32_t sxd = smem_addr(xd), sbd = smem_addr(bd);
+    const i64 xleft = L - cpos - xr, bleft = L - cpos - br;  // row valid while its offset < left
+    for (int sl = 0; sl < nslab; ++sl) {
+#pragma unroll
+      for (int i = 0; i < 4 / WN; ++i) {
+        const bool in = 64 * sl + 16 * WN * i < xleft;
+        cp_async16(xd, sxd, (in && xok) ? xp : x, in && xok);
+        xp += xstep;
+        xd += 16 * WN * LD;
+        sxd += 16 * WN * LD * sizeof(T);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const bool in = 64 * sl + 16 * i < bleft;
+        cp_async16(bd, sbd, (in && bok) ? bp : Bm, in && bok);
+        bp += bstep;
+        bd += 16 * LB;
+        sbd += 16 * LB * sizeof(T);
+      }
+      cp_async_commit();
+    }
+  }
+  const i64 row = (i64(b) * H + h) * nc * Q + cpos;
+  float a_end;
+  int seg_end;
+  if (dt) {
+    // ssd_chunk_cumsum's work for this (b, chunk, head), in the shadow of the copies: dt', the inclusive
+    // cumulative decay and the latest sequence start per position (warp scans + warp totals, rounds of NT
+    // positions). The blocks of p-tile 0 / n-tile 0 write dt' and dacs for chunk_scan, those of head 0 also seg.
+    __shared__ float a_s[256], wsum[8];  // dt' goes to wgt, then wgt = dt' exp(a_end - a_s)
+    __shared__ int wmax[8], seg_last;
+    const int nw = NT / 32;
+    const bool writer = tp == 0 && tn == 0;
+    const i64 srow = i64(b) * nc * Q + cpos;
+    float carry = 0.f;
+    int rcarry = -1;
+    for (int q0 = 0; q0 < Q; q0 += NT) {
+      const int q = q0 + tid;
+      const i64 pos = cpos + q;
+      float d = 0.f;
+      int r = -1;
+      if (q < Q && pos < L) {
+        const i64 o = i64(b) * sdb + pos * sdl + h;
+        float raw = (dt_f32 ? static_cast<const float*>(dt)[o] : load_f(static_cast<const T*>(dt) + o)) +
+                    (dt_bias ? dt_bias[h] : 0.f);
+        d = softplus ? (raw <= 20.f ? log1pf(expf(raw)) : raw) : raw;
+        if (clamp) d = fminf(fmaxf(d, lo), hi);
+        if (seq && pos > 0 && seq[i64(b) * L + pos] != seq[i64(b) * L + pos - 1]) r = q;
+      }
+      float v = d * A[h];
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const float u = SSM_SHFL_UP(v, o);
+        const int ur = SSM_SHFL_UP(r, o);
+        if (lane >= o) {
+          v += u;
+          r = imax(r, ur);
+        }
+      }
+      if (lane == 31) {
+        wsum[warp] = v;
+        wmax[warp] = r;
+      }
+      __syncthreads();
+      float tot = carry;
+      int rtot = rcarry;
+      for (int k = 0; k < nw; ++k) {
+        if (k < warp) {
+          v += wsum[k];
+          r = imax(r, wmax[k]);
+        }
+        tot += wsum[k];
+        rtot = imax(rtot, wmax[k]);
+      }
+      v += carry;
+      r = imax(r, rcarry);
+      if (q < Q) {
+        a_s[q] = v;
+        wgt[q] = d;
+        if (q == Q - 1) seg_last = r;
+        if (writer) {
+          dtp[row + q] = d;
+          dacs[row + q] = v;
+          if (seg && h == 0) seg[srow + q] = r;
+        }
+      }
+      carry = tot;
+      rcarry = rtot;
+      __syncthreads();  // a_s / wgt / seg_last complete; wsum free again
+    }
+    a_end = a_s[Q - 1];
+    seg_end = seq ? seg_last : -1;
+    const int s_first = imax(seg_end, 0);
+    for (int q = tid; q < Q; q += NT)  // each thread rewrites only its own entries
+      wgt[q] = (cpos + q < L && q >= s_first) ? wgt[q] * expf(a_end - a_s[q]) : 0.f;
+  } else {
+    a_end = dacs[row + Q - 1];
+    seg_end = seg ? seg[i64(b) * nc * Q + cpos + Q - 1] : -1;
+    const int s_first = imax(seg_end, 0);
+    for (int q = tid; q < Q; q += NT)
+      wgt[q] = (cpos + q < L && q >= s_first) ? dtp[row + q] * expf(a_end - dacs[row + q]) : 0.f;
+  }
+  __syncthreads();  // wgt ready
+
+  float acc[2][4][4];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) zero_acc(acc[mi]);
+  // ldmatrix.trans offsets (v4's): A (xs [s][p]): matrix i -> s + (i >> 1) * 8, p + (i & 1) * 8;
+  // B (bs [s][n]): matrix i -> s + (i & 1) * 8, n + (i >> 1) * 8.
+  const int li = lane >> 3, lr = lane & 7;
+  const int aoff = ((li >> 1) * 8 + lr) * LD + wm * 32 + (li & 1) * 8;
+  const int boff = ((li & 1) * 8 + lr) * LB + wn * 32 + (li >> 1) * 8;
+  const uint32_t sxa = smem_addr(xs), sba = smem_addr(bs);
+  const i64 rem = L - cpos;
+  const int nval = rem >= Q ? nslab : int((rem + 63) >> 6);
+  for (int sl = 0; sl < nval; ++sl) {
+    cp_async_wait_upto(nslab - 1 - sl);  // this thread's copies of slab sl have landed
+    // scale the x items this thread copied (x w, rounded to T); where w = 0 zero x and B
+#pragma unroll
+    for (int i = 0; i < 4 / WN; ++i) {
+      const int s = 64 * sl + xr + 16 * WN * i;
+      const float w = wgt[s];
+      uint4* px = reinterpret_cast<uint4*>(xs + s * LD + xc);
+      if (w == 0.f) {
+        *px = make_uint4(0u, 0u, 0u, 0u);
+      } else {
+        const uint4 raw = *px;
+        const T* ex = reinterpret_cast<const T*>(&raw);
+        uint4 sx;
+        T* ox = reinterpret_cast<T*>(&sx);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) store_f(ox + k, load_f(ex + k) * w);
+        *px = sx;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int s = 64 * sl + br + 16 * i;
+      if (wgt[s] == 0.f) *reinterpret_cast<uint4*>(bs + s * LB + bc) = make_uint4(0u, 0u, 0u, 0u);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k0 = 0; k0 < 64; k0 += 16) {
+      uint32_t af[2][4], bq[2][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) ldsm_x4_trans_at(af[mi], xs, sxa, aoff + (64 * sl + k0) * LD + mi * 16);
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) ldsm_x4_trans_at(bq[jj], bs, sba, boff + (64 * sl + k0) * LB + jj * 16);
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          const uint32_t b0[2] = {bq[jj][0], bq[jj][1]}, b1[2] = {bq[jj][2], bq[jj][3]};
+          mma16<T>(acc[mi][2 * jj], af[mi], b0);
+          mma16<T>(acc[mi][2 * jj + 1], af[mi], b1);
+        }
+    }
+  }
+  cp_async_wait<0>();  // (slabs past L: nothing was read, but no copy may outlive the block)
+
+  // state passing: wait for chunk c - 1 of this tile, then S_c = dec S_{c-1} + own (own alone after a start)
+  int* flag = sync + 1 + ((i64(b) * H + h) * tilesP + tp) * tilesN + tn;
+  if (c > 0) {
+    if (tid == 0)
+      while (ld_flag(flag) < c) {
+      }
+    SSD_FENCE();
+    __syncthreads();
+  }
+  const float dec = expf(a_end);
+  const bool rst = seg_end >= 0;
+  const i64 hoff = (i64(b) * H + h) * i64(P) * N;
+  float* slot = final_states + hoff;
+  const float* init = initial ? initial + hoff : nullptr;
+  T* st = starts + ((i64(b) * nc + c) * H + h) * i64(P) * N;
+  const int gg = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int pp = p0 + wm * 32 + mi * 16 + gg + 8 * hh, nn = n0 + wn * 32 + 8 * j + 2 * t;
+        if (pp < P && nn < N) {  // N % 8 == 0: nn + 1 < N too
+          const i64 o = i64(pp) * N + nn;
+          const float2 pv = c > 0 ? ld_cg2(slot + o)
+                                  : (init ? *reinterpret_cast<const float2*>(init + o) : make_float2(0.f, 0.f));
+          uint32_t packed;
+          T* pe = reinterpret_cast<T*>(&packed);
+          store_f(pe, pv.x);
+          store_f(pe + 1, pv.y);
+          *reinterpret_cast<uint32_t*>(st + o) = packed;
+          const float o0 = acc[mi][j][2 * hh], o1 = acc[mi][j][2 * hh + 1];
+          st_cg2(slot + o, rst ? make_float2(o0, o1) : make_float2(dec * pv.x + o0, dec * pv.y + o1));
+        }
+      }
+  SSD_FENCE();
+  __syncthreads();
+  if (tid == 0) st_flag(flag, c + 1);
+}

@@ -8,6 +8,8 @@ helper function below, reused by the backward for recomputation):
     _state_passing  -> the state at the start of every chunk (in place) and the final state
     _chunk_scan     out = (intra-chunk C B^T masked/decayed . dt' x + decayed C h_prev + D x) * silu(z)
     _varlen_states  the state at the end of each sequence of cu_seqlens
+    (_states_and_passing_v6: _chunk_states + _state_passing, with v6 / v6n also _chunk_cumsum, in one
+    kernel: SSMCORE_SSD_FWD=v6, v6n, v6s)
 
 Chunk size: the kernels use Q in {64, 128, 256}; ``_internal_chunk`` picks the one nearest to
 chunk_size on a log scale (the result does not depend on it beyond rounding). Element types:
@@ -54,6 +56,7 @@ INSTANTIATIONS = (
     + [f"ssd_state_passing_v4<{t}>" for t in _TYPES[1:]]
     + [f"ssd_chunk_scan_v4<{t}, {p}>" for t in _TYPES[1:] for p in ("float", t)]
     + [f"ssd_chunk_scan_v5<{t}>" for t in _TYPES[1:]]
+    + [f"ssd_chunk_states_v6<{t}, {w}>" for t in _TYPES[1:] for w in (1, 2)]
 )
 
 # Kernel generation: "v5" (default since session 6, see below), "v4" (ldmatrix fragments, no transposed staging, chunk_scan's decayed C B^T
@@ -67,7 +70,15 @@ fwd_path = os.environ.get("SSMCORE_SSD_FWD", "v5")
 # "v5": v4 with ssd_chunk_scan_v5 (cp.async staging, x slices double-buffered, 16 warps per SM) where the
 # 16-bit chunk-start states apply, else exactly v4. H200 session 6 run 1 (B8 L4096 H64 P64 N128 bf16): chunk scan
 # stage 1151 -> 861 us, forward 1552 -> 1272 us (reference 1136); GPU tests passed with it.
-_V4 = ("v4", "v5")
+# "v6": v5 with chunk_states and state passing fused into ssd_chunk_states_v6 (cp.async staging of the whole
+# chunk, the passing as a chain over chunks in the epilogue: no fp32 own-states buffer, no passing kernel) where
+# v5's 16-bit chunk-start states apply and no varlen states are asked for; else exactly v5. Its blocks own 64 x 128
+# (p, n) tiles when N % 128 == 0, else 64 x 64, and it also does chunk_cumsum's work (no cumsum kernel); "v6n": v6
+# with 64 x 64 tiles always; "v6s": v6 after the separate cumsum kernel. Not the default until measured on the H200
+# (session 6).
+_V6 = ("v6", "v6n", "v6s")
+_V4 = ("v4", "v5") + _V6
+_V5 = ("v5",) + _V6
 
 _NO_LIMIT = (0.0, math.inf)
 
@@ -119,6 +130,13 @@ def _rows_view(a, vec16=False):
     if ok and vec16 and not _arrays.aligned16(a):
         ok = False
     return a if ok else cupy.ascontiguousarray(a)
+
+
+def _cumsum_buffers(batch, length, nheads, Q, seq):
+    """Uninitialised (dtp, dacs, seg) of _chunk_cumsum's shapes (seg None when seq is None)."""
+    nc = cdiv(length, Q)
+    return (cupy.empty((batch, nheads, nc * Q), cupy.float32), cupy.empty((batch, nheads, nc * Q), cupy.float32),
+            None if seq is None else cupy.empty((batch, nc * Q), cupy.int32))
 
 
 def _chunk_cumsum(dt, A, dt_bias, dt_softplus, dt_limit, seq, Q):
@@ -260,6 +278,63 @@ def _state_passing_v4(states, dacs, seg, initial_states, Q, dtype):
     return final, starts
 
 
+def _states_v6_ok(x, z, B, C, initial_states, Q) -> bool:
+    """ssd_chunk_states_v6 applies: the v4 pipeline with 16-bit chunk-start states (see _v4_starts_ok; P and N
+    are multiples of 8 there) and fp32 initial_states 8-byte aligned (float2 reads)."""
+    return (fwd_path in _V6 and _v4_ok(x, z, B, C) and _arrays.aligned16(initial_states)
+            and _scan_v4_smem(B.shape[3]) <= _max_shared()
+            and _states_v6_smem(Q, _states_v6_wn(B.shape[3])) <= _max_shared())
+
+
+def _states_v6_wn(dstate):
+    """ssd_chunk_states_v6's tile width in 64-column units: 2 (64 x 128, 8 warps) when N % 128 == 0 (v6)."""
+    return 2 if fwd_path in ("v6", "v6s") and dstate % 128 == 0 else 1
+
+
+def _states_v6_smem(Q, wn):
+    return Q * (72 + 64 * wn + 8) * 2
+
+
+def _states_and_passing_v6(x, B, dtp, dacs, seg, initial_states, Q, cumsum=None):
+    """_chunk_states + _state_passing_v4 in one kernel (ssd_chunk_states_v6): (final float32 (B, H, P, N),
+    starts (B, nc, H, P, N) in x's dtype), the same values. x, B as for _chunk_states (v4 rules must hold).
+
+    cumsum: None (dtp, dacs, seg from _chunk_cumsum) or (dt, A, dt_bias, dt_softplus, dt_limit, seq) as for
+    _chunk_cumsum: then the kernel does its work too and fills dtp, dacs and seg (buffers of _chunk_cumsum's
+    shapes; seg None when seq is None) for _chunk_scan."""
+    batch, length, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    nc = cdiv(length, Q)
+    wn = _states_v6_wn(dstate)
+    tiles = cdiv(headdim, 64) * cdiv(dstate, 64 * wn)
+    blocks = tiles * nheads * batch * nc
+    if blocks >= 2**31:
+        raise ValueError(f"x: too many (chunk, head, tile) blocks for the GPU kernels: {blocks}")
+    final = cupy.empty((batch, nheads, headdim, dstate), cupy.float32)
+    starts = cupy.empty((batch, nc, nheads, headdim, dstate), x.dtype)
+    sync = cupy.zeros(1 + batch * nheads * tiles, cupy.int32)  # ticket counter, then a flag per tile
+    sxb, sxl = _row_strides(x)
+    sbb, sbl = _row_strides(B)
+    if cumsum is None:
+        cs = (_arrays.NULL, np.int32(0), np.int64(0), np.int64(0), _arrays.NULL, _arrays.NULL, _arrays.NULL,
+              np.int32(0), np.int32(0), np.float32(0.0), np.float32(0.0))
+    else:
+        dt, A, dt_bias, dt_softplus, dt_limit, seq = cumsum
+        lo, hi = float(dt_limit[0]), float(dt_limit[1])
+        clamp = (lo, hi) != _NO_LIMIT
+        sdb, sdl = _row_strides(dt)
+        cs = (dt, np.int32(dt.dtype == cupy.float32), np.int64(sdb), np.int64(sdl), A, ptr(dt_bias), ptr(seq),
+              np.int32(bool(dt_softplus)), np.int32(clamp), np.float32(lo if clamp else 0.0),
+              np.float32(hi if clamp else 0.0))
+    kernel = _runtime.function(FAMILY, f"ssd_chunk_states_v6<{_arrays.kernel_type('x', x)}, {wn}>")
+    _runtime.launch(kernel, (blocks,), (128 * wn,),
+                    (x, np.int64(sxb), np.int64(sxl), B, np.int64(sbb), np.int64(sbl), dtp, dacs, ptr(seg),
+                     ptr(initial_states), np.int32(batch), np.int32(length), np.int32(nheads), np.int32(ngroups),
+                     np.int32(headdim), np.int32(dstate), np.int32(Q), np.int32(nc), sync, starts, final) + cs,
+                    shared_mem=_states_v6_smem(Q, wn))
+    return final, starts
+
+
 def _v4_starts_ok(x, z, B, C, states, initial_states) -> bool:
     """The v4 pipeline with 16-bit chunk-start states applies (see _state_passing_v4, _chunk_scan)."""
     return (fwd_path in _V4 and _v4_ok(x, z, B, C) and (states.shape[3] * states.shape[4]) % 4 == 0
@@ -298,7 +373,7 @@ def _chunk_scan(x, z, B, C, dtp, dacs, seg, prev, D, Q):
         smem = _scan_v4_smem(dstate)
         if smem <= _max_shared():
             # v5 copies D with 16-byte cp.async: a user's (H, P) view may start off the boundary
-            v5 = (fwd_path == "v5" and prev.dtype != cupy.float32 and _arrays.aligned16(D)
+            v5 = (fwd_path in _V5 and prev.dtype != cupy.float32 and _arrays.aligned16(D)
                   and _scan_v5_smem(dstate, Q) <= _max_shared())
             return _chunk_scan_v4(x, z, B, C, dtp, dacs, seg, prev, D, Q, cdiv(dstate, 32) * 32 + 8,
                                   _scan_v5_smem(dstate, Q) if v5 else smem, v5)
@@ -445,9 +520,19 @@ def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplu
     else:
         Q = _internal_chunk(chunk_size)
         seq = _seq_ids(seq_idx, cu_seqlens, length)
-        dtp, dacs, seg = _chunk_cumsum(dtk, Ak, biask, dt_softplus, dt_limit, seq, Q)
-        states = _chunk_states(xk, Bk, dtp, dacs, seg, Q)
-        final, prev = _passing_for_scan(states, dacs, seg, initk, Q, xk, zk, Bk, Ck, keep_f32=return_varlen_states)
+        if not return_varlen_states and _states_v6_ok(xk, zk, Bk, Ck, initk, Q):
+            if fwd_path == "v6s":
+                dtp, dacs, seg = _chunk_cumsum(dtk, Ak, biask, dt_softplus, dt_limit, seq, Q)
+                cumsum = None
+            else:  # the states kernel does the cumsum's work
+                dtp, dacs, seg = _cumsum_buffers(batch, length, nheads, Q, seq)
+                cumsum = (dtk, Ak, biask, dt_softplus, dt_limit, seq)
+            final, prev = _states_and_passing_v6(xk, Bk, dtp, dacs, seg, initk, Q, cumsum)
+        else:
+            dtp, dacs, seg = _chunk_cumsum(dtk, Ak, biask, dt_softplus, dt_limit, seq, Q)
+            states = _chunk_states(xk, Bk, dtp, dacs, seg, Q)
+            final, prev = _passing_for_scan(states, dacs, seg, initk, Q, xk, zk, Bk, Ck,
+                                            keep_f32=return_varlen_states)
         out = _chunk_scan(xk, zk, Bk, Ck, dtp, dacs, seg, prev, Dk, Q)
         if out.dtype != out_dtype:
             out = out.astype(out_dtype)

@@ -329,3 +329,100 @@ def test_varlen_states_16bit(rng):
     check("out", out, ref_out, "bfloat16")
     check("final", final, ref_final, "bfloat16")
     check("varlen", varlen, ref_varlen, "bfloat16")
+
+
+@pytest.mark.parametrize("shape,initial,packed", [
+    ((1, 100, 2, 16, 1, 32, "bfloat16", 64), True, True),
+    ((2, 150, 2, 72, 1, 16, "float16", 64), False, True),  # 2 p-tiles (the second partial), 3 chunks
+    ((1, 200, 2, 8, 2, 72, "bfloat16", 128), True, False),  # 2 n-tiles, groups, L not a multiple of Q
+    ((1, 300, 1, 16, 1, 16, "float16", 256), True, True),  # 4 slabs per chunk, last chunk partial
+    ((1, 150, 1, 8, 1, 128, "bfloat16", 64), True, True),  # N 128: v6's 64 x 128 tiles (8 warps), v6n's 64 x 64
+    pytest.param((2, 1000, 8, 64, 2, 128, "bfloat16", 256), True, True, id="big11"),
+    pytest.param((3, 4100, 16, 64, 1, 128, "bfloat16", 256), False, False, id="big12"),
+    pytest.param((1, 2049, 4, 80, 1, 256, "float16", 64), True, True, id="big13"),
+])
+def test_fused_states_v6(rng, monkeypatch, shape, initial, packed):
+    """SSMCORE_SSD_FWD=v6 / v6n / v6s (ssd_chunk_states_v6: chunk_states and the state passing in one kernel,
+    chained over chunks; 64 x 128 or 64 x 64 tiles; v6 / v6n also do the cumsum's work): the cumsum's buffers, the
+    reference's output and final state, and v5's (same math and rounding points: the chunk-start states and
+    final states equal up to the last bit of an fma)."""
+    from ssmcore.backends.cupy import state_space_duality as S
+
+    batch, length, heads, headdim, groups, dstate, dtype, chunk = shape
+    seq = np.sort(rng.integers(0, 3, (batch, length)), axis=1).astype(np.int64) if packed else None
+    kw = make(rng, batch, length, heads, headdim, groups, dstate, dtype, initial=initial, seq=seq)
+    gkw = {k: gpu(v) for k, v in kw.items()}
+    Q = S._internal_chunk(chunk)
+    xk, dtk, Ak, Bk, Ck, Dk, zk, bk, ik = S._prepare(gkw["x"], gkw["dt"], gkw["A"], gkw["B"], gkw["C"], gkw.get("D"),
+                                                      gkw.get("z"), gkw.get("dt_bias"), gkw.get("initial_states"))
+    seqk = S._seq_ids(gkw.get("seq_idx"), None, length)
+    dtp, dacs, seg = S._chunk_cumsum(dtk, Ak, bk, True, (0.0, np.inf), seqk, Q)
+    monkeypatch.setattr(S, "fwd_path", "v5")
+    states = S._chunk_states(xk, Bk, dtp, dacs, seg, Q)
+    final5, starts5 = S._state_passing_v4(states, dacs, seg, ik, Q, xk.dtype)
+    f5, s5 = host(final5), host(starts5)
+    paths = ("v6", "v6n", "v6s") if dstate % 128 == 0 else ("v6", "v6s")
+    for path in paths:
+        monkeypatch.setattr(S, "fwd_path", path)
+        assert S._states_v6_ok(xk, zk, Bk, Ck, ik, Q)
+        if path == "v6s":
+            final6, starts6 = S._states_and_passing_v6(xk, Bk, dtp, dacs, seg, ik, Q)
+        else:  # the kernel also does the cumsum's work and fills the buffers for chunk_scan
+            bufs = S._cumsum_buffers(batch, length, heads, Q, seqk)
+            for a in bufs[:2]:
+                a.fill(np.nan)
+            if bufs[2] is not None:
+                bufs[2].fill(-7)
+            final6, starts6 = S._states_and_passing_v6(xk, Bk, *bufs, ik, Q,
+                                                       (dtk, Ak, bk, True, (0.0, np.inf), seqk))
+            for name, got, want in zip(("dtp", "dacs", "seg"), bufs, (dtp, dacs, seg)):
+                if want is None:
+                    assert got is None
+                    continue
+                g, w = host(got), host(want)
+                assert np.abs(g - w).max() <= 1e-5 * max(np.abs(w).max(), 1.0), (name, path)
+        f6, s6 = host(final6), host(starts6)
+        assert np.abs(f6 - f5).max() <= 1e-5 * max(np.abs(f5).max(), 1e-6), ("final vs v4 passing", path)
+        assert np.abs(s6 - s5).max() <= REL[dtype] / 10 * max(np.abs(s5).max(), 1e-6), ("starts vs v4", path)
+    res, calls = {}, []
+    fused = S._states_and_passing_v6
+    monkeypatch.setattr(S, "_states_and_passing_v6", lambda *a: calls.append(S.fwd_path) or fused(*a))
+    for path in ("v5",) + paths:
+        monkeypatch.setattr(S, "fwd_path", path)
+        res[path] = [host(a) for a in ssmcore.ssd(**gkw, chunk_size=chunk, dt_softplus=True,
+                                                  return_final_states=True)]
+    assert calls == list(paths)  # ssd took the fused kernel on the v6 paths only
+    ref_out, ref_final = reference.ssd(**kw, dt_softplus=True, return_final_states=True)
+    for path in paths:
+        check(f"out {path}", res[path][0], ref_out, dtype)
+        check(f"final {path}", res[path][1], ref_final, dtype)
+        for i in range(2):
+            scale = max(np.abs(res["v5"][i]).max(), 1e-6)
+            assert np.abs(res[path][i] - res["v5"][i]).max() <= REL[dtype] / 10 * scale, (path, "vs v5", i)
+
+
+@pytest.mark.parametrize("dtype,offset", [("bfloat16", 0), ("float16", 8), ("bfloat16", 4)])
+def test_fused_states_v6_strided_and_varlen(rng, monkeypatch, dtype, offset):
+    """v6 on strided in_proj-like views (in place when 16-byte aligned, copies otherwise): the contiguous
+    result; with cu_seqlens varlen states v6 falls back to v5's kernels (fp32 chunk-start states)."""
+    from ssmcore.backends.cupy import state_space_duality as S
+
+    monkeypatch.setattr(S, "fwd_path", "v6")
+    kw = make(rng, 2, 70, 2, 16, 1, 16, dtype, initial=True)
+    views = _packed_views(kw, offset)
+    gkw = {k: gpu(v) for k, v in kw.items()}
+    want = [host(a) for a in ssmcore.ssd(**gkw, chunk_size=64, dt_softplus=True, return_final_states=True)]
+    got = [host(a) for a in ssmcore.ssd(**dict(gkw, **views), chunk_size=64, dt_softplus=True,
+                                        return_final_states=True)]
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    ref_out, ref_final = reference.ssd(**kw, dt_softplus=True, return_final_states=True)
+    check("out", got[0], ref_out, dtype)
+    check("final", got[1], ref_final, dtype)
+    cu = np.array([0, 5, 64, 65, 140], np.int32)
+    kv = make(rng, 1, 140, 2, 16, 1, 16, dtype, initial=True)
+    out, final, varlen = run_gpu(dict(kv, cu_seqlens=cu), chunk_size=64, dt_softplus=True,
+                                 return_final_states=True, return_varlen_states=True)
+    ref = reference.ssd(**kv, cu_seqlens=cu, dt_softplus=True, return_final_states=True, return_varlen_states=True)
+    for name, a, r in zip(("out", "final", "varlen"), (out, final, varlen), ref):
+        check(name, a, r, dtype)
