@@ -290,6 +290,13 @@ def _line_checks(filename):
                 base = base.value
             if isinstance(base, ast.Name):
                 return ("array", base.id)
+            # name.attr[.attr...][...] = v (e.g. a dict attribute of an object): looked up when the line runs
+            chain = []
+            while isinstance(base, ast.Attribute):
+                chain.append(base.attr)
+                base = base.value
+            if isinstance(base, ast.Name) and chain:
+                return ("array", (base.id,) + tuple(reversed(chain)))
         return ("refuse", ast.unparse(node)[:60])
 
     for node in ast.walk(tree):
@@ -538,7 +545,14 @@ class _Recorder:
                             self.refuse(f"line {frame.f_lineno} of {os.path.basename(frame.f_code.co_filename)}: "
                                         f"{what}")
                         else:
-                            value = frame.f_locals.get(what, frame.f_globals.get(what))
+                            if isinstance(what, tuple):  # an attribute chain: a failed lookup refuses
+                                name, attrs = what[0], what[1:]
+                                value = frame.f_locals.get(name, frame.f_globals.get(name))
+                                for attr in attrs:
+                                    value = getattr(value, attr)
+                                what = ".".join((name,) + attrs)
+                            else:
+                                value = frame.f_locals.get(what, frame.f_globals.get(what))
                             if isinstance(value, _cupy.ndarray):
                                 self.refuse(f"line {frame.f_lineno} of "
                                             f"{os.path.basename(frame.f_code.co_filename)} works on array {what}")

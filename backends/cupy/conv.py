@@ -35,7 +35,7 @@ fwd_positions = int(os.environ.get("SSMCORE_CONV_FWD_POSITIONS", "8"))
 # segment's loads before it stores the current one).
 fwd_path = os.environ.get("SSMCORE_CONV_FWD", "ws")
 wsp_blocks = None  # conv_fwd_wsp's grid when set (tests: a small grid makes every warp walk several segments)
-fwd_words = int(os.environ.get("SSMCORE_CONV_FWD_WORDS", "4"))  # 2 or 4 16-byte words per thread
+fwd_words = int(os.environ.get("SSMCORE_CONV_FWD_WORDS", "4"))  # 2, 4 (or 8: ws only) 16-byte words per thread
 
 # Backward of the common contiguous case (L % 8 == 0, aligned, no seq_idx, W <= 4): "fused" (one
 # kernel: x, dout read once, dx written once) or "split" (conv_bwd_dpre + conv_bwd_dx through a
@@ -62,7 +62,7 @@ INSTANTIATIONS = (
     + [f"{k}<{t}, {w}>" for k in ("conv_bwd_fused", "conv_fwd_cl_tile", "conv_bwd_cl_tile") for t in _TYPES
        for w in (1, 2, 3, 4)]
     + [f"conv_bwd_cl_walk<{t}, {w}>" for t in _TYPES for w in (1, 2, 3, 4)]
-    + [f"conv_fwd_ws<{t}, {w}, {n}>" for t in _TYPES for w in (1, 2, 3, 4) for n in (2, 4)]
+    + [f"conv_fwd_ws<{t}, {w}, {n}>" for t in _TYPES for w in (1, 2, 3, 4) for n in (2, 4, 8)]
     + [f"conv_fwd_wsp<{t}, {w}, {n}>" for t in _TYPES for w in (1, 2, 3, 4) for n in (2, 4)]
     + [f"conv_bwd_ws<{t}, {w}, {n}>" for t in _TYPES for w in (1, 2, 3, 4) for n in (2, 4)]
     + [f"conv_update<{tx}, {ts}>" for tx in _TYPES for ts in _TYPES]

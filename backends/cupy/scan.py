@@ -87,8 +87,9 @@ fwd_kernel = os.environ.get("SSMCORE_SCAN_FWD", "auto")
 # tp4 434; L16384 tp1 2467, tp2 2789.
 tp_states = int(os.environ.get("SSMCORE_SCAN_TP_STATES", "1"))
 # scan_fwd_tp's B / C prefetch (PF, session 6: the next state entries' rows loaded before the current ones'
-# scan and barrier). Off until measured; SSMCORE_SCAN_TP_PREFETCH=1 turns it on.
-tp_prefetch = os.environ.get("SSMCORE_SCAN_TP_PREFETCH", "0") == "1"
+# scan and barrier). H200 run 2, B1 D4096 L2048 N16: tp1 243 -> 189 us, tp2 267 -> 211; on by default,
+# SSMCORE_SCAN_TP_PREFETCH=0 turns it off.
+tp_prefetch = os.environ.get("SSMCORE_SCAN_TP_PREFETCH", "1") == "1"
 
 
 def _pow2_ceil(n: int) -> int:
@@ -266,7 +267,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 
 _TP_MAX_LENGTH = 4096
-_TP_LANES_PER_SM = _WIDE_THREADS_PER_SM // 4  # N = 16: fewer than 5280 rows on the H200's 132 SMs
+# N = 16: fewer than 1056 rows on the H200's 132 SMs. Session 6 (H200 run 2, B1 D4096 L2048 N16 bf16): the v3
+# lanes forward 140 us against scan_fwd_tp 243 us (189 with its prefetch; reference 160), so 4096 rows no longer
+# take the time-parallel kernel (the threshold was a quarter of the wide-layout one, 5280 rows, from session 4's
+# v2 lanes kernel, 280 us there).
+_TP_LANES_PER_SM = _WIDE_THREADS_PER_SM // 16
 
 
 def _use_time_parallel(a: _Args) -> bool:
@@ -281,9 +286,9 @@ def _use_time_parallel(a: _Args) -> bool:
     if a.length > _TP_MAX_LENGTH:
         return False
     # The lanes kernel (checkpoint pass) at B8 D2048 L2048 N16 (16384 rows) took 355 us against the
-    # time-parallel kernel's 913 us (H200, session 5, bench/profile_block.py), while B1 D4096 (4096 rows) still
-    # favours the time-parallel one (the lanes layouts' thread count, rows x lanes per row, against a quarter of
-    # the wide-layout threshold).
+    # time-parallel kernel's 913 us (H200, session 5, bench/profile_block.py), and since session 6 the lanes
+    # forward wins at B1 D4096 (4096 rows) too (140 vs 243 us): the time-parallel kernel is left to grids of a
+    # few hundred rows (rows x lanes per row against a sixteenth of the wide-layout threshold).
     npad = _pow2_ceil(max(a.n_states, 1))
     wide = max(min(npad, 4), npad // 32)
     return a.batch * a.channels * (npad // wide) < _arrays.sm_count() * _TP_LANES_PER_SM

@@ -2088,3 +2088,10 @@ __global__ void __launch_bounds__(128 * WN, 4 - WN) ssd_chunk_states_v6(
   __syncthreads();
   if (tid == 0) st_flag(flag, c + 1);
 }
+
+// D given per head (H,) -> (H, P) float32, the per-channel layout the kernels read (one launch instead of
+// a CuPy broadcast + add, so that a torch call's launch plan can replay it).
+__global__ void ssd_broadcast_heads(const float* __restrict__ src, float* __restrict__ dst, int H, int P) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < H * P) dst[i] = src[i / P];
+}

@@ -39,7 +39,8 @@ FAMILY = "ssd"
 _TYPES = ("float", "half_t", "bf16_t")
 
 INSTANTIATIONS = (
-    [f"ssd_mma_selftest<{t}>" for t in _TYPES]
+    ["ssd_broadcast_heads"]
+    + [f"ssd_mma_selftest<{t}>" for t in _TYPES]
     + [f"ssd_chunk_cumsum<{t}>" for t in _TYPES]
     + [f"ssd_chunk_states<{t}>" for t in _TYPES]
     + ["ssd_state_passing"]
@@ -483,7 +484,10 @@ def _prepare(x, dt, A, B, C, D, z, dt_bias, initial_states):
     if D is not None:
         D_full = _f32(D)
         if D_full.ndim == 1:
-            D_full = D_full[:, None] + cupy.zeros((nheads, headdim), cupy.float32)
+            per_head, D_full = D_full, cupy.empty((nheads, headdim), cupy.float32)
+            if D_full.size:
+                _runtime.launch(_runtime.function(FAMILY, "ssd_broadcast_heads"), (cdiv(D_full.size, 256),), (256,),
+                                (per_head, D_full, np.int32(nheads), np.int32(headdim)))
     return x, dt, _f32(A), B, C, D_full, z, _f32(dt_bias), _f32(initial_states)
 
 
