@@ -11,6 +11,7 @@ ours next to the peer's, and peak memory above the inputs.
 from __future__ import annotations
 
 import argparse
+import gc
 
 import torch
 from profile_decode import kernel_times  # bench/ is the script's folder
@@ -55,12 +56,19 @@ def measure(fn, top):
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e) * 1e3)
     wall = sorted(times)[5]
+    gc.collect()
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    left = (torch.cuda.memory_allocated() - before) / 2**20
+    if abs(left) >= 1:
+        print(f"  ({left:.0f} MiB still allocated after the step)")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
     per = kernel_times(prof, 80)
     return wall, sum(t for t, _ in per.values()), sum(c for _, c in per.values()), peak, per
 
