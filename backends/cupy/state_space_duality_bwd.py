@@ -69,6 +69,11 @@ IMPL_ENV = "SSMCORE_SSD_BWD_IMPL"
 # decay is factored into dy's rows and the output's rows where safe (ssd_bwd.cu, v6 section).
 IMPLS = ("v1", "v2", "v3", "v4", "v5", "v6")
 DEFAULT_IMPL = "v4"
+# ssdb_tp6 (v6's p sums, one launch for both) also under v4 (session 6, H200 run 2, B8 L4096 H64 P64 N128 bf16:
+# 1724 us against ssdb_h4<6> + <7> 2288; GPU tests of v6 passed; v6's other two kernels were slower: dx6 2513 vs
+# h4<3> 2366, st6 3320 vs h4<4> + <5> 1829). SSMCORE_SSD_BWD_TP6=0: v4's two kernels. A module attribute
+# (benchmarks flip it in-process).
+tp6_in_v4 = os.environ.get("SSMCORE_SSD_BWD_TP6", "1") != "0"
 _G4_TILE = 64  # G4_TILE of ssd_bwd.cu
 _G4_THREADS = 256  # NTH of ssdb_g4 / ssdb_h4
 _G4_TARGET_BLOCKS = 800  # ssdb_g4<T, 1/2> blocks wanted (~2 waves of 3 blocks per SM on 132 SMs)
@@ -306,7 +311,8 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
             ntp = cdiv(P, _G4_TILE)
             termp = cupy.empty((batch, nc, H, ntp, Q), cupy.float32)
             statep = cupy.empty((batch, nc, H, ntp, Q), cupy.float32)
-            if v6 and _tp6_smem(N) <= _DX6_MAX_SMEM:  # both in one launch, heads looped over the C / B panels
+            if (v6 or (v4 and not v5 and tp6_in_v4)) and _tp6_smem(N) <= _DX6_MAX_SMEM:
+                # both in one launch, heads looped over the C / B panels
                 tp6(termp, statep)
             else:
                 h4(6, Q, P, termp)

@@ -412,6 +412,7 @@ def test_v6_vs_v4(rng, case, monkeypatch):
         assert dx6[0][1] == 3, dx6  # 3 heads per group in runs of 1
     compare(got, want, args, kw)
     monkeypatch.setenv(launcher.IMPL_ENV, "v4")
+    monkeypatch.setattr(launcher, "tp6_in_v4", False)  # v4's own kernels for the p sums too
     v4 = run_gpu(args, kw, chunk)
     for name, a, b in zip(NAMES, got, v4):
         if b is not None:
@@ -456,8 +457,33 @@ def test_v6_large(rng, shape, monkeypatch):
     assert all(any(n.startswith(f"ssdb_{k}6") for n in names) for k in ("dx", "st", "tp")), names
     compare(got, run_cpu64(args, kw, chunk), args, kw)
     monkeypatch.setenv(launcher.IMPL_ENV, "v4")
+    monkeypatch.setattr(launcher, "tp6_in_v4", False)
     v4 = run_gpu(args, kw, chunk)
     for name, a, b in zip(NAMES, got, v4):
         if b is not None:
             a, b = a.astype(np.float32), b.astype(np.float32)
             assert_close(a, b, "float32", rtol=2e-2, atol=2e-2 * np.abs(b).max(), name=f"{name} v6 vs v4")
+
+
+@pytest.mark.parametrize("tp6", [True, False])
+def test_v4_p_sums_kernel(rng, tp6, monkeypatch):
+    """The default (v4) takes ssdb_tp6 for the p sums when there is no z (SSMCORE_SSD_BWD_TP6, on by default) or
+    v4's ssdb_h4<T, 6 / 7> with it off: both vs float64."""
+    import ssmcore.backends.cupy.state_space_duality_bwd as launcher
+
+    args, kw = make(rng, 1, 150, 4, 40, 2, 72, "bfloat16")
+    del kw["z"]
+    names = []
+    launch = launcher._launch_grid
+
+    def recording(name, grid, a, **k):
+        names.append(name)
+        return launch(name, grid, a, **k)
+
+    monkeypatch.setattr(launcher, "_launch_grid", recording)
+    monkeypatch.delenv(launcher.IMPL_ENV, raising=False)
+    monkeypatch.setattr(launcher, "tp6_in_v4", tp6)
+    got = run_gpu(args, kw, 128)
+    assert any(n.startswith("ssdb_tp6") for n in names) == tp6, names
+    assert any(n.startswith("ssdb_h4") and n.endswith((", 6>", ", 7>")) for n in names) == (not tp6), names
+    compare(got, run_cpu64(args, kw, 128), args, kw)
