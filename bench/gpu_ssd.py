@@ -17,7 +17,7 @@ the default), and the
 main shape times the forward on strided views of one in_proj-like (B, L, W) buffer (z | x | B | C | dt per
 row, as the Mamba-2 block passes them): `fwd_strided_v4_us` (read in place) vs `fwd_strided_v3_us` (copied).
 The "scan" stage of v3/v4 includes the C B^T kernel; v6's "states" stage is the fused chunk_states + state
-passing kernel (its "passing" 0; v6 / v6n: + the cumsum, "cumsum" 0; v6s: the cumsum kernel separate).
+passing kernel (its "passing" 0; v6: + the cumsum, "cumsum" 0; v6s: the cumsum kernel separate).
 JSON (every row) goes to --json (default $OUT/ssd_bench.json when $OUT is set).
 """
 
@@ -137,7 +137,7 @@ def stages(x):
     Q = 256
     seq = None
     dtp, dacs, seg = S._chunk_cumsum(dtk, Ak, bk, True, (0.0, math.inf), seq, Q)
-    if S._states_v6_ok(xk, zk, Bk, Ck, ik, Q):  # v6: chunk_states and the passing (v6, v6n: + cumsum) in one kernel
+    if S._states_v6_ok(xk, zk, Bk, Ck, ik, Q):  # v6: chunk_states and the passing (v6: + cumsum) in one kernel
         fused = S.fwd_path != "v6s"
         cs = (dtk, Ak, bk, True, (0.0, math.inf), seq) if fused else None
         _, prev = S._states_and_passing_v6(xk, Bk, dtp, dacs, seg, ik, Q, cs)

@@ -35,7 +35,16 @@ fwd_positions = int(os.environ.get("SSMCORE_CONV_FWD_POSITIONS", "8"))
 # segment's loads before it stores the current one).
 fwd_path = os.environ.get("SSMCORE_CONV_FWD", "ws")
 wsp_blocks = None  # conv_fwd_wsp's grid when set (tests: a small grid makes every warp walk several segments)
-fwd_words = int(os.environ.get("SSMCORE_CONV_FWD_WORDS", "4"))  # 2, 4 (or 8: ws only) 16-byte words per thread
+# 16-byte words per thread: 2, 4 or 8 (8: ws only), or 0 = by row length: 8 where a row fills a warp's 8 words
+# (32 x 8 x 16 bytes = 2048 positions of 16-bit data), else 4 (session 6, H200 run 3, B8 D4096 L2048 W4 bf16:
+# 2 words 85.3 us, 4 words 75.5, 8 words 72.4; reference 72.2).
+fwd_words = int(os.environ.get("SSMCORE_CONV_FWD_WORDS", "0"))
+
+
+def _fwd_words(x) -> int:
+    if fwd_words:
+        return fwd_words
+    return 8 if x.shape[2] * x.itemsize >= _arrays.warp_size() * 8 * 16 else 4
 
 # Backward of the common contiguous case (L % 8 == 0, aligned, no seq_idx, W <= 4): "fused" (one
 # kernel: x, dout read once, dx written once) or "split" (conv_bwd_dpre + conv_bwd_dx through a
@@ -196,8 +205,9 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
         final_f32 = np.int32(final is not None and final.dtype == cupy.float32)
         vec = length % 8 == 0 and _arrays.aligned16(xs, out, seq)
         if x.size and vec and seq is None and wa and fwd_path in ("ws", "wsp"):
-            nseg, nwarps, blocks = _ws_layout(xs, fwd_words)
-            kernel = _runtime.function(FAMILY, f"conv_fwd_{fwd_path}<{t}, {wa}, {fwd_words}>")
+            words = _fwd_words(xs) if fwd_path == "ws" else min(4, _fwd_words(xs))  # wsp: 2 or 4
+            nseg, nwarps, blocks = _ws_layout(xs, words)
+            kernel = _runtime.function(FAMILY, f"conv_fwd_{fwd_path}<{t}, {wa}, {words}>")
             if fwd_path == "wsp":
                 blocks = min(blocks, wsp_blocks or _arrays.sm_count() * _resident_blocks(kernel))
             _runtime.launch(
