@@ -19,9 +19,8 @@ per-head (B, L, H, N) or hC / dhB buffers: about B*L*H*(P + 18) + 2*B*nc*H*P*N +
 
 Speed knob: the environment variable SSMCORE_SSD_BWD_IMPL (read at each call): v4 (default; for 16-bit
 x/B/C/dout on CUDA, otherwise it runs v3), v5 (experimental: v4 with two reworked kernels; falls back like v4),
-v6 (experimental: v4 with dx from ssdb_dx6, S / Gl from ssdb_st6 and the p sums from ssdb_tp6, the group's
-heads looped in a block over head-independent operand panels; falls back like v4), v3, v2 or v1 (the previous
-kernels, kept for comparison; see IMPL_ENV below).
+v3, v2 or v1 (the previous kernels, kept for comparison; see IMPL_ENV below). Under v4 the p sums (no z) come
+from ssdb_tp6 (SSMCORE_SSD_BWD_TP6=0: v4's two ssdb_h4 kernels).
 """
 
 from __future__ import annotations
@@ -62,33 +61,19 @@ IMPL_ENV = "SSMCORE_SSD_BWD_IMPL"
 # v5 (experimental, not the default): v4 with ssdb_g4<T, 8> (KIND 0 with k-pair 32-bit shared stores,
 # double-buffered slices with one barrier per slice, the decay factored per thread when safe) and ssdb_h4<T, 11>
 # (KIND 3 likewise, the decay factored per block when safe) in place of ssdb_g4<T, 0> / ssdb_h4<T, 3>.
-# v6 (experimental, not the default): v4 with ssdb_dx6<T> in place of ssdb_h4<T, 3> (dx), ssdb_st6<T> in place of
-# ssdb_h4<T, 4> + <T, 5> (chunk states S, Gl) and, without z, ssdb_tp6<T> in place of ssdb_h4<T, 6> + <T, 7>: a
-# block per (b, c, group, 64 x 64 tile) loops over a run of the group's heads; the head-independent operands (masked
-# CB^T and B_s for dx, B^T and C^T for S / Gl, C_t and B_t for the p sums) are staged once per block, and for dx the
-# decay is factored into dy's rows and the output's rows where safe (ssd_bwd.cu, v6 section).
-IMPLS = ("v1", "v2", "v3", "v4", "v5", "v6")
+IMPLS = ("v1", "v2", "v3", "v4", "v5")
 DEFAULT_IMPL = "v4"
-# ssdb_tp6 (v6's p sums, one launch for both) also under v4 (session 6, H200 run 2, B8 L4096 H64 P64 N128 bf16:
-# 1724 us against ssdb_h4<6> + <7> 2288; GPU tests of v6 passed; v6's other two kernels were slower: dx6 2513 vs
-# h4<3> 2366, st6 3320 vs h4<4> + <5> 1829). SSMCORE_SSD_BWD_TP6=0: v4's two kernels. A module attribute
-# (benchmarks flip it in-process).
+# ssdb_tp6<T> (session 6, helper SSDB6): without z, ssdb_h4<T, 6> and <T, 7> (the two p sums) in one launch, a block
+# per (b, c, group, 64 x 64 tile) looping over a run of the group's heads with the head-independent C_t / B_t
+# panels staged once. H200 run 2 (B8 L4096 H64 P64 N128 bf16): 1724 us against 2288; the session's other two
+# head-looping kernels (dx, chunk states: "v6") were slower than v4's (2513 vs 2366, 3320 vs 1829 us) and are gone.
+# SSMCORE_SSD_BWD_TP6=0: v4's two kernels. A module attribute (benchmarks flip it in-process).
 tp6_in_v4 = os.environ.get("SSMCORE_SSD_BWD_TP6", "1") != "0"
 _G4_TILE = 64  # G4_TILE of ssd_bwd.cu
 _G4_THREADS = 256  # NTH of ssdb_g4 / ssdb_h4
 _G4_TARGET_BLOCKS = 800  # ssdb_g4<T, 1/2> blocks wanted (~2 waves of 3 blocks per SM on 132 SMs)
-_DX6_TARGET_BLOCKS = 2048  # ssdb_dx6 blocks wanted (the group's heads split over grid y until there are this many)
-_DX6_MAX_SMEM = 113 * 1024  # a v6 kernel needing more (under 2 blocks per SM) is replaced by v4's ssdb_h4 kernels
-
-
-def _dx6_smem(Q, N):
-    """ssdb_dx6's dynamic shared memory in bytes (the formula of ssd_bwd.cu)."""
-    return (cdiv(Q, 32) + cdiv(N, 32) + 4) * 64 * 40 * 2 + (2 * Q + 3 * 64 + 64 * 17) * 4 + (Q + 1) * 4
-
-
-def _st6_smem(Q):
-    """ssdb_st6's dynamic shared memory in bytes (the formula of ssd_bwd.cu)."""
-    return (2 * cdiv(Q, 32) + 2) * 64 * 40 * 2
+_TP6_TARGET_BLOCKS = 2048  # ssdb_tp6 blocks wanted (the group's heads split over grid y until there are this many)
+_TP6_MAX_SMEM = 113 * 1024  # past this (under 2 blocks per SM) v4's ssdb_h4<T, 6 / 7> run instead
 
 
 def _tp6_smem(N):
@@ -113,7 +98,7 @@ INSTANTIATIONS = ["ssdb_cumsum", "ssdb_cumsum4", "ssdb_pass", "ssdb_pass2", "ssd
     f"ssdb_h4<{t}, {k}>" for t in _TYPES[1:] for k in range(3, 8)] + [
     f"ssdb_{k}<{t}, {v}>" for t in _TYPES[1:] for k, v in (("g4", 8), ("h4", 11))] + [
     f"ssdb_dcs4<{t}>" for t in _TYPES[1:]] + [
-    f"ssdb_dy8<{t}>" for t in _TYPES] + [f"ssdb_{k}6<{t}>" for k in ("dx", "tp", "st") for t in _TYPES[1:]]
+    f"ssdb_dy8<{t}>" for t in _TYPES] + [f"ssdb_tp6<{t}>" for t in _TYPES[1:]]
 
 
 def _launch(name, n, args):
@@ -173,12 +158,11 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     v2 = impl != "v1"  # v3 keeps v2's coalesced staging, ssdb_dcs2 and ssdb_fro
     # ssdb_mm3 addresses operand elements with 32-bit offsets from a chunk's first row: v2 beyond that, and on
     # ROCm (hipcc: ssdb_mm3 spills there, 230-390 VGPRs).
-    v3 = impl in ("v3", "v4", "v5", "v6") and Q * max(H * P, G * N, Q) < 2**31 and not _runtime.is_hip()
+    v3 = impl in ("v3", "v4", "v5") and Q * max(H * P, G * N, Q) < 2**31 and not _runtime.is_hip()
     # v4: 16-bit streams only (float32 keeps v3's 3xTF32 products); 32-bit offsets within a chunk-group.
-    v4 = (impl in ("v4", "v5", "v6") and v3 and USE_TENSOR_CORES and T in ("half_t", "bf16_t")
+    v4 = (impl in ("v4", "v5") and v3 and USE_TENSOR_CORES and T in ("half_t", "bf16_t")
           and Q * H * P < 2**31 and batch * nc * H * cdiv(Q, _G4_TILE) * Q < 2**31)
     v5 = v4 and impl == "v5"
-    v6 = v4 and impl == "v6"  # each v6 kernel also needs its shared memory within _DX6_MAX_SMEM
 
     dtf = _f32(dt)
     Af = _f32(A)
@@ -262,47 +246,28 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
             _launch_grid(f"ssdb_h4<{T}, {kind}>", grid, (xs, Bs, Cs, dy, Df, dtp, cs, seg, cb, h0, dh, out, ptr(aux))
                          + dims, threads=_G4_THREADS)
 
-        def v6_grid(rows=Q, cols=P):
+        def tp6(termp_, statep_):
             # A block per (c, g, row tile, column tile) and a run of hps heads of the group (grid y).
-            tiles = nc * G * cdiv(rows, _G4_TILE) * cdiv(cols, _G4_TILE)
+            tiles = nc * G * cdiv(Q, _G4_TILE) * cdiv(P, _G4_TILE)
             hpg = H // G
-            hps = cdiv(hpg, max(1, min(hpg, cdiv(_DX6_TARGET_BLOCKS, tiles * batch))))
+            hps = cdiv(hpg, max(1, min(hpg, cdiv(_TP6_TARGET_BLOCKS, tiles * batch))))
             grid = (tiles, cdiv(hpg, hps), batch)
             if grid[2] > 65535:
                 raise ValueError(f"x: expected a batch of at most 65535 rows on the GPU, got {batch}")
             if grid[0] >= 2**31:
                 raise ValueError(f"ssd_bwd: problem too large for one launch ({tiles} tiles)")
-            return grid, hps
-
-        def dx6(out, aux):
-            grid, hps = v6_grid()
-            _launch_grid(f"ssdb_dx6<{T}>", grid, (xs, Bs, dy, Df, dtp, cs, seg, cb, dh, out, ptr(aux)) + dims
-                         + (i32(hps),), threads=_G4_THREADS, shared_mem=_dx6_smem(Q, N))
-
-        def tp6(termp_, statep_):
-            grid, hps = v6_grid()
             _launch_grid(f"ssdb_tp6<{T}>", grid, (xs, Bs, Cs, dy, h0, dh, termp_, statep_) + dims + (i32(hps),),
                          threads=_G4_THREADS, shared_mem=_tp6_smem(N))
 
-        fcC = fcB = None
-        st6 = v6 and _st6_smem(Q) <= _DX6_MAX_SMEM
-        if st6:  # ssdb_st6 reads the state-term row scales: computed first
-            fcC = cupy.empty((batch, H, L), cupy.float32)
-            fcB = cupy.empty((batch, H, L), cupy.float32)
-            _launch("ssdb_fac4", batch * H * L, (dtp, cs, seg, fcC, fcB, i32(batch), i64(L), i32(H), i32(Q)))
         mm("cb", Q, Q, cb, per=nc * G)
         if not v4:
             mm("dxdot", Q, Q, dxd)
-        if st6:  # S -> h0 and Gl -> dh in one launch (Gl does not need h0)
-            grid, hps = v6_grid(P, N)
-            _launch_grid(f"ssdb_st6<{T}>", grid, (xs, Bs, Cs, dy, fcB, fcC, h0, dh) + dims + (i32(hps),),
-                         threads=_G4_THREADS, shared_mem=_st6_smem(Q))
-        elif v4:
+        if v4:
             h4(4, P, N, h0)
         else:
             mm("states", P, N, h0)
         state_pass(0, h0, initf, None)
-        if v4 and not st6:
+        if v4:
             h4(5, P, N, dh)
         elif not v4:
             mm("gl", P, N, dh)
@@ -311,7 +276,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
             ntp = cdiv(P, _G4_TILE)
             termp = cupy.empty((batch, nc, H, ntp, Q), cupy.float32)
             statep = cupy.empty((batch, nc, H, ntp, Q), cupy.float32)
-            if (v6 or (v4 and not v5 and tp6_in_v4)) and _tp6_smem(N) <= _DX6_MAX_SMEM:
+            if v4 and not v5 and tp6_in_v4 and _tp6_smem(N) <= _TP6_MAX_SMEM:
                 # both in one launch, heads looped over the C / B panels
                 tp6(termp, statep)
             else:
@@ -322,20 +287,16 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
             mm("dhb", Q, P, dhB)
         if v4:  # dx, and the dD partial sums per (b, c, h, 64-row tile) when D is given
             dDp = cupy.empty((batch, nc, H, cdiv(Q, _G4_TILE), P), cupy.float32) if D is not None else None
-            if v6 and _dx6_smem(Q, N) <= _DX6_MAX_SMEM:
-                dx6(dx, dDp)
-            else:
-                h4(11 if v5 else 3, Q, P, dx, dDp)
+            h4(11 if v5 else 3, Q, P, dx, dDp)
         else:
             mm("dx", Q, P, dx)
         if z is not None:
             mm("dz", Q, P, dz)
         if v4:
             nt = cdiv(Q, _G4_TILE)
-            if fcC is None:
-                fcC = cupy.empty((batch, H, L), cupy.float32)
-                fcB = cupy.empty((batch, H, L), cupy.float32)
-                _launch("ssdb_fac4", batch * H * L, (dtp, cs, seg, fcC, fcB, i32(batch), i64(L), i32(H), i32(Q)))
+            fcC = cupy.empty((batch, H, L), cupy.float32)
+            fcB = cupy.empty((batch, H, L), cupy.float32)
+            _launch("ssdb_fac4", batch * H * L, (dtp, cs, seg, fcC, fcB, i32(batch), i64(L), i32(H), i32(Q)))
             rowp = cupy.empty((batch, nc, H, nt, Q), cupy.float32)
             colp = cupy.empty((batch, nc, H, nt, Q), cupy.float32)
             g4_args = (xs, Bs, Cs, dy, dtp, cs, seg, cb, dxd, h0, dh, fcC, fcB)

@@ -164,7 +164,7 @@ def test_simt_path(rng, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("dims", [(66, 67), (68, 72)])  # P * N % 4 != 0 (ssdb_pass) / == 0 (v3: ssdb_pass2)
 def test_impl_knob_versions_agree(rng, dtype, dims, monkeypatch):
-    """SSMCORE_SSD_BWD_IMPL=v1, v2, v3, v4 (default), v5 and v6 give the same gradients; each vs float64.
+    """SSMCORE_SSD_BWD_IMPL=v1, v2, v3, v4 (default) and v5 give the same gradients; each vs float64.
     Two chunks with a sequence boundary inside, P and N past one 64-wide tile, L not a multiple of the chunk.
     v4 rounds differently for 16-bit inputs (F and the state terms rounded once per group): held to the 16-bit
     tolerance against v1; for float32 it is v3."""
@@ -177,8 +177,8 @@ def test_impl_knob_versions_agree(rng, dtype, dims, monkeypatch):
         monkeypatch.setenv(launcher.IMPL_ENV, impl)
         got[impl] = run_gpu(args, kw, 32)
         compare(got[impl], want, args, kw)
-    for impl in ("v2", "v3", "v4", "v5", "v6"):
-        loose = impl in ("v4", "v5", "v6") and dtype != "float32"
+    for impl in ("v2", "v3", "v4", "v5"):
+        loose = impl in ("v4", "v5") and dtype != "float32"
         for name, a, b in zip(NAMES, got[impl], got["v1"]):
             if b is not None:
                 a, b = a.astype(np.float32), b.astype(np.float32)
@@ -353,43 +353,7 @@ def test_rejects_float64_streams(rng):
         ssd_bwd(**{k: gpu(v) for k, v in args.items()})
 
 
-@pytest.mark.parametrize("case", ["bf16_D_no_z", "bf16_groups_split", "f16_z_steep", "bf16_mixed_steep", "bf16_wide_p"])
-def test_v6_vs_v4(rng, case, monkeypatch):
-    """v6 (ssdb_dx6: dx with the group's heads looped in a block over the CB^T / B_s panels; ssdb_st6: S and Gl over
-    the B^T / C^T panels; without z ssdb_tp6: the p sums over the C_t / B_t panels) vs float64 and vs v4.
-    bf16_D_no_z: dD from the per-tile partials, several row tiles (triangle), P past one 32-wide slice;
-    bf16_groups_split: 2 groups of 3 heads, the heads of a group split over grid y (runs of 1), sequence boundaries,
-    D per channel; f16_z_steep: float16 (factoring range 2) with |A| large: the exact-decay fallback in
-    most tiles; bf16_mixed_steep: per-head A from tiny to steep, so heads of one block take both paths;
-    bf16_wide_p: P past one 64-wide tile (two column tiles in ssdb_dx6 / ssdb_tp6, two row tiles in ssdb_st6)."""
-    import ssmcore.backends.cupy.state_space_duality_bwd as launcher
-
-    if case == "bf16_D_no_z":
-        args, kw = make(rng, 1, 150, 2, 40, 1, 72, "bfloat16")
-        del kw["z"]
-        chunk = 128
-    elif case == "bf16_groups_split":
-        args, kw = make(rng, 2, 70, 6, 24, 2, 40, "bfloat16", d_per_channel=True)
-        del kw["z"]
-        chunk = 64
-        monkeypatch.setattr(launcher, "_DX6_TARGET_BLOCKS", 10**6)  # as many head runs as possible (hps 1)
-    elif case == "f16_z_steep":
-        args, kw = make(rng, 1, 100, 2, 24, 1, 20, "float16")
-        args["A"] = (args["A"] * 3).astype(np.float32)
-        chunk = 80
-    elif case == "bf16_wide_p":
-        args, kw = make(rng, 1, 100, 2, 70, 1, 40, "bfloat16")
-        del kw["z"]
-        chunk = 64
-    else:
-        # dt' 0.5: head 0 decays 0.005 per step (factored), head 1 1.0 per step (factored: the rows of a 64-row tile
-        # span +-32 around the middle one; e^(cs_t - ref) underflows for t far down the chunk), head 2 30 per step
-        # (exact-decay fallback).
-        args, kw = make(rng, 1, 200, 3, 16, 1, 24, "bfloat16", options=None)
-        args["dt"][...] = 0.5
-        args["A"] = np.array([-0.01, -2.0, -60.0], np.float32)
-        chunk = 200
-    want = run_cpu64(args, kw, chunk)
+def _record_launches(launcher, monkeypatch):
     names = []
     launch = launcher._launch_grid
 
@@ -398,71 +362,87 @@ def test_v6_vs_v4(rng, case, monkeypatch):
         return launch(name, grid, a, **k)
 
     monkeypatch.setattr(launcher, "_launch_grid", recording)
-    monkeypatch.setenv(launcher.IMPL_ENV, "v6")
+    return names
+
+
+@pytest.mark.parametrize("case", ["bf16_D_no_z", "bf16_groups_split", "f16_steep", "bf16_mixed_steep", "bf16_wide_p"])
+def test_tp6_vs_h4(rng, case, monkeypatch):
+    """ssdb_tp6 (the default v4's p sums without z: both in one launch, the group's heads looped in a block over the
+    C_t / B_t panels) vs float64 and vs v4's ssdb_h4<T, 6 / 7>. bf16_D_no_z: several row tiles (triangle), P past
+    one 32-wide slice; bf16_groups_split: 2 groups of 3 heads, the heads of a group split over grid y (runs of 1),
+    sequence boundaries, D per channel; f16_steep: float16 with |A| large; bf16_mixed_steep: per-head A from tiny to
+    steep; bf16_wide_p: P past one 64-wide tile (two column tiles)."""
+    import ssmcore.backends.cupy.state_space_duality_bwd as launcher
+
+    if case == "bf16_D_no_z":
+        args, kw = make(rng, 1, 150, 2, 40, 1, 72, "bfloat16")
+        chunk = 128
+    elif case == "bf16_groups_split":
+        args, kw = make(rng, 2, 70, 6, 24, 2, 40, "bfloat16", d_per_channel=True)
+        chunk = 64
+        monkeypatch.setattr(launcher, "_TP6_TARGET_BLOCKS", 10**6)  # as many head runs as possible (hps 1)
+    elif case == "f16_steep":
+        args, kw = make(rng, 1, 100, 2, 24, 1, 20, "float16")
+        args["A"] = (args["A"] * 3).astype(np.float32)
+        chunk = 80
+    elif case == "bf16_wide_p":
+        args, kw = make(rng, 1, 100, 2, 70, 1, 40, "bfloat16")
+        chunk = 64
+    else:
+        args, kw = make(rng, 1, 200, 3, 16, 1, 24, "bfloat16", options=None)
+        args["dt"][...] = 0.5
+        args["A"] = np.array([-0.01, -2.0, -60.0], np.float32)
+        chunk = 200
+    kw.pop("z", None)
+    want = run_cpu64(args, kw, chunk)
+    names = _record_launches(launcher, monkeypatch)
+    monkeypatch.delenv(launcher.IMPL_ENV, raising=False)
+    monkeypatch.setattr(launcher, "tp6_in_v4", True)
     got = run_gpu(args, kw, chunk)
-    dx6 = [g for n, g in names if n.startswith("ssdb_dx6")]
-    assert dx6, names
-    assert not any(n.startswith("ssdb_h4") and n.endswith((", 3>", ", 11>")) for n, _ in names), names
-    assert any(n.startswith("ssdb_st6") for n, _ in names), names  # S / Gl
-    assert not any(n.startswith("ssdb_h4") and n.endswith((", 4>", ", 5>")) for n, _ in names), names
-    lean = "z" not in kw  # the p sums from ssdb_tp6 instead of ssdb_h4<T, 6 / 7>
-    assert any(n.startswith("ssdb_tp6") for n, _ in names) == lean, names
-    assert not any(n.startswith("ssdb_h4") and n.endswith((", 6>", ", 7>")) for n, _ in names) or not lean, names
+    tp6 = [g for n, g in names if n.startswith("ssdb_tp6")]
+    assert tp6, names
+    assert not any(n.startswith("ssdb_h4") and n.endswith((", 6>", ", 7>")) for n, _ in names), names
     if case == "bf16_groups_split":
-        assert dx6[0][1] == 3, dx6  # 3 heads per group in runs of 1
+        assert tp6[0][1] == 3, tp6  # 3 heads per group in runs of 1
     compare(got, want, args, kw)
-    monkeypatch.setenv(launcher.IMPL_ENV, "v4")
-    monkeypatch.setattr(launcher, "tp6_in_v4", False)  # v4's own kernels for the p sums too
+    monkeypatch.setattr(launcher, "tp6_in_v4", False)  # v4's own kernels for the p sums
     v4 = run_gpu(args, kw, chunk)
     for name, a, b in zip(NAMES, got, v4):
         if b is not None:
             a, b = a.astype(np.float32), b.astype(np.float32)
-            assert_close(a, b, "float32", rtol=2e-2, atol=2e-2 * np.abs(b).max(), name=f"{name} v6 vs v4")
+            assert_close(a, b, "float32", rtol=2e-2, atol=2e-2 * np.abs(b).max(), name=f"{name} tp6 vs h4")
 
 
-def test_v6_large_chunk_state_falls_back(monkeypatch):
-    """v6 keeps ssdb_h4<T, 3> (<T, 6 / 7>) where ssdb_dx6's (ssdb_tp6's) panels would not fit its shared-memory
-    budget."""
+def test_tp6_shared_memory_fallback():
+    """ssdb_tp6's panels fit its shared-memory budget up to N 256; past it v4's ssdb_h4<T, 6 / 7> run."""
     import ssmcore.backends.cupy.state_space_duality_bwd as launcher
 
-    assert launcher._dx6_smem(256, 128) <= launcher._DX6_MAX_SMEM
-    assert launcher._dx6_smem(256, 256) <= launcher._DX6_MAX_SMEM
-    assert launcher._dx6_smem(256, 1024) > launcher._DX6_MAX_SMEM
-    assert launcher._tp6_smem(256) <= launcher._DX6_MAX_SMEM < launcher._tp6_smem(512)
-    assert launcher._st6_smem(256) <= launcher._DX6_MAX_SMEM
-    for k in ("dx6", "tp6", "st6"):
-        assert f"ssdb_{k}<bf16_t>" in launcher.INSTANTIATIONS and f"ssdb_{k}<half_t>" in launcher.INSTANTIATIONS
+    assert launcher._tp6_smem(256) <= launcher._TP6_MAX_SMEM < launcher._tp6_smem(512)
+    assert "ssdb_tp6<bf16_t>" in launcher.INSTANTIATIONS and "ssdb_tp6<half_t>" in launcher.INSTANTIATIONS
 
 
 @pytest.mark.parametrize("shape", [(2, 700, 16, 64, 1, 128, 256), (1, 600, 8, 64, 2, 256, 256)])
-def test_v6_large(rng, shape, monkeypatch):
-    """v6 at chunk 256 (4 row tiles, the triangle), heads split into runs over grid y, N 128 and 256 (ssdb_dx6's
-    largest shared-memory case), the Mamba-2 block's options (D, dt_bias, softplus, no z); vs float64 and v4."""
+def test_tp6_large(rng, shape, monkeypatch):
+    """ssdb_tp6 at chunk 256 (4 row tiles), heads split into runs over grid y, N 128 and 256, the Mamba-2 block's
+    options (D, dt_bias, softplus, no z); vs float64 and vs v4's ssdb_h4<T, 6 / 7>."""
     import ssmcore.backends.cupy.state_space_duality_bwd as launcher
 
     big()
     batch, length, heads, headdim, groups, dstate, chunk = shape
     args, kw = make(rng, batch, length, heads, headdim, groups, dstate, "bfloat16")
     del kw["z"]
-    names = []
-    launch = launcher._launch_grid
-
-    def recording(name, grid, a, **k):
-        names.append(name)
-        return launch(name, grid, a, **k)
-
-    monkeypatch.setattr(launcher, "_launch_grid", recording)
-    monkeypatch.setenv(launcher.IMPL_ENV, "v6")
+    names = _record_launches(launcher, monkeypatch)
+    monkeypatch.delenv(launcher.IMPL_ENV, raising=False)
+    monkeypatch.setattr(launcher, "tp6_in_v4", True)
     got = run_gpu(args, kw, chunk)
-    assert all(any(n.startswith(f"ssdb_{k}6") for n in names) for k in ("dx", "st", "tp")), names
+    assert any(n.startswith("ssdb_tp6") for n, _ in names), names
     compare(got, run_cpu64(args, kw, chunk), args, kw)
-    monkeypatch.setenv(launcher.IMPL_ENV, "v4")
     monkeypatch.setattr(launcher, "tp6_in_v4", False)
     v4 = run_gpu(args, kw, chunk)
     for name, a, b in zip(NAMES, got, v4):
         if b is not None:
             a, b = a.astype(np.float32), b.astype(np.float32)
-            assert_close(a, b, "float32", rtol=2e-2, atol=2e-2 * np.abs(b).max(), name=f"{name} v6 vs v4")
+            assert_close(a, b, "float32", rtol=2e-2, atol=2e-2 * np.abs(b).max(), name=f"{name} tp6 vs h4")
 
 
 @pytest.mark.parametrize("tp6", [True, False])
