@@ -453,17 +453,11 @@ def test_v4_p_sums_kernel(rng, tp6, monkeypatch):
 
     args, kw = make(rng, 1, 150, 4, 40, 2, 72, "bfloat16")
     del kw["z"]
-    names = []
-    launch = launcher._launch_grid
-
-    def recording(name, grid, a, **k):
-        names.append(name)
-        return launch(name, grid, a, **k)
-
-    monkeypatch.setattr(launcher, "_launch_grid", recording)
+    launches = _record_launches(launcher, monkeypatch)
     monkeypatch.delenv(launcher.IMPL_ENV, raising=False)
     monkeypatch.setattr(launcher, "tp6_in_v4", tp6)
     got = run_gpu(args, kw, 128)
+    names = [n for n, _ in launches]
     assert any(n.startswith("ssdb_tp6") for n in names) == tp6, names
     assert any(n.startswith("ssdb_h4") and n.endswith((", 6>", ", 7>")) for n in names) == (not tp6), names
     compare(got, run_cpu64(args, kw, 128), args, kw)
