@@ -151,13 +151,11 @@ def bench_conv(quick: bool):
     conv_backend = importlib.import_module("ssmcore.backends.cupy.conv")
     default_fwd = (conv_backend.fwd_path, conv_backend.fwd_words, conv_backend.fwd_positions)
     # Every forward kernel of the common case, the default's row above: conv_fwd_ws with 2 / 4
-    # words per thread (session 4), conv_fwd_wsp (persistent, session 6) likewise, conv_fwd_vec with 8 / 16
-    # positions per thread (before).
-    for variant in (("ws", 2, 8), ("ws", 4, 8), ("ws", 8, 8), ("wsp", 2, 8), ("wsp", 4, 8), ("vec", 4, 8),
-                    ("vec", 4, 16)):
+    # / 8 words per thread (session 4 / 6), conv_fwd_vec with 8 / 16 positions per thread (before).
+    for variant in (("ws", 2, 8), ("ws", 4, 8), ("ws", 8, 8), ("vec", 4, 8), ("vec", 4, 16)):
         if variant != default_fwd and not (variant[0] == default_fwd[0] == "vec" and variant[2] == default_fwd[2]):
             conv_backend.fwd_path, conv_backend.fwd_words, conv_backend.fwd_positions = variant
-            label = (f"fwd_path {variant[0]}, {variant[1]} words" if variant[0].startswith("ws")
+            label = (f"fwd_path ws, {variant[1]} words" if variant[0] == "ws"
                      else f"fwd_path vec, {variant[2]} positions")
             report(f"  variant: {label}", io, lambda: ssmcore.causal_conv1d(x, weight, bias, "silu"))
     conv_backend.fwd_path, conv_backend.fwd_words, conv_backend.fwd_positions = default_fwd

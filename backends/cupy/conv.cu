@@ -799,9 +799,8 @@ struct DoutWord {
 }  // namespace
 
 namespace {
-// What one warp segment of conv_fwd_ws / conv_fwd_wsp reads: lane's NW words and, on lane 0, the
-// W-1 inputs before the segment (0 elsewhere). Loads only, so a persistent warp can issue the next
-// segment's before it computes the current one.
+// What one warp segment of conv_fwd_ws reads: lane's NW words and, on lane 0, the W-1 inputs before
+// the segment (0 elsewhere); compute() convolves and stores them.
 template <typename T, int W, int NW>
 struct WsFwdSegment {
   static constexpr int G = 16 / sizeof(T), WM1 = W - 1, WS = SSM_WARP_SIZE, SEG = WS * NW * G;
@@ -889,36 +888,6 @@ __global__ void __launch_bounds__(CONV_WS_THREADS) conv_fwd_ws(
   Seg seg;
   seg.load(x, init, init_f32, L, row, base, lane);
   seg.compute(weight, bias, out, final_states, final_f32, (int)(row32 % (unsigned)D), L, row, base, lane, silu);
-}
-
-// Persistent form (session 6): gridDim.x x 4 warps walk the segments gw, gw + total warps, ...;
-// a warp issues the loads of its next segment before it convolves and stores the current one, so
-// reads stay in flight through the stores and no partial last wave of blocks is left.
-template <typename T, int W, int NW>
-__global__ void __launch_bounds__(CONV_WS_THREADS) conv_fwd_wsp(
-    const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
-    const void* __restrict__ init, int init_f32, T* __restrict__ out, void* __restrict__ final_states,
-    int final_f32, int D, i64 L, unsigned nseg, unsigned nwarps, int silu) {
-  using Seg = WsFwdSegment<T, W, NW>;
-  static_assert(Seg::G >= Seg::WM1, "a word holds the W-1 carried inputs");
-  const int lane = threadIdx.x % Seg::WS;
-  const unsigned step = gridDim.x * (CONV_WS_THREADS / Seg::WS);
-  unsigned gw = blockIdx.x * (CONV_WS_THREADS / Seg::WS) + threadIdx.x / Seg::WS;
-  if (gw >= nwarps) return;
-  Seg cur;
-  cur.load(x, init, init_f32, L, (i64)(gw / nseg), (i64)(gw % nseg) * Seg::SEG, lane);
-  for (;;) {
-    const unsigned nxt = gw + step;
-    const bool more = nxt < nwarps && nxt > gw;  // (nxt > gw: no wrap past 2**32)
-    Seg next;
-    if (more) next.load(x, init, init_f32, L, (i64)(nxt / nseg), (i64)(nxt % nseg) * Seg::SEG, lane);
-    const unsigned row32 = gw / nseg;
-    cur.compute(weight, bias, out, final_states, final_f32, (int)(row32 % (unsigned)D), L, (i64)row32,
-                (i64)(gw % nseg) * Seg::SEG, lane, silu);
-    if (!more) break;
-    cur = next;
-    gw = nxt;
-  }
 }
 
 template <typename T, int W, int NW>

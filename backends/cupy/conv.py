@@ -30,12 +30,11 @@ _CL_STEPS = 8  # time steps per thread of the channel-last kernel
 fwd_positions = int(os.environ.get("SSMCORE_CONV_FWD_POSITIONS", "8"))
 # Forward of that common case: "ws" (conv_fwd_ws, session 4: a warp owns fwd_words x 512 bytes of a
 # row, each warp load one contiguous 512-byte span, all of a thread's words in flight at once) or
-# "vec" (conv_fwd_vec with fwd_positions, the default before session 4), or "wsp" (conv_fwd_wsp, session 6:
-# the same segments walked by a persistent grid of about one wave of blocks, each warp issuing its next
-# segment's loads before it stores the current one).
+# "vec" (conv_fwd_vec with fwd_positions, the default before session 4). (Session 6 tried a persistent-grid
+# form of conv_fwd_ws that loads a warp's next segment before storing the current one: 78.0 us against 75.5 at
+# B8 D4096 L2048 W4 bf16 on the H200, removed.)
 fwd_path = os.environ.get("SSMCORE_CONV_FWD", "ws")
-wsp_blocks = None  # conv_fwd_wsp's grid when set (tests: a small grid makes every warp walk several segments)
-# 16-byte words per thread: 2, 4 or 8 (8: ws only), or 0 = by row length: 8 where a row fills a warp's 8 words
+# 16-byte words per thread: 2, 4 or 8, or 0 = by row length: 8 where a row fills a warp's 8 words
 # (32 x 8 x 16 bytes = 2048 positions of 16-bit data), else 4 (session 6, H200 run 3, B8 D4096 L2048 W4 bf16:
 # 2 words 85.3 us, 4 words 75.5, 8 words 72.4; reference 72.2).
 fwd_words = int(os.environ.get("SSMCORE_CONV_FWD_WORDS", "0"))
@@ -72,7 +71,6 @@ INSTANTIATIONS = (
        for w in (1, 2, 3, 4)]
     + [f"conv_bwd_cl_walk<{t}, {w}>" for t in _TYPES for w in (1, 2, 3, 4)]
     + [f"conv_fwd_ws<{t}, {w}, {n}>" for t in _TYPES for w in (1, 2, 3, 4) for n in (2, 4, 8)]
-    + [f"conv_fwd_wsp<{t}, {w}, {n}>" for t in _TYPES for w in (1, 2, 3, 4) for n in (2, 4)]
     + [f"conv_bwd_ws<{t}, {w}, {n}>" for t in _TYPES for w in (1, 2, 3, 4) for n in (2, 4)]
     + [f"conv_update<{tx}, {ts}>" for tx in _TYPES for ts in _TYPES]
     + ["column_sum<float>"]
@@ -135,27 +133,6 @@ def _ws_layout(x, words):
     return nseg, nwarps, cdiv(nwarps, _WS_THREADS // warp)
 
 
-_RESIDENT: dict = {}
-
-
-def _resident_blocks(kernel) -> int:
-    """Blocks of _WS_THREADS threads one multiprocessor holds at once, from the kernel's register count
-    (64 K registers, 64 warps per SM, registers given out per warp in units of 256); 4 when unknown."""
-    try:
-        return _RESIDENT[id(kernel)]
-    except KeyError:
-        pass
-    try:
-        regs = int(kernel.num_regs)
-        per_warp = -(-max(regs, 1) * 32 // 256) * 256
-        warps = _WS_THREADS // _arrays.warp_size()
-        result = max(1, min(64 // warps, 65536 // (per_warp * warps)))
-    except Exception:  # an attribute the runtime does not report (HIP)
-        result = 4
-    _RESIDENT[id(kernel)] = result  # kernels are cached in _runtime, so id is stable
-    return result
-
-
 def _cl_grid(x):
     n_batch, n_chan, length = x.shape
     return (cdiv(n_chan, 128 // x.itemsize), cdiv(length, _CL_TL), n_batch)
@@ -204,12 +181,10 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
         out = cupy.empty(x.shape, x.dtype)
         final_f32 = np.int32(final is not None and final.dtype == cupy.float32)
         vec = length % 8 == 0 and _arrays.aligned16(xs, out, seq)
-        if x.size and vec and seq is None and wa and fwd_path in ("ws", "wsp"):
-            words = _fwd_words(xs) if fwd_path == "ws" else min(4, _fwd_words(xs))  # wsp: 2 or 4
+        if x.size and vec and seq is None and wa and fwd_path == "ws":
+            words = _fwd_words(xs)
             nseg, nwarps, blocks = _ws_layout(xs, words)
-            kernel = _runtime.function(FAMILY, f"conv_fwd_{fwd_path}<{t}, {wa}, {words}>")
-            if fwd_path == "wsp":
-                blocks = min(blocks, wsp_blocks or _arrays.sm_count() * _resident_blocks(kernel))
+            kernel = _runtime.function(FAMILY, f"conv_fwd_ws<{t}, {wa}, {words}>")
             _runtime.launch(
                 kernel, (blocks,), (_WS_THREADS,),
                 (xs, w, ptr(b), ptr(init), np.int32(init_f32), out, ptr(final_arg), final_f32, np.int32(n_chan),
