@@ -209,16 +209,10 @@ def test_v4_tiles_groups_sequences(rng, case, monkeypatch):
         chunk = 80
         monkeypatch.setattr(launcher, "_G4_TARGET_BLOCKS", 0)  # dC / dB in one pass over the heads (no split)
     want = run_cpu64(args, kw, chunk)
-    names = []
-    launch = launcher._launch_grid
-
-    def recording(name, grid, a, **k):
-        names.append(name)
-        return launch(name, grid, a, **k)
-
-    monkeypatch.setattr(launcher, "_launch_grid", recording)
+    launches = _record_launches(launcher, monkeypatch)
     monkeypatch.setenv(launcher.IMPL_ENV, "v4")
     got = run_gpu(args, kw, chunk)
+    names = [n for n, _ in launches]
     assert any(n.startswith("ssdb_g4") for n in names) and any(n.startswith("ssdb_h4") for n in names), names
     assert not any(n.startswith("ssdb_mm3") and n.endswith(("1>", "8>", "9>")) for n in names), names
     compare(got, want, args, kw)
@@ -247,16 +241,10 @@ def test_v5_vs_v4(rng, case, monkeypatch):
         args["A"] = (args["A"] * 3).astype(np.float32)  # ~1-3 per step: ranges past SSDB_FAC_MAX in most tiles
         chunk = 80
     want = run_cpu64(args, kw, chunk)
-    names = []
-    launch = launcher._launch_grid
-
-    def recording(name, grid, a, **k):
-        names.append(name)
-        return launch(name, grid, a, **k)
-
-    monkeypatch.setattr(launcher, "_launch_grid", recording)
+    launches = _record_launches(launcher, monkeypatch)
     monkeypatch.setenv(launcher.IMPL_ENV, "v5")
     got = run_gpu(args, kw, chunk)
+    names = [n for n, _ in launches]
     assert any(n.endswith(", 8>") and n.startswith("ssdb_g4") for n in names), names
     assert any(n.endswith(", 11>") and n.startswith("ssdb_h4") for n in names), names
     assert not any(n.startswith(("ssdb_g4", "ssdb_h4")) and n.endswith((", 0>", ", 3>")) for n in names), names
