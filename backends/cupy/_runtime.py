@@ -33,6 +33,11 @@ def source(family: str) -> str:
     return header + "\n" + body
 
 
+def source_header() -> str:
+    """The portability header alone (for test kernels built from it)."""
+    return (SOURCE_DIR / "common.cuh").read_text()
+
+
 @functools.lru_cache(maxsize=None)
 def _module(family: str, name_expression: str, options: tuple) -> cupy.RawModule:
     return cupy.RawModule(

@@ -376,6 +376,119 @@ __device__ __forceinline__ void mma_1688_tf32(float (&c)[4], const uint32_t (&a)
 #endif
 }
 
+// ---- asynchronous copies and shared-memory fragment loads (pipelined mma kernels) ---------------
+// cp_async16: 16 bytes global -> shared without a register round trip (cp.async.cg, sm_80+); _zfill writes
+// 16 zero bytes instead when !valid (no global read; pass any mapped address). Group them with cp_async_commit
+// and wait with cp_async_wait<N> (at most N most recent groups still in flight), then __syncthreads() before
+// other threads read the data. Both addresses 16-byte aligned. HIP / the CPU emulator: a plain synchronous copy.
+// ldsm_x4 / ldsm_x2 (ldmatrix.m8n8.b16): lane i passes the shared address of row (i % 8) of 8x8 matrix i / 8
+// (16 contiguous bytes, 16-byte aligned; x2: lanes 0-15 count); lane (g = lane >> 2, t = lane & 3) receives
+// r[j] = M_j[g][2t, 2t+1] (low half first): the A fragment of mma_16816 (matrices: rows 0-7 / 8-15 x k 0-7, then
+// k 8-15) or the B fragment from a K-contiguous B^T tile. The _trans forms give r[j] = (M_j[2t][g], M_j[2t+1][g]):
+// the B fragment from a row-major (k rows, n contiguous) tile. Portable fallback: the rows' addresses by shuffle.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if SSM_MMA_PTX
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+#else
+  __builtin_memcpy(smem, gmem, 16);
+#endif
+}
+
+__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
+#if SSM_MMA_PTX
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+#else
+  if (valid) {
+    __builtin_memcpy(smem, gmem, 16);
+  } else {
+    unsigned char* d = static_cast<unsigned char*>(smem);
+    for (int i = 0; i < 16; ++i) d[i] = 0;
+  }
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if SSM_MMA_PTX
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if SSM_MMA_PTX
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+#if !SSM_MMA_PTX
+namespace ssm_mma_detail {
+// The row address lane `src` of this 32-lane group passed, as a 16-bit element pointer.
+__device__ __forceinline__ const uint16_t* row_from(const void* p, int src) {
+  const unsigned long long v = reinterpret_cast<unsigned long long>(p);
+  const unsigned lo = SSM_SHFL(static_cast<unsigned>(v), src);
+  const unsigned hi = SSM_SHFL(static_cast<unsigned>(v >> 32), src);
+  return reinterpret_cast<const uint16_t*>((static_cast<unsigned long long>(hi) << 32) | lo);
+}
+template <int M, bool TRANS>
+__device__ __forceinline__ void ldsm_generic(uint32_t* r, const void* p) {
+  const int lane = lane32(), g = lane >> 2, t = lane & 3, o = group_base();
+  for (int j = 0; j < 4; ++j) {  // every lane joins every shuffle
+    if (TRANS) {
+      const uint16_t* r0 = row_from(p, o + (j & (M - 1)) * 8 + 2 * t);
+      const uint16_t* r1 = row_from(p, o + (j & (M - 1)) * 8 + 2 * t + 1);
+      if (j < M) r[j] = uint32_t(r0[g]) | (uint32_t(r1[g]) << 16);
+    } else {
+      const uint16_t* row = row_from(p, o + (j & (M - 1)) * 8 + g);
+      if (j < M) r[j] = uint32_t(row[2 * t]) | (uint32_t(row[2 * t + 1]) << 16);
+    }
+  }
+}
+}  // namespace ssm_mma_detail
+#endif
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
+#if SSM_MMA_PTX
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+#else
+  ssm_mma_detail::ldsm_generic<4, false>(r, row);
+#endif
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row) {
+#if SSM_MMA_PTX
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+#else
+  ssm_mma_detail::ldsm_generic<4, true>(r, row);
+#endif
+}
+
+__device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* row) {
+#if SSM_MMA_PTX
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+#else
+  ssm_mma_detail::ldsm_generic<2, false>(r, row);
+#endif
+}
+
+__device__ __forceinline__ void ldsm_x2_trans(uint32_t (&r)[2], const void* row) {
+#if SSM_MMA_PTX
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+#else
+  ssm_mma_detail::ldsm_generic<2, true>(r, row);
+#endif
+}
+
 // Dynamic shared memory of a kernel, as `unsigned char name[]` aligned to 16 bytes.
 #ifdef SSM_EMULATION
 #define SSM_DYNAMIC_SMEM(name) alignas(16) static unsigned char name[256 * 1024]
