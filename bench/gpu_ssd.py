@@ -1,6 +1,7 @@
 """GPU benchmark of the SSD forward (CuPy backend) vs the peer's mamba_chunk_scan_combined.
 
     python bench/gpu_ssd.py [--quick] [--json PATH] [--impls v5,v4,v3]
+    python bench/gpu_ssd.py --quick --fwd-only --impls v7,v7m,v5   (session 7: the pipelined chunk scan)
 
 PERFORMANCE.md shape B8 L4096 H64 P64 N128 G1, chunk 256, bf16 x/B/C/z-less, fp32 dt/A/D/dt_bias,
 dt_softplus, D per head; plus a sweep L in {512, 2048, 16384} x N in {64, 128, 256} (same B/H/P).
@@ -221,7 +222,7 @@ def main(argv=None):
             # place, v3 copies them first (the cupy_copy kernels of the Mamba-2 prefill profile).
             if shape == MAIN:
                 views = strided_views(x)
-                for path in dict.fromkeys((default_path, "v3") + tuple(p for p in ("v5", "v6", "v6s") if p in impls)):
+                for path in dict.fromkeys((default_path, "v3") + tuple(p for p in ("v5", "v6", "v6s", "v7", "v7m") if p in impls)):
                     try:
                         S.fwd_path = path
                         fs = lambda: ssmcore.ssd(**dict(x, **views), chunk_size=256, dt_softplus=True)
@@ -285,11 +286,12 @@ def main(argv=None):
               f"{g(r, 'fwd_bwd_ratio', '%8.2f'):>8s}  "
               + "/".join(f"{st[k]:.0f}" for k in ("cumsum", "states", "passing", "scan") if k in st)
               + f"  {g(r, 'max_rel_diff_vs_peer', '%.2e')}")
-        for key in ("fwd_strided_v4_us", "fwd_strided_v5_us", "fwd_strided_v3_us"):
+        for key in ("fwd_strided_v4_us", "fwd_strided_v5_us", "fwd_strided_v7_us", "fwd_strided_v7m_us",
+                    "fwd_strided_v3_us"):
             if key in r:
                 print(f"{'  (strided rows, ' + key.split('_')[2] + ')':26s} {r[key]:9.1f}"
                       f"{' ' * 62}  vs contiguous default {r.get('max_rel_diff_strided_' + key.split('_')[2], 0):.2e}")
-        for other in ("v1", "v2", "v3", "v4", "v5"):
+        for other in ("v1", "v2", "v3", "v4", "v5", "v6", "v6s", "v7", "v7m"):
             if f"fwd_{other}_us" in r:
                 st = r.get(f"stages_{other}_us", {})
                 pad = " " * 62

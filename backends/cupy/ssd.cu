@@ -1492,17 +1492,7 @@ __device__ __forceinline__ void cp_async16(void* dst, uint32_t sdst, const void*
   *reinterpret_cast<uint4*>(dst) = valid ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
 #endif
 }
-__device__ __forceinline__ void cp_async_commit() {
-#if SSM_MMA_PTX
-  asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait() {
-#if SSM_MMA_PTX
-  asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
-#endif
-}
+// cp_async_commit() / cp_async_wait<N>(): common.cuh's (every wait here is followed by __syncthreads()).
 
 // 64 rows x nch 16-byte chunks (nch % 4 == 0) of T from base + r * stride + 8 k into dst[r * ld + 8 k] by
 // cp.async (128 threads: row tid / 4 (+32), chunks tid % 4 + 4 m); rows >= rows_valid or chunks >= kvalid
@@ -2094,4 +2084,393 @@ __global__ void __launch_bounds__(128 * WN, 4 - WN) ssd_chunk_states_v6(
 __global__ void ssd_broadcast_heads(const float* __restrict__ src, float* __restrict__ dst, int H, int P) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < H * P) dst[i] = src[i / P];
+}
+
+// ==== v7 chunk_scan: a multi-stage cp.async pipeline (launcher knob SSMCORE_SSD_FWD=v7 / v7m) =============
+// Why (H200, B8 L4096 H64 P64 N128 G1 bf16, Q 256): ssd_chunk_scan_v5 ran ~830 us for ~77 GFLOP of useful mma
+// (~90 TFLOP/s): a 64 x 64 output tile per 4-warp block, each s-slice's fp32 C B^T fragments fetched from L2
+// straight into registers one slice ahead, x slices double-buffered: every slice waited out an L2 round trip
+// with 16 warps per SM to hide it, and per 16 x 16 A fragment only 8 mma (one 64-wide p tile).
+// v7 is the Triton / CUTLASS form (the reference's _chunk_scan_fwd_kernel picks 128 x 64 x 32, 4 warps):
+//  * work decomposition: a block = (b, chunk, head, 64-wide p tile, BM = 4 WM rows t of the chunk), 4 warps of
+//    WM x 64 (WM = 32: "v7", Q >= 128; WM = 16: "v7m" and Q = 64); one K loop over nS = ceil(N / 32) tiles of the
+//    state term (A = C[t][n] bf16 via ldmatrix, B = h_prev[p][n] bf16 via ldmatrix: C h_prev^T) then nX =
+//    ceil(min(t0 + BM, L - chunk start) / 32) tiles of the intra-chunk term (A = C B^T[t][s] fp32 -> registers
+//    * 2^(a_t - a_s) dt'_s, masked to seg_t <= s <= t only on tiles that cross the warp's diagonal or with
+//    sequence starts, packed to T; B = x[s][p] via ldmatrix.trans); between the two the state accumulator is
+//    scaled by the rows' e^(dacs_t) (0 after a sequence start). Warps whose rows all lie above a tile skip its mma.
+//  * pipeline: K tiles of 32, NS = 3 stages of shared memory (A: BM x 32 fp32 C B^T, XOR-swizzled 16-byte chunks
+//    so the float2 fragment reads are conflict-free, or BM x 40 T of C; B: 64 x 40 T of h_prev or 32 x 72 T of x),
+//    global -> shared only by 16-byte cp.async (zero-filled past L / N / P / above the diagonal), one commit group
+//    per tile, tile i + 2 issued right after the barrier of tile i: two tiles of copies in flight behind every
+//    tile of mma, one barrier per tile. The chunk's dacs / dt' ride in the first group.
+//  * shared memory (Q 256): 3 x (BM x 128 + 5120) + 8 Q bytes = 66.5 KB (WM 32: 3 blocks = 12 warps per SM) /
+//    41.5 KB (WM 16: 4-5 blocks per SM).
+// Traffic per (b, chunk, head) at the main shape (WM 32, 2 blocks): C 64 KB, h_prev 32 KB (bf16 starts), C B^T
+// 160 KB (fp32, lower-triangular 64 x 64 tiles: L2-resident, 20 MB in all), x 48 KB, out / x / z 96 KB: ~400 KB,
+// 3.3 GB of L2 reads in all (HBM ~360 MB: x, z, out, starts, C, C B^T once). mma: 77 GFLOP useful (+ the masked
+// halves of the diagonal tiles). Per warp and K tile 32 mma (WM 32) against 2 A-fragment builds of 16 elements
+// (16 ex2) and 8 ldmatrix: the tensor pipe, not the issue slots, bounds a tile (v5: 8 mma per 16 x 16 fragment),
+// and the copies for two tiles ahead hide the L2 latency (~1 us) behind ~2 x 0.5 us of mma at 12 warps per SM:
+// ~150+ TFLOP/s-equivalent on the tensor pipe -> ~450-550 us for the stage; the L2 traffic (~3.3 GB at ~10 TB/s)
+// is the next bound.
+// Rounding points as v4 / v5: the masked decayed C B^T element rounded to T after the fp32 decay (as the reference
+// does), chunk-start states in T, fp32 accumulation; the epilogue (D x, silu(z)) as v4.
+template <typename T, int WM>
+__global__ void __launch_bounds__(128, WM == 32 ? 3 : 4) ssd_chunk_scan_v7(
+    const T* __restrict__ x, i64 sxb, i64 sxl, const T* __restrict__ z, i64 szb, i64 szl, const T* __restrict__ Cm,
+    i64 scb, i64 scl, const float* __restrict__ dtp, const float* __restrict__ dacs, const int* __restrict__ seg,
+    const T* __restrict__ prev, const float* __restrict__ D, const float* __restrict__ cb, int L, int H, int G,
+    int P, int N, int Q, int nc, T* __restrict__ out) {
+  constexpr int BM = 4 * WM, MI = WM / 16, NS = 3, LC = 40, LX = 72;
+  constexpr int A_BYTES = BM * 32 * 4, B_BYTES = 64 * LC * 2, STAGE = A_BYTES + B_BYTES;
+  SSM_DYNAMIC_SMEM(dyn);
+  char* sbase = reinterpret_cast<char*>(dyn);
+  float* a_s = reinterpret_cast<float*>(sbase + NS * STAGE);
+  float* d_s = a_s + Q;
+  const uint32_t sbase_s = smem_addr(sbase);
+
+  const int tilesP = (P + 63) / 64, TB = Q / BM, T4 = Q / 64, ntri = T4 * (T4 + 1) / 2;
+  i64 id = blockIdx.x;
+  const int tp = int(id % tilesP); id /= tilesP;
+  const int tt = int(id % TB); id /= TB;
+  const int h = int(id % H); id /= H;
+  const int c = int(id);
+  const int b = blockIdx.y;
+  const int p0 = tp * 64, t0 = tt * BM;
+  const i64 cpos = i64(c) * Q;
+  if (cpos + t0 >= L) return;
+  const int g = h / (H / G);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gg = lane >> 2, tq = lane & 3;
+  const int r0 = warp * WM;
+  const i64 row = (i64(b) * H + h) * nc * Q + cpos;
+  const int left = int(L - cpos < Q ? L - cpos : Q);  // positions of the chunk inside the sequence
+  const int tvalid = left - t0 < BM ? left - t0 : BM;
+  const int send = t0 + tvalid;  // columns s < send matter
+  const int nS = (N + 31) / 32, nX = (send + 31) / 32, nT = nS + nX;
+
+  const T* cbase = Cm + i64(b) * scb + (cpos + t0) * scl + i64(g) * N;
+  const T* hbase = prev + (((i64(b) * nc + c) * H + h) * P + p0) * i64(N);
+  const float* cbc = cb + ((i64(b) * nc + c) * G + g) * i64(ntri) * 4096;
+  const T* xbase = x + i64(b) * sxb + cpos * sxl + i64(h) * P + p0;
+
+  // tile i -> stage i % NS (one commit group per call, by the caller)
+  auto load = [&](int i) {
+    const int so = (i % NS) * STAGE;
+    char* st = sbase + so;
+    const uint32_t st_s = sbase_s + so;
+    if (i < nS) {
+      const int n0 = i * 32, k = tid & 3;
+      const bool kok = n0 + 8 * k < N;
+#pragma unroll
+      for (int m = 0; m < BM / 32; ++m) {  // C: BM rows x 4 chunks
+        const int r = (tid >> 2) + 32 * m, e = r * LC + 8 * k;
+        const bool ok = kok && r < tvalid;
+        cp_async16(reinterpret_cast<T*>(st) + e, st_s + e * 2, ok ? cbase + r * scl + n0 + 8 * k : cbase, ok);
+      }
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {  // h_prev: 64 rows (p) x 4 chunks
+        const int r = (tid >> 2) + 32 * m, e = r * LC + 8 * k;
+        const bool ok = kok && p0 + r < P;
+        cp_async16(reinterpret_cast<T*>(st + A_BYTES) + e, st_s + A_BYTES + e * 2,
+                   ok ? hbase + i64(r) * N + n0 + 8 * k : hbase, ok);
+      }
+    } else {
+      const int s0 = (i - nS) * 32, sb = s0 >> 6, sc = s0 & 63, k = tid & 7;
+#pragma unroll
+      for (int m = 0; m < BM / 16; ++m) {  // C B^T: BM rows x 8 chunks of 4 floats, chunk k at k ^ 2 (r & 3)
+        const int r = (tid >> 3) + 16 * m, t = t0 + r, tb = t >> 6;
+        const bool ok = sb <= tb;
+        const int e = r * 32 + 4 * (k ^ ((r & 3) << 1));
+        const float* src = cbc + (tb * (tb + 1) / 2 + sb) * 4096 + (t & 63) * 64 + sc + 4 * k;
+        cp_async16(reinterpret_cast<float*>(st) + e, st_s + e * 4, ok ? src : cbc, ok);
+      }
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {  // x: 32 rows (s) x 8 chunks
+        const int r = (tid >> 3) + 16 * m, e = r * LX + 8 * k;
+        const bool ok = s0 + r < left && p0 + 8 * k < P;
+        cp_async16(reinterpret_cast<T*>(st + A_BYTES) + e, st_s + A_BYTES + e * 2,
+                   ok ? xbase + i64(s0 + r) * sxl + 8 * k : xbase, ok);
+      }
+    }
+  };
+
+  // group 0: dacs / dt' of positions < t0 + BM, tile 0; group 1: tile 1
+  for (int q = tid; q < (t0 + BM) / 4; q += 128) {
+    cp_async16(a_s + 4 * q, smem_addr(a_s + 4 * q), dacs + row + 4 * q, true);
+    cp_async16(d_s + 4 * q, smem_addr(d_s + 4 * q), dtp + row + 4 * q, true);
+  }
+#pragma unroll
+  for (int i = 0; i < NS - 1; ++i) {
+    if (i < nT) load(i);
+    cp_async_commit();
+  }
+  int sg[MI][2];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh)
+      sg[mi][hh] = seg ? seg[i64(b) * nc * Q + cpos + t0 + r0 + 16 * mi + gg + 8 * hh] : -1;
+
+  float acc[MI][8][4];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) zero_acc(acc[mi]);
+  const int aoff = (r0 + (lane & 15)) * LC + (lane >> 4) * 8;                    // ldmatrix of C [t][n]
+  const int hoff = (((lane >> 4) << 3) + (lane & 7)) * LC + ((lane >> 3) & 1) * 8;  // ldmatrix of h_prev [p][n]
+  const int li = lane >> 3, lr = lane & 7;
+  const int xoff = ((li & 1) * 8 + lr) * LX + (li >> 1) * 8;  // ldmatrix.trans of x [s][p]
+  const int swz = (gg & 3) << 1;                               // rows r0 + 16 mi + gg (+8): r & 3 == gg & 3
+  float at[MI][2];
+
+  for (int i = 0; i < nT; ++i) {
+    cp_async_wait<NS - 2>();
+    __syncthreads();  // tile i visible; everyone is done with tile i - 1's stage
+    if (i + NS - 1 < nT) load(i + NS - 1);
+    cp_async_commit();
+    const int so = (i % NS) * STAGE;
+    const char* st = sbase + so;
+    const uint32_t st_s = sbase_s + so;
+    const T* Bs = reinterpret_cast<const T*>(st + A_BYTES);
+    if (i < nS) {
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks) {
+        uint32_t af[MI][4];
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+          ldsm_x4_at(af[mi], reinterpret_cast<const T*>(st), st_s, aoff + mi * 16 * LC + ks * 16);
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj) {
+          uint32_t bf[4];
+          ldsm_x4_at(bf, Bs, st_s + A_BYTES, hoff + jj * 16 * LC + ks * 16);
+          const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+#pragma unroll
+          for (int mi = 0; mi < MI; ++mi) {
+            mma16<T>(acc[mi][2 * jj], af[mi], b0);
+            mma16<T>(acc[mi][2 * jj + 1], af[mi], b1);
+          }
+        }
+      }
+      continue;
+    }
+    if (i == nS) {  // state term done: times e^(dacs_t), 0 after a sequence start in the chunk
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        const float ar0 = a_s[t0 + r0 + 16 * mi + gg], ar1 = a_s[t0 + r0 + 16 * mi + gg + 8];
+        const float e0 = sg[mi][0] < 0 ? expf(ar0) : 0.f, e1 = sg[mi][1] < 0 ? expf(ar1) : 0.f;
+        at[mi][0] = ar0 * kLog2e;
+        at[mi][1] = ar1 * kLog2e;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          acc[mi][j][0] *= e0;
+          acc[mi][j][1] *= e0;
+          acc[mi][j][2] *= e1;
+          acc[mi][j][3] *= e1;
+        }
+      }
+    }
+    const int s0 = (i - nS) * 32;
+    if (s0 > t0 + r0 + WM - 1) continue;  // every row of this warp is above the tile (warp-uniform)
+    const bool masked = seg != nullptr || s0 + 31 > t0 + r0;
+    const float* Af = reinterpret_cast<const float*>(st);
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      const int cl = ks * 16 + 2 * tq;  // columns cl, cl + 1, cl + 8, cl + 9 of the tile
+      const int s = s0 + cl;
+      const float2 a01 = *reinterpret_cast<const float2*>(a_s + s), a89 = *reinterpret_cast<const float2*>(a_s + s + 8);
+      const float2 d01 = *reinterpret_cast<const float2*>(d_s + s), d89 = *reinterpret_cast<const float2*>(d_s + s + 8);
+      const float sa[4] = {a01.x, a01.y, a89.x, a89.y};
+      const float sd[4] = {d01.x, d01.y, d89.x, d89.y};
+      const int sp[4] = {s, s + 1, s + 8, s + 9};
+      const int c0 = (((cl >> 2) ^ swz) << 2) | (cl & 3), c8 = ((((cl + 8) >> 2) ^ swz) << 2) | (cl & 3);
+      uint32_t af[MI][4];
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        const int ra = r0 + 16 * mi + gg;
+        const float2 v0 = *reinterpret_cast<const float2*>(Af + ra * 32 + c0);
+        const float2 v1 = *reinterpret_cast<const float2*>(Af + (ra + 8) * 32 + c0);
+        const float2 v2 = *reinterpret_cast<const float2*>(Af + ra * 32 + c8);
+        const float2 v3 = *reinterpret_cast<const float2*>(Af + (ra + 8) * 32 + c8);
+        const float q0[4] = {v0.x, v0.y, v2.x, v2.y}, q1[4] = {v1.x, v1.y, v3.x, v3.y};
+        float m0[4], m1[4];
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          m0[kk] = q0[kk] * exp2_fast(fmaf(sa[kk], -kLog2e, at[mi][0])) * sd[kk];
+          m1[kk] = q1[kk] * exp2_fast(fmaf(sa[kk], -kLog2e, at[mi][1])) * sd[kk];
+        }
+        if (masked) {  // keep sg <= s <= t: one unsigned compare
+          const unsigned span0 = unsigned(t0 + ra - sg[mi][0]), span1 = unsigned(t0 + ra + 8 - sg[mi][1]);
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) {
+            m0[kk] = unsigned(sp[kk] - sg[mi][0]) <= span0 ? m0[kk] : 0.f;
+            m1[kk] = unsigned(sp[kk] - sg[mi][1]) <= span1 ? m1[kk] : 0.f;
+          }
+        }
+        const T* tag = nullptr;
+        af[mi][0] = pack2(m0[0], m0[1], tag);
+        af[mi][1] = pack2(m1[0], m1[1], tag);
+        af[mi][2] = pack2(m0[2], m0[3], tag);
+        af[mi][3] = pack2(m1[2], m1[3], tag);
+      }
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        uint32_t bq[4];
+        ldsm_x4_trans_at(bq, Bs, st_s + A_BYTES, xoff + ks * 16 * LX + jj * 16);
+        const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+          mma16<T>(acc[mi][2 * jj], af[mi], b0);
+          mma16<T>(acc[mi][2 * jj + 1], af[mi], b1);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  // epilogue: y = acc + D x, times silu(z); pairs of columns per 32-bit access
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const i64 ps = cpos + t0 + r0 + 16 * mi + gg + 8 * hh;
+      if (ps >= L) continue;
+      const T* xrow = x + i64(b) * sxb + ps * sxl + i64(h) * P;
+      const T* zrow = z ? z + i64(b) * szb + ps * szl + i64(h) * P : nullptr;
+      T* orow = out + ((i64(b) * L + ps) * H + h) * P;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int pp = p0 + 8 * j + 2 * tq;
+        if (pp >= P) continue;  // P % 8 == 0: pp + 1 < P too
+        float y0 = acc[mi][j][2 * hh], y1 = acc[mi][j][2 * hh + 1];
+        if (D) {
+          const uint32_t xv = *reinterpret_cast<const uint32_t*>(xrow + pp);
+          const T* xe = reinterpret_cast<const T*>(&xv);
+          y0 += D[h * P + pp] * load_f(xe);
+          y1 += D[h * P + pp + 1] * load_f(xe + 1);
+        }
+        if (zrow) {
+          const uint32_t zv = *reinterpret_cast<const uint32_t*>(zrow + pp);
+          const T* ze = reinterpret_cast<const T*>(&zv);
+          y0 *= silu_f(load_f(ze));
+          y1 *= silu_f(load_f(ze + 1));
+        }
+        uint32_t ov;
+        T* oe = reinterpret_cast<T*>(&ov);
+        store_f(oe, y0);
+        store_f(oe + 1, y1);
+        *reinterpret_cast<uint32_t*>(orow + pp) = ov;
+      }
+    }
+}
+
+// ==== v7 chunk_states (launcher knob SSMCORE_SSD_FWD=v7s: v7 + this kernel) ================================
+// S[p][n] = sum_s (x[s][p] w_s) B[s][n], w_s = dt'_s exp(dacs_end - dacs_s) (0 past L and before the chunk's last
+// sequence start), as ssd_chunk_states_v4 (same grid: 64 x 64 (p, n) tiles, n-tile fastest; 2 x 2 warps of
+// 32 x 32; same rounding: x w rounded to T, the same k16 mma sequence per accumulator, so bitwise v4's states).
+// v4 staged each 64-position slab through registers (16-byte loads, x scaled, 16-byte shared stores) one slab
+// ahead, two barriers per slab. v7: K tiles of 32 positions, NS = 4 stages of x [s][p] and B [s][n] (32 x 72 T
+// each, 9 KB a stage) filled only by cp.async (zero-filled past L / P / N), three tiles of copies in flight
+// behind every tile of mma, one barrier per tile; the weight is applied to the A fragments in registers
+// (ldmatrix.trans of x gives each lane the pairs (p, s 2 tq, +1): unpack, times w_s, round to T, repack).
+// Shared: 36 KB + 1 KB of weights -> 4 blocks (16 warps) per SM. Traffic as v4 (x, B in; fp32 states out).
+template <typename T>
+__global__ void __launch_bounds__(128, 4) ssd_chunk_states_v7(
+    const T* __restrict__ x, i64 sxb, i64 sxl, const T* __restrict__ Bm, i64 sbb, i64 sbl,
+    const float* __restrict__ dtp, const float* __restrict__ dacs, const int* __restrict__ seg, int L, int H, int G,
+    int P, int N, int Q, int nc, float* __restrict__ states) {
+  constexpr int LD = 72, NS = 4, TILE = 32 * LD, STAGE = 2 * TILE;  // elements
+  __shared__ float4 raw[NS * STAGE * 2 / 16];
+  __shared__ float wgt[256];
+  T* sm = reinterpret_cast<T*>(raw);
+  const uint32_t sm_s = smem_addr(sm);
+  const int tilesP = (P + 63) / 64, tilesN = (N + 63) / 64;
+  i64 id = blockIdx.x;
+  const int tn = int(id % tilesN); id /= tilesN;
+  const int tp = int(id % tilesP); id /= tilesP;
+  const int h = int(id % H); id /= H;
+  const int c = int(id);
+  const int b = blockIdx.y;
+  const int p0 = tp * 64, n0 = tn * 64;
+  const int g = h / (H / G);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, tq = lane & 3;
+  const int wm = warp & 1, wn = warp >> 1;
+  const i64 cpos = i64(c) * Q;
+  const i64 row = (i64(b) * H + h) * nc * Q + cpos;
+  const int left = int(L - cpos < Q ? L - cpos : Q);
+  const int seg_end = seg ? seg[i64(b) * nc * Q + cpos + Q - 1] : -1;
+  const int s_first = imax(seg_end, 0);
+  const int sbeg = s_first & ~31, nK = (left - sbeg + 31) / 32;
+  const T* xbase = x + i64(b) * sxb + cpos * sxl + i64(h) * P + p0;
+  const T* bbase = Bm + i64(b) * sbb + cpos * sbl + i64(g) * N + n0;
+  auto load = [&](int i) {
+    const int s0 = sbeg + 32 * i, k = tid & 7, so = (i % NS) * STAGE;
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+      const int r = (tid >> 3) + 16 * m, e = so + r * LD + 8 * k;
+      const bool sok = s0 + r < left;
+      const bool xok = sok && p0 + 8 * k < P, bok = sok && n0 + 8 * k < N;
+      cp_async16(sm + e, sm_s + e * 2, xok ? xbase + i64(s0 + r) * sxl + 8 * k : xbase, xok);
+      cp_async16(sm + e + TILE, sm_s + (e + TILE) * 2, bok ? bbase + i64(s0 + r) * sbl + 8 * k : bbase, bok);
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < NS - 1; ++i) {
+    if (i < nK) load(i);
+    cp_async_commit();
+  }
+  const float a_end = dacs[row + Q - 1];
+  for (int q = tid; q < Q; q += 128)
+    wgt[q] = (q < left && q >= s_first) ? dtp[row + q] * expf(a_end - dacs[row + q]) : 0.f;
+  float acc[2][4][4];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) zero_acc(acc[mi]);
+  // ldmatrix.trans offsets: A (x [s][p]): matrix i -> s + (i >> 1) * 8, p + (i & 1) * 8;
+  // B (B [s][n]): matrix i -> s + (i & 1) * 8, n + (i >> 1) * 8.
+  const int li = lane >> 3, lr = lane & 7;
+  const int aoff = ((li >> 1) * 8 + lr) * LD + wm * 32 + (li & 1) * 8;
+  const int boff = ((li & 1) * 8 + lr) * LD + wn * 32 + (li >> 1) * 8;
+  for (int i = 0; i < nK; ++i) {
+    cp_async_wait<NS - 2>();
+    __syncthreads();  // tile i visible (and the weights); everyone is done with tile i - 1's stage
+    if (i + NS - 1 < nK) load(i + NS - 1);
+    cp_async_commit();
+    const int so = (i % NS) * STAGE, s0 = sbeg + 32 * i;
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      const int s = s0 + ks * 16 + 2 * tq;  // A registers 0, 1: s, s + 1; 2, 3: s + 8, s + 9
+      const float2 w01 = *reinterpret_cast<const float2*>(wgt + s), w89 = *reinterpret_cast<const float2*>(wgt + s + 8);
+      uint32_t af[2][4], bq[2][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        ldsm_x4_trans_at(af[mi], sm, sm_s, so + aoff + ks * 16 * LD + mi * 16);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const T* e = reinterpret_cast<const T*>(&af[mi][r]);
+          const float2 w = r < 2 ? w01 : w89;
+          af[mi][r] = pack2(load_f(e) * w.x, load_f(e + 1) * w.y, e);
+        }
+      }
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) ldsm_x4_trans_at(bq[jj], sm, sm_s, so + TILE + boff + ks * 16 * LD + jj * 16);
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          const uint32_t b0[2] = {bq[jj][0], bq[jj][1]}, b1[2] = {bq[jj][2], bq[jj][3]};
+          mma16<T>(acc[mi][2 * jj], af[mi], b0);
+          mma16<T>(acc[mi][2 * jj + 1], af[mi], b1);
+        }
+    }
+  }
+  cp_async_wait<0>();
+  const int gg = lane >> 2;
+  float* out = states + ((i64(b) * nc + c) * H + h) * i64(P) * N;
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int pp = p0 + wm * 32 + mi * 16 + gg + 8 * hh, nn = n0 + wn * 32 + 8 * j + 2 * tq;
+        if (pp < P && nn < N)  // N % 8 == 0: nn + 1 < N too
+          *reinterpret_cast<float2*>(out + i64(pp) * N + nn) = make_float2(acc[mi][j][2 * hh], acc[mi][j][2 * hh + 1]);
+      }
 }

@@ -58,6 +58,8 @@ INSTANTIATIONS = (
     + [f"ssd_chunk_scan_v4<{t}, {p}>" for t in _TYPES[1:] for p in ("float", t)]
     + [f"ssd_chunk_scan_v5<{t}>" for t in _TYPES[1:]]
     + [f"ssd_chunk_states_v6<{t}, {w}>" for t in _TYPES[1:] for w in (2,)]
+    + [f"ssd_chunk_scan_v7<{t}, {wm}>" for t in _TYPES[1:] for wm in (16, 32)]
+    + [f"ssd_chunk_states_v7<{t}>" for t in _TYPES[1:]]
 )
 
 # Kernel generation: "v5" (default since session 6, see below), "v4" (ldmatrix fragments, no transposed staging, chunk_scan's decayed C B^T
@@ -81,8 +83,17 @@ fwd_path = os.environ.get("SSMCORE_SSD_FWD", "v5")
 # (final states off v4's passing at B2 L1000 H8 N128 and B3 L4100 H16 N128, chunk 256), not understood yet: v6n
 # is gone and v6 / v6s run only where N % 128 == 0 (64 x 128 tiles, whose tests passed), else v5.
 _V6 = ("v6", "v6s")
-_V4 = ("v4", "v5") + _V6
-_V5 = ("v5",) + _V6
+# "v7": v5 with ssd_chunk_scan_v7 (a 3-stage cp.async pipeline over K tiles of 32: the state term C h_prev^T, then
+# the intra-chunk term with the fp32 C B^T tiles staged through shared memory and decayed / masked in A-fragment
+# registers; 128 x 64 (t, p) tiles of 4 warps, 64 x 64 when Q == 64) where v5's chunk scan runs (16-bit elements,
+# P and N multiples of 8, 16-bit chunk-start states; else exactly what v5 does: float32, odd P / N, misaligned rows,
+# varlen states and ROCm run v5's fallbacks); "v7m": v7 with 64 x 64 tiles always; "v7s": v7 with chunk_states by
+# ssd_chunk_states_v7 (v4's tiles and rounding, a 4-stage cp.async pipeline, the weights applied to the A
+# fragments: the same products and mma sequence as v4's, so v4's states expected bitwise; the tests allow 1e-5)
+# where v4's chunk_states runs. NOT the default (session 7: not yet measured on the GPU).
+_V7 = ("v7", "v7m", "v7s")
+_V4 = ("v4", "v5") + _V6 + _V7
+_V5 = ("v5",) + _V6 + _V7
 
 _NO_LIMIT = (0.0, math.inf)
 
@@ -224,7 +235,8 @@ def _chunk_states(x, B, dtp, dacs, seg, Q):
     states = cupy.empty((batch, nc, nheads, headdim, dstate), cupy.float32)
     blocks = cdiv(headdim, 64) * cdiv(dstate, 64) * nheads * nc
     if fwd_path in _V4 and _v4_ok(x, B):
-        kernel = _runtime.function(FAMILY, f"ssd_chunk_states_v4<{_arrays.kernel_type('x', x)}>")
+        name = "ssd_chunk_states_v7" if fwd_path == "v7s" else "ssd_chunk_states_v4"
+        kernel = _runtime.function(FAMILY, f"{name}<{_arrays.kernel_type('x', x)}>")
         sxb, sxl = _row_strides(x)
         sbb, sbl = _row_strides(B)
         _runtime.launch(kernel, (blocks, batch), (128,),
@@ -355,6 +367,16 @@ def _scan_v5_smem(dstate, Q):
     return 2 * 64 * max(ldc, 72) * 2 + 2 * 64 * 72 * 2 + (2 * Q + 64) * 4
 
 
+def _scan_v7_wm(Q):
+    """ssd_chunk_scan_v7's rows per warp: 32 (128-row tiles) for "v7" when Q >= 128, else 16 (64-row tiles)."""
+    return 32 if fwd_path in ("v7", "v7s") and Q >= 128 else 16
+
+
+def _scan_v7_smem(Q, wm):
+    """3 stages of (4 wm x 32 fp32 C B^T | 64 x 40 T) plus the chunk's dacs / dt' (Q floats each)."""
+    return 3 * (4 * wm * 32 * 4 + 64 * 40 * 2) + 2 * Q * 4
+
+
 def _passing_for_scan(states, dacs, seg, initial_states, Q, x, z, B, C, keep_f32=False):
     """State passing feeding _chunk_scan: (final, prev). prev is x-typed chunk-start states (v4) unless
     keep_f32 (the varlen states need the fp32 ones) or v4 does not apply: then states, turned in place."""
@@ -376,6 +398,9 @@ def _chunk_scan(x, z, B, C, dtp, dacs, seg, prev, D, Q):
     if prev.dtype != cupy.float32 or (fwd_path in _V4 and _v4_ok(x, z, B, C)):
         smem = _scan_v4_smem(dstate)
         if smem <= _max_shared():
+            if (fwd_path in _V7 and prev.dtype != cupy.float32
+                    and _scan_v7_smem(Q, _scan_v7_wm(Q)) <= _max_shared()):
+                return _chunk_scan_v7(x, z, B, C, dtp, dacs, seg, prev, D, Q, cdiv(dstate, 32) * 32 + 8)
             # v5 copies D with 16-byte cp.async: a user's (H, P) view may start off the boundary
             v5 = (fwd_path in _V5 and prev.dtype != cupy.float32 and _arrays.aligned16(D)
                   and _scan_v5_smem(dstate, Q) <= _max_shared())
@@ -452,6 +477,35 @@ def _chunk_scan_v4(x, z, B, C, dtp, dacs, seg, prev, D, Q, ldc, smem, v5=False):
                      np.int64(scl), dtp, dacs, ptr(seg), prev, ptr(D), cb, np.int32(length), np.int32(nheads),
                      np.int32(ngroups), np.int32(headdim), np.int32(dstate), np.int32(Q), np.int32(nc),
                      np.int32(ldc), out), shared_mem=smem)
+    return out
+
+
+def _chunk_scan_v7(x, z, B, C, dtp, dacs, seg, prev, D, Q, ldc):
+    """_chunk_scan with ssd_chunk_cb_v4 (v4's lower-triangular fp32 C B^T tiles) then ssd_chunk_scan_v7 (the
+    pipelined kernel; prev in x's 16-bit type from _state_passing_v4, strided x / z / C, out contiguous)."""
+    batch, length, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    nc = cdiv(length, Q)
+    t4 = Q // 64
+    ntri = t4 * (t4 + 1) // 2
+    typ = _arrays.kernel_type("x", x)
+    sbb, sbl = _row_strides(B)
+    scb, scl = _row_strides(C)
+    cb = cupy.empty((batch, nc, ngroups, ntri, 64, 64), cupy.float32)
+    _runtime.launch(_runtime.function(FAMILY, f"ssd_chunk_cb_v4<{typ}>"), (nc * ngroups * ntri, batch), (128,),
+                    (B, np.int64(sbb), np.int64(sbl), C, np.int64(scb), np.int64(scl), np.int32(length),
+                     np.int32(ngroups), np.int32(dstate), np.int32(Q), np.int32(nc), np.int32(ldc), cb),
+                    shared_mem=2 * 64 * ldc * 2)
+    out = cupy.empty(x.shape, x.dtype)
+    sxb, sxl = _row_strides(x)
+    szb, szl = _row_strides(z) if z is not None else (0, 0)
+    wm = _scan_v7_wm(Q)
+    blocks = cdiv(headdim, 64) * (Q // (4 * wm)) * nheads * nc
+    _runtime.launch(_runtime.function(FAMILY, f"ssd_chunk_scan_v7<{typ}, {wm}>"), (blocks, batch), (128,),
+                    (x, np.int64(sxb), np.int64(sxl), ptr(z), np.int64(szb), np.int64(szl), C, np.int64(scb),
+                     np.int64(scl), dtp, dacs, ptr(seg), prev, ptr(D), cb, np.int32(length), np.int32(nheads),
+                     np.int32(ngroups), np.int32(headdim), np.int32(dstate), np.int32(Q), np.int32(nc), out),
+                    shared_mem=_scan_v7_smem(Q, wm))
     return out
 
 

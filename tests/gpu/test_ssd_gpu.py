@@ -292,7 +292,7 @@ def _packed_views(kw, offset):
 @pytest.mark.parametrize("dtype,offset", [("bfloat16", 0), ("float16", 8), ("bfloat16", 4), ("float32", 0)])
 def test_strided_inputs(rng, monkeypatch, dtype, offset):
     """x / z / B / C / dt as strided views of one in_proj-like buffer (no copies on the v4 path when rows
-    are 16-byte aligned; offset 4 is not: copies), same results as contiguous inputs; also v3 on views."""
+    are 16-byte aligned; offset 4 is not: copies), same results as contiguous inputs; also v3 and v7 on views."""
     from ssmcore.backends.cupy import state_space_duality as S
 
     kw = make(rng, 2, 70, 2, 16, 1, 16, dtype, initial=True)
@@ -306,7 +306,7 @@ def test_strided_inputs(rng, monkeypatch, dtype, offset):
     assert S._rows_view(views["dt"]) is views["dt"]
     gkw = {k: gpu(v) for k, v in kw.items()}
     ref_out, ref_final = reference.ssd(**kw, dt_softplus=True, return_final_states=True)
-    for path in ("v5", "v4", "v3") if dtype != "float32" else ("v4",):
+    for path in ("v7", "v5", "v4", "v3") if dtype != "float32" else ("v4",):
         monkeypatch.setattr(S, "fwd_path", path)
         want = [host(a) for a in ssmcore.ssd(**gkw, chunk_size=64, dt_softplus=True, return_final_states=True)]
         got = [host(a) for a in ssmcore.ssd(**dict(gkw, **views), chunk_size=64, dt_softplus=True,
@@ -430,3 +430,86 @@ def test_fused_states_v6_strided_and_varlen(rng, monkeypatch, dtype, offset):
     ref = reference.ssd(**kv, cu_seqlens=cu, dt_softplus=True, return_final_states=True, return_varlen_states=True)
     for name, a, r in zip(("out", "final", "varlen"), (out, final, varlen), ref):
         check(name, a, r, dtype)
+
+
+# (shape, path, options): SSMCORE_SSD_FWD=v7 (128-row tiles when Q >= 128) and v7m (64-row tiles)
+_V7_ALL = dict(seq=True, initial=True, z=True, D="head")
+_V7_BARE = dict(seq=False, initial=False, z=False, D="channel")
+
+
+@pytest.mark.parametrize("shape,path,opts", [
+    ((1, 100, 2, 16, 1, 32, "bfloat16", 64), "v7", _V7_ALL),  # Q 64: 64-row tiles, L not a multiple of Q
+    ((1, 90, 2, 8, 1, 16, "float16", 128), "v7", _V7_BARE),  # 128-row tile, rows past L, D per channel, no z
+    ((2, 203, 4, 16, 2, 40, "float16", 128), "v7m", _V7_ALL),  # groups, N 40 (2 K tiles, the 2nd partial)
+    ((1, 300, 1, 16, 1, 16, "bfloat16", 256), "v7", _V7_ALL),  # 2 row tiles per chunk, partial last chunk
+    ((1, 150, 2, 72, 1, 24, "bfloat16", 256), "v7m", _V7_BARE),  # 2 p tiles (the second partial)
+    ((1, 100, 2, 16, 1, 32, "bfloat16", 64), "v7s", _V7_ALL),  # + ssd_chunk_states_v7, sequence starts
+    ((1, 150, 2, 72, 1, 72, "float16", 128), "v7s", _V7_BARE),  # 2 p and 2 n tiles (the second ones partial)
+    pytest.param((2, 700, 4, 64, 1, 128, "bfloat16", 256), "v7", _V7_ALL, id="big_v7a"),
+    pytest.param((2, 700, 4, 64, 1, 128, "float16", 256), "v7m", _V7_BARE, id="big_v7b"),
+    pytest.param((1, 517, 6, 64, 3, 256, "bfloat16", 256), "v7", _V7_BARE, id="big_v7c"),
+    pytest.param((2, 1000, 8, 80, 2, 64, "float16", 128), "v7", _V7_ALL, id="big_v7d"),
+    pytest.param((1, 2049, 4, 64, 1, 128, "bfloat16", 64), "v7", _V7_ALL, id="big_v7e"),
+    pytest.param((3, 4100, 16, 64, 1, 128, "bfloat16", 256), "v7", _V7_BARE, id="big_v7f"),
+    pytest.param((2, 700, 4, 64, 1, 128, "bfloat16", 256), "v7s", _V7_ALL, id="big_v7g"),
+    pytest.param((3, 4100, 16, 64, 1, 128, "float16", 256), "v7s", _V7_BARE, id="big_v7h"),
+    pytest.param((1, 2049, 4, 80, 2, 256, "bfloat16", 64), "v7s", _V7_ALL, id="big_v7i"),
+])
+def test_chunk_scan_v7(rng, monkeypatch, shape, path, opts):
+    """SSMCORE_SSD_FWD=v7 / v7m / v7s (ssd_chunk_scan_v7: 3-stage cp.async pipeline, C B^T decayed in A-fragment
+    registers; v7s also ssd_chunk_states_v7): the reference's output and final states, v5's within rounding (same
+    math and rounding points: v7 / v7m run v5's states kernels, so bitwise v5's final states; v7s's states kernel
+    rounds x w to T and runs the same mma sequence as v4's), and the v7 kernel is the one that ran."""
+    from ssmcore.backends.cupy import state_space_duality as S
+
+    batch, length, heads, headdim, groups, dstate, dtype, chunk = shape
+    seq = np.sort(rng.integers(0, 3, (batch, length)), axis=1).astype(np.int64) if opts["seq"] else None
+    kw = make(rng, batch, length, heads, headdim, groups, dstate, dtype, D=opts["D"], z=opts["z"],
+              initial=opts["initial"], seq=seq)
+    calls = []
+    v7 = S._chunk_scan_v7
+    monkeypatch.setattr(S, "_chunk_scan_v7", lambda *a: calls.append(S.fwd_path) or v7(*a))
+    res = {}
+    for p in ("v5", path):
+        monkeypatch.setattr(S, "fwd_path", p)
+        res[p] = [host(a) for a in run_gpu(kw, chunk_size=chunk, dt_softplus=True, return_final_states=True)]
+    assert calls == [path]
+    ref_out, ref_final = reference.ssd(**kw, dt_softplus=True, return_final_states=True)
+    check(f"out {path}", res[path][0], ref_out, dtype)
+    check(f"final {path}", res[path][1], ref_final, dtype)
+    if path == "v7s":
+        scale = max(np.abs(res["v5"][1]).max(), 1e-6)
+        assert np.abs(res[path][1] - res["v5"][1]).max() <= 1e-5 * scale, "v7s final vs v5"
+    else:
+        np.testing.assert_array_equal(res[path][1], res["v5"][1])  # same states kernels
+    scale = max(np.abs(res["v5"][0]).max(), 1e-6)
+    assert np.abs(res[path][0] - res["v5"][0]).max() <= REL[dtype] / 3 * scale, f"{path} vs v5"
+
+
+@pytest.mark.parametrize("dtype,dstate,headdim,varlen", [
+    ("float32", 16, 16, False),  # float32: v5's fp32 kernels
+    ("bfloat16", 20, 16, False),  # N % 8 != 0: no 16-byte rows
+    ("float16", 16, 12, False),  # P % 8 != 0
+    ("bfloat16", 16, 16, True),  # varlen states: fp32 chunk-start states (ssd_chunk_scan_v4<T, float>)
+])
+def test_chunk_scan_v7_fallbacks(rng, monkeypatch, dtype, dstate, headdim, varlen):
+    """Where ssd_chunk_scan_v7 does not apply, SSMCORE_SSD_FWD=v7 runs exactly what v5 runs (bitwise)."""
+    from ssmcore.backends.cupy import state_space_duality as S
+
+    kw = make(rng, 1, 70, 2, headdim, 1, dstate, dtype, initial=True)
+    opts = dict(chunk_size=64, dt_softplus=True, return_final_states=True)
+    if varlen:
+        kw["cu_seqlens"] = np.array([0, 5, 64, 70], np.int32)
+        opts["return_varlen_states"] = True
+    calls = []
+    v7 = S._chunk_scan_v7
+    monkeypatch.setattr(S, "_chunk_scan_v7", lambda *a: calls.append(1) or v7(*a))
+    res = {}
+    for p in ("v5", "v7"):
+        monkeypatch.setattr(S, "fwd_path", p)
+        res[p] = [host(a) for a in run_gpu(kw, **opts)]
+    assert calls == []
+    for a, b in zip(res["v7"], res["v5"]):
+        np.testing.assert_array_equal(a, b)
+    ref_out = reference.ssd(**kw, **opts)[0]
+    check("out", res["v7"][0], ref_out, dtype)
