@@ -12,7 +12,8 @@ L 2048 and N 64 / 256. Prints and writes to JSON (default $OUT/ssd_bwd_bench.jso
   impl              the default SSMCORE_SSD_BWD_IMPL (v4 unless set in the environment)
   bwd_us_vK, kernels_us_vK   the same with SSMCORE_SSD_BWD_IMPL=vK for the other implementations of --impls
                     (default v3,v4; v1/v2 on request), in the same process (main shape only); max_rel_diff_vK
-                    vs the default
+                    vs the default. --impls dx7 / st7 / tp7 / v7: the default with ssdb_dx7 / ssdb_st7 / ssdb_tp7 / all
+                    (and fwd_bwd_us_*)
   rel_diff_vs_peer  max |ours - peer| / max |peer| of each gradient the peer also returns
 """
 
@@ -31,6 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_ssd import bench_us, make_inputs  # noqa: E402
 
 MAIN = (8, 4096, 64, 64, 128)
+# --impls tokens that flip launcher knobs instead of SSMCORE_SSD_BWD_IMPL: name -> {module attribute: value}.
+# dx7: ssdb_dx7 (the cp.async-pipelined dx kernel, SSMCORE_SSD_BWD_DX7=1) in place of ssdb_h4<T, 3>; st7: ssdb_st7
+# (SSMCORE_SSD_BWD_ST7=1) in place of ssdb_h4<T, 4 / 5>; tp7: ssdb_tp7 (SSMCORE_SSD_BWD_TP7=1) in place of ssdb_tp6;
+# v7: all three.
+VARIANTS = {k: {"dx7_in_v4": "dx" in on, "st7_in_v4": "st" in on, "tp7_in_v4": "tp" in on}
+            for k, on in (("dx7", ("dx",)), ("st7", ("st",)), ("tp7", ("tp",)), ("v7", ("dx", "st", "tp")))}
+VARIANT_ATTRS = sorted({a for v in VARIANTS.values() for a in v})
 
 
 def kernel_times(call):
@@ -138,12 +146,17 @@ def main(argv=None):
 
             row["impl"] = S._impl()
             # The other implementations, same process (SSMCORE_SSD_BWD_IMPL=v1 / v2 / v3).
-            impls = [v for v in args.impls.split(",") if v in S.IMPLS]
+            impls = [v for v in args.impls.split(",") if v in S.IMPLS or v in VARIANTS]
             for other in (impls if shape == MAIN else ()):
                 if other == row["impl"]:
                     continue
                 saved = os.environ.get(S.IMPL_ENV)
-                os.environ[S.IMPL_ENV] = other
+                saved_attr = {a: getattr(S, a) for a in VARIANT_ATTRS}
+                if other in VARIANTS:  # the default implementation with a module knob flipped (same process)
+                    for a, v in VARIANTS[other].items():
+                        setattr(S, a, v)
+                else:
+                    os.environ[S.IMPL_ENV] = other
                 try:
                     g1 = bwd()
                     row[f"bwd_us_{other}"] = bench_us(bwd)
@@ -154,9 +167,13 @@ def main(argv=None):
                               / max(float(cupy.abs(b.astype(cupy.float32)).max()), 1e-30))
                         for a, b in zip(grads, g1) if a is not None)
                     del g1
+                    if other in VARIANTS:
+                        row[f"fwd_bwd_us_{other}"] = bench_us(fwd_bwd)
                 except Exception as err:  # noqa: BLE001 - keep the default's numbers
                     print(f"{row['shape']}: {other} failed: {type(err).__name__}: {err}", flush=True)
                 finally:
+                    for a, v in saved_attr.items():
+                        setattr(S, a, v)
                     if saved is None:
                         os.environ.pop(S.IMPL_ENV, None)
                     else:
@@ -192,11 +209,13 @@ def main(argv=None):
     for r in rows:
         print(f"{r['shape']:26s} {g(r, 'bwd_us', '%10.1f'):>10s} {g(r, 'fwd_bwd_us', '%11.1f'):>11s} "
               f"{g(r, 'peer_fwd_bwd_us', '%11.1f'):>11s} {g(r, 'fwd_bwd_ratio', '%7.2f'):>7s}")
-        for key in ("kernels_us", "kernels_us_v1", "kernels_us_v2", "kernels_us_v3", "kernels_us_v4"):
+        for key in ["kernels_us"] + [f"kernels_us_{v}" for v in ("v1", "v2", "v3", "v4", "v5") + tuple(VARIANTS)]:
             if key in r:
                 print(f"    {key}: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r[key].items(),
                                                                                 key=lambda kv: -kv[1])))
-        for other in ("v1", "v2", "v3", "v4"):
+        for other in ("v1", "v2", "v3", "v4", "v5") + tuple(VARIANTS):
+            if f"fwd_bwd_us_{other}" in r:
+                print(f"    {other}: fwd+bwd {r[f'fwd_bwd_us_{other}']:.1f} us")
             if f"bwd_us_{other}" in r:
                 print(f"    {other}: bwd {r[f'bwd_us_{other}']:.1f} us (default {r.get('impl')}: "
                       f"{r['bwd_us']:.1f} us), max rel diff vs default "

@@ -2302,3 +2302,549 @@ __global__ void __launch_bounds__(256, 2) ssdb_tp6(
   }
 }
 
+
+// =====================================================================================================
+// ssdb_dx7<T> (session 7, helper SSDB7; SSMCORE_SSD_BWD_DX7=1 under v4): ssdb_h4<T, 3> (dx) with a multi-stage
+// cp.async pipeline and ldmatrix fragments, no register staging of the operands:
+//   dx[s,p] = d_s (sum_{t >= s} CB[t,s] e^(cs_t - cs_s) [seg_t == seg_s] dy_t[p] + fac_s B_s . dh[p, :]) + D_p dy_s[p]
+//   with fac_s = [seg_s == seg_end] e^(cs_end - cs_s);  aux (dD partials) as ssdb_h4<T, 3>.
+// Work decomposition: a block per (b, c, h, 64-row tile s, 64-column tile p) (ssdb_h4's grid and block order, so
+// the chunk-group's CB stays in L2 while its heads pass), 128 threads = 4 warps of 16 rows x 64 columns (one A
+// fragment per warp and k16: the per-element decay is computed once per element, not per warp column).
+// K slices of 32 in SSDB_DX7_STAGES (3) stages of dynamic shared memory, one __syncthreads per slice:
+//   steps 0 .. n2-1 (phase 2, K = n): B_s (T, [s][n], ldsm_x4 -> A fragments) and dh (fp32, [p][n], float2 loads
+//                   packed to T: the B fragments); then the accumulator rows are scaled by fac_s (registers);
+//   steps n2 .. (phase 1, K = t in [i0, len)): CB (fp32, [t][s] as stored, scalar loads; the decay (factored
+//                   when safe, see SSDB_DX7_FACTOR, else e^(cs_t - cs_s) per element) and the mask applied in
+//                   registers, packed to T: the A fragments, the operand rounding of ssdb_h4 / the reference) and dy (T, [t][p]: the caller's dout when z is absent, else ssdb_dy8t's
+//                   T copy; ldsm_x4_trans -> B fragments).
+// Epilogue: dy (fp32) for D dy and the dD sums; dy may be null when z is absent (dy == dout exactly): dyt is read.
+// Every tile row goes global -> shared by cp_async16 (zero-filled past the chunk, P, N or Q), so the loads run
+// SSDB_DX7_STAGES - 1 slices ahead of the mma. Needs P % 8 == 0, N % 8 == 0, Q % 4 == 0 and 16-byte aligned
+// pointers (the launcher falls back to ssdb_h4<T, 3> otherwise). Dynamic shared memory: SSDB_DX7_STAGES * 15360
+// + (Q rounded up to 64, + 32) * 12 + 16 bytes (49.5 KB at 3 stages, Q 256: 4 blocks = 16 warps per SM).
+// Traffic at B8 L4096 H64 P64 N128 bf16 Q256 (no z): HBM unique dout 268 MB (operand and epilogue) + x 268 (dD) +
+// dh 268 + dx 268 + B / CB small (~1.1 GB: ~300 us at 3.7 TB/s; with z + dy fp32 537 MB); CB re-read per head
+// from L2 (~1.3 GB L2->SM, as ssdb_h4). Tensor work 77 GFLOP; exp 335 M (one per A element). Issue ~216 M
+// warp-instructions (~100 per warp and k16 of phase 1 for the A fragments, ~50 in phase 2): ~225 us. Expected
+// 600-900 us (floor ~300-350; latency hidden by 2 slices in flight x 4 blocks per SM).
+#ifndef SSDB_DX7_STAGES
+#define SSDB_DX7_STAGES 3
+#endif
+constexpr int DX7_KS = 32, DX7_CB_LD = 68, DX7_DY_LD = 72, DX7_B_LD = 40, DX7_DH_LD = 40;
+constexpr int DX7_STAGE_BYTES = 64 * DX7_B_LD * 2 + 64 * DX7_DH_LD * 4;  // 15360 >= 32*68*4 + 32*72*2 = 13312
+// Factored decay (SSDB_DX7_FACTOR, default on): e^(cs_t - cs_s) = e^(cs_t - ref) e^(ref - cs_s), ref = cs of the
+// tile's first row, when every |cs_l - ref| (l in [i0, len)) is at most dx7_bound (block-uniform; else the exact
+// __expf per element): the A operand is CB e^(cs_t - ref) (a per-block table, no MUFU per element), phase 2 is
+// scaled by e^(cs_end - ref) and the accumulator rows by e^(ref - cs_s) in the epilogue. Bounds keep the T operand
+// and both factors normal: bf16 60 (fp32 range), f16 3 (its range is small).
+#ifndef SSDB_DX7_FACTOR
+#define SSDB_DX7_FACTOR 1
+#endif
+__device__ __forceinline__ constexpr float dx7_bound(const bf16_t*) { return 60.f; }
+__device__ __forceinline__ constexpr float dx7_bound(const half_t*) { return 3.f; }
+
+template <typename T>
+__global__ void __launch_bounds__(128, 4) ssdb_dx7(
+    const T* __restrict__ x, const T* __restrict__ Bm, const T* __restrict__ dyt, const float* __restrict__ dy,
+    const float* __restrict__ Dp, const float* __restrict__ d, const float* __restrict__ cs,
+    const int* __restrict__ seg, const float* __restrict__ cb, const float* __restrict__ dh, T* __restrict__ out,
+    float* __restrict__ aux, int batch, i64 L, int H, int G, int P, int N, int Q, int nc) {
+  SSM_DYNAMIC_SMEM(dyn);
+  constexpr int ST = SSDB_DX7_STAGES;
+  const int QP = ((Q + 63) / 64) * 64 + 32;  // chunk scalars, padded past the last slice
+  float* s_cs = reinterpret_cast<float*>(dyn + ST * DX7_STAGE_BYTES);
+  int* s_seg = reinterpret_cast<int*>(s_cs + QP);
+  float* s_et = reinterpret_cast<float*>(s_seg + QP);  // e^(cs_t - ref) for t in [i0, len), else 0
+  int* s_ok = reinterpret_cast<int*>(s_et + QP);
+  const int nti = (Q + 63) / 64, ntj = (P + 63) / 64;
+  int rb_ = (int)blockIdx.x;
+  const int tj = rb_ % ntj;
+  rb_ /= ntj;
+  const int ti = rb_ % nti;
+  rb_ /= nti;
+  const int h = rb_ % H, c = rb_ / H, g = h / (H / G);
+  const i64 b = blockIdx.z;
+  const i64 t0 = (i64)c * Q;
+  const int len = (int)(t0 + Q < L ? Q : L - t0);
+  const int i0 = ti * 64, j0 = tj * 64;
+  const int tid = threadIdx.x;
+  if (i0 >= len) {  // rows past the chunk's end: nothing to compute (dD partials are 0)
+    if (aux != nullptr && tid < 64 && j0 + tid < P) aux[(((b * nc + c) * H + h) * (i64)nti + ti) * P + j0 + tid] = 0.f;
+    return;
+  }
+  const i64 srow = b * L + t0, hrow = (b * H + h) * L + t0;
+  const int HP = H * P, GN = G * N;
+  const i64 st = ((b * nc + c) * H + h) * (i64)P * N;
+  const i64 mqg = (((b * nc + c) * (i64)G + g) * Q) * (i64)Q;
+  const int w = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const int wr = 16 * w;
+  const int n1 = (len - i0 + DX7_KS - 1) / DX7_KS, n2 = (N + DX7_KS - 1) / DX7_KS, nsteps = n1 + n2;
+
+  // Issue the cp.async copies of slice `step` into stage buffer sb (no commit).
+  auto issue = [&](int step, int sb) {
+    unsigned char* base = dyn + sb * DX7_STAGE_BYTES;
+    if (step < n2) {  // phase 2: B_s [64 s][32 n] as T, dh [64 p][32 n] fp32
+      const int k0 = step * DX7_KS;
+      T* Bs = reinterpret_cast<T*>(base);
+      float* Ds = reinterpret_cast<float*>(base + 64 * DX7_B_LD * 2);
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int q = tid + 128 * u, r = q >> 2, c8 = (q & 3) * 8;
+        const bool ok = i0 + r < len && k0 + c8 < N;
+        const T* src = ok ? Bm + (srow + i0 + r) * GN + (i64)g * N + k0 + c8 : Bm;
+        cp_async16_zfill(Bs + r * DX7_B_LD + c8, src, ok);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int q = tid + 128 * u, r = q >> 3, c4 = (q & 7) * 4;
+        const bool ok = j0 + r < P && k0 + c4 < N;
+        const float* src = ok ? dh + st + (i64)(j0 + r) * N + k0 + c4 : dh;
+        cp_async16_zfill(Ds + r * DX7_DH_LD + c4, src, ok);
+      }
+    } else {  // phase 1: CB [32 t][64 s] fp32, dy [32 t][64 p] as T
+      const int k0 = i0 + (step - n2) * DX7_KS;
+      float* Cs = reinterpret_cast<float*>(base);
+      T* Ys = reinterpret_cast<T*>(base + DX7_KS * DX7_CB_LD * 4);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int q = tid + 128 * u, r = q >> 4, c4 = (q & 15) * 4;
+        const bool ok = k0 + r < len && i0 + c4 < Q;
+        const float* src = ok ? cb + mqg + (i64)(k0 + r) * Q + i0 + c4 : cb;
+        cp_async16_zfill(Cs + r * DX7_CB_LD + c4, src, ok);
+      }
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int q = tid + 128 * u, r = q >> 3, c8 = (q & 7) * 8;
+        const bool ok = k0 + r < len && j0 + c8 < P;
+        const T* src = ok ? dyt + (srow + k0 + r) * HP + (i64)h * P + j0 + c8 : dyt;
+        cp_async16_zfill(Ys + r * DX7_DY_LD + c8, src, ok);
+      }
+    }
+  };
+
+  // Prologue: the first ST - 1 slices in flight while the chunk scalars are staged.
+#pragma unroll
+  for (int s = 0; s < ST - 1; ++s) {
+    if (s < nsteps) issue(s, s);
+    cp_async_commit();
+  }
+  for (int l = tid; l < QP; l += 128) {
+    const bool in = l < len;
+    s_cs[l] = in ? cs[hrow + l] : 0.f;
+    s_seg[l] = in ? seg[srow + l] : -1;
+  }
+  if (tid == 0) *s_ok = SSDB_DX7_FACTOR;
+  __syncthreads();
+  const float ref = s_cs[i0];
+  for (int l = tid; l < QP; l += 128) {
+    const bool in = l >= i0 && l < len;
+    const float dl = s_cs[l] - ref;
+    if (in && !(fabsf(dl) <= dx7_bound(static_cast<const T*>(nullptr)))) *s_ok = 0;
+    s_et[l] = in ? __expf(dl) : 0.f;
+  }
+  __syncthreads();
+  const bool fac = *s_ok != 0;  // block-uniform
+  const int sA = i0 + wr + gq, sB = sA + 8;  // this thread's two rows
+  const float csA = s_cs[sA], csB = s_cs[sB];
+  const int sgA = s_seg[sA], sgB = s_seg[sB];
+  const int seg_end = s_seg[len - 1];
+  const float cs_end = s_cs[len - 1];
+
+  float acc[8][4];
+#pragma unroll
+  for (int n = 0; n < 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+
+  for (int step = 0; step < nsteps; ++step) {
+    cp_async_wait<ST - 2>();
+    __syncthreads();  // slice `step` visible to all; stage (step - 1) % ST free
+    if (step + ST - 1 < nsteps) issue(step + ST - 1, (step + ST - 1) % ST);
+    cp_async_commit();
+    const unsigned char* base = dyn + (step % ST) * DX7_STAGE_BYTES;
+    if (step < n2) {
+      const T* Bs = reinterpret_cast<const T*>(base);
+      const float* Ds = reinterpret_cast<const float*>(base + 64 * DX7_B_LD * 2);
+#pragma unroll
+      for (int kk = 0; kk < DX7_KS; kk += 16) {
+        uint32_t a[4];
+        ldsm_x4(a, Bs + (wr + (lane & 7) + ((lane >> 3) & 1) * 8) * DX7_B_LD + kk + (lane >> 4) * 8);
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+          const float* dr = Ds + (n * 8 + gq) * DX7_DH_LD + kk + 2 * tq;
+          const float2 lo = *reinterpret_cast<const float2*>(dr), hi = *reinterpret_cast<const float2*>(dr + 8);
+          uint32_t bf[2];
+          bf[0] = G4Mma<T>::pack(lo.x, lo.y);
+          bf[1] = G4Mma<T>::pack(hi.x, hi.y);
+          G4Mma<T>::mma(acc[n], a, bf);
+        }
+      }
+    } else {
+      if (step == n2) {  // the state term is scaled by fac_s; phase 1 adds on top
+        const float fA = sgA == seg_end ? __expf(cs_end - (fac ? ref : csA)) : 0.f;
+        const float fB = sgB == seg_end ? __expf(cs_end - (fac ? ref : csB)) : 0.f;
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+          acc[n][0] *= fA;
+          acc[n][1] *= fA;
+          acc[n][2] *= fB;
+          acc[n][3] *= fB;
+        }
+      }
+      const int k0 = i0 + (step - n2) * DX7_KS;
+      const float* Cs = reinterpret_cast<const float*>(base);
+      const T* Ys = reinterpret_cast<const T*>(base + DX7_KS * DX7_CB_LD * 4);
+#pragma unroll
+      for (int kk = 0; kk < DX7_KS; kk += 16) {
+        float v[2][4];  // [row A / B][t = 2tq, 2tq + 1, 2tq + 8, 2tq + 9]
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int tl = kk + 2 * tq + (e & 1) + 8 * (e >> 1), t = k0 + tl;
+          float eA, eB;
+          if (fac) {  // block-uniform
+            eA = eB = s_et[t];
+          } else {
+            const float ct = s_cs[t];
+            eA = __expf(ct - csA);
+            eB = __expf(ct - csB);
+          }
+          const int sg = s_seg[t];
+          const float cA = Cs[tl * DX7_CB_LD + wr + gq], cB = Cs[tl * DX7_CB_LD + wr + gq + 8];
+          v[0][e] = (t >= sA && sg == sgA) ? cA * eA : 0.f;
+          v[1][e] = (t >= sB && sg == sgB) ? cB * eB : 0.f;
+        }
+        uint32_t a[4];
+        a[0] = G4Mma<T>::pack(v[0][0], v[0][1]);
+        a[1] = G4Mma<T>::pack(v[1][0], v[1][1]);
+        a[2] = G4Mma<T>::pack(v[0][2], v[0][3]);
+        a[3] = G4Mma<T>::pack(v[1][2], v[1][3]);
+#pragma unroll
+        for (int nb = 0; nb < 4; ++nb) {
+          uint32_t r[4];
+          ldsm_x4_trans(r, Ys + (kk + (lane & 7) + ((lane >> 3) & 1) * 8) * DX7_DY_LD + nb * 16 + (lane >> 4) * 8);
+          const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+          G4Mma<T>::mma(acc[2 * nb], a, b0);
+          G4Mma<T>::mma(acc[2 * nb + 1], a, b1);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: dx = d_s acc + D dy (pairs of columns), dD partials over the tile's rows.
+  float cl[8][2];
+#pragma unroll
+  for (int n = 0; n < 8; ++n) cl[n][0] = cl[n][1] = 0.f;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int s = hf ? sB : sA;
+    if (s >= len) continue;
+    const float ds = d[hrow + s] * (fac ? __expf(ref - (hf ? csB : csA)) : 1.f);  // factored: e^(ref - cs_s)
+    const i64 ro = (srow + s) * HP + (i64)h * P;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      const int p = j0 + n * 8 + 2 * tq;
+      if (p >= P) continue;  // P % 8 == 0: p + 1 < P too
+      float2 gy;
+      if (dy != nullptr) {
+        gy = *reinterpret_cast<const float2*>(dy + ro + p);
+      } else {  // z absent: dy = dout exactly, read in T (half the bytes)
+        const uint32_t yr = *reinterpret_cast<const uint32_t*>(dyt + ro + p);
+        gy.x = load_f(reinterpret_cast<const T*>(&yr));
+        gy.y = load_f(reinterpret_cast<const T*>(&yr) + 1);
+      }
+      const float o0 = ds * acc[n][2 * hf] + Dp[h * P + p] * gy.x;
+      const float o1 = ds * acc[n][2 * hf + 1] + Dp[h * P + p + 1] * gy.y;
+      *reinterpret_cast<uint32_t*>(out + ro + p) = G4Mma<T>::pack(o0, o1);
+      if (aux != nullptr) {
+        const uint32_t xr = *reinterpret_cast<const uint32_t*>(x + ro + p);
+        const T* xe = reinterpret_cast<const T*>(&xr);
+        cl[n][0] += gy.x * load_f(xe);
+        cl[n][1] += gy.y * load_f(xe + 1);
+      }
+    }
+  }
+  if (aux != nullptr) {
+    __syncthreads();  // every warp is past its last slice: stage memory reused
+    float* red = reinterpret_cast<float*>(dyn);  // [4 warps][64 p]
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float v = cl[n][j];
+        v += SSM_SHFL_XOR(v, 4);
+        v += SSM_SHFL_XOR(v, 8);
+        v += SSM_SHFL_XOR(v, 16);
+        if (gq == 0) red[w * 64 + n * 8 + 2 * tq + j] = v;
+      }
+    __syncthreads();
+    if (tid < 64 && j0 + tid < P)
+      aux[(((b * nc + c) * H + h) * (i64)nti + ti) * P + j0 + tid] =
+          red[tid] + red[64 + tid] + red[128 + tid] + red[192 + tid];
+  }
+}
+
+// ssdb_dy8 that also writes dy rounded to T (the mma operand of ssdb_dx7 when z is given).
+template <typename T>
+__global__ void ssdb_dy8t(const T* __restrict__ dout, const T* __restrict__ z, float* __restrict__ dy,
+                          T* __restrict__ dyt, i64 n, int vec) {
+  const i64 i = gtid() * 8;
+  if (i >= n) return;
+  float g[8];
+  load_chunk8(dout, i, n, vec != 0, g);
+  if (z != nullptr) {
+    float zz[8];
+    load_chunk8(z, i, n, vec != 0, zz);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) g[k] *= silu_f(zz[k]);
+  }
+  store_chunk8(dy, i, n, vec != 0, g);
+  store_chunk8(dyt, i, n, vec != 0, g);
+}
+
+// =====================================================================================================
+// ssdb_st7<T, KD> (session 7, helper SSDB7; SSMCORE_SSD_BWD_ST7=1 under v4): the chunk states of ssdb_h4<T, 4 / 5>
+// on the cp.async pipeline of ssdb_dx7:
+//   KD 0  S[p, n]  = sum_s x_s[p] (d_s e^(cs_end - cs_s) [seg_s == seg_end]) B_s[n]
+//   KD 1  Gl[p, n] = sum_t dy_t[p] (e^(cs_t) [seg_t == seg_prev]) C_t[n]     (dy: ssdb_dx7's T operand)
+// out (B, nc, H, P, N) fp32. A block per (b, c, h, 64-row p tile, 64-column n tile) (ssdb_h4's grid), 128 threads =
+// 4 warps of 16 p x 64 n; K = the chunk's positions in slices of 32, SSDB_ST7_STAGES (4) stages of [32 k][64] T
+// tiles for both operands (as stored: k rows, p / n contiguous), fragments by ldsm_x4_trans; the position factor
+// scales the A fragments in registers (the operand rounding of ssdb_h4<T, 4 / 5>: x fac rounded once to T).
+// Needs P % 8 == N % 8 == 0 and 16-byte aligned rows (else ssdb_h4<T, 4 / 5>). Dynamic shared memory
+// SSDB_ST7_STAGES * 9216 + (Q rounded up to 64 + 32) * 4 bytes (38 KB at Q 256: 5 blocks per SM by shared memory).
+// At B8 L4096 H64 P64 N128 Q256: 34 GFLOP each; HBM x or dy 268 MB + out 268 MB (~150 us at 3.7 TB/s), B / C per
+// group from L2; 8 slices per block, each thread 4 cp.async per slice. Expected 250-400 us each (v4: 994 / 823).
+#ifndef SSDB_ST7_STAGES
+#define SSDB_ST7_STAGES 4
+#endif
+constexpr int ST7_LD = 72, ST7_STAGE_BYTES = 2 * 32 * ST7_LD * 2;
+
+template <typename T, int KD>
+__global__ void __launch_bounds__(128, 4) ssdb_st7(
+    const T* __restrict__ xa, const T* __restrict__ Wm, const float* __restrict__ d, const float* __restrict__ cs,
+    const int* __restrict__ seg, float* __restrict__ out, int batch, i64 L, int H, int G, int P, int N, int Q,
+    int nc) {
+  SSM_DYNAMIC_SMEM(dyn);
+  constexpr int ST = SSDB_ST7_STAGES;
+  const int QP = ((Q + 63) / 64) * 64 + 32;
+  float* s_fac = reinterpret_cast<float*>(dyn + ST * ST7_STAGE_BYTES);
+  const int nti = (P + 63) / 64, ntj = (N + 63) / 64;
+  int rb_ = (int)blockIdx.x;
+  const int tj = rb_ % ntj;
+  rb_ /= ntj;
+  const int ti = rb_ % nti;
+  rb_ /= nti;
+  const int h = rb_ % H, c = rb_ / H, g = h / (H / G);
+  const i64 b = blockIdx.z;
+  const i64 t0 = (i64)c * Q;
+  const int len = (int)(t0 + Q < L ? Q : L - t0);
+  const int i0 = ti * 64, j0 = tj * 64;
+  const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const int wr = 16 * w;
+  const i64 srow = b * L + t0, hrow = (b * H + h) * L + t0;
+  const int HP = H * P, GN = G * N;
+  const i64 st = ((b * nc + c) * H + h) * (i64)P * N;
+  const int nsteps = (len + 31) / 32;
+
+  auto issue = [&](int step, int sb) {
+    T* As = reinterpret_cast<T*>(dyn + sb * ST7_STAGE_BYTES);
+    T* Bs = As + 32 * ST7_LD;
+    const int k0 = step * 32;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int q = tid + 128 * u, r = q >> 3, c8 = (q & 7) * 8;
+      const bool oka = k0 + r < len && i0 + c8 < P, okb = k0 + r < len && j0 + c8 < N;
+      const T* sa = oka ? xa + (srow + k0 + r) * HP + (i64)h * P + i0 + c8 : xa;
+      const T* sb_ = okb ? Wm + (srow + k0 + r) * GN + (i64)g * N + j0 + c8 : Wm;
+      cp_async16_zfill(As + r * ST7_LD + c8, sa, oka);
+      cp_async16_zfill(Bs + r * ST7_LD + c8, sb_, okb);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < ST - 1; ++s) {
+    if (s < nsteps) issue(s, s);
+    cp_async_commit();
+  }
+  {
+    const int seg_ref = KD == 0 ? seg[srow + len - 1] : (t0 > 0 ? seg[srow - 1] : 0);
+    const float cs_end = cs[hrow + len - 1];
+    for (int l = tid; l < QP; l += 128) {
+      float f = 0.f;
+      if (l < len && seg[srow + l] == seg_ref)
+        f = KD == 0 ? d[hrow + l] * __expf(cs_end - cs[hrow + l]) : __expf(cs[hrow + l]);
+      s_fac[l] = f;
+    }
+  }  // ordered before use by the first step's __syncthreads
+
+  float acc[8][4];
+#pragma unroll
+  for (int n = 0; n < 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  for (int step = 0; step < nsteps; ++step) {
+    cp_async_wait<ST - 2>();
+    __syncthreads();
+    if (step + ST - 1 < nsteps) issue(step + ST - 1, (step + ST - 1) % ST);
+    cp_async_commit();
+    const T* As = reinterpret_cast<const T*>(dyn + (step % ST) * ST7_STAGE_BYTES);
+    const T* Bs = As + 32 * ST7_LD;
+#pragma unroll
+    for (int kk = 0; kk < 32; kk += 16) {
+      uint32_t a[4];
+      // matrices: (k 0-7, m 0-7), (k 0-7, m 8-15), (k 8-15, m 0-7), (k 8-15, m 8-15) of the [k][m] tile
+      ldsm_x4_trans(a, As + (kk + (lane & 7) + (lane >> 4) * 8) * ST7_LD + wr + ((lane >> 3) & 1) * 8);
+      const float2 f0 = *reinterpret_cast<const float2*>(s_fac + step * 32 + kk + 2 * tq);
+      const float2 f1 = *reinterpret_cast<const float2*>(s_fac + step * 32 + kk + 8 + 2 * tq);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const T* e = reinterpret_cast<const T*>(&a[j]);
+        const float2 f = j < 2 ? f0 : f1;
+        a[j] = G4Mma<T>::pack(load_f(e) * f.x, load_f(e + 1) * f.y);
+      }
+#pragma unroll
+      for (int nb = 0; nb < 4; ++nb) {
+        uint32_t r[4];
+        ldsm_x4_trans(r, Bs + (kk + (lane & 7) + ((lane >> 3) & 1) * 8) * ST7_LD + nb * 16 + (lane >> 4) * 8);
+        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+        G4Mma<T>::mma(acc[2 * nb], a, b0);
+        G4Mma<T>::mma(acc[2 * nb + 1], a, b1);
+      }
+    }
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int p = i0 + wr + gq + 8 * hf;
+    if (p >= P) continue;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      const int j = j0 + n * 8 + 2 * tq;
+      if (j < N)
+        *reinterpret_cast<float2*>(out + st + (i64)p * N + j) = make_float2(acc[n][2 * hf], acc[n][2 * hf + 1]);
+    }
+  }
+}
+
+// =====================================================================================================
+// ssdb_tp7<T> (session 7, helper SSDB7; SSMCORE_SSD_BWD_TP7=1 under v4 without z): the p sums of ssdb_tp6 /
+// ssdb_h4<T, 6 / 7> on ssdb_dx7's phase-2 pipeline, per head (no panels, no head loop):
+//   blockIdx.y 0: termp[t]  = sum over the p tile of (C_t . h0[p, :]) dy_t[p]
+//   blockIdx.y 1: statep[t] = sum over the p tile of (B_t . dh[p, :]) x_t[p]
+// outputs (B, nc, H, tiles_p, Q) as ssdb_h4's (rows t in [len, Q) written 0). A block per (b, c, h, 64 t x 64 p),
+// grid (nc * H * tiles, 2, B), 128 threads = 4 warps of 16 t x 64 p; K = n in slices of 32, SSDB_DX7_STAGES stages
+// of C_t / B_t (T, [t][n], ldsm_x4) and h0 / dh (fp32, [p][n], float2 loads packed to T: tp6's operand rounding);
+// the row sums in registers and two shuffles. Needs N % 8 == 0, P % 8 == 0 and aligned rows (else tp6 / h4).
+// At B8 L4096 H64 P64 N128 Q256: 34 GFLOP each; HBM h0 / dh 268 MB each, dy fp32 537, x 268 (~1.3 GB: ~360 us).
+// Expected 450-700 us for both (tp6: 1731).
+template <typename T>
+__global__ void __launch_bounds__(128, 4) ssdb_tp7(
+    const T* __restrict__ x, const T* __restrict__ Bm, const T* __restrict__ Cm, const float* __restrict__ dy,
+    const float* __restrict__ h0, const float* __restrict__ dh, float* __restrict__ termp, float* __restrict__ statep,
+    int batch, i64 L, int H, int G, int P, int N, int Q, int nc) {
+  SSM_DYNAMIC_SMEM(dyn);
+  constexpr int ST = SSDB_DX7_STAGES;
+  const bool kst = blockIdx.y != 0;  // statep
+  const T* Wm = kst ? Bm : Cm;
+  const float* Hm = kst ? dh : h0;
+  float* out = kst ? statep : termp;
+  const int nti = (Q + 63) / 64, ntj = (P + 63) / 64;
+  int rb_ = (int)blockIdx.x;
+  const int tj = rb_ % ntj;
+  rb_ /= ntj;
+  const int ti = rb_ % nti;
+  rb_ /= nti;
+  const int h = rb_ % H, c = rb_ / H, g = h / (H / G);
+  const i64 b = blockIdx.z;
+  const i64 t0 = (i64)c * Q;
+  const int len = (int)(t0 + Q < L ? Q : L - t0);
+  const int i0 = ti * 64, j0 = tj * 64;
+  const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const int wr = 16 * w;
+  const i64 obase = (((b * nc + c) * H + h) * (i64)ntj + tj) * Q;
+  if (i0 >= len) {  // as ssdb_h4 (which writes rows past the end as 0 too)
+    if (tid < 64 && i0 + tid < Q) out[obase + i0 + tid] = 0.f;
+    return;
+  }
+  const i64 srow = b * L + t0;
+  const int HP = H * P, GN = G * N;
+  const i64 st = ((b * nc + c) * H + h) * (i64)P * N;
+  const int nsteps = (N + DX7_KS - 1) / DX7_KS;
+
+  auto issue = [&](int step, int sb) {
+    unsigned char* base = dyn + sb * DX7_STAGE_BYTES;
+    const int k0 = step * DX7_KS;
+    T* Ws = reinterpret_cast<T*>(base);
+    float* Ds = reinterpret_cast<float*>(base + 64 * DX7_B_LD * 2);
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int q = tid + 128 * u, r = q >> 2, c8 = (q & 3) * 8;
+      const bool ok = i0 + r < len && k0 + c8 < N;
+      const T* src = ok ? Wm + (srow + i0 + r) * GN + (i64)g * N + k0 + c8 : Wm;
+      cp_async16_zfill(Ws + r * DX7_B_LD + c8, src, ok);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int q = tid + 128 * u, r = q >> 3, c4 = (q & 7) * 4;
+      const bool ok = j0 + r < P && k0 + c4 < N;
+      const float* src = ok ? Hm + st + (i64)(j0 + r) * N + k0 + c4 : Hm;
+      cp_async16_zfill(Ds + r * DX7_DH_LD + c4, src, ok);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < ST - 1; ++s) {
+    if (s < nsteps) issue(s, s);
+    cp_async_commit();
+  }
+  float acc[8][4];
+#pragma unroll
+  for (int n = 0; n < 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  for (int step = 0; step < nsteps; ++step) {
+    cp_async_wait<ST - 2>();
+    __syncthreads();
+    if (step + ST - 1 < nsteps) issue(step + ST - 1, (step + ST - 1) % ST);
+    cp_async_commit();
+    const unsigned char* base = dyn + (step % ST) * DX7_STAGE_BYTES;
+    const T* Ws = reinterpret_cast<const T*>(base);
+    const float* Ds = reinterpret_cast<const float*>(base + 64 * DX7_B_LD * 2);
+#pragma unroll
+    for (int kk = 0; kk < DX7_KS; kk += 16) {
+      uint32_t a[4];
+      ldsm_x4(a, Ws + (wr + (lane & 7) + ((lane >> 3) & 1) * 8) * DX7_B_LD + kk + (lane >> 4) * 8);
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        const float* dr = Ds + (n * 8 + gq) * DX7_DH_LD + kk + 2 * tq;
+        const float2 lo = *reinterpret_cast<const float2*>(dr), hi = *reinterpret_cast<const float2*>(dr + 8);
+        uint32_t bf[2];
+        bf[0] = G4Mma<T>::pack(lo.x, lo.y);
+        bf[1] = G4Mma<T>::pack(hi.x, hi.y);
+        G4Mma<T>::mma(acc[n], a, bf);
+      }
+    }
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int t = i0 + wr + gq + 8 * hf;
+    float rs = 0.f;
+    if (t < len) {
+      const i64 ro = (srow + t) * HP + (i64)h * P;
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        const int p = j0 + n * 8 + 2 * tq;
+        if (p >= P) continue;  // P % 8 == 0: p + 1 < P too
+        float v0, v1;
+        if (kst) {
+          const uint32_t xr = *reinterpret_cast<const uint32_t*>(x + ro + p);
+          v0 = load_f(reinterpret_cast<const T*>(&xr));
+          v1 = load_f(reinterpret_cast<const T*>(&xr) + 1);
+        } else {
+          const float2 gy = *reinterpret_cast<const float2*>(dy + ro + p);
+          v0 = gy.x;
+          v1 = gy.y;
+        }
+        rs += acc[n][2 * hf] * v0 + acc[n][2 * hf + 1] * v1;
+      }
+    }
+    rs += SSM_SHFL_XOR(rs, 1);
+    rs += SSM_SHFL_XOR(rs, 2);
+    if (tq == 0 && t < Q) out[obase + t] = rs;
+  }
+}

@@ -20,7 +20,10 @@ per-head (B, L, H, N) or hC / dhB buffers: about B*L*H*(P + 18) + 2*B*nc*H*P*N +
 Speed knob: the environment variable SSMCORE_SSD_BWD_IMPL (read at each call): v4 (default; for 16-bit
 x/B/C/dout on CUDA, otherwise it runs v3), v5 (experimental: v4 with two reworked kernels; falls back like v4),
 v3, v2 or v1 (the previous kernels, kept for comparison; see IMPL_ENV below). Under v4 the p sums (no z) come
-from ssdb_tp6 (SSMCORE_SSD_BWD_TP6=0: v4's two ssdb_h4 kernels).
+from ssdb_tp6 (SSMCORE_SSD_BWD_TP6=0: v4's two ssdb_h4 kernels); SSMCORE_SSD_BWD_DX7=1 (experimental, off by
+default) computes dx with ssdb_dx7 (cp.async-pipelined) instead of ssdb_h4<T, 3> where its layout rules hold, and
+SSMCORE_SSD_BWD_ST7=1 the chunk states with ssdb_st7 instead of ssdb_h4<T, 4 / 5>, SSMCORE_SSD_BWD_TP7=1 the p sums
+(no z) with ssdb_tp7 instead of ssdb_tp6.
 """
 
 from __future__ import annotations
@@ -69,6 +72,43 @@ DEFAULT_IMPL = "v4"
 # head-looping kernels (dx, chunk states: "v6") were slower than v4's (2513 vs 2366, 3320 vs 1829 us) and are gone.
 # SSMCORE_SSD_BWD_TP6=0: v4's two kernels. A module attribute (benchmarks flip it in-process).
 tp6_in_v4 = os.environ.get("SSMCORE_SSD_BWD_TP6", "1") != "0"
+# ssdb_dx7<T> (session 7, helper SSDB7): v4's dx kernel ssdb_h4<T, 3> with a 3-stage cp.async pipeline (16-bit dy,
+# fp32 CB and dh copied global -> shared without register staging), ldmatrix fragments, the decay applied to the A
+# fragments in registers; 4 warps of 16 rows x 64 columns. Needs P % 8 == N % 8 == Q % 4 == 0 and 16-byte aligned
+# x / B / dout (z) / dx rows; otherwise (and under v5) ssdb_h4<T, 3> runs. Not the default until measured:
+# SSMCORE_SSD_BWD_DX7=1 turns it on (a module attribute: benchmarks and tests flip it in-process).
+dx7_in_v4 = os.environ.get("SSMCORE_SSD_BWD_DX7", "0") == "1"
+_DX7_THREADS = 128
+_DX7_STAGES = 3  # SSDB_DX7_STAGES of ssd_bwd.cu
+_DX7_STAGE_BYTES = 15360  # DX7_STAGE_BYTES
+
+
+def _dx7_smem(Q):
+    """ssdb_dx7's dynamic shared memory in bytes (stages + the chunk's cs / seg / decay table, padded, + a flag)."""
+    return _DX7_STAGES * _DX7_STAGE_BYTES + (cdiv(Q, 64) * 64 + 32) * 12 + 16
+
+
+def _dx7_ok(P, N, Q, *arrays):
+    return P % 8 == 0 and N % 8 == 0 and Q % 4 == 0 and _arrays.aligned16(*arrays)
+
+
+# ssdb_st7<T, 0 / 1> (session 7): the chunk states S / Gl of ssdb_h4<T, 4 / 5> on the same pipeline (4 stages of
+# [32 positions][64] tiles for both operands, ldsm_x4_trans fragments, the position factor on the A fragments).
+# Needs P % 8 == N % 8 == 0 and aligned rows (else ssdb_h4<T, 4 / 5>). SSMCORE_SSD_BWD_ST7=1 turns it on.
+st7_in_v4 = os.environ.get("SSMCORE_SSD_BWD_ST7", "0") == "1"
+_ST7_STAGES = 4  # SSDB_ST7_STAGES
+_ST7_STAGE_BYTES = 9216  # ST7_STAGE_BYTES
+
+
+def _st7_smem(Q):
+    """ssdb_st7's dynamic shared memory in bytes."""
+    return _ST7_STAGES * _ST7_STAGE_BYTES + (cdiv(Q, 64) * 64 + 32) * 4
+
+
+# ssdb_tp7<T> (session 7): ssdb_tp6's two p sums (no z) per head on ssdb_dx7's phase-2 pipeline (grid y: termp /
+# statep). Needs P % 8 == N % 8 == 0 and aligned rows (else tp6 / h4). SSMCORE_SSD_BWD_TP7=1 turns it on.
+tp7_in_v4 = os.environ.get("SSMCORE_SSD_BWD_TP7", "0") == "1"
+
 _G4_TILE = 64  # G4_TILE of ssd_bwd.cu
 _G4_THREADS = 256  # NTH of ssdb_g4 / ssdb_h4
 _G4_TARGET_BLOCKS = 800  # ssdb_g4<T, 1/2> blocks wanted (~2 waves of 3 blocks per SM on 132 SMs)
@@ -98,7 +138,9 @@ INSTANTIATIONS = ["ssdb_cumsum", "ssdb_cumsum4", "ssdb_pass", "ssdb_pass2", "ssd
     f"ssdb_h4<{t}, {k}>" for t in _TYPES[1:] for k in range(3, 8)] + [
     f"ssdb_{k}<{t}, {v}>" for t in _TYPES[1:] for k, v in (("g4", 8), ("h4", 11))] + [
     f"ssdb_dcs4<{t}>" for t in _TYPES[1:]] + [
-    f"ssdb_dy8<{t}>" for t in _TYPES] + [f"ssdb_tp6<{t}>" for t in _TYPES[1:]]
+    f"ssdb_dy8<{t}>" for t in _TYPES] + [f"ssdb_tp6<{t}>" for t in _TYPES[1:]] + [
+    f"ssdb_{k}<{t}>" for t in _TYPES[1:] for k in ("dx7", "dy8t")] + [
+    f"ssdb_st7<{t}, {k}>" for t in _TYPES[1:] for k in (0, 1)] + [f"ssdb_tp7<{t}>" for t in _TYPES[1:]]
 
 
 def _launch(name, n, args):
@@ -200,7 +242,16 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     # dy = dout * silu(z).
     n_x = batch * L * H * P
     dy = cupy.empty((batch, L, H, P), cupy.float32)
-    if v4:
+    # ssdb_dx7 (dx): dy as its 16-bit mma operand too: dout itself without z, else a T copy from ssdb_dy8t.
+    dx7 = v4 and not v5 and dx7_in_v4 and _dx7_ok(P, N, Q, xs, Bs, douts, zs)
+    st7 = v4 and not v5 and st7_in_v4 and _dx7_ok(P, N, 4, xs, Bs, Cs, douts, zs)
+    dyt = None
+    if dx7 or st7:
+        dyt = douts if z is None else cupy.empty((batch, L, H, P), xs.dtype)
+    if v4 and dyt is not None and z is not None:
+        vec = n_x % 8 == 0 and _arrays.aligned16(douts, zs, dy, dyt)
+        _launch(f"ssdb_dy8t<{T}>", cdiv(n_x, 8), (douts, ptr(zs), dy, dyt, i64(n_x), i32(vec)))
+    elif v4:
         vec = n_x % 8 == 0 and _arrays.aligned16(douts, zs, dy)
         _launch(f"ssdb_dy8<{T}>", cdiv(n_x, 8), (douts, ptr(zs), dy, i64(n_x), i32(vec)))
     else:
@@ -246,6 +297,15 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
             _launch_grid(f"ssdb_h4<{T}, {kind}>", grid, (xs, Bs, Cs, dy, Df, dtp, cs, seg, cb, h0, dh, out, ptr(aux))
                          + dims, threads=_G4_THREADS)
 
+        def st7_(kind, src, W, out):
+            grid = (nc * H * cdiv(P, _G4_TILE) * cdiv(N, _G4_TILE), 1, batch)
+            if grid[2] > 65535:
+                raise ValueError(f"x: expected a batch of at most 65535 rows on the GPU, got {batch}")
+            if grid[0] >= 2**31:
+                raise ValueError(f"ssd_bwd: problem too large for one launch ({nc * H} chunk-heads)")
+            _launch_grid(f"ssdb_st7<{T}, {kind}>", grid, (src, W, dtp, cs, seg, out) + dims, threads=_DX7_THREADS,
+                         shared_mem=_st7_smem(Q))
+
         def tp6(termp_, statep_):
             # A block per (c, g, row tile, column tile) and a run of hps heads of the group (grid y).
             tiles = nc * G * cdiv(Q, _G4_TILE) * cdiv(P, _G4_TILE)
@@ -262,12 +322,16 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
         mm("cb", Q, Q, cb, per=nc * G)
         if not v4:
             mm("dxdot", Q, Q, dxd)
-        if v4:
+        if st7:
+            st7_(0, xs, Bs, h0)
+        elif v4:
             h4(4, P, N, h0)
         else:
             mm("states", P, N, h0)
         state_pass(0, h0, initf, None)
-        if v4:
+        if st7:
+            st7_(1, dyt, Cs, dh)
+        elif v4:
             h4(5, P, N, dh)
         elif not v4:
             mm("gl", P, N, dh)
@@ -276,7 +340,15 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
             ntp = cdiv(P, _G4_TILE)
             termp = cupy.empty((batch, nc, H, ntp, Q), cupy.float32)
             statep = cupy.empty((batch, nc, H, ntp, Q), cupy.float32)
-            if v4 and not v5 and tp6_in_v4 and _tp6_smem(N) <= _TP6_MAX_SMEM:
+            if v4 and not v5 and tp7_in_v4 and _dx7_ok(P, N, 4, xs, Bs, Cs):
+                grid = (nc * H * cdiv(Q, _G4_TILE) * cdiv(P, _G4_TILE), 2, batch)
+                if grid[2] > 65535:
+                    raise ValueError(f"x: expected a batch of at most 65535 rows on the GPU, got {batch}")
+                if grid[0] >= 2**31:
+                    raise ValueError(f"ssd_bwd: problem too large for one launch ({nc * H} chunk-heads)")
+                _launch_grid(f"ssdb_tp7<{T}>", grid, (xs, Bs, Cs, dy, h0, dh, termp, statep) + dims,
+                             threads=_DX7_THREADS, shared_mem=_DX7_STAGES * _DX7_STAGE_BYTES)
+            elif v4 and not v5 and tp6_in_v4 and _tp6_smem(N) <= _TP6_MAX_SMEM:
                 # both in one launch, heads looped over the C / B panels
                 tp6(termp, statep)
             else:
@@ -287,7 +359,17 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
             mm("dhb", Q, P, dhB)
         if v4:  # dx, and the dD partial sums per (b, c, h, 64-row tile) when D is given
             dDp = cupy.empty((batch, nc, H, cdiv(Q, _G4_TILE), P), cupy.float32) if D is not None else None
-            h4(11 if v5 else 3, Q, P, dx, dDp)
+            if dx7:  # the pipelined form of ssdb_h4<T, 3>
+                grid = (nc * H * cdiv(Q, _G4_TILE) * cdiv(P, _G4_TILE), 1, batch)
+                if grid[2] > 65535:
+                    raise ValueError(f"x: expected a batch of at most 65535 rows on the GPU, got {batch}")
+                if grid[0] >= 2**31:
+                    raise ValueError(f"ssd_bwd: problem too large for one launch ({nc * H} chunk-heads)")
+                dy_ep = dy if z is not None else None  # without z the epilogue reads dout (== dy) in T
+                _launch_grid(f"ssdb_dx7<{T}>", grid, (xs, Bs, dyt, ptr(dy_ep), Df, dtp, cs, seg, cb, dh, dx, ptr(dDp))
+                             + dims, threads=_DX7_THREADS, shared_mem=_dx7_smem(Q))
+            else:
+                h4(11 if v5 else 3, Q, P, dx, dDp)
         else:
             mm("dx", Q, P, dx)
         if z is not None:

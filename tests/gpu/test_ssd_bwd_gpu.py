@@ -10,6 +10,7 @@ both backends). Small shapes run in the CPU emulator; the large ones only on a G
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -449,3 +450,160 @@ def test_v4_p_sums_kernel(rng, tp6, monkeypatch):
     assert any(n.startswith("ssdb_tp6") for n in names) == tp6, names
     assert any(n.startswith("ssdb_h4") and n.endswith((", 6>", ", 7>")) for n in names) == (not tp6), names
     compare(got, run_cpu64(args, kw, 128), args, kw)
+
+
+def _dx7_run(rng, args, kw, chunk, monkeypatch, expect=True, dx7=True, st7=False, tp7=False):
+    """ssd_bwd with ssdb_dx7 (dx7), ssdb_st7 (st7) and / or ssdb_tp7 (tp7; used without z) on (taken or not, per
+    expect) vs float64 and vs v4's ssdb_h4<T, 3 / 4 / 5> and ssdb_tp6 (all off)."""
+    import ssmcore.backends.cupy.state_space_duality_bwd as launcher
+
+    want = run_cpu64(args, kw, chunk)
+    names = _record_launches(launcher, monkeypatch)
+    monkeypatch.delenv(launcher.IMPL_ENV, raising=False)
+    monkeypatch.setattr(launcher, "dx7_in_v4", dx7)
+    monkeypatch.setattr(launcher, "st7_in_v4", st7)
+    monkeypatch.setattr(launcher, "tp7_in_v4", tp7)
+    got = run_gpu(args, kw, chunk)
+    used = [n for n, _ in names]
+    assert any(n.startswith("ssdb_tp7") for n in used) == (expect and tp7 and "z" not in kw), used
+    assert any(n.startswith("ssdb_dx7") for n in used) == (expect and dx7), used
+    assert any(n.startswith("ssdb_h4") and n.endswith(", 3>") for n in used) == (not (expect and dx7)), used
+    assert sum(n.startswith("ssdb_st7") for n in used) == (2 if expect and st7 else 0), used
+    assert any(n.startswith("ssdb_h4") and n.endswith((", 4>", ", 5>")) for n in used) == (not (expect and st7)), used
+    assert any(n.startswith("ssdb_dy8t") for n in used) == (expect and "z" in kw), used
+    compare(got, want, args, kw)
+    monkeypatch.setattr(launcher, "dx7_in_v4", False)
+    monkeypatch.setattr(launcher, "st7_in_v4", False)
+    monkeypatch.setattr(launcher, "tp7_in_v4", False)
+    del names[:]
+    v4 = run_gpu(args, kw, chunk)
+    assert not any(n.startswith(("ssdb_dx7", "ssdb_dy8t", "ssdb_st7", "ssdb_tp7")) for n, _ in names), names
+    for name, a, b in zip(NAMES, got, v4):
+        if b is not None:
+            a, b = a.astype(np.float32), b.astype(np.float32)
+            assert_close(a, b, "float32", rtol=2e-2, atol=2e-2 * np.abs(b).max(), name=f"{name} v7 vs h4")
+
+
+@pytest.mark.parametrize("case", ["bf16_all_small", "f16_no_z", "bf16_wide_cu", "f16_steep", "bf16_mixed_steep",
+                                  "f16_gentle", "bf16_odd_p_fallback"])
+def test_dx7_vs_h4(rng, case, monkeypatch):
+    """ssdb_dx7 (SSMCORE_SSD_BWD_DX7=1: dx through the cp.async pipeline) vs float64 and vs v4's ssdb_h4<T, 3>.
+    bf16_all_small: every option (z -> ssdb_dy8t's 16-bit dy, D, seq_idx, initial / final states), chunk 32, L not
+    a multiple of it; f16_no_z: float16, dout itself is the dy operand, chunk 64; bf16_wide_cu: two 64-wide p
+    tiles (P 72), N 40 (a partly zero-filled K slice), 3 row tiles of chunk 128 (triangle), cu_seqlens, D per
+    channel; f16_steep: float16 with |A| large (decays underflow, the exact per-element decay); bf16_mixed_steep:
+    per-head A from tiny (factored decay) to steep (exact), chunk 200 (4 row tiles, the last partial); f16_gentle:
+    float16 with a tiny A (the factored decay within f16's bound); bf16_odd_p_fallback: P 6 -> ssdb_h4<T, 3>."""
+    if case == "bf16_all_small":
+        args, kw = make(rng, 1, 70, 2, 8, 1, 16, "bfloat16")
+        chunk = 32
+    elif case == "f16_no_z":
+        args, kw = make(rng, 2, 100, 2, 16, 2, 8, "float16")
+        del kw["z"]
+        chunk = 64
+    elif case == "bf16_wide_cu":
+        args, kw = make(rng, 1, 150, 2, 72, 1, 40, "bfloat16", seq="cu", d_per_channel=True)
+        chunk = 128
+    elif case == "f16_steep":
+        args, kw = make(rng, 1, 100, 2, 8, 1, 16, "float16", options=None)
+        args["A"] = np.array([-0.05, -40.0], np.float32)
+        chunk = 100
+    elif case == "bf16_mixed_steep":
+        args, kw = make(rng, 1, 200, 3, 8, 1, 16, "bfloat16", options=None)
+        args["dt"][...] = 0.5
+        args["A"] = np.array([-0.01, -2.0, -60.0], np.float32)
+        chunk = 200
+    elif case == "f16_gentle":
+        args, kw = make(rng, 1, 80, 2, 8, 1, 8, "float16", options=None)
+        args["dt"][...] = 0.1
+        args["A"] = np.array([-0.05, -0.2], np.float32)
+        kw["D"] = randn(rng, (2,), "float32")
+        chunk = 80
+    else:
+        args, kw = make(rng, 1, 40, 2, 6, 1, 8, "bfloat16")
+        chunk = 32
+    _dx7_run(rng, args, kw, chunk, monkeypatch, expect=case != "bf16_odd_p_fallback")
+
+
+@pytest.mark.parametrize("shape", [(2, 600, 8, 64, 2, 128, 256), (1, 1000, 4, 32, 1, 64, 64),
+                                   (2, 300, 4, 64, 4, 256, 128)])
+@pytest.mark.parametrize("z", [False, True])
+def test_dx7_large(rng, shape, z, monkeypatch):
+    """ssdb_dx7 at chunk 64 / 128 / 256, L not a multiple of the chunk, N 64 / 128 / 256, groups, with and without z;
+    vs float64 and vs v4's ssdb_h4<T, 3>."""
+    big()
+    batch, length, heads, headdim, groups, dstate, chunk = shape
+    args, kw = make(rng, batch, length, heads, headdim, groups, dstate, "bfloat16")
+    if not z:
+        del kw["z"]
+    _dx7_run(rng, args, kw, chunk, monkeypatch)
+
+
+def test_dx7_knob_and_instantiations():
+    """ssdb_dx7 is off unless SSMCORE_SSD_BWD_DX7=1; its kernels are in INSTANTIATIONS (check-kernels)."""
+    import ssmcore.backends.cupy.state_space_duality_bwd as launcher
+
+    for t in ("bf16_t", "half_t"):
+        assert f"ssdb_dx7<{t}>" in launcher.INSTANTIATIONS and f"ssdb_dy8t<{t}>" in launcher.INSTANTIATIONS
+    assert launcher._dx7_smem(256) == 3 * 15360 + 288 * 12 + 16
+    assert launcher._st7_smem(256) == 4 * 9216 + 288 * 4
+    for t in ("bf16_t", "half_t"):
+        assert f"ssdb_st7<{t}, 0>" in launcher.INSTANTIATIONS and f"ssdb_st7<{t}, 1>" in launcher.INSTANTIATIONS
+        assert f"ssdb_tp7<{t}>" in launcher.INSTANTIATIONS
+    assert not (launcher.dx7_in_v4 or launcher.st7_in_v4 or launcher.tp7_in_v4) or any(
+        os.environ.get(f"SSMCORE_SSD_BWD_{k}") == "1" for k in ("DX7", "ST7", "TP7"))
+
+
+@pytest.mark.parametrize("case", ["bf16_all_small", "f16_no_z_wide", "bf16_both_cu", "bf16_odd_n_fallback"])
+def test_st7_vs_h4(rng, case, monkeypatch):
+    """ssdb_st7 (SSMCORE_SSD_BWD_ST7=1: chunk states S / Gl through the cp.async pipeline) vs float64 and vs v4's
+    ssdb_h4<T, 4 / 5>. bf16_all_small: every option (z: Gl from ssdb_dy8t's T dy; initial / final states, seq_idx),
+    chunk 32, L not a multiple; f16_no_z_wide: float16, P 72 and N 72 (two tiles each, zero-filled columns), chunk
+    64; bf16_both_cu: ssdb_dx7 and ssdb_st7 together, cu_seqlens, chunk 128; bf16_odd_n_fallback: N 12 -> h4."""
+    dx7 = False
+    if case == "bf16_all_small":
+        args, kw = make(rng, 1, 70, 2, 8, 1, 16, "bfloat16")
+        chunk = 32
+    elif case == "f16_no_z_wide":
+        args, kw = make(rng, 1, 90, 2, 72, 1, 72, "float16")
+        del kw["z"]
+        chunk = 64
+    elif case == "bf16_both_cu":
+        args, kw = make(rng, 1, 150, 2, 16, 1, 24, "bfloat16", seq="cu")
+        chunk = 128
+        dx7 = True
+    else:
+        args, kw = make(rng, 1, 40, 2, 8, 1, 12, "bfloat16")
+        chunk = 32
+    _dx7_run(rng, args, kw, chunk, monkeypatch, expect=case != "bf16_odd_n_fallback", dx7=dx7, st7=True)
+
+
+@pytest.mark.parametrize("shape", [(2, 600, 8, 64, 2, 128, 256), (2, 300, 4, 64, 4, 256, 128)])
+@pytest.mark.parametrize("z", [False, True])
+def test_v7_large(rng, shape, z, monkeypatch):
+    """ssdb_dx7 + ssdb_st7 + ssdb_tp7 together at chunk 128 / 256 with every option (D, states, seq_idx; z or not:
+    ssdb_tp7 runs only without z)."""
+    big()
+    batch, length, heads, headdim, groups, dstate, chunk = shape
+    args, kw = make(rng, batch, length, heads, headdim, groups, dstate, "bfloat16")
+    if not z:
+        del kw["z"]
+    _dx7_run(rng, args, kw, chunk, monkeypatch, st7=True, tp7=True)
+
+
+@pytest.mark.parametrize("case", ["bf16_D_rows", "f16_wide_groups", "bf16_odd_n_fallback"])
+def test_tp7_vs_tp6(rng, case, monkeypatch):
+    """ssdb_tp7 (SSMCORE_SSD_BWD_TP7=1: the p sums without z, per head on the cp.async pipeline) vs float64 and vs
+    ssdb_tp6. bf16_D_rows: chunk 128 over L 150 (3 row tiles, the last chunk short: rows past it written 0), N 40;
+    f16_wide_groups: float16, P 72 (two p tiles), 2 groups, seq_idx, chunk 64; bf16_odd_n_fallback: N 12 -> tp6."""
+    if case == "bf16_D_rows":
+        args, kw = make(rng, 1, 150, 2, 16, 1, 40, "bfloat16")
+        chunk = 128
+    elif case == "f16_wide_groups":
+        args, kw = make(rng, 1, 90, 4, 72, 2, 16, "float16")
+        chunk = 64
+    else:
+        args, kw = make(rng, 1, 40, 2, 8, 1, 12, "bfloat16")
+        chunk = 32
+    del kw["z"]
+    _dx7_run(rng, args, kw, chunk, monkeypatch, expect=case != "bf16_odd_n_fallback", dx7=False, tp7=True)
