@@ -16,8 +16,11 @@ cuts the GPU eager overhead too. Columns (microseconds per call, best of the rep
     convert   to_array on every argument + fresh_outputs on the results (the bridge alone)
     dispatch  torch.op - numpy - convert: torch.library's own cost
     dropin    the mamba_ssm drop-in name in ssmcore.adapters.torch.functional (when there is one)
-    dropin0   (--fastpath both, CUDA) the same with the launch-plan fast path off (adapters/torch/_plans.py;
+    dropin0   (--fastpath both/all, CUDA) the same with the launch-plan fast path off (adapters/torch/_plans.py;
               the 'dropin' column is then the fast path on, after a recording call)
+    dropin6   (--fastpath all, CUDA) plans as in session 6: launches through CuPy's kernel call, every block
+              allocated per call up front (SSMCORE_PLAN_LAUNCH=cupy SSMCORE_PLAN_FREE=0
+              SSMCORE_PLAN_KEEP_SCRATCH=0); 'dropin' is then session 7's (driver launches, small scratch kept)
     over      torch.op - backend: host overhead of the eager torch path (target <= 25 us)
 """
 
@@ -191,23 +194,36 @@ def measure(name, number, repeat, device="cpu", fastpath="on") -> dict:
         dropin_kw = {k: op_kw[k] for k in case["dropin_kw"]}
         dropin = lambda: case["dropin"](**dropin_kw)  # noqa: E731
         was = _plans.ENABLED
+        knobs = {k: getattr(_plans, k) for k in ("DRIVER_LAUNCH", "FREE_EARLY", "KEEP_SCRATCH")}
         try:
-            if fastpath == "both":
+            if fastpath in ("both", "all"):
                 _plans.ENABLED = False
                 row["dropin0"] = _time(dropin, number, repeat, sync)
-            _plans.ENABLED = was if fastpath == "both" else fastpath == "on"
+            if fastpath == "all":
+                _plans.ENABLED = True
+                _plans.DRIVER_LAUNCH, _plans.FREE_EARLY, _plans.KEEP_SCRATCH = False, False, 0
+                _plans.clear()  # recorded again (on _time's second warm-up call) with the session-6 replay
+                row["dropin6"] = _time(dropin, number, repeat, sync)
+                for k, v in knobs.items():
+                    setattr(_plans, k, v)
+                _plans.clear()
+            _plans.ENABLED = was if fastpath in ("both", "all") else fastpath == "on"
             row["dropin"] = _time(dropin, number, repeat, sync)
         finally:
             _plans.ENABLED = was
+            for k, v in knobs.items():
+                setattr(_plans, k, v)
     else:
         row["dropin"] = float("nan")
     row.setdefault("dropin0", float("nan"))
+    row.setdefault("dropin6", float("nan"))
     row["over"] = row["torch.op"] - row["backend"]
     return row
 
 
 COLUMNS = ("numpy", "backend", "resolve", "checks", "torch.op", "convert", "dispatch", "dropin", "over")
 COLUMNS_BOTH = COLUMNS[:7] + ("dropin0",) + COLUMNS[7:]
+COLUMNS_ALL = COLUMNS[:7] + ("dropin0", "dropin6") + COLUMNS[7:]
 
 
 def main(argv=None):
@@ -216,10 +232,11 @@ def main(argv=None):
     parser.add_argument("--number", type=int, default=300, help="calls per repeat")
     parser.add_argument("--repeat", type=int, default=7, help="repeats (the best is shown)")
     parser.add_argument("--device", default="cpu", help="cpu (NumPy/Numba) or cuda (CuPy)")
-    parser.add_argument("--fastpath", default="on", choices=("on", "off", "both"),
-                        help="CUDA launch plans for the torch calls: on, off, or both (adds column dropin0 = off)")
+    parser.add_argument("--fastpath", default="on", choices=("on", "off", "both", "all"),
+                        help="CUDA launch plans for the torch calls: on, off, both (adds column dropin0 = off) or "
+                             "all (also dropin6 = session 6's replay)")
     args = parser.parse_args(argv)
-    columns = COLUMNS_BOTH if args.fastpath == "both" else COLUMNS
+    columns = {"both": COLUMNS_BOTH, "all": COLUMNS_ALL}.get(args.fastpath, COLUMNS)
     torch.set_num_threads(1)
     print(f"host overhead per call, us (B={B}, D={D}, N={N}, W={W}, L<=4, float32, {args.device}; best of "
           f"{args.repeat} x {args.number} calls; on cuda 'numpy'/'backend' are the CuPy core/backend)")

@@ -391,3 +391,299 @@ def test_line_checks(tmp_path):
     assert 9 not in checks  # a Python function: the profile hook sees it run
     assert checks[10][0][0] == "refuse"  # a ufunc object: the profile hook would not
 
+
+
+# ------------------------------------------------------------------ session 7: driver launches, block lifetimes
+
+import threading  # noqa: E402
+import types  # noqa: E402
+import weakref  # noqa: E402
+
+_READ = {"p": ctypes.c_uint64, "i32": ctypes.c_int32, "f32": ctypes.c_float, "u64": ctypes.c_uint64}
+
+
+class _DriverKernel(_Kernel):
+    """A fake cupy.RawKernel with a function pointer (``.kernel.ptr``) and a parameter signature, so that a plan
+    launches it through the (fake) driver: the parameter array is decoded as a GPU would read it."""
+
+    def __init__(self, body, sig):
+        super().__init__(body)
+        self.sig = sig
+        self.kernel = types.SimpleNamespace(ptr=0x5000 + 16 * len(_BY_FPTR))
+        self.enable_cooperative_groups = False
+        _BY_FPTR[self.kernel.ptr] = self
+
+    def __call__(self, grid, block, args, shared_mem=0, stream=None):
+        self.calls.append(tuple(_p(a) for a in args))  # addresses only: the arrays (and blocks) are not kept
+        self.body(*args)
+
+
+_BY_FPTR: dict = {}
+DMUL = _DriverKernel(_mul, ("p", "p", "p", "i32"))
+DADD = _DriverKernel(_add, ("p", "u64", "p", "i32", "f32"))
+DRIVER_CALLS = []
+
+
+def _fake_launch_kernel(f, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+    kernel = _BY_FPTR[f]
+    assert (gx, gy, gz, bx, by, bz, smem, stream, extra) == (1, 1, 1, 32, 1, 1, 0, 0, 0)
+    addresses = (ctypes.c_void_p * len(kernel.sig)).from_address(params)
+    args = []
+    for kind, address in zip(kernel.sig, addresses):
+        value = _READ[kind].from_address(address).value
+        args.append(np.float32(value) if kind == "f32" else np.int32(value) if kind == "i32" else int(value))
+    DRIVER_CALLS.append((kernel, tuple(args)))
+    kernel.body(*args)
+
+
+def driver_op(x, w, b, scale, with_last):
+    """fake_op's launches with driver-launchable kernels, and a scratch block dropped half-way (``del t1``)."""
+    with _scope():
+        xa, wa, ba = _view(x), _view(w), _view(b)
+        n = x.numel()
+        t1 = cupy.empty((n,), cupy.float32)
+        _runtime.launch(DMUL, (1,), (32,), (xa, wa, t1, np.int32(n)))
+        out = cupy.empty(tuple(x.shape), cupy.float32)
+        _runtime.launch(DADD, (1,), (32,), (t1, _arrays.ptr(ba), out, np.int32(n), np.float32(scale)))
+        BLOCK_REFS.append(weakref.ref(t1.data.mem._owner))
+        del t1
+        BLOCK_ALIVE.append(BLOCK_REFS[-1]() is not None)  # during the recording too: the recorder holds it weakly
+        out2 = cupy.empty((n,), cupy.float32)  # (where t1 was, under a caching allocator)
+        t2 = cupy.empty((n,), cupy.float32)
+        _runtime.launch(DMUL, (1,), (32,), (out, xa, t2, np.int32(n)))
+        last = cupy.empty((2,), cupy.float32) if with_last else None
+        _runtime.launch(DADD, (1,), (32,), (t2, _arrays.NULL, out2, np.int32(n), np.float32(0.5)))
+        if last is not None:
+            _runtime.launch(DADD, (1,), (32,), (t2[n - 2:], _arrays.NULL, last, np.int32(2), np.float32(0)))
+        return _bridge.fresh_outputs((out, out2, last), (x, w, b), x.device)
+
+
+BLOCK_REFS, BLOCK_ALIVE = [], []
+
+
+@pytest.fixture
+def driver(sim, monkeypatch):
+    monkeypatch.setattr(_plans, "_launch_kernel", _fake_launch_kernel)
+    monkeypatch.setattr(_plans, "_ensure_context", lambda: _plans._CONTEXT_THREADS.add(threading.get_ident()))
+    monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: types.SimpleNamespace(ptr=0))
+    monkeypatch.setattr(_plans, "DRIVER_LAUNCH", True)
+    monkeypatch.setattr(_plans, "FREE_EARLY", True)
+    monkeypatch.setattr(_plans, "KEEP_SCRATCH", 0)
+    DRIVER_CALLS.clear()
+    BLOCK_REFS.clear()
+    BLOCK_ALIVE.clear()
+    yield
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("with_last", [True, False])
+def test_driver_launch_replay_is_bitwise_the_normal_path(driver, rng, bias, with_last):
+    x, w, b = _inputs(rng, bias=bias)
+    _run(driver_op, x, w, b, 0.25, with_last)
+    assert _plans.STATS["recorded"] == 1, _plans.REFUSED
+    ((_, plan),) = _plans.plans_of("driver_op")
+    assert "_L(" in plan.source and "_lock.acquire" in plan.source
+    for _ in range(3):
+        x, w, b = _inputs(rng, bias=bias)
+        keep = [t.clone() for t in (x, w) + ((b,) if b is not None else ())]
+        n_calls, n_cupy = len(DRIVER_CALLS), len(DMUL.calls) + len(DADD.calls)
+        got = _run(driver_op, x, w, b, 0.25, with_last)
+        assert len(DRIVER_CALLS) - n_calls == plan.n_launches == (5 if with_last else 4)
+        assert len(DMUL.calls) + len(DADD.calls) == n_cupy  # no CuPy-call launch in the replay
+        # what the kernels read: the new tensors' pointers, the constants as the normal path passed them
+        kernel, args = DRIVER_CALLS[n_calls]
+        assert kernel is DMUL and args[:2] == (x.data_ptr(), w.data_ptr()) and args[3] == np.int32(x.numel())
+        kernel, args = DRIVER_CALLS[n_calls + 1]
+        assert args[1] == (b.data_ptr() if b is not None else 0) and args[4] == np.float32(0.25)
+        want = driver_op(x, w, b, 0.25, with_last)
+        assert len(got) == len(want) == 3
+        for g, e in zip(got, want):
+            _same(g, e)
+        for t, k in zip((x, w, b), keep):
+            assert torch.equal(t, k)
+    assert _plans.STATS["hits"] == 3
+
+
+def test_driver_launch_busy_plan_and_cupy_knob(driver, rng, monkeypatch):
+    x, w, b = _inputs(rng)
+    _run(driver_op, x, w, b, 0.25, False)
+    ((_, plan),) = _plans.plans_of("driver_op")
+    lock = plan.replay.__globals__["_lock"]
+    assert lock.acquire(False)  # another thread in the middle of this plan's replay
+    try:
+        n_calls, n_cupy = len(DRIVER_CALLS), len(DMUL.calls)
+        got = _run(driver_op, x, w, b, 0.25, False)
+        assert len(DRIVER_CALLS) == n_calls and len(DMUL.calls) == n_cupy + 2  # the CuPy-call replay
+    finally:
+        lock.release()
+    _same(got[1], driver_op(x, w, b, 0.25, False)[1])
+    monkeypatch.setattr(_plans, "DRIVER_LAUNCH", False)  # SSMCORE_PLAN_LAUNCH=cupy: the session-6 replay
+    _plans.clear()
+    _run(driver_op, x, w, b, 0.25, False)
+    ((_, plan),) = _plans.plans_of("driver_op")
+    assert "_L(" not in plan.source and "_k0(" in plan.source
+    n_cupy = len(DMUL.calls)
+    _same(_run(driver_op, x, w, b, 0.25, False)[1], driver_op(x, w, b, 0.25, False)[1])
+    assert len(DMUL.calls) == n_cupy + 2 + 2  # replay + normal path, both through CuPy's call
+
+
+def test_a_kernel_without_a_function_pointer_keeps_the_cupy_call(driver, rng):
+    x, w, b = _inputs(rng)
+    _run(fake_op, x, w, b, 0.25, False)
+    ((_, plan),) = _plans.plans_of("fake_op")
+    assert "_L(" not in plan.source
+
+
+@pytest.mark.parametrize("free_early", [True, False])
+def test_scratch_blocks_live_no_longer_than_in_the_normal_path(driver, rng, monkeypatch, free_early):
+    monkeypatch.setattr(_plans, "FREE_EARLY", free_early)
+    x, w, b = _inputs(rng)
+    driver_op(x, w, b, 0.25, True)  # the normal path alone
+    _run(driver_op, x, w, b, 0.25, True)  # the recording
+    assert _plans.STATS["recorded"] == 1, _plans.REFUSED
+    assert BLOCK_ALIVE == [False, not free_early]  # the recorder kept t1 alive only in the session-6 mode
+    ((_, plan),) = _plans.plans_of("driver_op")
+    lines = plan.source.split("# when")[0].splitlines()
+    allocs = [i for i, line in enumerate(lines) if "= _empty" in line]
+    launches = [i for i, line in enumerate(lines) if "_L(" in line]
+    dels = [i for i, line in enumerate(lines) if line.strip().startswith("del o")]
+    if free_early:
+        # t1: made before launch 0, dropped after launch 1 (its last), before t2 is made; t2 dropped after the last
+        assert len(dels) == 2 and launches[1] < dels[0] < allocs[2] < launches[2] and dels[1] > launches[-1]
+        assert allocs[0] < launches[0] < allocs[1] < launches[1]  # out made just before its first launch
+    else:
+        assert not dels and max(allocs) < min(launches)
+    x, w, b = _inputs(rng)
+    got = _run(driver_op, x, w, b, 0.25, True)
+    for g, e in zip(got, driver_op(x, w, b, 0.25, True)):
+        _same(g, e)
+
+
+@pytest.fixture
+def reusing_malloc(monkeypatch):
+    """_sim_malloc with a caching allocator's reuse: a freed block's memory goes to the next request of its size
+    (the freed uint8 tensors stay alive here, so memory at a dead block's address stays valid)."""
+    freed = []
+
+    def malloc(size):
+        for i, t in enumerate(freed):
+            if t.numel() == ((size + 15) >> 4) << 4:
+                block = freed.pop(i)
+                break
+        else:
+            block = torch.empty(((size + 15) >> 4) << 4, dtype=torch.uint8)
+        owner = _bridge._Block(block)
+        weakref.finalize(owner, freed.append, block)
+        if _bridge._alloc_hook is not None:
+            _bridge._alloc_hook(size, owner)
+        return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(block.data_ptr(), size, owner, 0), 0)
+
+    monkeypatch.setattr(sys.modules[__name__], "_sim_malloc", malloc)
+    return freed
+
+
+def test_recorder_matches_results_to_reused_addresses(driver, rng, monkeypatch, reusing_malloc):
+    """A scratch block freed during the call and its memory reused for a result: the result is the later block."""
+    monkeypatch.setattr(sys.modules[__name__], "BLOCK_ALIVE", [])
+    for _ in range(3):
+        x, w, b = _inputs(rng)
+        got = _run(driver_op, x, w, b, 0.25, False)
+        reusing_malloc.clear()
+        want = driver_op(x, w, b, 0.25, False)
+        for g, e in zip(got, want):
+            _same(g, e)
+    assert _plans.STATS["recorded"] == 1 and _plans.STATS["hits"] == 2, _plans.REFUSED
+
+
+def op_copy_where_scratch_was(x, w, b, scale, with_last):
+    """A result that is a torch copy placed (by the allocator) where a freed scratch block was: not a block."""
+    with _scope():
+        xa = _view(x)
+        n = x.numel()
+        t1 = cupy.empty((n,), cupy.float32)
+        _runtime.launch(DMUL, (1,), (32,), (xa, xa, t1, np.int32(n)))
+        out = cupy.empty((n,), cupy.float32)
+        _runtime.launch(DADD, (1,), (32,), (t1, _arrays.NULL, out, np.int32(n), np.float32(1)))
+        where = t1.data.ptr
+        del t1
+        res = torch.frombuffer((ctypes.c_float * n).from_address(where), dtype=torch.float32)  # its own storage
+        res.copy_(torch.from_numpy(_floats(out.data.ptr, n)))
+        return (res,)
+
+
+def test_a_copy_at_a_freed_blocks_address_is_not_that_block(driver, rng, reusing_malloc):
+    for _ in range(_plans.RECORD_TRIES + 1):
+        x, w, b = _inputs(rng)
+        got = _run(op_copy_where_scratch_was, x, w, b, 0.0, False)
+        assert torch.equal(got[0], x * x + 1)
+    assert _plans.STATS["hits"] == 0 and "fresh allocation" in _plans.REFUSED["op_copy_where_scratch_was"]
+
+
+def test_small_scratch_is_kept_with_the_plan(driver, rng, monkeypatch):
+    monkeypatch.setattr(_plans, "KEEP_SCRATCH", 1 << 20)
+    x, w, b = _inputs(rng)
+    _run(driver_op, x, w, b, 0.25, True)
+    ((_, plan),) = _plans.plans_of("driver_op")
+    replay_source = plan.source.split("# when")[0]
+    assert replay_source.count("_empty(") == 0 and "del o" not in replay_source  # t1, t2: made once, kept
+    assert replay_source.count("_empty_strided(") == 3  # the results, per call
+    kept = [v for k, v in plan.replay.__globals__.items() if k.startswith("_kept")]
+    assert len(kept) == 2
+    for _ in range(3):
+        x, w, b = _inputs(rng)
+        n_calls = len(DRIVER_CALLS)
+        got = _run(driver_op, x, w, b, 0.25, True)
+        assert DRIVER_CALLS[n_calls][1][2] == kept[0].data_ptr()  # launch 0 writes t1 into the kept block
+        for g, e in zip(got, driver_op(x, w, b, 0.25, True)):
+            _same(g, e)
+    assert "_empty(" in plan.source.split("# when")[1]  # the CuPy-call replay (a busy plan) allocates per call
+
+
+def test_validity_check_without_os_environ_data(sim, rng, monkeypatch):
+    """The generated check reads os.environ's encoded dict; another mapping in its place takes the plain loop."""
+    x, w, b = _inputs(rng)
+    monkeypatch.setenv("SSMCORE_FAKE_SCALE", "1")
+    _run(fake_op, x, w, b, 0.25, False)
+    ((_, plan),) = _plans.plans_of("fake_op")
+    assert plan.valid()
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    assert plan.valid()
+    os.environ["SSMCORE_FAKE_SCALE"] = ""
+    assert not plan.valid()
+    got = _run(fake_op, x, w, b, 0.25, False)
+    assert _plans.STATS["rerecorded"] == 1
+    _same(got[0], fake_op(x, w, b, 0.25, False)[0])
+
+
+def test_kept_scratch_has_a_total_cap(driver, rng, monkeypatch):
+    monkeypatch.setattr(_plans, "KEEP_SCRATCH", 1 << 20)
+    monkeypatch.setattr(_plans, "KEEP_SCRATCH_TOTAL", 64)  # room for one plan's two 32-byte blocks
+    x, w, b = _inputs(rng)
+    _run(driver_op, x, w, b, 0.25, False)
+    _run(driver_op, x, w, b, 0.5, False)  # another key: past the cap, its scratch is allocated per call
+    sources = sorted(p.source.split("# when")[0] for _, p in _plans.plans_of("driver_op"))
+    assert [s.count("= _empty(") for s in sources] == [0, 2] or [s.count("= _empty(") for s in sources] == [2, 0]
+    _plans.clear()
+    assert _plans._kept_bytes == 0
+
+
+def op_cast_driver(x, w, b, scale, with_last):
+    with _scope():
+        wa = _arrays.contiguous(_view(w), cupy.float32)
+        out = cupy.empty(tuple(x.shape), cupy.float32)
+        _runtime.launch(DMUL, (1,), (32,), (_view(x), wa, out, np.int32(x.numel())))
+        return _bridge.fresh_outputs((out,), (x, w, b), x.device)
+
+
+def test_parameter_cast_with_driver_launches(driver, rng, monkeypatch):
+    monkeypatch.setattr(_bridge, "_cupy_view", lambda name, t: _view(t))
+    for _ in range(3):
+        x, w, _ = _inputs(rng)
+        w = w.to(torch.bfloat16)
+        n_calls = len(DRIVER_CALLS)
+        got = _run(op_cast_driver, x, w, None, 0.0, False)
+        assert torch.equal(got[0], x * w.float())
+    assert _plans.STATS["recorded"] == 1 and _plans.STATS["hits"] == 2, _plans.REFUSED
+    assert len(DRIVER_CALLS) == n_calls + 1
+    ((_, plan),) = _plans.plans_of("op_cast_driver")
+    assert "A[1].to(_f32)" in plan.source and "_L(" in plan.source

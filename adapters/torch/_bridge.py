@@ -268,7 +268,7 @@ class _Block:
     caching allocator). A result array over such a block becomes a torch tensor over the same storage
     (``_from_block``), without DLPack; the block goes back to torch when both sides let go."""
 
-    __slots__ = ("tensor",)
+    __slots__ = ("tensor", "__weakref__")  # weakly referenced by the launch-plan recorder (_plans.py)
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor

@@ -38,15 +38,39 @@ non-default stream (so also CUDA-graph capture), autocast, deterministic algorit
 torch-function modes, a patched ``_runtime.launch`` (the emulator), a device other than CuPy's
 current one (an active profiler or debugger only stops new recordings). Plans hold no tensors (kernels, constants and offsets only). Not detected: a backend
 *function* replaced at run time (a test monkeypatching a launcher) -- call :func:`clear` after doing that.
+
+How a replay runs (session 7; each part selectable for before/after measurements):
+
+* Launches (``DRIVER_LAUNCH``, ``SSMCORE_PLAN_LAUNCH=cupy`` for the session-6 form): CuPy's kernel call
+  converts every argument into a parameter object per launch (tens of arguments per ssmcore kernel); a plan
+  instead keeps, per launch, the kernel's function pointer, the padded grid / block, the stream pointer, a
+  parameter array whose constant entries point at CuPy's own by-value form of each constant (its ``CScalar``,
+  the same bytes) and whose array entries point into a small buffer that the replay fills with the call's
+  pointers (one ``struct.pack_into``), then calls ``cupy.cuda.driver.launchKernel``. The buffers are per plan:
+  a replay holds the plan's lock, and a call finding it held (another thread mid-replay) takes the CuPy-call
+  replay. A thread's first driver launch makes sure it has a CUDA context, as CuPy's call does. A kernel that
+  is not a plain ``RawKernel`` / ``Function``, or a constant CuPy versions pass differently (None), keeps the
+  CuPy call for the whole plan.
+* Memory (``FREE_EARLY``, ``SSMCORE_PLAN_FREE=0`` for the session-6 form): the recorder holds the blocks
+  weakly (a scratch block the normal path drops goes back to torch at that point, also while recording; a result
+  is matched to its block by torch storage, held by a weak reference, and address), and a replay allocates each
+  block just before its first launch
+  and drops each scratch block after its last one (stream order makes that safe, as it does for the normal path).
+* Small scratch (``KEEP_SCRATCH`` bytes per plan, ``SSMCORE_PLAN_KEEP_SCRATCH``, 1 MiB; driver launches only):
+  allocated once with the plan and reused by every replay, which allocates only its results. Safe because
+  plans replay only on the legacy default stream, where one replay's kernels run after the previous one's.
 """
 
 from __future__ import annotations
 
 import ast
 import collections.abc
+import ctypes
 import os
+import struct
 import sys
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -55,6 +79,21 @@ from torch import Tensor
 from . import _bridge
 
 ENABLED = os.environ.get("SSMCORE_FASTPATH", "1") != "0"
+# Replays launch through the CUDA driver (``cupy.cuda.driver.launchKernel``) with each launch's kernel-parameter
+# array built once per plan (constants packed once, only the pointer slots rewritten per call); "cupy": through
+# CuPy's kernel call, which converts every argument per launch (the session-6 replay). Read when a plan is built.
+DRIVER_LAUNCH = os.environ.get("SSMCORE_PLAN_LAUNCH", "driver") != "cupy"
+# A replay allocates each block just before its first launch and drops a scratch block after its last one (stream
+# order makes that safe, as in the normal path), and the recorder holds the blocks weakly (the recording call
+# keeps nothing alive longer than the normal path). 0: every block up front, held to the end (session 6).
+FREE_EARLY = os.environ.get("SSMCORE_PLAN_FREE", "1") != "0"
+# A driver-launch plan whose scratch blocks total at most this many bytes allocates them once, when it is built, and
+# reuses them in every replay (no allocation per call at small shapes): safe because a plan replays only on the
+# device's legacy default stream, which runs one replay's launches after the previous one's. 0: never. At most
+# KEEP_SCRATCH_TOTAL bytes are kept over all plans (counted until clear(); plans past it allocate per call).
+KEEP_SCRATCH = int(os.environ.get("SSMCORE_PLAN_KEEP_SCRATCH", str(1 << 18)))
+KEEP_SCRATCH_TOTAL = 32 << 20
+_kept_bytes = 0
 MAX_PLANS = 4096
 
 _PLANS: dict = {}  # key -> _Plan or _Refused
@@ -66,15 +105,18 @@ REFUSED: dict = {}  # op name -> the last reason a recording was refused
 _PLAIN = (Tensor, torch.nn.Parameter)
 _lock = threading.Lock()
 _rt = None  # ssmcore.backends.cupy._runtime, imported with the first CUDA call
+_raw_stream = None  # torch's current raw CUDA stream of a device (torch._C._cuda_getCurrentRawStream), set by _import
 _arrays = None  # ssmcore.backends.cupy._arrays
 _cupy = None
 
 
 def clear() -> None:
     """Forget every plan and refusal (plans are also dropped wholesale past MAX_PLANS)."""
+    global _kept_bytes
     _PLANS.clear()
     _SEEN.clear()
     REFUSED.clear()
+    _kept_bytes = 0
 
 
 class _Refused:
@@ -92,7 +134,7 @@ MAX_RERECORDS = 64  # re-recordings of one key (its environment / module setting
 
 
 class _Plan:
-    __slots__ = ("replay", "env", "env_encoded", "knobs", "n_launches", "source", "rerecords")
+    __slots__ = ("replay", "env", "env_encoded", "knobs", "n_launches", "source", "rerecords", "valid")
 
     def __init__(self, replay, env, knobs, n_launches, source):
         self.replay, self.env, self.knobs = replay, env, knobs
@@ -103,6 +145,34 @@ class _Plan:
             self.env_encoded = None
         self.n_launches, self.source = n_launches, source
         self.rerecords = 0
+        self.valid = _validator(self)
+
+
+def _validator(plan):
+    """A function of no arguments: True while the environment variables and module settings the recording read
+    still hold (generated code: one dict lookup or attribute load and compare per item, no loop)."""
+    ns = {"_MISSING": _MISSING, "_os": os, "_getattr": getattr, "_fallback": lambda: _still_valid(plan)}
+    terms = []
+    head = "    _env = _os.environ\n"
+    if plan.env_encoded is not None:
+        # os._Environ's dict of encoded keys and values: no encoding per call (another mapping: the plain loop)
+        head += ("    _data = _getattr(_env, '_data', None)\n"
+                 "    if type(_data) is not dict:\n        return _fallback()\n")
+        for n, (k, v) in enumerate(plan.env_encoded):
+            ns[f"_ek{n}"], ns[f"_ev{n}"] = k, v
+            terms.append(f"_data.get(_ek{n}) == _ev{n}")
+    else:
+        for n, (k, v) in enumerate(plan.env):
+            ns[f"_ek{n}"], ns[f"_ev{n}"] = k, v
+            terms.append(f"_env.get(_ek{n}) == _ev{n}")
+    for n, (module, attr, v) in enumerate(plan.knobs):
+        ns[f"_m{n}"], ns[f"_a{n}"], ns[f"_v{n}"], ns[f"_t{n}"] = module, attr, v, type(v)
+        # the same value of the same type (1, 1.0 and True differ as settings)
+        terms.append(f"((_x := _getattr(_m{n}, _a{n}, _MISSING)) is _v{n} or (type(_x) is _t{n} and _x == _v{n}))")
+    body = " and\n            ".join(terms) if terms else "True"
+    source = f"def valid():\n{head}    return ({body})\n"
+    exec(compile(source, "<ssmcore launch plan check>", "exec"), ns)
+    return ns["valid"]
 
 
 def _key(name, args):
@@ -147,7 +217,7 @@ def _context_ok(device) -> bool:
             and not torch.are_deterministic_algorithms_enabled()
             and not torch._C._len_torch_dispatch_stack()
             and not torch._C._is_torch_function_mode_enabled()
-            and _bridge._current_raw_stream(device) == 0
+            and _raw_stream(device) == 0
             and _cupy.cuda.runtime.getDevice() == device)
 
 
@@ -161,6 +231,19 @@ def _import():
     except ImportError:
         return False
     _cupy, _rt, _arrays = cupy, _runtime, arrays
+    global _launch_kernel, _CScalar, _raw_stream
+    _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or _bridge._current_raw_stream
+    try:
+        from cupy._core._scalar import CScalar
+        from cupy.cuda import function as cupy_function
+
+        # CuPy >= 13 passes a scalar argument as a CScalar (and an array as a CIntptr): the same bytes here
+        # (CUDA only: the HIP build was not measured)
+        if (int(cupy.__version__.split(".")[0]) >= 13 and hasattr(cupy_function, "CIntptr")
+                and not _runtime.is_hip()):
+            _launch_kernel, _CScalar = cupy.cuda.driver.launchKernel, CScalar
+    except Exception:  # noqa: BLE001 - no driver launch: replays call the kernels through CuPy
+        _launch_kernel = _CScalar = None
     return True
 
 
@@ -189,7 +272,7 @@ def run(name, fn, args, kwargs):
             if plan.tries >= RECORD_TRIES:
                 return fn(*args)
             tries = plan.tries
-        elif _still_valid(plan):
+        elif plan.valid():
             STATS["hits"] += 1
             return plan.replay(ptrs, args)
         else:
@@ -375,7 +458,9 @@ class _Recorder:
         self.device = device
         self.args = args
         self.ptrs = ptrs
-        self.blocks = []  # [(_Block, requested bytes)]
+        # [(weak reference to the _Block, requested bytes, its address, weak reference to its torch storage)]
+        self.blocks = []
+        self.hold = []  # the _Blocks themselves, when FREE_EARLY is off (the session-6 recorder kept them all)
         self.casts = []  # [(float32 tensor made by torch, argument index)]
         self.launches = []  # [(kernel, grid, block, template, shared_mem, stream)]
         self.reason = None
@@ -406,8 +491,12 @@ class _Recorder:
             self.refuse(f"allocation in {caller.f_code.co_name} ({os.path.basename(caller.f_code.co_filename)}:"
                         f"{caller.f_lineno})")
         if block is not None:
-            self.blocks.append((block, size))
+            # held weakly: a scratch block goes back to torch when the normal path drops it, as without the
+            # recorder (a launch's arrays hold their blocks, so a block a launch uses is alive to be matched)
             p = block.tensor.data_ptr()
+            self.blocks.append((weakref.ref(block), size, p, _StorageWeakRef(block.tensor.untyped_storage())))
+            if not FREE_EARLY:
+                self.hold.append(block)
             self.extents.append((p, p + size))
 
     def on_launch(self, kernel, grid, block, args, shared_mem):
@@ -465,8 +554,8 @@ class _Recorder:
         owner = getattr(mem, "_owner", None)
         ptr = a.data.ptr
         if type(owner) is _bridge._Block:
-            for j, (b, _) in enumerate(self.blocks):
-                if b is owner:
+            for j, (ref, _, _, _) in enumerate(self.blocks):
+                if ref() is owner:
                     return ("B", j, ptr - mem.ptr)
             self.refuse("an allocation made outside the call")
             return ("C", None)
@@ -575,7 +664,12 @@ class _Recorder:
                 self.refuse("an empty result")
                 return None
             base = t.untyped_storage().data_ptr()
-            j = next((j for j, (b, _) in enumerate(self.blocks) if b.tensor.data_ptr() == base), None)
+            # a result's tensor holds its block's storage, not the _Block: matched by storage (a weak reference
+            # keeps a dead block's storage object from being reused, so a copy placed where a freed block was does
+            # not match it) and address, the latest such block (an earlier one there was freed before it was made)
+            cdata = t.untyped_storage()._cdata
+            j = next((j for j in range(len(self.blocks) - 1, -1, -1)
+                      if self.blocks[j][3].cdata == cdata and self.blocks[j][2] == base), None)
             if j is None or j in used or t.storage_offset() != 0 or _bridge.span_bytes(t) != self.blocks[j][1]:
                 self.refuse("a result that is not exactly one fresh allocation (copied, aliased or partial)")
                 return None
@@ -599,6 +693,7 @@ class _Recorder:
 
 _EMPTY_CODE = None
 _CUPY_OK_CODES: frozenset = frozenset()
+_StorageWeakRef = None  # torch.multiprocessing.reductions.StorageWeakRef, imported with the first recording
 
 
 def _torch_device(index):
@@ -606,57 +701,178 @@ def _torch_device(index):
 
 
 def _compile(blocks, launches, outputs, as_tuple, used, device, casts=()):
-    """Python source of the replay function, compiled: allocations, launches with pointer arithmetic, results."""
+    """The replay function (and its Python source): allocations, launches with pointer arithmetic, results.
+
+    With DRIVER_LAUNCH and every kernel launchable through the driver (see :func:`_driver_spec`) the launches go
+    through ``launchKernel`` (pointer slots packed into each launch's parameter buffer, under the plan's lock;
+    a second thread replaying the same plan at the same time takes the CuPy-call replay); else through CuPy's
+    kernel call, as the normal path does."""
+    cupy_replay, cupy_source = _compile_one(blocks, launches, outputs, as_tuple, used, device, casts, None)
+    specs = [_driver_spec(*launch) for launch in launches] if DRIVER_LAUNCH else None
+    if not specs or any(spec is None for spec in specs):
+        return cupy_replay, cupy_source
+    replay, source = _compile_one(blocks, launches, outputs, as_tuple, used, device, casts, (specs, cupy_replay))
+    return replay, source + "\n# when the plan is busy in another thread:\n" + cupy_source
+
+
+def _driver_spec(kernel, grid, block, template, shared_mem, stream):
+    """What a direct driver launch needs -- (function pointer, grid (3), block (3), stream pointer, constants as
+    CuPy would pass them) -- or None when the launch must go through CuPy's call."""
+    if _launch_kernel is None or _CScalar is None or getattr(kernel, "enable_cooperative_groups", False):
+        return None
+    function_type = getattr(getattr(_cupy, "cuda", None), "Function", None)
+    if function_type is not None and isinstance(kernel, function_type):
+        function = kernel
+    else:
+        function = getattr(kernel, "kernel", None)  # cupy.RawKernel -> its cupy.cuda.Function (this device)
+    fptr = getattr(function, "ptr", None)
+    sptr = getattr(stream, "ptr", None)
+    if type(fptr) is not int or not fptr or type(sptr) is not int:
+        return None
+    try:
+        g = tuple(max(1, int(v)) for v in (tuple(grid) + (1, 1))[:3])
+        b = tuple(max(1, int(v)) for v in (tuple(block) + (1, 1))[:3])
+        constants = {}
+        for m, slot in enumerate(template):
+            if slot[0] == "C":
+                value = slot[1]
+                if value is None or not isinstance(value, (np.generic, bool, int, float)):
+                    return None  # (None: CuPy versions differ in what they pass)
+                constants[m] = _CScalar(value)  # CuPy's own by-value form of a scalar argument (its _pointer)
+    except Exception:  # noqa: BLE001 - anything odd: the CuPy call
+        return None
+    return fptr, g, b, int(shared_mem), sptr, constants, function
+
+
+def _compile_one(blocks, launches, outputs, as_tuple, used, device, casts, driver):
     ns = {"_empty": torch.empty, "_empty_strided": torch.empty_strided, "_uint8": torch.uint8,
           "_absent": _bridge.absent, "_f32": torch.float32}
     ns["d"] = _torch_device(device)  # plans are per device (the key holds it)
     lines = ["def replay(P, A):"]
+    ind = "    "
+    if driver is not None:
+        specs, cupy_replay = driver
+        ns.update(_lock=threading.Lock(), _slow=cupy_replay, _L=_launch_kernel, _tid=threading.get_ident,
+                  _ctx=_CONTEXT_THREADS, _ensure=_ensure_context)
+        lines += ["    if not _lock.acquire(False):", "        return _slow(P, A)",
+                  "    if _tid() not in _ctx:", "        _ensure()", "    try:"]
+        ind = "        "
     for k, i in enumerate(casts):  # parameters cast to float32 (torch, on the current stream, before the launches)
-        lines.append(f"    x{k} = A[{i}].to(_f32)")
-        lines.append(f"    c{k} = x{k}.data_ptr()")
-    needed = set(used)
-    for launch in launches:
+        lines.append(f"{ind}x{k} = A[{i}].to(_f32)")
+        lines.append(f"{ind}c{k} = x{k}.data_ptr()")
+    first, last = {}, {}  # block -> index of the first / last launch that uses it
+    for n, launch in enumerate(launches):
         for slot in launch[3]:
             if slot[0] == "B":
-                needed.add(slot[1])
-    for j, (_, size) in enumerate(blocks):
-        if j not in needed:
-            continue
+                first.setdefault(slot[1], n)
+                last[slot[1]] = n
+    needed = set(used) | set(first)
+    kept = set()  # scratch blocks allocated once with the plan (driver launches only, small scratch only)
+    scratch = [j for j in first if j not in used]
+    scratch_bytes = sum(((blocks[j][1] + 15) >> 4) << 4 for j in scratch)
+    global _kept_bytes
+    if (driver is not None and scratch and scratch_bytes <= KEEP_SCRATCH
+            and _kept_bytes + scratch_bytes <= KEEP_SCRATCH_TOTAL):
+        _kept_bytes += scratch_bytes
+        for j in scratch:
+            t = ns[f"_kept{j}"] = torch.empty(((blocks[j][1] + 15) >> 4) << 4, dtype=torch.uint8, device=ns["d"])
+            lines.append(f"{ind}b{j} = {t.data_ptr()}")
+            kept.add(j)
+        needed -= kept
+    early = FREE_EARLY and bool(launches)
+    allocate_at = {}  # launch index -> blocks allocated just before it (-1: up front)
+    for j in sorted(needed):
+        at = first.get(j, 0) if early else -1
+        allocate_at.setdefault(at if early else -1, []).append(j)
+    free_after = {}  # launch index -> scratch blocks dropped after it
+    if early:
+        for j, n in last.items():
+            if j not in used and j not in kept:
+                free_after.setdefault(n, []).append(j)
+
+    def allocate(j):
+        size = blocks[j][1]
         if j in used:
             _, shape, stride, dtype = outputs[used[j]]
             ns[f"_dt{j}"] = dtype
-            lines.append(f"    o{j} = _empty_strided({shape!r}, {stride!r}, dtype=_dt{j}, device=d)")
+            lines.append(f"{ind}o{j} = _empty_strided({shape!r}, {stride!r}, dtype=_dt{j}, device=d)")
         else:
-            lines.append(f"    o{j} = _empty(({((size + 15) >> 4) << 4},), dtype=_uint8, device=d)")
-        lines.append(f"    b{j} = o{j}.data_ptr()")
+            lines.append(f"{ind}o{j} = _empty(({((size + 15) >> 4) << 4},), dtype=_uint8, device=d)")
+        lines.append(f"{ind}b{j} = o{j}.data_ptr()")
+
+    for j in allocate_at.get(-1, ()):
+        allocate(j)
     for n, (kernel, grid, block, template, shared_mem, stream) in enumerate(launches):
-        ns[f"_k{n}"], ns[f"_g{n}"], ns[f"_bl{n}"], ns[f"_s{n}"] = kernel, grid, block, stream
-        items = []
+        for j in allocate_at.get(n, ()) if early else ():
+            allocate(j)
+        items = []  # (parameter index, expression) of the per-call arguments
         for m, slot in enumerate(template):
             if slot[0] == "P":
-                items.append(f"P[{slot[1]}] + {slot[2]}" if slot[2] else f"P[{slot[1]}]")
+                items.append((m, f"P[{slot[1]}] + {slot[2]}" if slot[2] else f"P[{slot[1]}]"))
             elif slot[0] == "B":
-                items.append(f"b{slot[1]} + {slot[2]}" if slot[2] else f"b{slot[1]}")
+                items.append((m, f"b{slot[1]} + {slot[2]}" if slot[2] else f"b{slot[1]}"))
             elif slot[0] == "X":
-                items.append(f"c{slot[1]} + {slot[2]}" if slot[2] else f"c{slot[1]}")
+                items.append((m, f"c{slot[1]} + {slot[2]}" if slot[2] else f"c{slot[1]}"))
             else:
-                ns[f"_c{n}_{m}"] = slot[1]
-                items.append(f"_c{n}_{m}")
-        lines.append(f"    _k{n}(_g{n}, _bl{n}, ({', '.join(items)}{',' if len(items) == 1 else ''}), "
-                     f"shared_mem={int(shared_mem)}, stream=_s{n})")
+                items.append((m, None))
+        if driver is None:
+            ns[f"_k{n}"], ns[f"_g{n}"], ns[f"_bl{n}"], ns[f"_s{n}"] = kernel, grid, block, stream
+            exprs = []
+            for m, expr in items:
+                if expr is None:
+                    ns[f"_c{n}_{m}"] = template[m][1]
+                    expr = f"_c{n}_{m}"
+                exprs.append(expr)
+            lines.append(f"{ind}_k{n}(_g{n}, _bl{n}, ({', '.join(exprs)}{',' if len(exprs) == 1 else ''}), "
+                         f"shared_mem={int(shared_mem)}, stream=_s{n})")
+        else:
+            fptr, g, b, smem, sptr, constants, function = specs[n]
+            variable = [(m, expr) for m, expr in items if expr is not None]
+            # one buffer per launch: the pointer slots (8 bytes each, as CuPy passes an int), written per call;
+            # the parameter array (one address per kernel parameter) and the constants are fixed
+            slots = (ctypes.c_uint64 * max(1, len(variable)))()
+            params = (ctypes.c_void_p * max(1, len(template)))()
+            base = ctypes.addressof(slots)
+            for k, (m, _) in enumerate(variable):
+                params[m] = base + 8 * k
+            for m, scalar in constants.items():
+                params[m] = scalar.ptr
+            ns[f"_keep{n}"] = (slots, params, constants, kernel, function)  # alive as long as the plan (module too)
+            if variable:
+                ns[f"_pk{n}"] = struct.Struct(f"<{len(variable)}Q").pack_into
+                ns[f"_v{n}"] = slots
+                lines.append(f"{ind}_pk{n}(_v{n}, 0, {', '.join(expr for _, expr in variable)})")
+            lines.append(f"{ind}_L({fptr}, {g[0]}, {g[1]}, {g[2]}, {b[0]}, {b[1]}, {b[2]}, {smem}, {sptr}, "
+                         f"{ctypes.addressof(params)}, 0)")
+        for j in free_after.get(n, ()):
+            lines.append(f"{ind}del o{j}")
     results = [f"o{o[0]}" if o is not None else "_absent(d)" for o in outputs]
     if as_tuple:
-        lines.append(f"    return ({', '.join(results)}{',' if len(results) == 1 else ''})")
+        lines.append(f"{ind}return ({', '.join(results)}{',' if len(results) == 1 else ''})")
     else:
-        lines.append(f"    return {results[0]}")
+        lines.append(f"{ind}return {results[0]}")
+    if driver is not None:
+        lines += ["    finally:", "        _lock.release()"]
     source = "\n".join(lines)
     exec(compile(source, "<ssmcore launch plan>", "exec"), ns)
     return ns["replay"], source
 
 
+_launch_kernel = None  # cupy.cuda.driver.launchKernel, set by _import
+_CScalar = None  # cupy._core._scalar.CScalar: what CuPy's kernel call makes of a scalar argument
+_CONTEXT_THREADS: set = set()  # threads known to have a current CUDA context (CuPy's call checks per launch)
+
+
+def _ensure_context() -> None:
+    """What CuPy's kernel call does before a launch: make sure this thread has a current CUDA context."""
+    if _cupy.cuda.driver.ctxGetCurrent() == 0:
+        _cupy.cuda.runtime.free(0)  # cudaFree(0): the runtime binds the current device's primary context
+    _CONTEXT_THREADS.add(threading.get_ident())
+
+
 def _record(name, fn, args, key, ptrs, device, tries=0, rerecords=0):
     """Run ``fn`` under the recorder; cache a plan (or the refusal)."""
-    global _EMPTY_CODE, _CUPY_OK_CODES
+    global _EMPTY_CODE, _CUPY_OK_CODES, _kept_bytes, _StorageWeakRef
     if (sys.getprofile() is not None or sys.gettrace() is not None or not _stream_known(device)
             or not _lock.acquire(blocking=False)):
         # a profiler, debugger or another recording is running, or the first call on this stream: not now
@@ -664,7 +880,9 @@ def _record(name, fn, args, key, ptrs, device, tries=0, rerecords=0):
     try:
         if _EMPTY_CODE is None:
             from cupy._creation import basic, from_data
+            from torch.multiprocessing.reductions import StorageWeakRef
 
+            _StorageWeakRef = StorageWeakRef
             _EMPTY_CODE = basic.empty.__code__
             _CUPY_OK_CODES = frozenset({basic.empty.__code__, from_data.ascontiguousarray.__code__})
         rec = _Recorder(args, ptrs, device)
@@ -684,9 +902,10 @@ def _record(name, fn, args, key, ptrs, device, tries=0, rerecords=0):
             _arrays._cast_hook = None
             _rt._recorder = None
             os.environ = environ
-        plan = rec.finish(out)
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
+            _kept_bytes = 0
+        plan = rec.finish(out)
         if plan is None:
             STATS["refused"] += 1
             REFUSED[name] = rec.reason
