@@ -1,17 +1,26 @@
 """Where a block's forward+backward GPU time goes, ours vs the peer (GPU machine; data for block/training speed).
 
     python3 bench/profile_block.py [--batch 8] [--length 2048] [--d-model 1024] [--top 22] [--who ours peer]
+    python3 bench/profile_block.py --kinds Mamba --who ours ours-recompute peer   # kept scan checkpoints or not
+    python3 bench/profile_block.py --conv   # causal_conv1d_fn fwd+bwd: where the time outside the kernels goes
 
 The setting of bench/test_gpu_blocks.py: Mamba (d_state 16) and Mamba2 (H32 P64 N128, chunk 256), fp32 parameters
 under bf16 autocast, torch.autograd.grad of the output w.r.t. input and parameters. Prints wall time per
 forward+backward (CUDA events, median of 10), the sum of kernel times (torch.profiler), the kernels by GPU time,
-ours next to the peer's, and peak memory above the inputs.
+ours next to the peer's, and peak memory above the inputs. "ours-recompute": ours with the Mamba-1 fused path's
+scan checkpoints recomputed in the backward (SSMCORE_MAMBA_CKPT=0, before session 7) instead of kept from the forward.
+
+--conv: the suite's causal_conv1d fwd+bwd row (B8 D4096 L2048 W4 bf16, fp32 weight and bias, silu), per call: CUDA-event
+time at that shape, host time at a tiny shape (back-to-back calls, the GPU idle: what the big shape hides or not), the
+kernel sum, for ours through the eager autograd.Function (session 7) and through the custom op's own autograd, and
+the peer; plus the launch-plan refusals.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import time
 
 import torch
 from profile_decode import kernel_times  # bench/ is the script's folder
@@ -41,6 +50,60 @@ def step_fn(module, x, g):
         return torch.autograd.grad(out, [x] + params, g)
 
     return run
+
+
+def _ours_variant(who):
+    """Set ours' knobs for a row name ("ours", "ours-recompute")."""
+    from ssmcore.adapters.torch import fused
+
+    fused.keep_checkpoints = who != "ours-recompute"
+
+
+def conv_report(top):
+    import ssmcore.adapters.torch as adapter
+    from ssmcore.adapters.torch import _plans, functional
+
+    def inputs(b, d, length):
+        x = torch.randn(b, d, length, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(d, 4, device="cuda", requires_grad=True)
+        bias = torch.randn(d, device="cuda", requires_grad=True)
+        return x, w, bias, torch.randn_like(x)
+
+    def call(fn, x, w, bias, g):
+        return lambda: torch.autograd.grad(fn(x, w, bias, activation="silu"), [x, w, bias], g)
+
+    sides = {"ours (autograd.Function)": (adapter.causal_conv1d_fn, True),
+             "ours (custom op autograd)": (adapter.causal_conv1d_fn, False)}
+    try:
+        from causal_conv1d import causal_conv1d_fn as peer_fn
+
+        sides["peer"] = (peer_fn, None)
+    except Exception as err:  # noqa: BLE001
+        print(f"peer unavailable: {type(err).__name__}: {err}"[:200])
+    original = functional._eager_autograd
+    big, tiny = inputs(8, 4096, 2048), inputs(1, 64, 64)
+    for name, (fn, function_path) in sides.items():
+        if function_path is not None:
+            functional._eager_autograd = original if function_path else (lambda *t: False)
+        try:
+            run = call(fn, *big)
+            wall, gpu, launches, peak, per = measure(run, top)
+            host_call = call(fn, *tiny)
+            for _ in range(20):
+                host_call()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                host_call()
+            host = (time.perf_counter() - t0) / 200 * 1e6
+            torch.cuda.synchronize()
+            print(f"\ncausal_conv1d fwd+bwd B8 D4096 L2048 W4, {name}: wall {wall:7.1f} us, kernel sum {gpu:7.1f} us, "
+                  f"{launches} launches; host per call (B1 D64 L64) {host:6.1f} us")
+            for kname, (t, c) in sorted(per.items(), key=lambda kv: -kv[1][0])[:top]:
+                print(f"   {t:8.1f} {c:4d}  {kname}")
+        finally:
+            functional._eager_autograd = original
+    print(f"\nlaunch plans: {_plans.STATS}; refused: {_plans.REFUSED}")
 
 
 def measure(fn, top):
@@ -80,8 +143,12 @@ def main():
     ap.add_argument("--d-model", type=int, default=1024)
     ap.add_argument("--top", type=int, default=22)
     ap.add_argument("--kinds", nargs="+", default=["Mamba", "Mamba2"])
-    ap.add_argument("--who", nargs="+", default=["ours", "peer"], help="ours and/or peer")
+    ap.add_argument("--who", nargs="+", default=["ours", "peer"], help="ours, ours-recompute and/or peer")
+    ap.add_argument("--conv", action="store_true", help="the causal_conv1d fwd+bwd report instead of the blocks")
     args = ap.parse_args()
+    if args.conv:
+        conv_report(args.top)
+        return
     for kind in args.kinds:
         x = torch.randn(args.batch, args.length, args.d_model, device="cuda", dtype=torch.bfloat16,
                         requires_grad=True)
@@ -89,6 +156,8 @@ def main():
         rows = {}
         for who in args.who:
             try:
+                if who != "peer":
+                    _ours_variant(who)
                 module = make(kind, args.d_model, who == "peer")
             except Exception as err:  # noqa: BLE001
                 print(f"{kind} {who}: unavailable: {type(err).__name__}: {err}"[:300])

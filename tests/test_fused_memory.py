@@ -341,6 +341,162 @@ def test_saved_bytes_of_the_fused_functions():
     assert saved2 <= zxbcdt.numel() * 4 + b * length * dim * 4 + small + 64
 
 
+class OpCounts(TorchDispatchMode):
+    """(op name, output numel) of every op dispatched under the mode (ssmcore custom ops included: a dispatch
+    mode sends the fused functions through torch.ops.ssmcore)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        self.ops.append((str(func.overloadpacket), first.numel() if isinstance(first, torch.Tensor) else 0))
+        return out
+
+    def count(self, name, min_numel=0):
+        return sum(1 for op, n in self.ops if op == name and n >= min_numel)
+
+
+_COPIES = ("aten.clone", "aten.copy_", "aten._to_copy", "aten.contiguous")
+
+
+def test_mamba_step_runs_one_scan_forward_and_no_activation_copies():
+    """One training step of the Mamba block (fp32 parameters, bf16 autocast, the profile_block setting): one
+    scan forward, one scan backward, the conv twice forward (forward + recompute) and once backward, and no
+    copy of a (B, D_in, L)-sized tensor (session 7: out_z's, conv_out's and ddelta's transposing copies in the
+    backward became batched GEMMs reading them in place). Copies left (11): the scan's (B, N, L) B and C (twice:
+    forward and recompute), the (B, L, N) dB / dC and (B, L, R) dt parts of dx_dbl, and autocast's casts of the
+    four projection weights (their gradients come out of float32 sums, no casts back)."""
+    torch.manual_seed(0)
+    batch, length, d_model = 2, 128, 32  # activations (B, D_in, L) larger than any weight or (B, N, L)
+    module = Mamba(d_model, d_state=16)
+    d_inner = module.d_inner
+    x = torch.randn(batch, length, d_model, dtype=torch.bfloat16, requires_grad=True)
+    params = list(module.parameters())
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x)
+        return torch.autograd.grad(out, [x] + params, torch.randn_like(out))
+
+    step()
+    with OpCounts() as ops:
+        step()
+    assert ops.count("ssmcore.selective_scan_fwd") == 1
+    assert ops.count("ssmcore.selective_scan_bwd") == 1
+    assert ops.count("ssmcore.causal_conv1d_fwd") == 2
+    assert ops.count("ssmcore.causal_conv1d_bwd") == 1
+    activation = batch * d_inner * length
+    big = [(op, n) for op, n in ops.ops if op in _COPIES and n >= activation // 2]
+    assert not big, big
+    copies = sum(ops.count(name) for name in _COPIES)
+    assert copies <= 11, [(op, n) for op, n in ops.ops if op in _COPIES]
+
+
+def test_mamba_checkpoints_go_from_forward_to_backward(monkeypatch):
+    """The CUDA path's plumbing, on CPU with stand-ins: the forward's checkpoints reach the scan backward once;
+    a second backward through a retained graph recomputes (the op path); gradients are the same."""
+    from ssmcore.adapters.torch import fused
+
+    calls = []
+    ckpt_marker = torch.zeros(1)
+
+    def fwd(u, delta, A, B, C, D, z, delta_bias, softplus):
+        calls.append("fwd")
+        out, _ = fused._ops.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, None, softplus)
+        return out, ckpt_marker
+
+    def bwd(dout, u, delta, A, B, C, D, z, delta_bias, softplus, ckpt):
+        assert ckpt is ckpt_marker
+        calls.append("bwd")
+        return fused._ops.selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, None, None, softplus)
+
+    module, u = _mamba_case()
+    inputs = [u] + list(module.parameters())
+    g = torch.randn(u.shape, dtype=u.dtype)
+    want = torch.autograd.grad(module(u), inputs, g)
+    monkeypatch.setattr(fused, "_keep_checkpoints", lambda t: True)
+    monkeypatch.setattr(fused, "_scan_fwd_checkpoints", fwd)
+    monkeypatch.setattr(fused, "_scan_bwd_checkpoints", bwd)
+    out = module(u)
+    first = torch.autograd.grad(out, inputs, g, retain_graph=True)
+    second = torch.autograd.grad(out, inputs, g)
+    assert calls == ["fwd", "bwd"]
+    with torch.no_grad():  # no backward to follow: the plain forward
+        module(u)
+    assert calls == ["fwd", "bwd"]
+    _assert_same(want, first)
+    _assert_same(want, second)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_in_proj_apart_matches_linear(bias):
+    """Mamba's in_proj halves (modules._InProjApart: its own backward) against F.linear + split, float64
+    (gradcheck too) and under bf16 autocast (same bf16 inputs, float32 sums: close to autograd's)."""
+    from ssmcore.adapters.torch.modules import _in_proj_apart
+
+    torch.manual_seed(7)
+    proj = torch.nn.Linear(6, 10, bias=bias, dtype=torch.float64)
+    h = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
+    leaves = [h] + list(proj.parameters())
+    x, z = _in_proj_apart(proj, h, 5)
+    xz = torch.nn.functional.linear(h, proj.weight, proj.bias).transpose(1, 2)
+    torch.testing.assert_close(torch.cat([x, z], dim=1), xz, rtol=1e-12, atol=1e-12)
+    assert x.is_contiguous() and z.is_contiguous()
+    gx, gz = torch.randn_like(x), torch.randn_like(z)
+    got = torch.autograd.grad((x * gx).sum() + (z * gz).sum(), leaves)
+    want = torch.autograd.grad((xz * torch.cat([gx, gz], dim=1)).sum(), leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert got[0].is_contiguous()
+    torch.autograd.gradcheck(lambda *t: _in_proj_apart(proj, t[0], 5), (h,))
+
+    proj32 = torch.nn.Linear(6, 10, bias=bias)
+    h32 = torch.randn(3, 7, 6, requires_grad=True)
+    leaves32 = [h32] + list(proj32.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x, z = _in_proj_apart(proj32, h32, 5)
+        xz = torch.nn.functional.linear(h32, proj32.weight, proj32.bias).transpose(1, 2)
+    assert x.dtype == torch.bfloat16
+    torch.testing.assert_close(torch.cat([x, z], dim=1), xz, rtol=1e-2, atol=1e-2)
+    g = torch.randn(3, 10, 7, dtype=torch.bfloat16)
+    got = torch.autograd.grad((torch.cat([x, z], dim=1).float() * g.float()).sum(), leaves32)
+    want = torch.autograd.grad((xz.float() * g.float()).sum(), leaves32)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("states", [False, True])
+def test_causal_conv1d_fn_eager_autograd_equals_the_custom_op(monkeypatch, states):
+    """causal_conv1d_fn under autograd in plain eager mode (functional._CausalConv1dFn over the ops' direct
+    calls) against the custom op's registered autograd: bitwise the same output, final states and gradients."""
+    from ssmcore.adapters.torch import functional
+
+    torch.manual_seed(6)
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    x, weight = torch.randn(2, 5, 11, **f64), torch.randn(5, 3, **f64)
+    bias = None if states else torch.randn(5, **f64)
+    init = torch.randn(2, 5, 2, **f64) if states else None
+    leaves = [t for t in (x, weight, bias, init) if t is not None]
+
+    def run():
+        res = functional.causal_conv1d_fn(x, weight, bias, initial_states=init, return_final_states=states,
+                                          activation="silu")
+        outs = res if states else (res,)
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view(o.shape)).sum() for o in outs)
+        return outs, torch.autograd.grad(loss, leaves)
+
+    assert functional._eager_autograd(x, weight)
+    got = run()
+    monkeypatch.setattr(functional, "_eager_autograd", lambda *t: False)
+    want = run()
+    _assert_same(got[0], want[0])
+    _assert_same(got[1], want[1])
+
+
 # ------------------------------------------------------------------------------------ accounting
 
 

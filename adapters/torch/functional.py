@@ -77,13 +77,62 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
     """
     _require_tensors(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
                      final_states_out=final_states_out)
-    out, final_states = _ops.causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation,
-                                               bool(return_final_states))
+    if _eager_autograd(x, weight, bias, initial_states, seq_idx):
+        out, final_states = _CausalConv1dFn.apply(x, weight, bias, seq_idx, initial_states, activation,
+                                                  bool(return_final_states))
+    else:
+        out, final_states = _ops.causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation,
+                                                   bool(return_final_states))
     if not return_final_states:
         return out
     if final_states_out is not None:
         final_states = final_states_out.copy_(final_states)
     return out, final_states
+
+
+def _eager_autograd(*tensors) -> bool:
+    """True in plain eager mode when autograd will record the call (grad mode on, an input requires grad):
+    then a torch.autograd.Function calling the ops' implementations directly (their launch-plan fast path,
+    forward and backward) replaces the custom op's own autograd, whose dispatch layers cost tens of
+    microseconds per call each way. Anything that traces, compiles or intercepts keeps the custom op."""
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
+        return False
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._get_tracing_state() is not None):
+        return False
+    from torch.autograd import forward_ad
+
+    if forward_ad._current_level >= 0:
+        return False
+    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+
+
+class _CausalConv1dFn(torch.autograd.Function):
+    """ssmcore::causal_conv1d_fwd with its registered backward (ops._causal_conv1d_backward), as a plain
+    autograd.Function over the ops' direct eager calls (see _eager_autograd)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, seq_idx, initial_states, activation, return_final_states):
+        out, final_states = _ops.causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation,
+                                                   return_final_states)
+        ctx.save_for_backward(x, weight, bias, seq_idx, initial_states)
+        ctx.activation = activation
+        if not return_final_states:
+            ctx.mark_non_differentiable(final_states)
+        ctx.set_materialize_grads(False)
+        return out, final_states
+
+    @staticmethod
+    def backward(ctx, dout, dfinal_states):
+        x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(x)
+        dx, dweight, dbias, dinitial_states = _ops.causal_conv1d_bwd(
+            dout, x, weight, bias, seq_idx, initial_states, dfinal_states, ctx.activation)
+        return (dx, dweight, dbias if bias is not None else None, None,
+                dinitial_states if initial_states is not None else None, None, None)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None,

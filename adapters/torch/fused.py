@@ -16,10 +16,13 @@ autocast off, so the forward and the recomputing backward see the same dtypes.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import _plans, ops
+from ._bridge import backend_scope, fresh_outputs, to_array
 
 # torch.ops.ssmcore, straight to each op's implementation in plain eager mode (the autograd.Functions below run their
 # forward and backward with grad mode off, so inference, prefill and training all skip the torch.library dispatch;
@@ -62,9 +65,11 @@ class MambaInnerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                 out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
-                delta_softplus=True, checkpoint_lvl=1, z=None):
+                delta_softplus=True, checkpoint_lvl=1, z=None, backward_follows=None):
         # z given (ssmcore's Mamba module): xz is x alone, (B, D, L), and z comes apart; both may then be contiguous
         # (the conv reads a contiguous x without copying it) and their gradients come back apart (no dxz).
+        # backward_follows: False when the caller knows no backward will run (grad mode was off at the call; the
+        # forward itself always runs with it off): then no scan checkpoints are kept.
         if checkpoint_lvl not in (0, 1):
             raise ValueError(f"checkpoint_lvl: expected 0 (store conv output and dt) or 1 (recompute them), "
                              f"got {checkpoint_lvl!r}")
@@ -86,11 +91,19 @@ class MambaInnerFn(torch.autograd.Function):
             delta = _delta(x_dbl, delta_proj_weight, xz.shape[0])
             B_scan, C_scan = _scan_BC(x_dbl, B, C, B_proj_bias, C_proj_bias, delta_proj_weight.shape[1],
                                       A.shape[-1], xz.shape[0])
-            out_z, _ = _ops.selective_scan_fwd(conv_out, delta, A, B_scan, C_scan, D, z, delta_bias, None,
-                                               bool(delta_softplus))
+            ckpt = None
+            if backward_follows is not False and any(ctx.needs_input_grad) and _keep_checkpoints(conv_out):
+                out_z, ckpt = _scan_fwd_checkpoints(conv_out, delta, A, B_scan, C_scan, D, z, delta_bias,
+                                                    bool(delta_softplus))
+            else:
+                out_z, _ = _ops.selective_scan_fwd(conv_out, delta, A, B_scan, C_scan, D, z, delta_bias, None,
+                                                   bool(delta_softplus))
             out = F.linear(out_z.transpose(1, 2), out_proj_weight, out_proj_bias)
         if checkpoint_lvl == 1:
             conv_out = delta = None
+        # The scan's state checkpoints (CUDA, plain eager: see _keep_checkpoints) go to the scan backward, which
+        # then skips its own checkpoint pass (a second scan forward); dropped there.
+        ctx.ckpt = ckpt
         # out_z only feeds the out_proj weight gradient, the backward's first step: kept on ctx (see _stash) it
         # is dropped before the scan backward, the peak of the backward.
         ctx.out_z = out_z if _stash() else None
@@ -119,36 +132,48 @@ class MambaInnerFn(torch.autograd.Function):
                 conv_out = _conv_silu(x, conv_weight, conv1d_bias)
                 delta = _delta(x_dbl, delta_proj_weight, batch)
             B_scan, C_scan = _scan_BC(x_dbl, B, C, B_proj_bias, C_proj_bias, rank, dstate, batch)
+            ckpt, ctx.ckpt = getattr(ctx, "ckpt", None), None
             if out_z is None:  # a second backward (retain_graph) after the first dropped it
                 out_z, _ = _ops.selective_scan_fwd(conv_out, delta, A, B_scan, C_scan, D, z, delta_bias, None,
                                                    ctx.delta_softplus)
             dout = dout.to(out_proj_weight.dtype).reshape(batch * length, -1)  # (B*L, E)
-            dout_proj_weight = dout.t() @ _rows(out_z)
+            # Products with a (B, D, L) operand contract over (b, l), which no single stride spans: batched GEMMs
+            # over b read it in place (no (B*L, D) transposing copy) and their (B, ., .) results are summed.
+            dout_proj_weight = _batch_sum(torch.bmm(dout.view(batch, length, -1).transpose(1, 2),
+                                                    out_z.transpose(1, 2)))  # (E, D)
             del out_z
             dout_proj_bias = dout.sum(0) if ctx.has_out_proj_bias else None
             # (D, B*L) = W^T dout^T, viewed (B, D, L) with L contiguous: the scan reads it through its strides
             # (no copy), where (dout @ W) viewed (B, D, L) has D contiguous and needs one.
             dout_y = torch.matmul(out_proj_weight.t(), dout.t()).view(-1, batch, length).permute(1, 0, 2)
-            dconv_out, ddelta, dA, dB, dC, dD, dz, ddelta_bias, _ = _ops.selective_scan_bwd(
-                dout_y, conv_out, delta, A, B_scan, C_scan, D, z, delta_bias, None, None, ctx.delta_softplus)
-            del dout_y, delta, B_scan, C_scan
+            if ckpt is not None:
+                dconv_out, ddelta, dA, dB, dC, dD, dz, ddelta_bias, _ = _scan_bwd_checkpoints(
+                    dout_y, conv_out, delta, A, B_scan, C_scan, D, z, delta_bias, ctx.delta_softplus, ckpt)
+            else:
+                dconv_out, ddelta, dA, dB, dC, dD, dz, ddelta_bias, _ = _ops.selective_scan_bwd(
+                    dout_y, conv_out, delta, A, B_scan, C_scan, D, z, delta_bias, None, None, ctx.delta_softplus)
+            del dout_y, delta, B_scan, C_scan, ckpt
 
-            ddelta = ddelta.permute(1, 0, 2).reshape(ddelta.shape[1], -1)  # (D, B*L)
-            ddelta_proj_weight = ddelta @ x_dbl[:, :rank]
+            x_dbl3 = x_dbl.view(batch, length, -1)
+            # (D, R) = sum over b of ddelta_b (D, L) @ x_dbl_b[:, :R] (L, R)
+            ddelta_proj_weight = _batch_sum(torch.bmm(ddelta, x_dbl3[:, :, :rank]))
             # Columns of x_dbl that feed a constant B or C are unused: their gradient is 0.
-            dx_dbl = torch.zeros_like(x_dbl)
-            dx_dbl[:, :rank] = ddelta.t() @ delta_proj_weight
+            dx_dbl = torch.empty_like(x_dbl) if B is None and C is None else torch.zeros_like(x_dbl)
+            dx_dbl3 = dx_dbl.view(batch, length, -1)
+            dx_dbl3[:, :, :rank].copy_(torch.bmm(ddelta.transpose(1, 2),
+                                                 delta_proj_weight.unsqueeze(0).expand(batch, -1, -1)))
             del ddelta
             dB_proj_bias = dC_proj_bias = None
             if B is None:
-                dx_dbl[:, rank:rank + dstate] = _rows(dB)
-                dB_proj_bias = _rows(dB).sum(0) if B_proj_bias is not None else None
+                dx_dbl3[:, :, rank:rank + dstate].copy_(dB.transpose(1, 2))
+                dB_proj_bias = dB.sum((0, 2)) if B_proj_bias is not None else None
                 dB = None
             if C is None:
-                dx_dbl[:, rank + dstate:rank + 2 * dstate] = _rows(dC)
-                dC_proj_bias = _rows(dC).sum(0) if C_proj_bias is not None else None
+                dx_dbl3[:, :, rank + dstate:rank + 2 * dstate].copy_(dC.transpose(1, 2))
+                dC_proj_bias = dC.sum((0, 2)) if C_proj_bias is not None else None
                 dC = None
-            dx_proj_weight = dx_dbl.t() @ _rows(conv_out)
+            # (R + 2N, D) = sum over b of dx_dbl_b^T (R + 2N, L) @ conv_out_b^T (L, D)
+            dx_proj_weight = _batch_sum(torch.bmm(dx_dbl3.transpose(1, 2), conv_out.transpose(1, 2)))
             del conv_out
             # The x_proj term W_x^T dx_dbl_b^T is accumulated into the scan's gradient (a fresh tensor of ours) by
             # one batched GEMM (no (B*L, D) product and no strided add).
@@ -176,7 +201,7 @@ class MambaInnerFn(torch.autograd.Function):
             None if dout_proj_bias is None else dout_proj_bias.to(out_bias_dtype),
             dA, dB, dC, _present(dD, D), _present(ddelta_bias, delta_bias),
             _grad_like(dB_proj_bias, B_proj_bias), _grad_like(dC_proj_bias, C_proj_bias),
-            None, None, None if z_apart is None else dz.to(ctx.z_dtype),
+            None, None, None if z_apart is None else dz.to(ctx.z_dtype), None,
         )
 
 
@@ -193,9 +218,82 @@ def _stash() -> bool:
         return False
 
 
-def _rows(t):
-    """(B, C, L) -> (B*L, C)."""
-    return t.transpose(1, 2).reshape(-1, t.shape[1])
+def _batch_sum(t):
+    """(B, M, K) per-batch products -> their (M, K) sum, added in float32 (float64 for float64; the caller
+    casts to the parameter's dtype)."""
+    return t.sum(0, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
+# Keep the scan's state checkpoints from the forward for the backward (Mamba-1 fused path, CUDA, plain eager):
+# "1" (default) or "0" (the backward recomputes them: one more scan forward per step). Kept, they are held from
+# the forward to the backward: (B, L / chunk, D, N padded) float32, 64 MiB at B8 D2048 L2048 N16 (chunk 32), one
+# bf16 (B, D, L) activation; the block's peak (the scan backward, where they exist either way) does not change.
+# The module attribute wins when set; else SSMCORE_MAMBA_CKPT, read on every call.
+keep_checkpoints = None
+
+
+def _keep_checkpoints(u) -> bool:
+    """Whether MambaInnerFn keeps the scan's checkpoints (CuPy backend, see keep_checkpoints): CUDA tensors in
+    plain eager mode with stashing allowed (``_stash``), nothing tracing or intercepting the calls."""
+    if not u.is_cuda:
+        return False
+    knob = keep_checkpoints if keep_checkpoints is not None else os.environ.get("SSMCORE_MAMBA_CKPT", "1") != "0"
+    if not knob or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return _stash()
+
+
+def _scan_arrays(u, delta, A, B, C, D, z, delta_bias, dout=None):
+    """Validated CuPy arrays of a selective scan call (the core op's checks, cached the same way)."""
+    from ssmcore._checks import ValidCache
+    from ssmcore._dispatch import resolve
+    from ssmcore.ops import scan as scan_op
+
+    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=None)
+    if dout is not None:
+        named["dout"] = dout
+    call = resolve(**{k: to_array(k, t) for k, t in named.items()})
+    key = ValidCache.signature(call.library, call.arrays.values(), ("fused-ckpt", dout is not None))
+    if key not in scan_op._VALID:
+        dims = scan_op._check_args(call, True)
+        if dout is not None:
+            dims.check("dout", call.arrays["dout"], "BDL", optional=False)
+        scan_op._VALID.add(key)
+    return call.arrays
+
+
+def _scan_fwd_checkpoints(u, delta, A, B, C, D, z, delta_bias, softplus):
+    """(out_z, ckpt) of the CuPy scan in one pass (backends/cupy/scan.py: selective_scan_checkpoints), replayed
+    from a launch plan when one applies (adapters/torch/_plans.py, as the custom ops' implementations are)."""
+    return _plans.run("mamba_inner_scan_fwd_ckpt", _scan_fwd_checkpoints_impl,
+                      (u, delta, A, B, C, D, z, delta_bias, softplus), {})
+
+
+def _scan_fwd_checkpoints_impl(u, delta, A, B, C, D, z, delta_bias, softplus):
+    from ssmcore.backends.cupy import scan as cuda_scan
+
+    with backend_scope(u):
+        a = _scan_arrays(u, delta, A, B, C, D, z, delta_bias)
+        results = cuda_scan.selective_scan_checkpoints(
+            a["u"], a["delta"], a["A"], a["B"], a["C"], D=a["D"], z=a["z"], delta_bias=a["delta_bias"],
+            delta_softplus=softplus)
+        return fresh_outputs(results, (u, delta, A, B, C, D, z, delta_bias), u.device)
+
+
+def _scan_bwd_checkpoints(dout, u, delta, A, B, C, D, z, delta_bias, softplus, ckpt):
+    """The CuPy scan backward from the forward's checkpoints: the 9 gradients of ops.selective_scan_bwd (absent
+    placeholders for absent inputs). No launch plan: the backward allocates with cupy.zeros and reduces with
+    CuPy, which the recorder refuses (the op's own backward runs the normal path too)."""
+    from ssmcore.backends.cupy import scan as cuda_scan
+
+    with backend_scope(u):
+        a = _scan_arrays(u, delta, A, B, C, D, z, delta_bias, dout)
+        grads = cuda_scan.selective_scan_bwd(
+            a["dout"], a["u"], a["delta"], a["A"], a["B"], a["C"], D=a["D"], z=a["z"], delta_bias=a["delta_bias"],
+            delta_softplus=softplus, ckpt=to_array("ckpt", ckpt))
+        return fresh_outputs(grads, (dout, u, delta, A, B, C, D, z, delta_bias, ckpt), u.device)
 
 
 def _x_proj(conv_out, weight):
@@ -251,7 +349,7 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     """
     return MambaInnerFn.apply(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                               out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
-                              checkpoint_lvl)
+                              checkpoint_lvl, None, torch.is_grad_enabled())
 
 
 # ---------------------------------------------------------------------------------- Mamba-2

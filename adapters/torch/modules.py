@@ -80,20 +80,61 @@ def _cached(module: nn.Module, slot: str, tensors: tuple, make):
 def _in_proj_apart(proj: nn.Linear, hidden_states: Tensor, d_inner: int) -> tuple:
     """x and z of Mamba's in_proj(hidden_states), each (B, D_in, L) and contiguous: one batched GEMM per half,
     W_half @ h_b^T over the batch with W_half broadcast (stride 0, no copy on the GPU). Under autocast the
-    weight is cast once, before the broadcast."""
-    weight, bias = proj.weight, proj.bias
+    weight is cast once, before the broadcast. The backward is :class:`_InProjApart`'s."""
     device_type = hidden_states.device.type
-    h_t = hidden_states.transpose(1, 2)  # (B, D, L)
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        weight, h_t = weight.to(dtype), h_t.to(dtype)
-    batch = hidden_states.shape[0]
-    halves = []
-    for w, b in ((weight[:d_inner], None if bias is None else bias[:d_inner]),
-                 (weight[d_inner:], None if bias is None else bias[d_inner:])):
-        y = torch.bmm(w.unsqueeze(0).expand(batch, -1, -1), h_t)
-        halves.append(y if b is None else y + b.to(y.dtype)[:, None])
-    return tuple(halves)
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    return _InProjApart.apply(hidden_states, proj.weight, proj.bias, d_inner, dtype)
+
+
+class _InProjApart(torch.autograd.Function):
+    """in_proj as two (B, D_in, L) halves (see _in_proj_apart). Backward: dh (B, L, D) contiguous from two batched
+    GEMMs accumulated in place, and the weight gradient's per-batch products summed in float32 straight into its
+    two halves (autograd through the broadcast weights' slices would sum in the compute dtype, scatter each half
+    into a zero-filled full-size gradient, add the two and cast: six more kernels on (2 D_in, D) tensors)."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, weight, bias, d_inner, dtype):
+        ctx.dtypes = (hidden_states.dtype, weight.dtype, None if bias is None else bias.dtype)
+        h_t = hidden_states.transpose(1, 2)  # (B, D, L)
+        if dtype is not None:
+            weight, h_t = weight.to(dtype), h_t.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            batch = h_t.shape[0]
+            halves = []
+            for w, b in ((weight[:d_inner], None if bias is None else bias[:d_inner]),
+                         (weight[d_inner:], None if bias is None else bias[d_inner:])):
+                y = torch.bmm(w.unsqueeze(0).expand(batch, -1, -1), h_t)
+                halves.append(y if b is None else y.add_(b.to(y.dtype)[:, None]))
+        ctx.save_for_backward(h_t, weight)
+        ctx.d_inner = d_inner
+        ctx.has_bias = bias is not None
+        return tuple(halves)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dx, dz):
+        h_t, weight = ctx.saved_tensors
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        d_inner = ctx.d_inner
+        batch = h_t.shape[0]
+        dx, dz = dx.to(weight.dtype), dz.to(weight.dtype)
+        dh = dweight = dbias = None
+        with torch.autocast(h_t.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:  # (B, L, D) = dx_b^T Wx + dz_b^T Wz
+                dh = torch.bmm(dx.transpose(1, 2), weight[:d_inner].unsqueeze(0).expand(batch, -1, -1))
+                dh.baddbmm_(dz.transpose(1, 2), weight[d_inner:].unsqueeze(0).expand(batch, -1, -1))
+                dh = dh.to(h_dtype)
+            acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            if ctx.needs_input_grad[1]:  # (2 D_in, D) = sum over b of [dx_b; dz_b] h_b
+                dweight = torch.empty(weight.shape, dtype=acc, device=weight.device)
+                h = h_t.transpose(1, 2)
+                for g, part in ((dx, dweight[:d_inner]), (dz, dweight[d_inner:])):
+                    torch.sum(torch.bmm(g, h), 0, dtype=acc, out=part)
+                dweight = dweight.to(w_dtype)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                dbias = torch.cat([dx.sum((0, 2), dtype=acc), dz.sum((0, 2), dtype=acc)]).to(b_dtype)
+        return dh, dweight, dbias, None, None
 
 
 def _ssm_constants(module: nn.Module, A_log: Tensor, D: Tensor, dt_bias: Tensor) -> tuple:
@@ -317,7 +358,7 @@ class Mamba(nn.Module):
             x, z = _in_proj_apart(self.in_proj, hidden_states, self.d_inner)
             return MambaInnerFn.apply(x, *_conv_params(self), self.x_proj.weight, self.dt_proj.weight,
                                       self.out_proj.weight, self.out_proj.bias, A, None, None, D, dt_bias, None,
-                                      None, True, 1, z)
+                                      None, True, 1, z, torch.is_grad_enabled())
 
         # in_proj as W @ h^T: xz comes out (B, 2*D_in, L) with L contiguous, the scan's layout.
         xz = (self.in_proj.weight @ hidden_states.reshape(batch * seqlen, -1).t()).view(-1, batch, seqlen)

@@ -266,6 +266,20 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return (out, last) if return_last_state else out
 
 
+def selective_scan_checkpoints(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The forward's output and the backward's state checkpoints in one pass of the lanes kernel (arguments
+    already validated): (out (B, D, L) in u's dtype, ckpt). Passing ckpt to :func:`selective_scan_bwd` with the
+    same inputs skips its checkpoint pass (a second scan forward); ckpt is (B, L / chunk, D, N padded) float32,
+    chunk 16-32 steps: 2-4 bytes per (b, d, t) at N = 16, one bf16 activation's size at B8 D2048 L2048 (torch's
+    fused Mamba-1 path keeps it from the forward to the backward)."""
+    a = _Args(u, delta, A, B, C, D, z, delta_bias, None)
+    out = cupy.empty((a.batch, a.channels, a.length), u.dtype)
+    ckpt = cupy.empty((a.batch, a.n_chunks, a.channels, a.np), cupy.float32)
+    if not a.empty():
+        _forward(a, delta_softplus, out=out, ckpt=ckpt)
+    return out, ckpt
+
+
 _TP_MAX_LENGTH = 4096
 # N = 16: fewer than 1056 rows on the H200's 132 SMs. Session 6 (H200 run 2, B1 D4096 L2048 N16 bf16): the v3
 # lanes forward 140 us against scan_fwd_tp 243 us (189 with its prefetch; reference 160), so 4096 rows no longer
@@ -365,9 +379,10 @@ def _fixed_order_sum(part):
 
 
 def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       initial_state=None, dlast_state=None):
+                       initial_state=None, dlast_state=None, ckpt=None):
     """CuPy backward of ``ssmcore.selective_scan``: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias,
-    dinitial_state), each in its input's dtype, None for inputs that were None."""
+    dinitial_state), each in its input's dtype, None for inputs that were None. ckpt: the checkpoints of
+    :func:`selective_scan_checkpoints` for these inputs (no initial_state), or None to compute them here."""
     _arrays.check_kernel_dtypes(dout=dout)
     a = _Args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dout, sdout = _rows(dout, _strided())
@@ -395,8 +410,10 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     else:
         dh0 = cupy.empty((nb, nd, N), f32)
     if not a.empty():
-        ckpt = cupy.empty((nb, a.n_chunks, nd, a.np), f32)
-        _forward(a, delta_softplus, ckpt=ckpt)
+        if (ckpt is None or initial_state is not None or ckpt.dtype != f32
+                or ckpt.shape != (nb, a.n_chunks, nd, a.np)):
+            ckpt = cupy.empty((nb, a.n_chunks, nd, a.np), f32)
+            _forward(a, delta_softplus, ckpt=ckpt)
         impl = _bwd_impl()
         min_blocks = _bwd_min_blocks(a.grid[0], (a.S, a.R), impl)
         options = () if min_blocks == 2 else (f"-DSCAN_BWD_MIN_BLOCKS={int(min_blocks)}",)

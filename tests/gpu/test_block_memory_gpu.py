@@ -5,6 +5,8 @@ memory-saving fused paths' gradients against the unfused path (autograd through 
 Predictions (bench/NOTES.md, session 6, helper MEM6; CPU accounting of tests/test_fused_memory.py, which
 reproduced the session-5 measurement 825 MiB of the Mamba block to 1 MiB): Mamba 632 MiB (was 825, reference
 764), Mamba2 ~850 (model 867, which overestimated the session-5 Mamba2 block by 20 MiB; was 1103, reference 942).
+Session 7 (helper MB7): the Mamba block keeps the scan's checkpoints from the forward (64 MiB at this shape, which
+existed at the scan backward, the peak, anyway) and sums dW_out in float32 (+4 MiB there): ~633-640 MiB predicted.
 """
 
 from __future__ import annotations
@@ -100,3 +102,59 @@ def test_mamba_in_proj_apart_matches_one_xz(monkeypatch):
     one = step(module, x, g)
     for a, b in zip(apart, one):
         assert _close(a, b, 2e-2)
+
+
+def _launched_kernels(monkeypatch, fn):
+    """Names of the CuPy kernels ``fn()`` launches (a patched launch also turns the launch plans off)."""
+    from ssmcore.backends.cupy import _runtime
+
+    launched = []
+    original = _runtime.launch
+
+    def recording(kernel, *args, **kwargs):
+        launched.append(kernel)
+        return original(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(_runtime, "launch", recording)
+    result = fn()
+    torch.cuda.synchronize()
+    monkeypatch.setattr(_runtime, "launch", original)
+    names = {id(k): key[1] for key, k in _runtime._FUNCTIONS.items()}
+    return result, [names.get(id(k), "?") for k in launched]
+
+
+@pytest.mark.parametrize("shape", [(2, 512, 256), (1, 333, 64)], ids=["B2_L512", "B1_L333"])
+def test_mamba_kept_checkpoints_skip_the_backward_scan_forward(monkeypatch, shape):
+    """Session 7: the fused Mamba path keeps the scan's state checkpoints from the forward (one scan forward per
+    training step instead of two) and gives bitwise the same output and gradients as recomputing them
+    (SSMCORE_MAMBA_CKPT=0; the output pass forced to the lanes kernel, which the kept-checkpoint pass uses: the
+    time-parallel one that small grids otherwise get rounds differently)."""
+    from ssmcore.adapters.torch import fused
+    from ssmcore.backends.cupy import scan
+
+    monkeypatch.setattr(scan, "fwd_kernel", "lanes")
+    monkeypatch.setenv("SSMCORE_DETERMINISTIC", "1")  # dB / dC summed in a fixed order: bitwise comparable
+    batch, length, d_model = shape
+    module = make("Mamba", d_model)
+    x = torch.randn(batch, length, d_model, device=CUDA, requires_grad=True)
+    g = torch.randn_like(x)
+    results = {}
+    for keep in (True, False):
+        monkeypatch.setattr(fused, "keep_checkpoints", keep)
+        results[keep], names = _launched_kernels(monkeypatch, lambda: step(module, x, g))
+        forwards = [n for n in names if n.startswith("scan_fwd")]
+        assert len(forwards) == (1 if keep else 2), names
+        assert sum(n.startswith("scan_bwd") for n in names) == 1, names
+    for a, b in zip(results[True], results[False]):
+        assert torch.equal(a, b)
+    # launch plans on (launch not patched): the kept-checkpoint forward is recorded on its second call and
+    # replayed from the third, with the same results
+    monkeypatch.setattr(fused, "keep_checkpoints", True)
+    for _ in range(3):
+        replayed = step(module, x, g)
+    for a, b in zip(replayed, results[True]):
+        assert torch.equal(a, b)
+    from ssmcore.adapters.torch import _plans
+
+    print("kept-checkpoint forward plans:", [type(p).__name__ + (f" ({p.reason})" if hasattr(p, "reason") else "")
+                                             for _, p in _plans.plans_of("mamba_inner_scan_fwd_ckpt")])
