@@ -159,6 +159,12 @@ def bench_conv(quick: bool):
                      else f"fwd_path vec, {variant[2]} positions")
             report(f"  variant: {label}", io, lambda: ssmcore.causal_conv1d(x, weight, bias, "silu"))
     conv_backend.fwd_path, conv_backend.fwd_words, conv_backend.fwd_positions = default_fwd
+    # Session 7: conv_fwd_ws with evict-first loads / stores (SSMCORE_CONV_FWD_HINT=1), 8 and 4 words; the peer again.
+    for words in (0, 4):
+        with _knobs(conv_backend, fwd_hint=True, fwd_words=words):
+            report(f"  variant: fwd_path ws, hint 1, {'default' if not words else words} words", io,
+                   lambda: ssmcore.causal_conv1d(x, weight, bias, "silu"),
+                   (lambda: peer.causal_conv1d_fn(tx, tw, tb, activation="silu")) if peer and not words else None)
     xl = randn((batch, length, channels), BF16).transpose(0, 2, 1)
     txl = torch_view(xl)
     report("  same, channel-last x", io, lambda: ssmcore.causal_conv1d(xl, weight, bias, "silu"),
@@ -229,16 +235,29 @@ def bench_state_update(quick: bool):
     dt_bias = cupy.broadcast_to(randn((heads, 1)), (heads, head_dim))
     nbytes = 2 * state.nbytes
     t = {n: torch_view(a) for n, a in dict(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias).items()}
-    report(f"selective_state_update B{batch} H{heads} P{head_dim} N{n_state} f32 state", nbytes,
-           lambda: ssmcore.selective_state_update(state, x, dt, A, B, C, D, None, dt_bias, True),
-           (lambda: peer.selective_state_update(t["state"], t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"],
-                                                None, t["dt_bias"], True)) if peer else None)
+    step = lambda: ssmcore.selective_state_update(state, x, dt, A, B, C, D, None, dt_bias, True)  # noqa: E731
+    peer_step = ((lambda: peer.selective_state_update(t["state"], t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"],
+                                                      None, t["dt_bias"], True)) if peer else None)
+    report(f"selective_state_update B{batch} H{heads} P{head_dim} N{n_state} f32 state", nbytes, step, peer_step)
+    # Rows per thread of state_update_v2 (SSMCORE_STATE_UPDATE_ROWS; automatic = 2 here; 4 is session 7's
+    # float32-state variant) and the v1 kernel; the peer timed again next to "rows 4" and "v3".
+    su_backend = importlib.import_module("ssmcore.backends.cupy.state_update")
+    # v3 = state_update_v3 (session 7: persistent grid, the next tile's loads before this tile's shuffles).
+    variants = (("rows 1", dict(rows_override=1)), ("rows 4", dict(rows_override=4)), ("v1 kernel", dict(impl="v1")),
+                ("v3", dict(impl="v3")), ("v3, rows 1", dict(impl="v3", rows_override=1)),
+                ("v3, rows 4", dict(impl="v3", rows_override=4)))
+    for label, knobs in variants:
+        with _knobs(su_backend, **knobs):
+            report(f"  variant: {label}", nbytes, step, peer_step if label in ("rows 4", "v3") else None)
     state16 = randn((batch, heads, head_dim, n_state), BF16)
     t16 = torch_view(state16)
     report("  same, bf16 state", 2 * state16.nbytes,
            lambda: ssmcore.selective_state_update(state16, x, dt, A, B, C, D, None, dt_bias, True),
            (lambda: peer.selective_state_update(t16, t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"],
                                                 None, t["dt_bias"], True)) if peer else None)
+    with _knobs(su_backend, impl="v3"):
+        report("  variant: v3, bf16 state", 2 * state16.nbytes,
+               lambda: ssmcore.selective_state_update(state16, x, dt, A, B, C, D, None, dt_bias, True))
     channels = 5120  # Mamba-1 2.8B: d_inner 5120, d_state 16
     s1 = randn((batch, channels, 16), np.float32)
     x1, dt1, z1 = (randn((batch, channels), BF16) for _ in range(3))
@@ -254,16 +273,30 @@ def bench_norms(quick: bool):
     x, residual = randn((rows, width), BF16), randn((rows, width), np.float32)
     weight = randn(width)
     tx, tres, tw = torch_view(x), torch_view(residual), torch_view(weight)
-    report(f"rms_norm + residual, f32 residual out {rows}x{width}", x.size * (2 + 4 + 2 + 4),
-           lambda: ssmcore.rms_norm(x, weight, None, residual, 1e-5, True, True),
-           (lambda: ln.rms_norm_fn(tx, tw, None, residual=tres, prenorm=True, residual_in_fp32=True, eps=1e-5))
-           if ln else None)
+    fused_bytes = x.size * (2 + 4 + 2 + 4)
+    fused = lambda: ssmcore.rms_norm(x, weight, None, residual, 1e-5, True, True)  # noqa: E731
+    peer_fused = ((lambda: ln.rms_norm_fn(tx, tw, None, residual=tres, prenorm=True, residual_in_fp32=True,
+                                          eps=1e-5)) if ln else None)
     norm_backend = importlib.import_module("ssmcore.backends.cupy.norm")
-    default_threads = norm_backend._MAX_ROW_THREADS
-    norm_backend._MAX_ROW_THREADS = 256  # 2560 channels: 2 chunks x 160 threads instead of 1 x 320
-    report("  variant: 2 register chunks per thread", x.size * (2 + 4 + 2 + 4),
-           lambda: ssmcore.rms_norm(x, weight, None, residual, 1e-5, True, True))
-    norm_backend._MAX_ROW_THREADS = default_threads
+    report(f"rms_norm + residual, f32 residual out {rows}x{width}", fused_bytes, fused, peer_fused)
+    new_row = ROWS[-1]
+    # The old forward (norm_fwd, SSMCORE_NORM_FWD=v1) next to the default (norm_fwd2), the peer timed again.
+    with _knobs(norm_backend, fwd_impl="v1"):
+        report("  variant: v1 (norm_fwd, before session 7)", fused_bytes, fused, peer_fused)
+        old_row = ROWS[-1]
+        default_threads = norm_backend._MAX_ROW_THREADS
+        norm_backend._MAX_ROW_THREADS = 256  # 2560 channels: 2 chunks x 160 threads instead of 1 x 320
+        report("  variant: v1, 2 register chunks per thread", fused_bytes, fused)
+        norm_backend._MAX_ROW_THREADS = default_threads
+    # norm_fwd2's knobs (SSMCORE_NORM_FWD2_NV / _GRID / _HINT); the default is nv 1, persistent, hint 1.
+    for knobs in (dict(fwd2_nv="2"), dict(fwd2_grid="full"), dict(fwd2_hint=False),
+                  dict(fwd2_nv="2", fwd2_grid="full"), dict(fwd2_nv="2", fwd2_hint=False)):
+        with _knobs(norm_backend, fwd_impl="v2", **knobs):
+            label = ", ".join(f"{k.removeprefix('fwd2_')} {v}" for k, v in knobs.items())
+            report(f"  variant: v2, {label}", fused_bytes, fused)
+    print(f"  fused add fwd, do_bench us: ours-old (v1) {old_row[1]:.1f} | ours-new (default) {new_row[1]:.1f} | "
+          f"peer {new_row[5]:.1f} / {old_row[5]:.1f} (timed twice) | best variant "
+          f"{min(r[1] for r in ROWS if r[0].startswith('  variant: v2')):.1f}", flush=True)
     res16 = randn((rows, width), BF16)
     tres16 = torch_view(res16)
     report("  same, bf16 residual in/out", x.size * 2 * 4,
@@ -316,6 +349,19 @@ def bench_norms(quick: bool):
                lambda: ssmcore.gated_rms_norm(xg, wg, zg, 1e-5, None, False))
         report("  variant: v1 kernels (gated_bwd)", xg.size * 2 * 5,
                lambda: ssmcore.gated_rms_norm_bwd(dyg, xg, wg, zg, 1e-5, None, False))
+
+
+@contextlib.contextmanager
+def _knobs(module, **attrs):
+    """Set module attributes (a backend's knobs) for the duration."""
+    old = {name: getattr(module, name) for name in attrs}
+    for name, value in attrs.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(module, name, value)
 
 
 @contextlib.contextmanager

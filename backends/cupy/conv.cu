@@ -799,9 +799,35 @@ struct DoutWord {
 }  // namespace
 
 namespace {
+// 16-byte load / store of a stream read or written once; HINT: the evict-first cache operator
+// (ld/st.global.cs: L2 keeps other data rather than the stream; session 7's variant, CUDA only).
+template <bool HINT>
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+#if !SSM_HIP && !defined(SSM_EMULATION)
+  if (HINT) {
+    uint4 r;
+    asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+  }
+#endif
+  return *reinterpret_cast<const uint4*>(p);
+}
+
+template <bool HINT>
+__device__ __forceinline__ void st_stream16(void* p, const uint4& v) {
+#if !SSM_HIP && !defined(SSM_EMULATION)
+  if (HINT) {
+    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+    return;
+  }
+#endif
+  *reinterpret_cast<uint4*>(p) = v;
+}
+
 // What one warp segment of conv_fwd_ws reads: lane's NW words and, on lane 0, the W-1 inputs before
-// the segment (0 elsewhere); compute() convolves and stores them.
-template <typename T, int W, int NW>
+// the segment (0 elsewhere); compute() convolves and stores them. HINT: see ld_stream16.
+template <typename T, int W, int NW, bool HINT = false>
 struct WsFwdSegment {
   static constexpr int G = 16 / sizeof(T), WM1 = W - 1, WS = SSM_WARP_SIZE, SEG = WS * NW * G;
   uint4 raw[NW];
@@ -813,7 +839,7 @@ struct WsFwdSegment {
 #pragma unroll
     for (int i = 0; i < NW; ++i) {
       const i64 p = base + (i64)(i * WS + lane) * G;
-      raw[i] = p < L ? *reinterpret_cast<const uint4*>(xr + p) : make_uint4(0, 0, 0, 0);
+      raw[i] = p < L ? ld_stream16<HINT>(xr + p) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int j = 0; j < WM1; ++j) {
@@ -861,7 +887,7 @@ struct WsFwdSegment {
         }
         o[k] = silu ? silu_fast(acc) : acc;
       }
-      if (p < L) *reinterpret_cast<uint4*>(orow + p) = f_to_word<T>(o);
+      if (p < L) st_stream16<HINT>(orow + p, f_to_word<T>(o));
       if (final_states && p + G == L) {  // L >= G >= W-1: the final inputs are this word's last
 #pragma unroll
         for (int j = 0; j < WM1; ++j) store_elem<T>(final_states, final_f32, row * WM1 + j, cur[G - WM1 + j]);
@@ -873,12 +899,12 @@ struct WsFwdSegment {
 };
 }  // namespace
 
-template <typename T, int W, int NW>
+template <typename T, int W, int NW, bool HINT>
 __global__ void __launch_bounds__(CONV_WS_THREADS) conv_fwd_ws(
     const T* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
     const void* __restrict__ init, int init_f32, T* __restrict__ out, void* __restrict__ final_states,
     int final_f32, int D, i64 L, unsigned nseg, unsigned nwarps, int silu) {
-  using Seg = WsFwdSegment<T, W, NW>;
+  using Seg = WsFwdSegment<T, W, NW, HINT>;
   static_assert(Seg::G >= Seg::WM1, "a word holds the W-1 carried inputs");
   const int lane = threadIdx.x % Seg::WS;
   const unsigned gw = blockIdx.x * (CONV_WS_THREADS / Seg::WS) + threadIdx.x / Seg::WS;
@@ -1408,5 +1434,34 @@ __global__ void __launch_bounds__(128) conv_update(
       store_f(sr + (i64)i * st_t,
               src < state_len ? load_f(sr + (i64)src * st_t) : load_f(xr + (src - state_len) * sx_t));
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dweight (D, W) and dbias (D,) of the backward from its float32 partials part (nrows, D * (W + 1)):
+// column_sum's fixed-order reduction (the same sums, bit for bit), stored straight into the
+// parameters' dtypes, so that both gradients are whole fresh allocations (the torch adapter's launch
+// plans record a backward only then; before session 7 they were slices of one sum buffer cast by
+// astype). Block (32, 8): 32 columns, rows split over threadIdx.y.
+template <typename TW, typename TB>
+__global__ void __launch_bounds__(256) conv_param_sum(const float* __restrict__ part, i64 nrows, int D, int W,
+                                                      TW* __restrict__ dweight, TB* __restrict__ dbias) {
+  __shared__ float acc[8][33];
+  const int ncol = D * (W + 1);
+  const int col = blockIdx.x * 32 + threadIdx.x;
+  float s = 0.f;
+  if (col < ncol)
+    for (i64 r = threadIdx.y; r < nrows; r += 8) s += part[r * ncol + col];
+  acc[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < ncol) {
+    float t = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) t += acc[k][threadIdx.x];
+    const int d = col / (W + 1), k = col - d * (W + 1);
+    if (k < W)
+      store_f(dweight + (i64)d * W + k, t);
+    else if (dbias)
+      store_f(dbias + d, t);
   }
 }

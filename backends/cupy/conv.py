@@ -38,6 +38,16 @@ fwd_path = os.environ.get("SSMCORE_CONV_FWD", "ws")
 # (32 x 8 x 16 bytes = 2048 positions of 16-bit data), else 4 (session 6, H200 run 3, B8 D4096 L2048 W4 bf16:
 # 2 words 85.3 us, 4 words 75.5, 8 words 72.4; reference 72.2).
 fwd_words = int(os.environ.get("SSMCORE_CONV_FWD_WORDS", "0"))
+# conv_fwd_ws with evict-first loads of x and stores of out (ld/st.global.cs; 4 or 8 words): session 7's
+# variant, off by default. The attribute wins when set (benchmarks); else SSMCORE_CONV_FWD_HINT (0 | 1), read per call.
+fwd_hint = None
+
+
+def _fwd_hint() -> bool:
+    value = str(int(bool(fwd_hint)) if fwd_hint is not None else os.environ.get("SSMCORE_CONV_FWD_HINT", "0"))
+    if value not in ("0", "1"):
+        raise ValueError(f"SSMCORE_CONV_FWD_HINT: expected '0' or '1', got {value!r}")
+    return value == "1"
 
 
 def _fwd_words(x) -> int:
@@ -70,10 +80,11 @@ INSTANTIATIONS = (
     + [f"{k}<{t}, {w}>" for k in ("conv_bwd_fused", "conv_fwd_cl_tile", "conv_bwd_cl_tile") for t in _TYPES
        for w in (1, 2, 3, 4)]
     + [f"conv_bwd_cl_walk<{t}, {w}>" for t in _TYPES for w in (1, 2, 3, 4)]
-    + [f"conv_fwd_ws<{t}, {w}, {n}>" for t in _TYPES for w in (1, 2, 3, 4) for n in (2, 4, 8)]
+    + [f"conv_fwd_ws<{t}, {w}, {n}, {h}>" for t in _TYPES for w in (1, 2, 3, 4) for n in (2, 4, 8)
+       for h in ("false", "true") if h == "false" or n >= 4]
     + [f"conv_bwd_ws<{t}, {w}, {n}>" for t in _TYPES for w in (1, 2, 3, 4) for n in (2, 4)]
     + [f"conv_update<{tx}, {ts}>" for tx in _TYPES for ts in _TYPES]
-    + ["column_sum<float>"]
+    + [f"conv_param_sum<{tw}, {tb}>" for tw in _TYPES for tb in _TYPES]
 )
 
 
@@ -184,7 +195,8 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
         if x.size and vec and seq is None and wa and fwd_path == "ws":
             words = _fwd_words(xs)
             nseg, nwarps, blocks = _ws_layout(xs, words)
-            kernel = _runtime.function(FAMILY, f"conv_fwd_ws<{t}, {wa}, {words}>")
+            hint = "true" if words >= 4 and _fwd_hint() else "false"
+            kernel = _runtime.function(FAMILY, f"conv_fwd_ws<{t}, {wa}, {words}, {hint}>")
             _runtime.launch(
                 kernel, (blocks,), (_WS_THREADS,),
                 (xs, w, ptr(b), ptr(init), np.int32(init_f32), out, ptr(final_arg), final_f32, np.int32(n_chan),
@@ -210,16 +222,18 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
 
 
 def _param_grads(part, weight, bias):
-    """dweight, dbias from the per-block partials part (rows, D * (W + 1)), added in a fixed order."""
+    """dweight, dbias from the per-block partials part (rows, D * (W + 1)), added in a fixed order and written
+    in the parameters' dtypes (kernel dtypes: checked by the callers) by one kernel, conv_param_sum: whole fresh
+    allocations, which the torch adapter's launch plans can record."""
     n_chan, width = weight.shape
-    sums = cupy.empty(n_chan * (width + 1), cupy.float32)
+    dweight = cupy.empty((n_chan, width), weight.dtype)
+    dbias = None if bias is None else cupy.empty(n_chan, bias.dtype)
+    tw = _arrays.kernel_type("weight", weight)
+    tb = tw if bias is None else _arrays.kernel_type("bias", bias)
     _runtime.launch(
-        _runtime.function(FAMILY, "column_sum<float>"), (cdiv(sums.size, 32),), (32, 8),
-        (part, np.int64(part.shape[0]), np.int32(sums.size), sums),
+        _runtime.function(FAMILY, f"conv_param_sum<{tw}, {tb}>"), (cdiv(n_chan * (width + 1), 32),), (32, 8),
+        (part, np.int64(part.shape[0]), np.int32(n_chan), np.int32(width), dweight, ptr(dbias)),
     )
-    sums = sums.reshape(n_chan, width + 1)
-    dweight = sums[:, :width].astype(weight.dtype)
-    dbias = None if bias is None else sums[:, width].astype(bias.dtype)
     return dweight, dbias
 
 

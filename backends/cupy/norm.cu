@@ -177,6 +177,177 @@ __global__ void __launch_bounds__(512) norm_fwd(const TX* __restrict__ x, const 
 }
 
 // ---------------------------------------------------------------------------------------------
+// rms_norm / layer_norm forward v2 (SSMCORE_NORM_FWD=v2, the default where it applies: D % 8 == 0,
+// 16-byte aligned rows, at most 2 register chunks per thread; else norm_fwd above, which is also
+// kept for side-by-side timing as SSMCORE_NORM_FWD=v1). Same row layout and results as norm_fwd,
+// but built for bandwidth (the fused add at 16384 x 2560, bf16 x, float32 residual in and out,
+// moves 12 bytes per element and nothing else):
+//   - persistent grid: row slot (blockIdx.x, threadIdx.y) takes rows slot, slot + slots, ...;
+//     while a row is reduced and stored, the slot's next row is already being loaded (its raw
+//     16-byte words held in registers: 12 registers per chunk for 16-bit x and float32 residual;
+//     the first row's loads are the only ones a slot waits for with nothing else in flight),
+//     so every resident slot keeps a row's loads in flight through its barriers and stores; the
+//     launcher may also give one row per slot (a full grid: then there is nothing to prefetch);
+//   - every access is one 16-byte word (x, residual, s, y; weight and bias are L1 hits);
+//   - HINT: loads and stores of the streams use the evict-first ("cs") cache operator: nothing
+//     is read again, so L2 keeps the weight rather than the stream (CUDA only; else plain).
+namespace {
+
+template <bool HINT>
+__device__ __forceinline__ uint4 ld16(const void* p) {
+#if !SSM_HIP && !defined(SSM_EMULATION)
+  if (HINT) {
+    uint4 r;
+    asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+  }
+#endif
+  return *reinterpret_cast<const uint4*>(p);
+}
+
+template <bool HINT>
+__device__ __forceinline__ void st16(void* p, const uint4& v) {
+#if !SSM_HIP && !defined(SSM_EMULATION)
+  if (HINT) {
+    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+    return;
+  }
+#endif
+  *reinterpret_cast<uint4*>(p) = v;
+}
+
+// 8 elements of T (16 or 32 bytes) as 16-byte words.
+template <typename T>
+__device__ __forceinline__ void pack8(const float (&v)[8], uint4 (&w)[sizeof(T) / 2]) {
+  T* e = reinterpret_cast<T*>(w);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) store_f(e + k, v[k]);
+}
+
+template <typename T, bool HINT>
+__device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
+  uint4 w[sizeof(T) / 2];
+  pack8<T>(v, w);
+#pragma unroll
+  for (int h = 0; h < (int)(sizeof(T) / 2); ++h) st16<HINT>(p + h * (16 / sizeof(T)), w[h]);
+}
+
+}  // namespace
+
+// Registers (sm_90): NV 1 58-64 (16-bit x at 2560 channels: 320-thread blocks, 3 per SM, 46 KB of
+// loads in flight per SM), NV 2 93-107; a bound of 48 (4 such blocks per SM) spills.
+template <typename TX, int NV, bool RMS, bool HINT>
+__global__ void __launch_bounds__(512) norm_fwd2(const TX* __restrict__ x, const void* __restrict__ residual,
+                                                 int residual_f32, const float* __restrict__ weight,
+                                                 const float* __restrict__ bias, TX* __restrict__ y,
+                                                 void* __restrict__ s_out, int s_f32, i64 rows, int D, float eps) {
+  constexpr int XW = sizeof(TX) / 2;  // 16-byte words per 8 elements of x
+  __shared__ float red[64];
+  const int tpr = blockDim.x;
+  const int nchunks = D >> 3;
+  const i64 slots = (i64)gridDim.x * blockDim.y;
+  const float inv_d = 1.f / D;
+  const bool has_res = residual != nullptr;
+  const int res_bytes = residual_f32 ? 4 : (int)sizeof(TX);
+
+  // Raw words of one row's chunks (zeros for a dead row or chunk).
+  struct Raw {
+    uint4 x[NV][XW];
+    uint4 r[NV][2];
+  };
+  auto load_row = [&](i64 row, Raw& a) {
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int c = threadIdx.x + j * tpr;
+      const bool on = row < rows && c < nchunks;
+      const i64 e = row * D + (i64)c * 8;
+#pragma unroll
+      for (int h = 0; h < XW; ++h)
+        a.x[j][h] = on ? ld16<HINT>(x + e + h * (8 / XW)) : make_uint4(0u, 0u, 0u, 0u);
+      const char* rp = static_cast<const char*>(residual) + e * res_bytes;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        a.r[j][h] = (on && has_res && h * 16 < 8 * res_bytes) ? ld16<HINT>(rp + h * 16) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+
+  Raw raw;  // the slot's next row: loaded one row ahead
+  load_row((i64)blockIdx.x * blockDim.y + threadIdx.y, raw);
+  for (i64 first = (i64)blockIdx.x * blockDim.y; first < rows; first += slots) {
+    const i64 row = first + threadIdx.y;
+    const bool live = row < rows;
+    float v[NV][8];
+    float sum = 0.f, sq = 0.f;
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const TX* xe = reinterpret_cast<const TX*>(raw.x[j]);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        float r = 0.f;
+        if (residual_f32)
+          r = reinterpret_cast<const float*>(raw.r[j])[k];
+        else
+          r = load_f(reinterpret_cast<const TX*>(raw.r[j]) + k);
+        v[j][k] = load_f(xe + k) + r;  // dead chunks: 0 + 0
+        sum += v[j][k];
+        sq += v[j][k] * v[j][k];
+      }
+    }
+    // This row's words are unpacked: the next row's loads go out now and stay in flight while
+    // this row is stored and reduced (one row ahead is enough: a slot spends a few microseconds
+    // per row, the loads' latency is about one).
+    load_row(row + slots, raw);
+    if (live && s_out) {
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int c = threadIdx.x + j * tpr;
+        if (c < nchunks) {
+          const i64 e = row * D + (i64)c * 8;
+          if (s_f32)
+            store8<float, HINT>(static_cast<float*>(s_out) + e, v[j]);
+          else
+            store8<TX, HINT>(static_cast<TX*>(s_out) + e, v[j]);
+        }
+      }
+    }
+    float mean = 0.f;
+    if (RMS) {
+      sq = row_sum(sq, red);
+    } else {
+      mean = row_sum(sum, red) * inv_d;
+      sq = 0.f;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int c = threadIdx.x + j * tpr;
+        if (c < nchunks) {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) sq += (v[j][k] - mean) * (v[j][k] - mean);
+        }
+      }
+      sq = row_sum(sq, red);
+    }
+    const float rstd = rsqrtf(sq * inv_d + eps);
+    if (live) {
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int c = threadIdx.x + j * tpr;
+        if (c < nchunks) {
+          float w[8], b[8], o[8];
+          load_chunk8(weight, (i64)c * 8, D, true, w);
+          if (bias) load_chunk8(bias, (i64)c * 8, D, true, b);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) o[k] = (v[j][k] - mean) * rstd * w[k] + (bias ? b[k] : 0.f);
+          store8<TX, HINT>(y + row * D + (i64)c * 8, o);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // rms_norm / layer_norm backward. Persistent grid: row slot (blockIdx.x, threadIdx.y) takes rows
 // slot, slot + slots, ... With xhat = (s - mean) * rstd and g = dy * weight:
 //   ds = rstd * (g - xhat * mean(g * xhat) - mean(g) [layer norm only]) + dresidual_out

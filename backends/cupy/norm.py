@@ -47,8 +47,40 @@ def _gated_impl() -> str:
     return impl
 
 
+# rms_norm / layer_norm forward kernels: "v2" (norm_fwd2: persistent grid, the next row's loads in flight while a
+# row is reduced and stored, 16-byte accesses only, evict-first cache hints; rows with D % 8 == 0, 16-byte
+# aligned, at most 2 chunks per thread) or "v1" (norm_fwd, every other row, and kept for side-by-side timing).
+# Module attributes win when set (benchmarks); else the environment, read on every call:
+#   SSMCORE_NORM_FWD = v2 | v1; SSMCORE_NORM_FWD2_NV = 1 (1 chunk per thread while a row fits in 512 threads)
+#   | 2 (2 chunks per thread first); SSMCORE_NORM_FWD2_GRID = persistent | full (one row per slot);
+#   SSMCORE_NORM_FWD2_HINT = 1 | 0 (evict-first loads and stores).
+fwd_impl = None
+fwd2_nv = None
+fwd2_grid = None
+fwd2_hint = None
+_NV_FWD2 = (1, 2)
+
+
+def _knob(attr, env: str, default: str, allowed) -> str:
+    value = str(attr if attr is not None else os.environ.get(env, default))
+    if value not in allowed:
+        raise ValueError(f"{env}: expected one of {sorted(allowed)}, got {value!r}")
+    return value
+
+
+def _fwd2_config():
+    """(use v2, NV order, persistent grid, hint) from the knobs."""
+    impl = _knob(fwd_impl, "SSMCORE_NORM_FWD", "v2", ("v1", "v2"))
+    nv = _knob(fwd2_nv, "SSMCORE_NORM_FWD2_NV", "1", ("1", "2"))
+    grid = _knob(fwd2_grid, "SSMCORE_NORM_FWD2_GRID", "persistent", ("persistent", "full"))
+    hint = _knob(None if fwd2_hint is None else int(bool(fwd2_hint)), "SSMCORE_NORM_FWD2_HINT", "1", ("0", "1"))
+    return impl == "v2", ((1, 2) if nv == "1" else (2, 1)), grid == "persistent", hint == "1"
+
+
 INSTANTIATIONS = (
     [f"norm_fwd<{t}, {nv}, {rms}>" for t in _TYPES for nv in (0,) + _NV_FWD for rms in ("true", "false")]
+    + [f"norm_fwd2<{t}, {nv}, {rms}, {hint}>" for t in _TYPES for nv in _NV_FWD2 for rms in ("true", "false")
+       for hint in ("true", "false")]
     + [f"norm_bwd<{t}, {nv}, {rms}>" for t in _TYPES for nv in (0,) + _NV_BWD for rms in ("true", "false")]
     + [f"gated_fwd<{t}, {nv}>" for t in _TYPES for nv in (0,) + _NV_FWD]
     + [f"gated_bwd<{t}, {nv}>" for t in _TYPES for nv in (0,) + _NV_GATED_BWD]
@@ -122,8 +154,23 @@ def _norm_fwd(x, weight, bias, residual, eps, prenorm, residual_in_fp32, rms):
         res, res_f32 = _arrays.row_stream(residual, x.dtype)
         w = _arrays.contiguous(weight, cupy.float32)
         b = _arrays.contiguous(bias, cupy.float32)
-        nv, tpr, rpb = _row_layout(d, _NV_FWD)
         vec = d % 8 == 0 and _arrays.aligned16(x2, res, w, b, y, s)
+        use_v2, nv_order, persistent, hint = _fwd2_config()
+        nv, tpr, rpb = _row_layout(d, nv_order)
+        if use_v2 and vec and nv > 0:
+            kernel = _runtime.function(
+                FAMILY, f"norm_fwd2<{tx}, {nv}, {'true' if rms else 'false'}, {'true' if hint else 'false'}>")
+            grid = cdiv(rows, rpb)
+            if persistent:
+                per_sm = min(32, _resident_blocks(kernel, tpr * rpb))
+                grid = min(grid, _arrays.sm_count() * per_sm)
+            _runtime.launch(
+                kernel, (grid,), (tpr, rpb),
+                (x2, ptr(res), np.int32(res_f32), w, ptr(b), y, ptr(s),
+                 np.int32(s is not None and s.dtype == cupy.float32), np.int64(rows), np.int32(d), np.float32(eps)),
+            )
+            return y if not prenorm else (y, _cast(s, s_dtype))
+        nv, tpr, rpb = _row_layout(d, _NV_FWD)
         kernel = _runtime.function(FAMILY, f"norm_fwd<{tx}, {nv}, {'true' if rms else 'false'}>")
         _runtime.launch(
             kernel, (cdiv(rows, rpb),), (tpr, rpb),

@@ -175,9 +175,10 @@ __global__ void __launch_bounds__(SSU_THREADS) state_update(
 // Blocks per SM the register budget must allow (CUDA). HIP reads launch_bounds' second argument
 // differently (waves per execution unit): no minimum there.
 #if SSM_HIP
-#define SSU2_MIN_BLOCKS(R) 1
+#define SSU2_MIN_BLOCKS(R, TS) 1
 #else
-#define SSU2_MIN_BLOCKS(R) ((R) >= 4 ? 7 : 8)
+// R = 4 with a float32 state (a timing variant, SSMCORE_STATE_UPDATE_ROWS=4): (128, 6), <= 80 registers.
+#define SSU2_MIN_BLOCKS(R, TS) ((R) >= 4 ? (sizeof(TS) == 4 ? 6 : 7) : 8)
 #endif
 
 namespace {
@@ -191,7 +192,7 @@ __device__ __forceinline__ float unpack8(const uint4 (&w)[sizeof(T) / 2], int k)
 }  // namespace
 
 template <typename TS, typename TBC, int R, bool A_SCALAR>
-__global__ void __launch_bounds__(SSU2_THREADS, SSU2_MIN_BLOCKS(R)) state_update_v2(
+__global__ void __launch_bounds__(SSU2_THREADS, SSU2_MIN_BLOCKS(R, TS)) state_update_v2(
     TS* __restrict__ state, const void* __restrict__ x, int x_code, const void* __restrict__ dt, int dt_code,
     const float* __restrict__ A, const TBC* __restrict__ Bm, const TBC* __restrict__ Cm,
     const float* __restrict__ Dv, const void* __restrict__ z, int z_code, const float* __restrict__ dt_bias,
@@ -304,5 +305,160 @@ __global__ void __launch_bounds__(SSU2_THREADS, SSU2_MIN_BLOCKS(R)) state_update
       if (z) v *= silu_f(own_z);
     }
     store_code(out, x_code, (i64)b * H * P + g * channels_per_group + own_cg, v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// state_update_v3 (SSMCORE_STATE_UPDATE=v3; session 7, a timing variant until the H200 says
+// otherwise): state_update_v2's tiles, layout and math (per-head scalar A only), on a persistent
+// grid: block k takes tiles k, k + gridDim.x, ... and issues every load of its next tile (state
+// chunks, B/C, the own row's scalars) as soon as the current tile's state is consumed, before the
+// current tile's shuffles and out stores (right after its state stores, which are posted); so a
+// block has a tile's loads in flight nearly all the time and no block launch sits between tiles.
+// Registers: one tile's loads (R x 16 or 32 bytes of state, B/C, 5 scalars), as v2.
+// R = 4 needs more registers than v2 (spills at v2's bounds, and at (128, 6)): (128, 5), <= 96 registers.
+#if SSM_HIP
+#define SSU3_MIN_BLOCKS(R, TS) 1
+#else
+#define SSU3_MIN_BLOCKS(R, TS) ((R) >= 4 ? 5 : 8)
+#endif
+template <typename TS, typename TBC, int R>
+__global__ void __launch_bounds__(SSU2_THREADS, SSU3_MIN_BLOCKS(R, TS)) state_update_v3(
+    TS* __restrict__ state, const void* __restrict__ x, int x_code, const void* __restrict__ dt, int dt_code,
+    const float* __restrict__ A, const TBC* __restrict__ Bm, const TBC* __restrict__ Cm,
+    const float* __restrict__ Dv, const void* __restrict__ z, int z_code, const float* __restrict__ dt_bias,
+    const int* __restrict__ state_indices, void* __restrict__ out, int n_batch, int H, int P, int N,
+    int channels_per_group, int n_groups, int tiles_per_group, int tpr_log2, int softplus, int n_rows,
+    i64 s0, i64 s1, i64 s2, i64 x0, i64 x1, i64 x2, i64 dt0, i64 dt1, i64 dt2, i64 z0, i64 z1, i64 z2,
+    i64 a0, i64 a1, i64 b0, i64 b1, i64 c0s, i64 c1s, i64 d0, i64 d1, i64 db0, i64 db1) {
+  constexpr int WS = sizeof(TS) / 2;
+  constexpr int WB = sizeof(TBC) / 2;
+  const int tpr = 1 << tpr_log2;
+  const int lane = threadIdx.x & (tpr - 1);
+  const int group_lane0 = (threadIdx.x & (SSM_WARP_SIZE - 1)) & ~(tpr - 1);
+  const int rs = threadIdx.x >> tpr_log2;
+  const int rows_per_step = SSU2_THREADS >> tpr_log2;
+  const int n0 = lane * 8;
+  const bool lane_on = n0 < N;
+  const int own = lane % R;
+  const unsigned n_tiles = (unsigned)n_batch * (unsigned)n_groups * (unsigned)tiles_per_group;
+
+  // One tile's loads and the indices its stores need.
+  struct Tile {
+    uint4 bw[WB], cw[WB], raw[R][WS];
+    float x, dt, d, z, a;  // the own row's scalars (dt with dt_bias added)
+    i64 slot;
+    int b, g, cbeg, own_cg;
+  };
+  auto load_tile = [&](unsigned t, Tile& T) {
+    const bool live = t < n_tiles;
+    const unsigned tile = live ? t % (unsigned)tiles_per_group : 0u;
+    const unsigned bg = live ? t / (unsigned)tiles_per_group : 0u;
+    T.g = (int)(bg % (unsigned)n_groups);
+    T.b = (int)(bg / (unsigned)n_groups);
+    const int b = T.b, g = T.g;
+    i64 slot = live ? (state_indices ? state_indices[b] : b) : -1;
+    if (slot >= n_rows) slot = -1;
+    T.slot = slot;
+    T.cbeg = (int)tile * rows_per_step * R + rs;
+    T.own_cg = T.cbeg + own * rows_per_step;
+    const bool own_on = live && T.own_cg < channels_per_group;
+    const int own_c = g * channels_per_group + (own_on ? T.own_cg : 0);
+    const int own_h = own_c / P, own_p = own_c - own_h * P;
+    T.x = T.dt = T.d = T.z = T.a = 0.f;
+    if (live) {  // past the last tile: nothing to load
+      T.x = load_code(x, x_code, b * x0 + own_h * x1 + own_p * x2);
+      T.dt = load_code(dt, dt_code, b * dt0 + own_h * dt1 + own_p * dt2);
+      if (dt_bias) T.dt += dt_bias[own_h * db0 + own_p * db1];
+      T.d = Dv ? Dv[own_h * d0 + own_p * d1] : 0.f;
+      T.z = z ? load_code(z, z_code, b * z0 + own_h * z1 + own_p * z2) : 0.f;
+      T.a = A[own_h * a0 + own_p * a1];
+    }
+    if (live && lane_on) {
+      const uint4* bp = reinterpret_cast<const uint4*>(Bm + b * b0 + g * b1 + n0);
+      const uint4* cp = reinterpret_cast<const uint4*>(Cm + b * c0s + g * c1s + n0);
+#pragma unroll
+      for (int w = 0; w < WB; ++w) {
+        T.bw[w] = bp[w];
+        T.cw[w] = cp[w];
+      }
+    } else {
+#pragma unroll
+      for (int w = 0; w < WB; ++w) T.bw[w] = T.cw[w] = make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int h = SSM_SHFL(own_h, group_lane0 + r);
+      const int p = SSM_SHFL(own_p, group_lane0 + r);
+      const bool on = T.cbeg + r * rows_per_step < channels_per_group && slot >= 0 && lane_on;
+      if (on) {
+        const TS* sp = state + slot * s0 + h * s1 + p * s2 + n0;
+#pragma unroll
+        for (int w = 0; w < WS; ++w) T.raw[r][w] = reinterpret_cast<const uint4*>(sp)[w];
+      }
+    }
+  };
+
+  Tile T;
+  load_tile(blockIdx.x, T);
+  for (unsigned t = blockIdx.x; t < n_tiles; t += gridDim.x) {
+    // ---- this tile: the own row's step, then every row's new state (consumes T.raw) ----
+    float delta = T.dt;
+    if (softplus) delta = softplus_f(delta);
+    const float own_dx = delta * T.x;
+    const float own_da = __expf(delta * T.a);
+    const int b = T.b, g = T.g, cbeg = T.cbeg, own_cg = T.own_cg;
+    const i64 slot = T.slot;
+    const float own_x = T.x, own_d = T.d, own_z = T.z;
+    uint4 o[R][WS];
+    float y[R];
+    int hs[R], ps[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int cg = cbeg + r * rows_per_step;
+      const int c = g * channels_per_group + (cg < channels_per_group ? cg : 0);
+      hs[r] = c / P;
+      ps[r] = c - hs[r] * P;
+      const float dx = SSM_SHFL(own_dx, group_lane0 + r);
+      const float da = SSM_SHFL(own_da, group_lane0 + r);
+      float acc = 0.f;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float s = unpack8<TS>(T.raw[r], k) * da + dx * unpack8<TBC>(T.bw, k);
+        acc += s * unpack8<TBC>(T.cw, k);
+        constexpr int PER = 16 / sizeof(TS);
+        store_f(reinterpret_cast<TS*>(&o[r][k / PER]) + k % PER, s);
+      }
+      y[r] = acc;
+    }
+    // ---- this tile's state stores (posted: nothing waits for them), then the next tile's loads go
+    // out, in flight through this tile's shuffles and out stores and the next tile's first use ----
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const bool on = cbeg + r * rows_per_step < channels_per_group && slot >= 0 && lane_on;
+      if (!on) y[r] = 0.f;
+      if (on) {
+        TS* sp = state + slot * s0 + hs[r] * s1 + ps[r] * s2 + n0;
+#pragma unroll
+        for (int w = 0; w < WS; ++w) reinterpret_cast<uint4*>(sp)[w] = o[r][w];
+      }
+    }
+    load_tile(t + gridDim.x, T);
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      for (int m = tpr >> 1; m > 0; m >>= 1) y[r] += SSM_SHFL_XOR(y[r], m);
+    if (lane < R && own_cg < channels_per_group) {
+      float v = 0.f;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (r == lane) v = y[r];
+      if (slot < 0) {
+        v = 0.f;
+      } else {
+        if (Dv) v += own_d * own_x;
+        if (z) v *= silu_f(own_z);
+      }
+      store_code(out, x_code, (i64)b * H * P + g * channels_per_group + own_cg, v);
+    }
   }
 }

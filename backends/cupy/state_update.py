@@ -36,17 +36,28 @@ def _max_rows(state16: bool, bc16: bool, a_scalar: bool) -> int:
     return 2 if state16 else 1
 
 
+def _max_override(state16: bool, bc16: bool, a_scalar: bool) -> int:
+    """The most rows per thread SSMCORE_STATE_UPDATE_ROWS may ask for: _max_rows, and 4 for a float32 state with
+    16-bit B/C and a per-head A (session 7: 128 bytes of state in flight per thread, v2 at (128, 6), v3 at (128, 5);
+    a variant for timing, not the automatic choice)."""
+    return 4 if (not state16 and bc16 and a_scalar) else _max_rows(state16, bc16, a_scalar)
+
+
 INSTANTIATIONS = (
     [f"state_update<{ts}, {tb}, {v}>" for ts in _TYPES for tb in _TYPES for v in ("true", "false")]
     + [f"state_update_v2<{ts}, {tb}, {r}, {a}>" for ts in _TYPES for tb in _TYPES for a in ("true", "false")
-       for r in (1, 2, 4) if r <= _max_rows(ts != "float", tb != "float", a == "true")]
+       for r in (1, 2, 4) if r <= _max_override(ts != "float", tb != "float", a == "true")]
+    + [f"state_update_v3<{ts}, {tb}, {r}>" for ts in _TYPES for tb in _TYPES
+       for r in (1, 2, 4) if r <= _max_override(ts != "float", tb != "float", True)]
 )
 
 # "v2" (default): state_update_v2, tiles of rows with every load issued up front, where the layout
-# allows it (vector layout, N % 8 == 0, N <= 256); "v1": always the first kernel. Read at import;
+# allows it (vector layout, N % 8 == 0, N <= 256); "v1": always the first kernel; "v3" (session 7, a
+# timing variant): state_update_v3, v2's tiles on a persistent grid with the next tile's loads issued
+# before the current tile's stores, where A is a per-head scalar (else v2). Read at import;
 # benchmarks switch it by assigning this attribute.
 impl = os.environ.get("SSMCORE_STATE_UPDATE", "v2")
-# v2's rows per thread (1, 2 or 4, at most _max_rows(...)); 0 = automatic.
+# v2's / v3's rows per thread (1, 2 or 4, at most _max_override(...)); 0 = automatic.
 rows_override = int(os.environ.get("SSMCORE_STATE_UPDATE_ROWS", "0"))
 _V2_THREADS = 128  # SSU2_THREADS
 
@@ -148,18 +159,24 @@ def _launch_v2(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, indices, out, 
     channels_per_group = n_heads * head_dim // groups
     min_blocks = 2 * _arrays.sm_count()
     if rows_override:
-        rows_per_thread = min(rows_override, rows_per_thread, 1 << tpr_log2)
+        rows_per_thread = min(rows_override, _max_override(state.itemsize == 2, B.itemsize == 2, a_scalar),
+                              1 << tpr_log2)
         min_blocks = 0
     while True:
         tiles = cdiv(channels_per_group, rows_per_step * rows_per_thread)
         if rows_per_thread == 1 or n_batch * groups * tiles >= min_blocks:
             break
         rows_per_thread //= 2
-    kernel = _runtime.function(
-        FAMILY, f"state_update_v2<{ts}, {tb}, {rows_per_thread}, {'true' if a_scalar else 'false'}>")
+    grid = n_batch * groups * tiles
+    if impl == "v3" and a_scalar:
+        kernel = _runtime.function(FAMILY, f"state_update_v3<{ts}, {tb}, {rows_per_thread}>")
+        grid = min(grid, _arrays.sm_count() * _resident_blocks(kernel))
+    else:
+        kernel = _runtime.function(
+            FAMILY, f"state_update_v2<{ts}, {tb}, {rows_per_thread}, {'true' if a_scalar else 'false'}>")
     strides = (st_state[:3] + st_x + st_dt + st_z + st_a[:2] + st_b[:2] + st_c[:2] + st_d + st_db)
     _runtime.launch(
-        kernel, (n_batch * groups * tiles,), (_V2_THREADS,),
+        kernel, (grid,), (_V2_THREADS,),
         (state, x, np.int32(_arrays.dtype_code(x, _CODES)), dt, np.int32(_arrays.dtype_code(dt, _CODES)), A, B, C,
          ptr(D), ptr(z), np.int32(_arrays.dtype_code(z, _CODES) if z is not None else 0), ptr(dt_bias), ptr(indices),
          out,
@@ -168,3 +185,21 @@ def _launch_v2(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, indices, out, 
          np.int32(bool(dt_softplus)), np.int32(state.shape[0]),
          *(np.int64(s) for s in strides)),
     )
+
+
+_RESIDENT: dict = {}
+
+
+def _resident_blocks(kernel) -> int:
+    """Blocks of _V2_THREADS threads one multiprocessor holds at once, from the kernel's register count (64 K
+    registers, registers given out per warp in units of 256, at most 2048 threads); 8 when unknown."""
+    key = id(kernel)  # kernels are cached in _runtime, so id is stable
+    if key not in _RESIDENT:
+        warp = _arrays.warp_size()
+        warps = cdiv(_V2_THREADS, warp)
+        try:
+            per_warp = -(-max(int(kernel.num_regs), 1) * warp // 256) * 256
+            _RESIDENT[key] = max(1, min(2048 // _V2_THREADS, 65536 // (per_warp * warps)))
+        except Exception:  # an attribute the runtime does not report (HIP, the emulator)
+            _RESIDENT[key] = 8
+    return _RESIDENT[key]

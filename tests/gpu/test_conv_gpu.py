@@ -408,7 +408,7 @@ def test_backward_bitwise_reproducible(rng, length):
 # --- the fused contiguous backward and the channel-last tile kernels (and the paths they replace) ---
 
 
-@pytest.mark.parametrize("path", ["ws2", "ws4", "ws8", "new", "cltile", "old"])
+@pytest.mark.parametrize("path", ["ws2", "ws4", "ws8", "ws4h", "ws8h", "new", "cltile", "old"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("width", [1, 2, 4])
 @pytest.mark.parametrize("channel_last,shape", [(False, (2, 3, 16)), (False, (1, 2, 1040)),
@@ -416,7 +416,8 @@ def test_backward_bitwise_reproducible(rng, length):
                          ids=["contig-short", "contig-2chunks", "cl-2tiles", "cl-2ctiles"])
 def test_fast_paths(rng, monkeypatch, path, dtype, width, channel_last, shape):
     """conv_fwd_ws / conv_bwd_ws ("ws2", "ws4": 2 or 4 words per thread; contiguous, L % 8 == 0:
-    several warp segments, the last one partial; "ws8": 8 words, the forward only), conv_fwd_vec / conv_bwd_fused ("new"),
+    several warp segments, the last one partial; "ws8": 8 words, the forward only; "ws4h", "ws8h": the forward with
+    evict-first cache hints, session 7's SSMCORE_CONV_FWD_HINT), conv_fwd_vec / conv_bwd_fused ("new"),
     conv_fwd_cl_tile / conv_bwd_cl_walk ("new", channel-last, D % 8 == 0) and conv_bwd_cl_tile
     ("cltile"): partial channel and time tiles, several chunks, initial states of x's dtype and
     dfinal_states, against the float64 oracles; "old" runs the paths they replace."""
@@ -430,9 +431,10 @@ def test_fast_paths(rng, monkeypatch, path, dtype, width, channel_last, shape):
     monkeypatch.setattr(conv_backend, "fwd_path", "ws" if ws else "vec")
     monkeypatch.setattr(conv_backend, "bwd_path", "ws" if ws else "fused" if path == "new" else "split")
     monkeypatch.setattr(conv_backend, "cl_path", "old" if path == "old" else "tile")
+    monkeypatch.setattr(conv_backend, "fwd_hint", path.endswith("h"))
     if ws:
-        monkeypatch.setattr(conv_backend, "fwd_words", int(path[-1]))
-        monkeypatch.setattr(conv_backend, "bwd_words", min(4, int(path[-1])))
+        monkeypatch.setattr(conv_backend, "fwd_words", int(path[2]))
+        monkeypatch.setattr(conv_backend, "bwd_words", min(4, int(path[2])))
     batch, channels, length = shape
     x = make_x(rng, batch, channels, length, dtype, channel_last)
     weight = randn(rng, (channels, width), "float32")

@@ -188,6 +188,77 @@ def test_float64_is_cpu_only(rng):
         ssmcore.rms_norm(cupy.ones((2, 8)), cupy.ones(8, cupy.float32))
 
 
+# (x dtype, width, rows, NV knob, kernel expected): norm_fwd2 layouts (several rows per warp, a block per row
+# with 1 or 2 chunks per thread, odd row counts), and rows it leaves to norm_fwd (D % 8 != 0, > 1024 chunks).
+FWD2_CASES = [
+    ("bfloat16", 64, 37, "1", "norm_fwd2<bf16_t, 1,"),
+    ("float16", 24, 5, "2", "norm_fwd2<half_t, 2,"),
+    ("float32", 136, 19, "1", "norm_fwd2<float, 1,"),
+    ("bfloat16", 200, 11, "2", "norm_fwd2<bf16_t, 2,"),
+    ("float32", 4104, 3, "1", "norm_fwd2<float, 2,"),
+    ("bfloat16", 45, 7, "1", "norm_fwd<bf16_t, 1,"),
+    ("float16", 8200, 2, "1", "norm_fwd<half_t, 4,"),
+]
+
+
+@pytest.mark.parametrize("dtype,width,rows,nv,expect", FWD2_CASES)
+@pytest.mark.parametrize("kind", ["rms_norm", "layer_norm"])
+def test_forward_v2(rng, monkeypatch, kernel_names, kind, dtype, width, rows, nv, expect):
+    """The v2 forward (default) against the float64 reference and v1 on the same inputs, on a persistent grid of
+    one block (each row slot walks several rows, prefetching the next), with every residual / s dtype pairing,
+    prenorm on and off, with and without bias, cache hints on and off, and the full (one row per slot) grid."""
+    from ssmcore.backends.cupy import _arrays
+    from ssmcore.backends.cupy import norm as backend
+
+    monkeypatch.setattr(_arrays, "sm_count", lambda: 1)
+    monkeypatch.setattr(backend, "_resident_blocks", lambda kernel, threads: 1)
+    monkeypatch.setattr(backend, "fwd2_nv", nv)
+    x = randn(rng, (rows, width), dtype)
+    weight = randn(rng, width, "float32")
+    bias = randn(rng, width, "float32")
+    op, ref = getattr(ssmcore, kind), getattr(reference, kind)
+    cases = [(None, False, False, "persistent", True), ("float32", True, True, "persistent", False),
+             (dtype, True, False, "full", True), (dtype, False, True, "persistent", True),
+             (None, True, True, "full", False)]
+    for residual_dtype, use_bias, in_fp32, grid, hint in cases:
+        residual = None if residual_dtype is None else randn(rng, (rows, width), residual_dtype)
+        b = bias if use_bias else None
+        args = (gpu(x), gpu(weight), gpu(b), gpu(residual), 1e-5)
+        monkeypatch.setattr(backend, "fwd2_grid", grid)
+        monkeypatch.setattr(backend, "fwd2_hint", hint)
+        monkeypatch.setattr(backend, "fwd_impl", None)
+        del kernel_names[:]
+        y, s = op(*args, prenorm=True, residual_in_fp32=in_fp32)
+        y_only = op(*args)
+        assert kernel_names and all(n.startswith(expect) for n in kernel_names), (expect, kernel_names)
+        label = f"{kind} (residual {residual_dtype}, bias {use_bias}, fp32 {in_fp32}, {grid}, hint {hint})"
+        want_s_dtype = np.float32 if in_fp32 else (residual if residual is not None else x).dtype
+        assert y.dtype == x.dtype and s.dtype == want_s_dtype, label
+        ry = ref(x, weight, b, residual, 1e-5)
+        assert_close(host(y), ry, dtype, name=f"y {label}")
+        s_want = (f64(x) + (0.0 if residual is None else f64(residual))).astype(np.float32).astype(want_s_dtype)
+        np.testing.assert_array_equal(f64(host(s)), f64(s_want), err_msg=f"s {label}")
+        np.testing.assert_array_equal(f64(host(y_only)), f64(host(y)), err_msg=f"prenorm off {label}")
+        monkeypatch.setattr(backend, "fwd_impl", "v1")
+        del kernel_names[:]
+        y1, s1 = op(*args, prenorm=True, residual_in_fp32=in_fp32)
+        assert all(n.startswith("norm_fwd<") for n in kernel_names), kernel_names
+        assert_close(host(y), f64(host(y1)), dtype, name=f"y v2 vs v1 {label}")
+        np.testing.assert_array_equal(f64(host(s)), f64(host(s1)), err_msg=f"s v2 vs v1 {label}")
+
+
+def test_forward_knobs(monkeypatch):
+    from ssmcore.backends.cupy import norm as backend
+
+    for attr, env in (("fwd_impl", "SSMCORE_NORM_FWD"), ("fwd2_nv", "SSMCORE_NORM_FWD2_NV"),
+                      ("fwd2_grid", "SSMCORE_NORM_FWD2_GRID"), ("fwd2_hint", "SSMCORE_NORM_FWD2_HINT")):
+        monkeypatch.setattr(backend, attr, None)
+        monkeypatch.setenv(env, "bogus")
+        with pytest.raises(ValueError, match=f"^{env}:"):
+            ssmcore.rms_norm(cupy.ones((2, 64), cupy.float32), cupy.ones(64, cupy.float32))
+        monkeypatch.delenv(env)
+
+
 # --- gated_rms_norm ------------------------------------------------------------------------------
 
 

@@ -201,6 +201,7 @@ def _run_both(kernel_impl, args, softplus, indices, rows=0):
     # heads, batch, (H, P) or (D,), N, groups, x dtype, state dtype, scalar A, pool extra
     (True, 3, (4, 5), 128, 2, "bfloat16", "bfloat16", True, 2),
     (True, 2, (3, 8), 64, 1, "bfloat16", "float32", True, 0),
+    (True, 2, (2, 7), 32, 1, "float16", "float32", True, 1),    # float32 state, rows 4 (a session 7 variant)
     (True, 2, (2, 3), 24, 2, "float32", "float16", False, 1),   # N / 8 = 3 chunks: a lane idle per row
     (True, 1, (2, 4), 256, 1, "bfloat16", "bfloat16", True, 0),  # 32 lanes per row
     (False, 3, (70,), 16, 1, "bfloat16", "bfloat16", False, 2),  # partial tiles
@@ -242,6 +243,59 @@ def test_v2_matches_v1_and_reference(rng, kernel_impl, case, rows):
         untouched = sorted(set(range(batch + pool_extra)) - set(indices[indices >= 0].tolist()))
         np.testing.assert_array_equal(f64(state2[untouched]), f64(state[untouched]))
         assert float(np.abs(f64(out2)[-1]).max()) == 0.0, "padding row outputs 0"
+
+
+V3_CASES = [  # batch, (H, P), N, groups, x dtype, state dtype, pool extra (A a per-head scalar: v3's layout)
+    (3, (4, 5), 128, 2, "bfloat16", "bfloat16", 2),
+    (2, (3, 8), 64, 1, "bfloat16", "float32", 0),
+    (2, (2, 7), 32, 1, "float16", "float32", 1),
+    (1, (2, 4), 256, 1, "bfloat16", "bfloat16", 0),
+    (3, (5, 3), 16, 1, "float32", "float16", 1),
+]
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 4])
+@pytest.mark.parametrize("case", V3_CASES, ids=lambda c: "-".join(str(v) for v in c))
+def test_v3_matches_v2_and_reference(rng, kernel_impl, monkeypatch, case, rows):
+    """state_update_v3 (persistent grid; here one block walks every tile, prefetching the next) against the
+    reference and bit for bit against v2's state (same per-entry math)."""
+    from ssmcore.backends.cupy import _arrays
+
+    batch, channels, n_state, groups, x_dtype, state_dtype, pool_extra = case
+    state = randn(rng, (batch + pool_extra,) + channels + (n_state,), state_dtype)
+    A = np.broadcast_to(-np.exp(randn(rng, (channels[0], 1, 1), "float32")), channels + (n_state,))
+    args = dict(state=state, x=randn(rng, (batch,) + channels, x_dtype),
+                dt=np.abs(randn(rng, (batch,) + channels, x_dtype, 0.5)) + 0.01, A=A,
+                B=randn(rng, (batch, groups, n_state), x_dtype), C=randn(rng, (batch, groups, n_state), x_dtype),
+                D=randn(rng, channels, "float32"), z=randn(rng, (batch,) + channels, x_dtype),
+                dt_bias=randn(rng, channels, "float32", 0.3))
+    indices = None
+    if pool_extra:
+        indices = rng.permutation(batch + pool_extra)[:batch].astype(np.int32)
+        indices[-1] = -1
+    monkeypatch.setattr(_arrays, "sm_count", lambda: 1)
+    monkeypatch.setattr(cupy_ssu, "_resident_blocks", lambda kernel: 1)
+    names = []
+    original = cupy_ssu._runtime.function
+    monkeypatch.setattr(cupy_ssu._runtime, "function",
+                        lambda family, name, *a, **k: (names.append(name), original(family, name, *a, **k))[1])
+    results = {}
+    for impl in ("v2", "v3"):
+        kernel_impl.impl, kernel_impl.rows_override = impl, rows
+        results[impl] = run_gpu(args, True, indices)
+    assert any(n.startswith("state_update_v3<") for n in names), names
+    ref_out, ref_state = reference.selective_state_update(**args, dt_softplus=True, state_batch_indices=indices)
+    worst = x_dtype if TOL[x_dtype] > TOL[state_dtype] else state_dtype
+    out2, state2 = (host(a) for a in results["v2"])
+    out3, state3 = (host(a) for a in results["v3"])
+    assert_close(out3, ref_out, worst, name="v3 out")
+    assert_close(state3, ref_state, state_dtype, name="v3 state")
+    np.testing.assert_array_equal(f64(state3), f64(state2))
+    np.testing.assert_array_equal(f64(out3), f64(out2))  # same shuffle order as v2
+    if indices is not None:
+        untouched = sorted(set(range(batch + pool_extra)) - set(indices[indices >= 0].tolist()))
+        np.testing.assert_array_equal(f64(state3[untouched]), f64(state[untouched]))
+        assert float(np.abs(f64(out3)[-1]).max()) == 0.0, "padding row outputs 0"
 
 
 def test_v2_index_past_pool_is_padding(rng, kernel_impl):
