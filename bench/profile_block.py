@@ -1,14 +1,15 @@
 """Where a block's forward+backward GPU time goes, ours vs the peer (GPU machine; data for block/training speed).
 
     python3 bench/profile_block.py [--batch 8] [--length 2048] [--d-model 1024] [--top 22] [--who ours peer]
-    python3 bench/profile_block.py --kinds Mamba --who ours ours-recompute peer   # kept scan checkpoints or not
+    python3 bench/profile_block.py --kinds Mamba --who ours ours-ckpt peer   # scan checkpoints kept or not
     python3 bench/profile_block.py --conv   # causal_conv1d_fn fwd+bwd: where the time outside the kernels goes
 
 The setting of bench/test_gpu_blocks.py: Mamba (d_state 16) and Mamba2 (H32 P64 N128, chunk 256), fp32 parameters
 under bf16 autocast, torch.autograd.grad of the output w.r.t. input and parameters. Prints wall time per
 forward+backward (CUDA events, median of 10), the sum of kernel times (torch.profiler), the kernels by GPU time,
-ours next to the peer's, and peak memory above the inputs. "ours-recompute": ours with the Mamba-1 fused path's
-scan checkpoints recomputed in the backward (SSMCORE_MAMBA_CKPT=0, before session 7) instead of kept from the forward.
+ours next to the peer's, and peak memory above the inputs. "ours" runs the defaults; "ours-ckpt" keeps the Mamba-1
+fused path's scan checkpoints from the forward (SSMCORE_MAMBA_CKPT=1, opt-in), "ours-recompute" recomputes them in
+the backward (SSMCORE_MAMBA_CKPT=0, the default).
 
 --conv: the suite's causal_conv1d fwd+bwd row (B8 D4096 L2048 W4 bf16, fp32 weight and bias, silu), per call: CUDA-event
 time at that shape, host time at a tiny shape (back-to-back calls, the GPU idle: what the big shape hides or not), the
@@ -53,10 +54,10 @@ def step_fn(module, x, g):
 
 
 def _ours_variant(who):
-    """Set ours' knobs for a row name ("ours", "ours-recompute")."""
+    """Set ours' knobs for a row name ("ours": defaults, "ours-ckpt", "ours-recompute")."""
     from ssmcore.adapters.torch import fused
 
-    fused.keep_checkpoints = who != "ours-recompute"
+    fused.keep_checkpoints = {"ours-ckpt": True, "ours-recompute": False}.get(who)
 
 
 def conv_report(top):
@@ -143,7 +144,7 @@ def main():
     ap.add_argument("--d-model", type=int, default=1024)
     ap.add_argument("--top", type=int, default=22)
     ap.add_argument("--kinds", nargs="+", default=["Mamba", "Mamba2"])
-    ap.add_argument("--who", nargs="+", default=["ours", "peer"], help="ours, ours-recompute and/or peer")
+    ap.add_argument("--who", nargs="+", default=["ours", "peer"], help="ours, ours-ckpt, ours-recompute and/or peer")
     ap.add_argument("--conv", action="store_true", help="the causal_conv1d fwd+bwd report instead of the blocks")
     args = ap.parse_args()
     if args.conv:

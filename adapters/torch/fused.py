@@ -225,9 +225,11 @@ def _batch_sum(t):
 
 
 # Keep the scan's state checkpoints from the forward for the backward (Mamba-1 fused path, CUDA, plain eager):
-# "1" (default) or "0" (the backward recomputes them: one more scan forward per step). Kept, they are held from
-# the forward to the backward: (B, L / chunk, D, N padded) float32, 64 MiB at B8 D2048 L2048 N16 (chunk 32), one
-# bf16 (B, D, L) activation; the block's peak (the scan backward, where they exist either way) does not change.
+# "1" or "0" (default: the backward recomputes them: one more scan forward per step, as the reference's backward
+# kernel recomputes its chunks). Kept, they are held from the forward to the backward: (B, L / chunk, D, N padded)
+# float32, 64 MiB at B8 D2048 L2048 N16 (chunk 32), one bf16 (B, D, L) activation per layer (~195 -> 259 MiB held per
+# layer at that shape; the reference holds ~197): a deep model's activations would grow by a third, so keeping is
+# opt-in. A single block's peak (the scan backward, where they exist either way) does not change.
 # The module attribute wins when set; else SSMCORE_MAMBA_CKPT, read on every call.
 keep_checkpoints = None
 
@@ -237,7 +239,7 @@ def _keep_checkpoints(u) -> bool:
     plain eager mode with stashing allowed (``_stash``), nothing tracing or intercepting the calls."""
     if not u.is_cuda:
         return False
-    knob = keep_checkpoints if keep_checkpoints is not None else os.environ.get("SSMCORE_MAMBA_CKPT", "1") != "0"
+    knob = keep_checkpoints if keep_checkpoints is not None else os.environ.get("SSMCORE_MAMBA_CKPT", "0") == "1"
     if not knob or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:

@@ -125,9 +125,9 @@ def _launched_kernels(monkeypatch, fn):
 
 @pytest.mark.parametrize("shape", [(2, 512, 256), (1, 333, 64)], ids=["B2_L512", "B1_L333"])
 def test_mamba_kept_checkpoints_skip_the_backward_scan_forward(monkeypatch, shape):
-    """Session 7: the fused Mamba path keeps the scan's state checkpoints from the forward (one scan forward per
-    training step instead of two) and gives bitwise the same output and gradients as recomputing them
-    (SSMCORE_MAMBA_CKPT=0; the output pass forced to the lanes kernel, which the kept-checkpoint pass uses: the
+    """Session 7: with SSMCORE_MAMBA_CKPT=1 (opt-in) the fused Mamba path keeps the scan's state checkpoints from
+    the forward (one scan forward per training step instead of two) and gives bitwise the same output and gradients
+    as recomputing them (the default; the output pass forced to the lanes kernel, which the kept-checkpoint pass uses: the
     time-parallel one that small grids otherwise get rounds differently)."""
     from ssmcore.adapters.torch import fused
     from ssmcore.backends.cupy import scan
