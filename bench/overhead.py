@@ -21,6 +21,9 @@ cuts the GPU eager overhead too. Columns (microseconds per call, best of the rep
     dropin6   (--fastpath all, CUDA) plans as in session 6: launches through CuPy's kernel call, every block
               allocated per call up front (SSMCORE_PLAN_LAUNCH=cupy SSMCORE_PLAN_FREE=0
               SSMCORE_PLAN_KEEP_SCRATCH=0); 'dropin' is then session 7's (driver launches, small scratch kept)
+    dropin7   (--fastpath all, CUDA) OVH7's replay: as 'dropin' but with SSMCORE_PLAN_ONE_PASS=0 (the eager call
+              checks in three passes and replays the op's full results; 'dropin' = one-pass check, first-result
+              replays where the drop-in drops results)
     over      torch.op - backend: host overhead of the eager torch path (target <= 25 us)
 """
 
@@ -156,7 +159,7 @@ def _time(fn, number, repeat, sync=None) -> float:
     return min(runs)
 
 
-def measure(name, number, repeat, device="cpu", fastpath="on") -> dict:
+def measure(name, number, repeat, device="cpu", fastpath="on", split=False) -> dict:
     """One row of the table; on CUDA the 'numpy' and 'backend' columns run on CuPy views of the tensors."""
     case = CASES[name](_rng())
     op_kw = {k: torch.from_numpy(v).to(device) if isinstance(v, np.ndarray) else v
@@ -194,7 +197,7 @@ def measure(name, number, repeat, device="cpu", fastpath="on") -> dict:
         dropin_kw = {k: op_kw[k] for k in case["dropin_kw"]}
         dropin = lambda: case["dropin"](**dropin_kw)  # noqa: E731
         was = _plans.ENABLED
-        knobs = {k: getattr(_plans, k) for k in ("DRIVER_LAUNCH", "FREE_EARLY", "KEEP_SCRATCH")}
+        knobs = {k: getattr(_plans, k) for k in ("DRIVER_LAUNCH", "FREE_EARLY", "KEEP_SCRATCH", "ONE_PASS")}
         try:
             if fastpath in ("both", "all"):
                 _plans.ENABLED = False
@@ -202,10 +205,15 @@ def measure(name, number, repeat, device="cpu", fastpath="on") -> dict:
             if fastpath == "all":
                 _plans.ENABLED = True
                 _plans.DRIVER_LAUNCH, _plans.FREE_EARLY, _plans.KEEP_SCRATCH = False, False, 0
+                _plans.ONE_PASS = False
                 _plans.clear()  # recorded again (on _time's second warm-up call) with the session-6 replay
                 row["dropin6"] = _time(dropin, number, repeat, sync)
                 for k, v in knobs.items():
                     setattr(_plans, k, v)
+                _plans.ONE_PASS = False
+                _plans.clear()  # OVH7's form: driver launches, the checks in three passes, the full replay
+                row["dropin7"] = _time(dropin, number, repeat, sync)
+                _plans.ONE_PASS = knobs["ONE_PASS"]
                 _plans.clear()
             _plans.ENABLED = was if fastpath in ("both", "all") else fastpath == "on"
             row["dropin"] = _time(dropin, number, repeat, sync)
@@ -215,15 +223,83 @@ def measure(name, number, repeat, device="cpu", fastpath="on") -> dict:
                 setattr(_plans, k, v)
     else:
         row["dropin"] = float("nan")
+    if split and case["dropin"] is not None and first.is_cuda:
+        row.update(_split(case, {k: op_kw[k] for k in case["dropin_kw"]}, number, repeat, sync))
     row.setdefault("dropin0", float("nan"))
     row.setdefault("dropin6", float("nan"))
+    row.setdefault("dropin7", float("nan"))
     row["over"] = row["torch.op"] - row["backend"]
     return row
 
 
+def _split(case, dropin_kw, number, repeat, sync) -> dict:
+    """Where a drop-in's fast-path call spends its time (CUDA, plans on): the op call it makes (captured), the
+    plan check and key alone, the replay alone, the first-result replay alone."""
+    captured = []
+    run = _plans.run
+
+    def spy(name, fn, args, kwargs):
+        captured.append((name, args))
+        return run(name, fn, args, kwargs)
+
+    _plans.clear()
+    _plans.run = spy
+    try:
+        case["dropin"](**dropin_kw)
+        case["dropin"](**dropin_kw)  # recorded
+    finally:
+        _plans.run = run
+    if not captured:
+        return {}
+    name, args = captured[-1]
+    key, ptrs, _ = _plans._key(name, args)
+    plan = _plans._PLANS.get(key)
+    if not isinstance(plan, _plans._Plan):
+        return {}
+    call = getattr(F._ops, name)
+    out = {"s.dropin": _time(lambda: case["dropin"](**dropin_kw), number, repeat, sync),
+           "s.op": _time(lambda: call(*args), number, repeat, sync),
+           "s.first": _time(lambda: call.first(*args), number, repeat, sync),
+           "s.key": _time(lambda: _plans._key(name, args), number, repeat, sync),
+           "s.replay": _time(lambda: plan.replay(ptrs, args), number, repeat, sync)}
+    call.first(*args)
+    if plan.first is not None:
+        out["s.replay1"] = _time(lambda: plan.first(ptrs, args), number, repeat, sync)
+    out["s.launches"] = plan.n_launches
+    out["s.driver"] = int("_L(" in plan.source)
+    return out
+
+
+def suite_rows(repeat):
+    """bench/test_gpu_ops.py's host_overhead rows (bf16 tiny shapes, the same inputs and timer: wall time per call of
+    200 back-to-back calls after 5 warm-up calls, one synchronisation), ``repeat`` times each (ours only: the peer's
+    Triton autotuning would take longer than a short device run)."""
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:  # (run as a script: bench/ is on the path, the repository root is not)
+        sys.path.insert(0, root)
+    from bench import _timing as T
+    from bench import test_gpu_ops as G
+
+    for op, (_, factory) in G.TINY.items():
+        if factory is None:  # causal_conv1d_update: test_host_overhead's own inputs
+            def make(seed):
+                return dict(args=dict(x=G.randn(1, 64), conv_state=G.randn(1, 64, 3),
+                                      weight=G.randn(64, 4, dtype=G.F32), bias=None, activation="silu"))
+        else:
+            make = factory()
+        sets = [make(0)]
+        ours = G.fwd_calls(G._ours(op), sets)
+        ours_us = [T.host_us(ours) for _ in range(repeat)]
+        print(f"suite {op:<28} ours " + " ".join(f"{v:6.1f}" for v in ours_us)
+              + f"  (median {sorted(ours_us)[len(ours_us) // 2]:.1f})", flush=True)
+
+
 COLUMNS = ("numpy", "backend", "resolve", "checks", "torch.op", "convert", "dispatch", "dropin", "over")
 COLUMNS_BOTH = COLUMNS[:7] + ("dropin0",) + COLUMNS[7:]
-COLUMNS_ALL = COLUMNS[:7] + ("dropin0", "dropin6") + COLUMNS[7:]
+COLUMNS_ALL = COLUMNS[:7] + ("dropin0", "dropin6", "dropin7") + COLUMNS[7:]
 
 
 def main(argv=None):
@@ -235,7 +311,18 @@ def main(argv=None):
     parser.add_argument("--fastpath", default="on", choices=("on", "off", "both", "all"),
                         help="CUDA launch plans for the torch calls: on, off, both (adds column dropin0 = off) or "
                              "all (also dropin6 = session 6's replay)")
+    parser.add_argument("--split", action="store_true",
+                        help="(cuda) also print where the drop-in's fast path spends its time: s.dropin (the "
+                             "drop-in), s.op (its ssmcore op call), s.first (the same keeping the first result), "
+                             "s.key (the call key alone), s.replay / s.replay1 (the replay / first-result replay "
+                             "alone), s.launches, s.driver (1: driver launches)")
+    parser.add_argument("--suite", action="store_true",
+                        help="(cuda) only bench/test_gpu_ops.py's host_overhead rows, --repeat times each")
     args = parser.parse_args(argv)
+    if args.suite:
+        suite_rows(args.repeat)
+        print(f"launch plans: {_plans.STATS}")
+        return
     columns = {"both": COLUMNS_BOTH, "all": COLUMNS_ALL}.get(args.fastpath, COLUMNS)
     torch.set_num_threads(1)
     print(f"host overhead per call, us (B={B}, D={D}, N={N}, W={W}, L<=4, float32, {args.device}; best of "
@@ -243,11 +330,14 @@ def main(argv=None):
     print(f"{'op':<16}" + "".join(f"{c:>10}" for c in columns))
     for name in args.ops.split(","):
         try:
-            row = measure(name.strip(), args.number, args.repeat, args.device, args.fastpath)
+            row = measure(name.strip(), args.number, args.repeat, args.device, args.fastpath, args.split)
         except Exception as err:  # one op's failure should not hide the others' numbers
             print(f"{name:<16}  failed: {type(err).__name__}: {err}", flush=True)
             continue
         print(f"{name:<16}" + "".join(f"{row[c]:>10.1f}" for c in columns), flush=True)
+        extra = {k: v for k, v in row.items() if k.startswith("s.")}
+        if extra:
+            print(f"{'':<16}  split: " + "  ".join(f"{k[2:]} {v:.1f}" for k, v in extra.items()), flush=True)
     if args.device != "cpu":
         print(f"launch plans: {_plans.STATS}")
         for op, why in sorted(_plans.REFUSED.items()):

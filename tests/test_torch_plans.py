@@ -687,3 +687,99 @@ def test_parameter_cast_with_driver_launches(driver, rng, monkeypatch):
     assert len(DRIVER_CALLS) == n_calls + 1
     ((_, plan),) = _plans.plans_of("op_cast_driver")
     assert "A[1].to(_f32)" in plan.source and "_L(" in plan.source
+
+
+# ------------------------------------------------------------------ hit(): the one-pass check of the eager calls
+
+
+def _cpu_hit(monkeypatch):
+    """_plans.hit with host tensors standing for device-0 tensors (as _cpu_key does for _key): its source with the
+    device test and the alignment bits of host blocks replaced, run in the module's globals."""
+    import inspect
+
+    source = textwrap.dedent(inspect.getsource(_plans.hit))
+    for old, new in (("not a.is_cuda", "False"), ("a.get_device()", "0"), ("p & 63", "p & 15")):
+        assert old in source
+        source = source.replace(old, new)
+    monkeypatch.setattr(_plans, "_raw_stream", lambda device: 0)
+    monkeypatch.setattr(_plans, "_get_device", lambda: 0)
+    ns = {}
+    exec(compile(source, "<hit on the host>", "exec"), ns)
+    code = ns["hit"]
+    return types.FunctionType(code.__code__, vars(_plans), "hit", code.__defaults__)  # the module's live globals
+
+
+@pytest.mark.parametrize("with_last", [True, False])
+def test_hit_replays_and_first_result_replay_is_bitwise(driver, rng, monkeypatch, with_last):
+    monkeypatch.setattr(_plans, "KEEP_SCRATCH", 1 << 20)
+    hit = _cpu_hit(monkeypatch)
+    x, w, b = _inputs(rng)
+    args = (x, w, b, 0.25, with_last)
+    assert hit("driver_op", args) is _plans.MISS  # nothing recorded yet: the normal path (which records)
+    _run(driver_op, *args)
+    ((key, plan),) = _plans.plans_of("driver_op")
+    assert key == _cpu_key("driver_op", args)[0]
+    for _ in range(3):
+        x, w, b = _inputs(rng)
+        args = (x, w, b, 0.25, with_last)
+        want = driver_op(*args)
+        got = hit("driver_op", args)
+        assert len(got) == 3
+        for g, e in zip(got, want):
+            _same(g, e)
+        n_calls = len(DRIVER_CALLS)
+        got1 = hit("driver_op", args, True)
+        assert len(DRIVER_CALLS) - n_calls == plan.n_launches  # the same launches
+        _same(got1, want[0])
+    assert _plans.STATS["hits"] == 6
+    # the first-result replay allocates only that result: the others' blocks are kept scratch, no placeholder
+    assert plan.first_source.split("# when")[0].count("_empty_strided(") == 1
+    assert "_absent" not in plan.first_source.split("# when")[0]
+    full = plan.source.split("# when")[0]
+    assert full.count("_empty_strided(") == (3 if with_last else 2) and ("_absent" in full) != with_last
+
+
+def test_hit_misses_where_the_normal_path_must_run(driver, rng, monkeypatch):
+    hit = _cpu_hit(monkeypatch)
+    x, w, b = _inputs(rng)
+    _run(driver_op, x, w, b, 0.25, False)
+    assert hit("driver_op", (x, w, b, 0.25, False)) is not _plans.MISS
+    wg = w.clone().requires_grad_(True)
+    assert hit("driver_op", (x, wg, b, 0.25, False)) is _plans.MISS  # autograd would record: the custom op
+    with torch.no_grad():
+        assert hit("driver_op", (x, wg, b, 0.25, False)) is not _plans.MISS
+    assert hit("driver_op", (x, w, b, 0.5, False)) is _plans.MISS  # another key
+    assert hit("driver_op", (x, w, b, 0.25, 0)) is _plans.MISS  # (int 0 is not False)
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert hit("driver_op", (x.as_subclass(Sub), w, b, 0.25, False)) is _plans.MISS
+    monkeypatch.setattr(_plans, "ENABLED", False)
+    assert hit("driver_op", (x, w, b, 0.25, False)) is _plans.MISS
+    monkeypatch.setattr(_plans, "ENABLED", True)
+    monkeypatch.setattr(_plans, "ONE_PASS", False)  # SSMCORE_PLAN_ONE_PASS=0: the three-pass path (via run())
+    assert hit("driver_op", (x, w, b, 0.25, False)) is _plans.MISS
+    monkeypatch.setattr(_plans, "ONE_PASS", True)
+    with torch.autocast("cpu"):
+        monkeypatch.setattr(_plans, "_autocast_enabled", lambda device: True)
+        assert hit("driver_op", (x, w, b, 0.25, False)) is _plans.MISS
+    monkeypatch.setattr(_plans, "_autocast_enabled", torch.is_autocast_enabled)
+    monkeypatch.setattr(_plans, "_raw_stream", lambda device: 12345)  # a side stream
+    assert hit("driver_op", (x, w, b, 0.25, False)) is _plans.MISS
+    monkeypatch.setattr(_plans, "_raw_stream", lambda device: 0)
+    monkeypatch.setattr(sys.modules[__name__], "fake_mode", "bump")  # a module setting changed: the normal path
+    assert hit("driver_op", (x, w, b, 0.25, False)) is _plans.MISS
+
+
+def test_eager_ops_on_cpu_tensors_miss_and_first_is_the_first_result(rng):
+    from ssmcore.adapters.torch import functional as F
+    from ssmcore.adapters.torch import ops
+
+    t = lambda *s: torch.from_numpy(rng.standard_normal(s).astype(np.float32))  # noqa: E731
+    x, weight, bias = t(2, 5, 7), t(5, 4), t(5)
+    assert _plans.hit("causal_conv1d_fwd", (x, weight, bias, None, None, "silu", False)) is _plans.MISS
+    full = ops.eager.causal_conv1d_fwd(x, weight, bias, None, None, "silu", False)
+    first = ops.eager.causal_conv1d_fwd.first(x, weight, bias, None, None, "silu", False)
+    _same(first, full[0])
+    _same(F.causal_conv1d_fn(x, weight, bias, activation="silu"), full[0])

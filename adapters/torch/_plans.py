@@ -56,7 +56,13 @@ How a replay runs (session 7; each part selectable for before/after measurements
   is matched to its block by torch storage, held by a weak reference, and address), and a replay allocates each
   block just before its first launch
   and drops each scratch block after its last one (stream order makes that safe, as it does for the normal path).
-* Small scratch (``KEEP_SCRATCH`` bytes per plan, ``SSMCORE_PLAN_KEEP_SCRATCH``, 1 MiB; driver launches only):
+* The eager calls (``ops.eager.<op>``, what the drop-ins and modules call) try :func:`hit` first: one pass over
+  the arguments for everything ``ops._plain_eager`` and :func:`run` check and for the key, then the replay; a miss
+  takes the normal path (which records). ``ops.eager.<op>.first(...)``: only the first result, for a drop-in that
+  drops the others (``selective_scan_fn`` without the last state, ``causal_conv1d_fn`` without final states, the SSD
+  with neither state, ``rms_norm_fn`` without prenorm): a second replay of the same plan, compiled at its first use,
+  whose other results are scratch blocks (kept with the plan when small) and whose placeholders are not made.
+* Small scratch (``KEEP_SCRATCH`` bytes per plan, ``SSMCORE_PLAN_KEEP_SCRATCH``, 256 KiB; driver launches only):
   allocated once with the plan and reused by every replay, which allocates only its results. Safe because
   plans replay only on the legacy default stream, where one replay's kernels run after the previous one's.
 """
@@ -75,6 +81,7 @@ import weakref
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _bridge
 
@@ -93,6 +100,9 @@ FREE_EARLY = os.environ.get("SSMCORE_PLAN_FREE", "1") != "0"
 # KEEP_SCRATCH_TOTAL bytes are kept over all plans (counted until clear(); plans past it allocate per call).
 KEEP_SCRATCH = int(os.environ.get("SSMCORE_PLAN_KEEP_SCRATCH", str(1 << 18)))
 KEEP_SCRATCH_TOTAL = 32 << 20
+# The eager calls (ops.eager.<op>) check and replay in one pass (hit()), and drop-ins that drop results replay a
+# first-result-only variant. 0: they take the checks of ops._plain_eager + run() and the full replay (OVH7's form).
+ONE_PASS = os.environ.get("SSMCORE_PLAN_ONE_PASS", "1") != "0"
 _kept_bytes = 0
 MAX_PLANS = 4096
 
@@ -103,6 +113,16 @@ STATS = {"hits": 0, "recorded": 0, "refused": 0, "rerecorded": 0}
 REFUSED: dict = {}  # op name -> the last reason a recording was refused
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_Parameter = torch.nn.Parameter
+# what hit() calls per call, bound once (module attribute loads, not torch's Python wrappers' own lookups)
+_len_dispatch_stack = torch._C._len_torch_dispatch_stack
+_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+_peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
+_tracing_state = torch._C._get_tracing_state
+_autocast_enabled = torch.is_autocast_enabled
+_deterministic = torch.are_deterministic_algorithms_enabled
+_grad_enabled = torch.is_grad_enabled
+_get_device = None  # cupy.cuda.runtime.getDevice, set by _import
 _lock = threading.Lock()
 _rt = None  # ssmcore.backends.cupy._runtime, imported with the first CUDA call
 _raw_stream = None  # torch's current raw CUDA stream of a device (torch._C._cuda_getCurrentRawStream), set by _import
@@ -134,10 +154,13 @@ MAX_RERECORDS = 64  # re-recordings of one key (its environment / module setting
 
 
 class _Plan:
-    __slots__ = ("replay", "env", "env_encoded", "knobs", "n_launches", "source", "rerecords", "valid")
+    __slots__ = ("replay", "env", "env_encoded", "knobs", "n_launches", "source", "rerecords", "valid", "parts",
+                 "first", "first_source")
 
-    def __init__(self, replay, env, knobs, n_launches, source):
+    def __init__(self, replay, env, knobs, n_launches, source, parts=None):
         self.replay, self.env, self.knobs = replay, env, knobs
+        # what _compile needs to build the first-result-only replay (see first()), compiled at its first use
+        self.parts, self.first, self.first_source = parts, None, None
         try:
             encode_key, encode_value = os.environ.encodekey, os.environ.encodevalue
             self.env_encoded = tuple((encode_key(k), None if v is None else encode_value(v)) for k, v in env)
@@ -230,9 +253,10 @@ def _import():
         from ssmcore.backends.cupy import _runtime
     except ImportError:
         return False
-    _cupy, _rt, _arrays = cupy, _runtime, arrays
-    global _launch_kernel, _CScalar, _raw_stream
+    global _launch_kernel, _CScalar, _raw_stream, _get_device
     _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or _bridge._current_raw_stream
+    _get_device = cupy.cuda.runtime.getDevice
+    _cupy, _arrays, _rt = cupy, arrays, _runtime  # (_rt last: hit() takes _rt set as everything set)
     try:
         from cupy._core._scalar import CScalar
         from cupy.cuda import function as cupy_function
@@ -282,6 +306,82 @@ def run(name, fn, args, kwargs):
                 _PLANS[key] = _Refused("the settings it read change between calls", RECORD_TRIES)
                 return fn(*args)
     return _record(name, fn, args, key, ptrs, device, tries, rerecords)
+
+
+MISS = object()  # hit(): no plan replayed (take the normal path)
+
+
+def hit(name, args, first=False):
+    """The replayed result of op ``name`` on ``args`` -- only its first result when ``first`` -- or MISS.
+
+    One pass for what ``ops._plain_eager`` and :func:`run` check (nothing traces, compiles or intercepts, autograd
+    has nothing to record, plain CUDA tensors of one device, the legacy default stream, no autocast...) and the call
+    key: the eager calls of ``ops.eager`` (the drop-ins) try it first; a miss (no plan yet, a refused or stale one,
+    anything unusual) takes their normal path, which also records. The key is :func:`_key`'s."""
+    if (not ENABLED or not ONE_PASS or _rt is None or torch.compiler.is_compiling() or _len_dispatch_stack()
+            or _function_mode_enabled() or _peek_interpreter_stack() is not None or _tracing_state() is not None
+            or _forward_ad._current_level >= 0 or _rt.launch is not _rt._ORIGINAL_LAUNCH
+            or _autocast_enabled("cuda") or _deterministic()):
+        return MISS
+    grad = _grad_enabled()
+    parts = [name]
+    ptrs = []
+    device = None
+    for a in args:
+        ta = type(a)
+        if ta is Tensor or ta is _Parameter:
+            if not a.is_cuda or (grad and a.requires_grad):
+                return MISS
+            dev = a.get_device()
+            if device is None:
+                device = dev
+            elif dev != device:
+                return MISS
+            p = a.data_ptr()
+            ptrs.append(p)
+            parts.append((a.dtype, a.shape, a.stride(), p & 63))
+        elif a is None:
+            ptrs.append(0)
+            parts.append(None)
+        elif ta is bool or ta is int or ta is str:
+            ptrs.append(0)
+            parts.append((ta, a))
+        elif ta is float:
+            ptrs.append(0)
+            parts.append((ta, a.hex()))
+        else:
+            return MISS  # (a tensor subclass among them: the op's dispatch, as _plain_eager says)
+    if device is None:
+        return MISS
+    parts.append(device)
+    plan = _PLANS.get(tuple(parts))
+    if (type(plan) is not _Plan or _raw_stream(device) != 0 or _get_device() != device
+            or not plan.valid()):
+        return MISS
+    STATS["hits"] += 1
+    if first:
+        replay = plan.first
+        if replay is None:
+            replay = _first_replay(plan)
+            if replay is None:
+                return plan.replay(ptrs, args)[0]
+        return replay(ptrs, args)
+    return plan.replay(ptrs, args)
+
+
+def _first_replay(plan):
+    """The plan's replay returning only its first result: the other results' blocks become scratch (kept with the
+    plan when small, as any scratch), placeholders are not made. The same launches with the same arguments, so the
+    first result is bitwise the full replay's."""
+    if plan.parts is None:
+        return None
+    blocks, launches, outputs, as_tuple, used, device, casts = plan.parts
+    if not as_tuple or not outputs or outputs[0] is None:
+        return None
+    j0 = outputs[0][0]
+    replay, source = _compile(blocks, launches, outputs[:1], False, {j0: 0}, device, casts)
+    plan.first, plan.first_source = replay, source
+    return replay
 
 
 def _still_valid(plan) -> bool:
@@ -686,9 +786,12 @@ class _Recorder:
                         and (value is None or type(value) in (str, int, float, bool))):
                     knobs.append((module, attr, value))
         env = tuple(sorted((k, v) for k, v in self.env.items() if isinstance(k, str)))
+        casts = [i for _, i in self.casts]
         replay, source = _compile(self.blocks, self.launches, outputs, isinstance(out, tuple), used, self.device,
-                                  [i for _, i in self.casts])
-        return _Plan(replay, env, tuple(knobs), len(self.launches), source)
+                                  casts)
+        sizes = [(None, b[1]) for b in self.blocks]  # (the plan holds no block, no weak reference either)
+        parts = (sizes, self.launches, outputs, isinstance(out, tuple), used, self.device, casts)
+        return _Plan(replay, env, tuple(knobs), len(self.launches), source, parts)
 
 
 _EMPTY_CODE = None

@@ -55,9 +55,11 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         Unlike the reference, gradients flow through last_state too.
     """
     _require_tensors(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
+    if not return_last_state:  # (.first: a launch plan's replay then skips the state's allocation)
+        return _ops.selective_scan_fwd.first(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus))
     out, last_state = _ops.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state,
                                               bool(delta_softplus))
-    return (out, last_state) if return_last_state else out
+    return out, last_state
 
 
 def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
@@ -80,9 +82,10 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
     if _eager_autograd(x, weight, bias, initial_states, seq_idx):
         out, final_states = _CausalConv1dFn.apply(x, weight, bias, seq_idx, initial_states, activation,
                                                   bool(return_final_states))
+    elif not return_final_states:
+        return _ops.causal_conv1d_fwd.first(x, weight, bias, seq_idx, initial_states, activation, False)
     else:
-        out, final_states = _ops.causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation,
-                                                   bool(return_final_states))
+        out, final_states = _ops.causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation, True)
     if not return_final_states:
         return out
     if final_states_out is not None:
@@ -199,10 +202,11 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
                      seq_idx=seq_idx, cu_seqlens=cu_seqlens)
     if not isinstance(dt_limit, (tuple, list)) or len(dt_limit) != 2:
         raise TypeError(f"dt_limit: expected a pair (min, max), got {dt_limit!r}")
-    out, final_states, varlen_states = _ops.ssd_fwd(
-        x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, bool(dt_softplus),
-        _real("dt_limit", dt_limit[0]), _real("dt_limit", dt_limit[1]), bool(return_varlen_states),
-    )
+    args = (x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, bool(dt_softplus),
+            _real("dt_limit", dt_limit[0]), _real("dt_limit", dt_limit[1]), bool(return_varlen_states))
+    if not (return_final_states or return_varlen_states):
+        return _ops.ssd_fwd.first(*args)
+    out, final_states, varlen_states = _ops.ssd_fwd(*args)
     results = (out,) + ((final_states,) if return_final_states else ()) + (
         (varlen_states,) if return_varlen_states else ())
     return results[0] if len(results) == 1 else results
@@ -240,8 +244,8 @@ def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=N
     _require_tensors(x=x, weight=weight, bias=bias, residual=residual)
     op = _ops.rms_norm_fwd if is_rms_norm else _ops.layer_norm_fwd
     # As in the reference, an explicit residual keeps its dtype whatever residual_in_fp32 says.
-    y, s = op(x, weight, bias, residual, _real("eps", eps), bool(prenorm), bool(residual_in_fp32) and residual is None)
-    return (y, s) if prenorm else y
+    args = (x, weight, bias, residual, _real("eps", eps), bool(prenorm), bool(residual_in_fp32) and residual is None)
+    return op(*args) if prenorm else op.first(*args)
 
 
 def rms_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=None, eps=1e-6, dropout_p=0.0,

@@ -429,6 +429,37 @@ def test_replay_modes_bitwise(name, mode):
                 assert ("_L(" in plan.source) == (mode != "session6"), plan.source
 
 
+def _ssd_out_only(x, dt, A, B, C, D, z, bias):
+    return F.mamba_chunk_scan_combined(x, dt, A, B, C, 8, D=D, z=z, dt_bias=bias, dt_softplus=True)
+
+
+def _rms_no_prenorm(x, weight, res):
+    return F.rms_norm_fn(x, weight, None, residual=res, eps=1e-5, prenorm=False, residual_in_fp32=True)
+
+
+FIRST_ONLY = {  # drop-ins whose call drops results (ops.eager.<op>.first): name -> (fn, make, kwargs, op name)
+    "scan": DROPINS["scan"][:3] + ("selective_scan_fwd",),
+    "conv": DROPINS["conv"][:3] + ("causal_conv1d_fwd",),
+    "ssd": (_ssd_out_only, _ssd_inputs(), {}, "ssd_fwd"),
+    "rms_norm": (_rms_no_prenorm, DROPINS["rms_norm"][1], {}, "rms_norm_fwd"),
+}
+
+
+@pytest.mark.parametrize("mode", ["session6", "default"])
+@pytest.mark.parametrize("name", list(FIRST_ONLY))
+def test_first_result_replays_bitwise(name, mode):
+    """A drop-in that returns only the op's first result replays a plan variant that allocates nothing else
+    (the other results' blocks are plan scratch, no placeholders): bitwise the normal path, and really used."""
+    fn, make, kwargs, op = FIRST_ONLY[name]
+    with plan_mode(mode):
+        hits = _check(fn, make, kwargs, calls=4)
+        assert hits >= 2, f"{name}: no plan replayed; refused: {_plans.REFUSED}"
+        plans = [p for _, p in _plans.plans_of(op) if isinstance(p, _plans._Plan)]
+        assert plans and all(p.first is not None for p in plans), (op, _plans.REFUSED)
+        source = plans[0].first_source.split("# when")[0]
+        assert source.count("_empty_strided(") == 1 and "_absent" not in source, source
+
+
 def test_threads_replaying_one_plan():
     """Threads replaying the same plans at once (the busy plan's CuPy-call replay, a thread's first driver
     launch making sure of its CUDA context): every result is the normal path's."""
