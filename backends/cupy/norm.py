@@ -33,6 +33,11 @@ _NV_GATED2 = (1, 2)
 _NV2_MIN_CHUNKS = 64
 _NV2_MAX_THREADS = {False: 384, True: 320}  # by float32 z / dy streams
 _MAX_ROW_THREADS = 512
+# norm_fwd (v1) rows take 2 register chunks per thread once they pass 256 threads (2048 channels; 4 chunks up to 512
+# threads before the streaming kernel, as other kernels): H200, session 7
+# run 2, fused add + RMSNorm 16384 x 2560 with an fp32 residual: 127.5 us (graph 124.1) vs 131.4 (127.6) with 320
+# threads x 1 chunk; the reference 124.6.
+_MAX_FWD_ROW_THREADS = 256
 
 # gated_rms_norm kernels: "v2" (gated_fwd2 / gated_bwd2: all of a row's loads before its reduction, one reduction
 # in the backward, norm_before_gate compiled in) or "v1" (gated_fwd / gated_bwd, kept for side-by-side timing).
@@ -47,11 +52,12 @@ def _gated_impl() -> str:
     return impl
 
 
-# rms_norm / layer_norm forward kernels: "v2" (norm_fwd2: persistent grid, the next row's loads in flight while a
-# row is reduced and stored, 16-byte accesses only, evict-first cache hints; rows with D % 8 == 0, 16-byte
-# aligned, at most 2 chunks per thread) or "v1" (norm_fwd, every other row, and kept for side-by-side timing).
+# rms_norm / layer_norm forward kernels: "v1" (norm_fwd, the default) or "v2" (norm_fwd2: persistent grid, the next
+# row's loads in flight while a row is reduced and stored, 16-byte accesses only, evict-first cache hints; rows with
+# D % 8 == 0, 16-byte aligned, at most 2 chunks per thread; measured slower on the H200, session 7 run 2: 139.9 vs
+# 131.4 us at 16384 x 2560, every knob setting 128.7-137.5 in graph replay vs v1's 127.6; kept as a knob).
 # Module attributes win when set (benchmarks); else the environment, read on every call:
-#   SSMCORE_NORM_FWD = v2 | v1; SSMCORE_NORM_FWD2_NV = 1 (1 chunk per thread while a row fits in 512 threads)
+#   SSMCORE_NORM_FWD = v1 | v2; SSMCORE_NORM_FWD2_NV = 1 (1 chunk per thread while a row fits in 512 threads)
 #   | 2 (2 chunks per thread first); SSMCORE_NORM_FWD2_GRID = persistent | full (one row per slot);
 #   SSMCORE_NORM_FWD2_HINT = 1 | 0 (evict-first loads and stores).
 fwd_impl = None
@@ -70,7 +76,7 @@ def _knob(attr, env: str, default: str, allowed) -> str:
 
 def _fwd2_config():
     """(use v2, NV order, persistent grid, hint) from the knobs."""
-    impl = _knob(fwd_impl, "SSMCORE_NORM_FWD", "v2", ("v1", "v2"))
+    impl = _knob(fwd_impl, "SSMCORE_NORM_FWD", "v1", ("v1", "v2"))
     nv = _knob(fwd2_nv, "SSMCORE_NORM_FWD2_NV", "1", ("1", "2"))
     grid = _knob(fwd2_grid, "SSMCORE_NORM_FWD2_GRID", "persistent", ("persistent", "full"))
     hint = _knob(None if fwd2_hint is None else int(bool(fwd2_hint)), "SSMCORE_NORM_FWD2_HINT", "1", ("0", "1"))
@@ -91,15 +97,16 @@ INSTANTIATIONS = (
 )
 
 
-def _row_layout(n: int, nv_choices) -> tuple[int, int, int]:
+def _row_layout(n: int, nv_choices, max_threads: int | None = None) -> tuple[int, int, int]:
     """(NV, threads per row, rows per block) for rows of n elements in 8-element chunks."""
+    cap = _MAX_ROW_THREADS if max_threads is None else max_threads
     chunks = cdiv(n, 8)
     for nv in nv_choices:
         threads = cdiv(chunks, nv)
-        if threads <= _MAX_ROW_THREADS:
+        if threads <= cap:
             break
     else:
-        nv, threads = 0, _MAX_ROW_THREADS
+        nv, threads = 0, cap
     warp = _arrays.warp_size()
     if threads <= warp:
         tpr = 1 << (threads - 1).bit_length()
@@ -170,7 +177,9 @@ def _norm_fwd(x, weight, bias, residual, eps, prenorm, residual_in_fp32, rms):
                  np.int32(s is not None and s.dtype == cupy.float32), np.int64(rows), np.int32(d), np.float32(eps)),
             )
             return y if not prenorm else (y, _cast(s, s_dtype))
-        nv, tpr, rpb = _row_layout(d, _NV_FWD)
+        nv, tpr, rpb = _row_layout(d, _NV_FWD, min(_MAX_ROW_THREADS, _MAX_FWD_ROW_THREADS))
+        if nv == 0:  # past 4 chunks x 256 threads: the usual cap before the streaming kernel
+            nv, tpr, rpb = _row_layout(d, _NV_FWD)
         kernel = _runtime.function(FAMILY, f"norm_fwd<{tx}, {nv}, {'true' if rms else 'false'}>")
         _runtime.launch(
             kernel, (cdiv(rows, rpb),), (tpr, rpb),

@@ -762,7 +762,7 @@ scan_fwd_tp(const T* __restrict__ u, const T* __restrict__ delta, const float* _
         if (varC) pC[q].load(Cvar + (i64)n * L, t0, (i64)L, vec);
       }
     };
-    if (PF) fetch(0);
+    if (PF) fetch(0);  // N >= 1 (the launcher takes PF = 0 for N = 0: n would clamp to -1)
     for (int n0 = 0; n0 < N; n0 += TP_NB) {
       float a[TP_NB][K], bu[TP_NB][K], cv[TP_NB][K], ma[TP_NB], mb[TP_NB];
       Raw8<T> qB[NPF], qC[NPF];

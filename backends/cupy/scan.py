@@ -244,7 +244,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if last is not None:
             last[...] = 0 if a.initial_state is None else a.initial_state
     elif _use_time_parallel(a):
-        kernel = _runtime.function(FAMILY, f"scan_fwd_tp<{a.T}, {tp_states}, {int(bool(tp_prefetch))}>")
+        prefetch = int(bool(tp_prefetch) and a.n_states > 0)  # N = 0: no B / C row to fetch
+        kernel = _runtime.function(FAMILY, f"scan_fwd_tp<{a.T}, {tp_states}, {prefetch}>")
         if a.length % 8 == 0:
             # Vector loads need 16-byte rows: a strided input whose rows are not gets copied contiguous.
             for name, sname in (("u", "su"), ("delta", "sdelta"), ("z", "sz")):

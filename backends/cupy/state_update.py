@@ -51,12 +51,13 @@ INSTANTIATIONS = (
        for r in (1, 2, 4) if r <= _max_override(ts != "float", tb != "float", True)]
 )
 
-# "v2" (default): state_update_v2, tiles of rows with every load issued up front, where the layout
-# allows it (vector layout, N % 8 == 0, N <= 256); "v1": always the first kernel; "v3" (session 7, a
-# timing variant): state_update_v3, v2's tiles on a persistent grid with the next tile's loads issued
-# before the current tile's stores, where A is a per-head scalar (else v2). Read at import;
-# benchmarks switch it by assigning this attribute.
-impl = os.environ.get("SSMCORE_STATE_UPDATE", "v2")
+# "v2": state_update_v2, tiles of rows with every load issued up front, where the layout allows it (vector
+# layout, N % 8 == 0, N <= 256); "v1": always the first kernel; "v3" (session 7): state_update_v3, v2's tiles
+# on a persistent grid with the next tile's loads issued before the current tile's stores, where A is a
+# per-head scalar (else v2); "auto" (default): v3 for a float32 state with a per-head A, else v2 (H200, session 7
+# run 2, B64 H64 P64 N128: f32 state graph replay 72.2 us with v3 vs 76.8 with v2, reference 79.1 (do_bench);
+# bf16 state 49.1 vs 43.0: v2 stays). Read at import; benchmarks switch it by assigning this attribute.
+impl = os.environ.get("SSMCORE_STATE_UPDATE", "auto")
 # v2's / v3's rows per thread (1, 2 or 4, at most _max_override(...)); 0 = automatic.
 rows_override = int(os.environ.get("SSMCORE_STATE_UPDATE_ROWS", "0"))
 _V2_THREADS = 128  # SSU2_THREADS
@@ -168,7 +169,7 @@ def _launch_v2(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, indices, out, 
             break
         rows_per_thread //= 2
     grid = n_batch * groups * tiles
-    if impl == "v3" and a_scalar:
+    if a_scalar and (impl == "v3" or (impl == "auto" and state.itemsize == 4)):
         kernel = _runtime.function(FAMILY, f"state_update_v3<{ts}, {tb}, {rows_per_thread}>")
         grid = min(grid, _arrays.sm_count() * _resident_blocks(kernel))
     else:

@@ -204,7 +204,7 @@ FWD2_CASES = [
 @pytest.mark.parametrize("dtype,width,rows,nv,expect", FWD2_CASES)
 @pytest.mark.parametrize("kind", ["rms_norm", "layer_norm"])
 def test_forward_v2(rng, monkeypatch, kernel_names, kind, dtype, width, rows, nv, expect):
-    """The v2 forward (default) against the float64 reference and v1 on the same inputs, on a persistent grid of
+    """The v2 forward (SSMCORE_NORM_FWD=v2) against the float64 reference and v1 on the same inputs, on a persistent grid of
     one block (each row slot walks several rows, prefetching the next), with every residual / s dtype pairing,
     prenorm on and off, with and without bias, cache hints on and off, and the full (one row per slot) grid."""
     from ssmcore.backends.cupy import _arrays
@@ -226,7 +226,7 @@ def test_forward_v2(rng, monkeypatch, kernel_names, kind, dtype, width, rows, nv
         args = (gpu(x), gpu(weight), gpu(b), gpu(residual), 1e-5)
         monkeypatch.setattr(backend, "fwd2_grid", grid)
         monkeypatch.setattr(backend, "fwd2_hint", hint)
-        monkeypatch.setattr(backend, "fwd_impl", None)
+        monkeypatch.setattr(backend, "fwd_impl", "v2")
         del kernel_names[:]
         y, s = op(*args, prenorm=True, residual_in_fp32=in_fp32)
         y_only = op(*args)
