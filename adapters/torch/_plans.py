@@ -552,6 +552,45 @@ class _EnvSpy(collections.abc.MutableMapping):
         return getattr(self._env, name)
 
 
+class _LineTracer:
+    """The local trace function of one line-checked frame (see :func:`_line_checks`): refuses the recording when a
+    checked line stores into, updates or converts a CuPy array. Holds no reference to itself (no cycle)."""
+
+    __slots__ = ("rec", "checks")
+
+    def __init__(self, rec, checks):
+        self.rec, self.checks = rec, checks
+
+    def __call__(self, frame, event, arg):
+        if event == "line":
+            try:
+                self.check(frame)
+            except Exception as err:
+                self.rec.refuse(f"recorder error {err!r}")
+        return self
+
+    def check(self, frame):
+        todo = self.checks.get(frame.f_lineno)
+        if not todo:
+            return
+        rec = self.rec
+        for kind, what in todo:
+            if kind == "refuse":
+                rec.refuse(f"line {frame.f_lineno} of {os.path.basename(frame.f_code.co_filename)}: {what}")
+            else:
+                if isinstance(what, tuple):  # an attribute chain: a failed lookup refuses
+                    name, attrs = what[0], what[1:]
+                    value = frame.f_locals.get(name, frame.f_globals.get(name))
+                    for attr in attrs:
+                        value = getattr(value, attr)
+                    what = ".".join((name,) + attrs)
+                else:
+                    value = frame.f_locals.get(what, frame.f_globals.get(what))
+                if isinstance(value, _cupy.ndarray):
+                    rec.refuse(f"line {frame.f_lineno} of {os.path.basename(frame.f_code.co_filename)} works on "
+                               f"array {what}")
+
+
 class _Recorder:
     def __init__(self, args, ptrs, device):
         self.thread = threading.get_ident()
@@ -718,35 +757,18 @@ class _Recorder:
         return None
 
     def _local_tracer(self, checks):
-        def tracer(frame, event, arg):
-            try:
-                check(frame, event)
-            except Exception as err:
-                self.refuse(f"recorder error {err!r}")
-            return tracer
+        # an object, not a closure: a nested function returning itself would sit in a reference cycle (its closure
+        # cell holds it) with the recorder, and so the op's arguments, alive until the next cyclic collection
+        return _LineTracer(self, checks)
 
-        def check(frame, event):
-            if event == "line":
-                todo = checks.get(frame.f_lineno)
-                if todo:
-                    for kind, what in todo:
-                        if kind == "refuse":
-                            self.refuse(f"line {frame.f_lineno} of {os.path.basename(frame.f_code.co_filename)}: "
-                                        f"{what}")
-                        else:
-                            if isinstance(what, tuple):  # an attribute chain: a failed lookup refuses
-                                name, attrs = what[0], what[1:]
-                                value = frame.f_locals.get(name, frame.f_globals.get(name))
-                                for attr in attrs:
-                                    value = getattr(value, attr)
-                                what = ".".join((name,) + attrs)
-                            else:
-                                value = frame.f_locals.get(what, frame.f_globals.get(what))
-                            if isinstance(value, _cupy.ndarray):
-                                self.refuse(f"line {frame.f_lineno} of "
-                                            f"{os.path.basename(frame.f_code.co_filename)} works on array {what}")
-
-        return tracer
+    def release(self):
+        """Drop what the recording held (the op's arguments, torch casts, launch arguments, module and block
+        references): whatever still refers to the recorder (a frame's trace function) then keeps nothing alive,
+        and a late call of its hooks touches neither the plans nor this thread's trace and profile functions."""
+        self.thread = None
+        self.args = self.ptrs = None
+        self.casts, self.hold, self.blocks, self.launches, self.extents = [], [], [], [], []
+        self.modules, self.env = {}, {}
 
     # -- the plan
     def finish(self, out):
@@ -980,6 +1002,7 @@ def _record(name, fn, args, key, ptrs, device, tries=0, rerecords=0):
             or not _lock.acquire(blocking=False)):
         # a profiler, debugger or another recording is running, or the first call on this stream: not now
         return fn(*args)
+    rec = None
     try:
         if _EMPTY_CODE is None:
             from cupy._creation import basic, from_data
@@ -1019,6 +1042,8 @@ def _record(name, fn, args, key, ptrs, device, tries=0, rerecords=0):
             _PLANS[key] = plan
         return out
     finally:
+        if rec is not None:
+            rec.release()  # nothing of the call outlives it through the recorder (see _Recorder.release)
         _lock.release()
 
 
