@@ -12,8 +12,9 @@ L 2048 and N 64 / 256. Prints and writes to JSON (default $OUT/ssd_bwd_bench.jso
   impl              the default SSMCORE_SSD_BWD_IMPL (v4 unless set in the environment)
   bwd_us_vK, kernels_us_vK   the same with SSMCORE_SSD_BWD_IMPL=vK for the other implementations of --impls
                     (default v3,v4; v1/v2 on request), in the same process (main shape only); max_rel_diff_vK
-                    vs the default. --impls dx7 / st7 / tp7 / v7: the default with ssdb_dx7 / ssdb_st7 / ssdb_tp7 / all
-                    (and fwd_bwd_us_*)
+                    vs the default. --impls v4old / dx7 / st7 / tp7 / v7 / g7 / g7f / g7bc: the default with
+                    launcher knobs flipped (VARIANTS below; v4old = session 6's kernels, g7 = the experimental
+                    ssdb_g7), also fwd_bwd_us_*
   rel_diff_vs_peer  max |ours - peer| / max |peer| of each gradient the peer also returns
 """
 
@@ -32,12 +33,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_ssd import bench_us, make_inputs  # noqa: E402
 
 MAIN = (8, 4096, 64, 64, 128)
-# --impls tokens that flip launcher knobs instead of SSMCORE_SSD_BWD_IMPL: name -> {module attribute: value}.
-# dx7: ssdb_dx7 (the cp.async-pipelined dx kernel, SSMCORE_SSD_BWD_DX7=1) in place of ssdb_h4<T, 3>; st7: ssdb_st7
-# (SSMCORE_SSD_BWD_ST7=1) in place of ssdb_h4<T, 4 / 5>; tp7: ssdb_tp7 (SSMCORE_SSD_BWD_TP7=1) in place of ssdb_tp6;
-# v7: all three.
-VARIANTS = {k: {"dx7_in_v4": "dx" in on, "st7_in_v4": "st" in on, "tp7_in_v4": "tp" in on}
-            for k, on in (("dx7", ("dx",)), ("st7", ("st",)), ("tp7", ("tp",)), ("v7", ("dx", "st", "tp")))}
+# --impls tokens that flip launcher knobs instead of SSMCORE_SSD_BWD_IMPL: name -> {module attribute: value}. The
+# default (v4) runs session 7's ssdb_dx7 / ssdb_st7 / ssdb_tp7; v4old: all three off (session 6's ssdb_h4<T, 3>,
+# <T, 4 / 5> and ssdb_tp6); dx7 / st7 / tp7: only that one on; v7: all three (= the default); g7: the default plus
+# the experimental ssdb_g7<T, 0 / 1 / 2> (SSMCORE_SSD_BWD_G7=1) in place of ssdb_g4<T, 0 / 1 / 2>; g7f: the
+# default plus ssdb_g7<T, 0> only (F), g7bc: the default plus ssdb_g7<T, 1 / 2> only (dC / dB).
+_V7 = ("dx7_in_v4", "st7_in_v4", "tp7_in_v4")
+VARIANTS = {k: {**{a: a[:3] in on for a in _V7}, "g7_in_v4": "g7" in on, "g7_kinds": kinds}
+            for k, on, kinds in (("v4old", (), (0, 1, 2)), ("dx7", ("dx7",), (0, 1, 2)),
+                                 ("st7", ("st7",), (0, 1, 2)), ("tp7", ("tp7",), (0, 1, 2)),
+                                 ("v7", ("dx7", "st7", "tp7"), (0, 1, 2)),
+                                 ("g7", ("dx7", "st7", "tp7", "g7"), (0, 1, 2)),
+                                 ("g7f", ("dx7", "st7", "tp7", "g7"), (0,)),
+                                 ("g7bc", ("dx7", "st7", "tp7", "g7"), (1, 2)))}
 VARIANT_ATTRS = sorted({a for v in VARIANTS.values() for a in v})
 
 

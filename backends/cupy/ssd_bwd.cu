@@ -38,6 +38,9 @@
 // dB / dC per group, the products on a bf16/f16 shared-memory GEMM core (ssdb_g4, ssdb_h4).
 // ssdb_tp6 (last section; under v4 without z): ssdb_h4<T, 6> and <T, 7> in one launch, the group's heads looped
 // inside a block over once-staged head-independent operand panels.
+// Session 7: ssdb_dx7 / ssdb_st7 / ssdb_tp7 (default under v4) and ssdb_g7 / ssdb_g7b (SSMCORE_SSD_BWD_G7=1) are the
+// cp.async / ldmatrix-pipelined forms of ssdb_h4<T, 3>, <T, 4 / 5>, ssdb_tp6 and ssdb_g4<T, 0>, <T, 1 / 2> (sections
+// at the end of this file).
 // v3 = v2 with ssdb_mm3 (products), ssdb_pass2 (state passing) and ssdb_dcs3: the same math and
 // summation order (bitwise equal to v2), global loads issued together and overlapped with the mma work (the
 // v3 section at the end of this file says how).
@@ -2846,5 +2849,522 @@ __global__ void __launch_bounds__(128, 4) ssdb_tp7(
     rs += SSM_SHFL_XOR(rs, 1);
     rs += SSM_SHFL_XOR(rs, 2);
     if (tq == 0 && t < Q) out[obase + t] = rs;
+  }
+}
+
+// =====================================================================================================
+// ssdb_g7<T, 0> (session 7, helper SSDB7b; SSMCORE_SSD_BWD_G7=1 under v4): ssdb_g4<T, 0> (F per group and the
+// per-head row / column sums of CB o E for ssdb_dcs4) on ssdb_dx7's cp.async / ldmatrix pipeline:
+//   E_h[t,s] = (dy_h,t . x_h,s) e^(cs_h,t - cs_h,s) [s <= t, seg_s == seg_t]       (DX_h on tensor cores)
+//   F[t,s] = sum_h d_h,s E_h[t,s];  rowp[h, tj][t] = sum_s CB E_h d_h,s;  colp[h, ti][s] = sum_t CB E_h.
+// Work decomposition: a block per (b, c, g, lower 64 x 64 tile (ti, tj)) (ssdb_g4's grid and block order), 128
+// threads = 4 warps of 16 rows t x 64 columns s; K steps = (head of the group, 32-wide p slice), SSDB_G7_STAGES (3)
+// stages of dy (T: the caller's dout without z, ssdb_dy8t's copy with z; [t][p]) and x (T, [s][p]) tiles by
+// cp_async16 (zero-filled past the chunk / P), both fragments by ldsm_x4 (A: rows t; B: [s][p] is K-contiguous).
+// Head-independent: the CB tile is staged once (cp.async, fp32 [t][s]) and masked in place (each thread masks the
+// elements it later reads: no extra barrier); the mask bits are kept in a register for F's store.
+// Per-head epilogue in registers (no shared-memory passes over the tile): the decay factored as
+//   e^(cs_t - cs_s) = er[t] ec[s],  er[t] = e^(cs_t - rc), ec[s] = e^(rc - cs_s),  rc = cs of the column tile's last
+//   (valid) position,
+// from per-head tables (one __expf per thread and head, double-buffered, written one head ahead, their cs / d
+// prefetched into registers two heads ahead), so per element: F += (acc ecd[s]) er[t], u = CB acc,
+// row += u ecd[s], col += u er[t] (ecd = ec d): 5 FP ops and no MUFU; rowp = er[t] row, colp = ec[s] col.
+// Row sums: 2 shuffles (the warp owns all 64 columns of its rows: no cross-warp pass); column sums: a 16 -> 2
+// reduce-scatter over the lanes of a column (14 shuffles), then 4 warps' partials through shared memory, summed
+// after the next step's barrier (deferred: no barrier of its own). The factored form is used for a head when
+// every cs_t - rc <= SSDB_G7_FAC_MAX (rows) and rc - cs_s <= SSDB_G7_FAC_MAX (columns) (block-uniform, per head):
+// neither factor overflows, and a factor that underflows (< e^-87) times the other (<= e^40) stands for a decay
+// below e^-47 (negligible next to the diagonal terms). With A <= 0 (cs non-increasing) every off-diagonal tile
+// qualifies; a diagonal tile whose cs falls by more than 40 across it (steep A) takes the exact masked
+// __expf(cs_t - cs_s) per element. Rounding: dy and x rounded
+// to T for the mma as in ssdb_g4 (dy == dout exactly without z; with z round(dy) as ssdb_g4's operand); E in fp32.
+// Needs P % 8 == 0, Q % 4 == 0 and 16-byte aligned dy / x rows (else ssdb_g4<T, 0>). Dynamic shared memory
+// G7_SMEM (53.5 KB: 4 blocks = 16 warps per SM; registers capped at 128 by __launch_bounds__(128, 4)).
+// At B8 L4096 H64 P64 N128 G1 bf16 Q256 (no z): 1280 blocks x 64 heads x 2 slices; HBM dout 268 MB + x 268 MB
+// (each tile row re-read from L2 by up to 4 blocks: ~1.3 GB L2 -> SM) + F 34 MB + rowp / colp 67 MB (~170 us at
+// 3.7 TB/s); tensor work 34 GFLOP; issue ~140 M warp-instructions (epilogue ~330 per warp and head, mma part ~50,
+// copies ~40): ~150 us at 4 schedulers x 132 SMs. Expected 300-500 us (ssdb_g4<T, 0>: 2020 us: register-staged
+// loads, 2 barriers per slice and 2 per head, 32 exp and 4 shared loads per element and thread at 2 blocks per SM).
+#ifndef SSDB_G7_STAGES
+#define SSDB_G7_STAGES 3
+#endif
+#ifndef SSDB_G7_FAC_MAX
+#define SSDB_G7_FAC_MAX 40.f
+#endif
+constexpr int G7_LD = 40, G7_CB_LD = 72;
+constexpr int G7_STAGE_BYTES = 2 * 64 * G7_LD * 2;  // dy [64 t][40] + x [64 s][40] as T: 10240
+constexpr int G7_CB_BYTES = 64 * G7_CB_LD * 4;      // 18432
+// per head buffer (2): er, csr (rows), ec, ecd, csc, dcol (columns): 6 x 64 floats; then segr, segc (2 x 64 ints),
+// s_col [2][4 warps][64] floats, s_bad[2] (+ pad)
+constexpr int G7_TAB_FLOATS = 6 * 64;
+constexpr int G7_SMEM = SSDB_G7_STAGES * G7_STAGE_BYTES + G7_CB_BYTES + 2 * G7_TAB_FLOATS * 4 + 2 * 64 * 4 +
+                        2 * 4 * 64 * 4 + 16;
+
+// One reduce-scatter level over lane bit 2 HALF (16, 8, 4): v[i] (i < HALF) = own + partner's of the kept half.
+template <int HALF>
+__device__ __forceinline__ void g7_scatter(float (&v)[16], int lane) {
+  const bool up = (lane & (2 * HALF)) != 0;
+#pragma unroll
+  for (int i = 0; i < HALF; ++i) {
+    const float send = up ? v[i] : v[i + HALF];
+    const float keep = up ? v[i + HALF] : v[i];
+    v[i] = keep + SSM_SHFL_XOR(send, 2 * HALF);
+  }
+}
+
+template <typename T, int KIND>
+__global__ void __launch_bounds__(128, 4) ssdb_g7(
+    const T* __restrict__ x, const T* __restrict__ dyt, const float* __restrict__ d, const float* __restrict__ cs,
+    const int* __restrict__ seg, const float* __restrict__ cb, float* __restrict__ F, float* __restrict__ rowp,
+    float* __restrict__ colp, int batch, i64 L, int H, int G, int P, int N, int Q, int nc) {
+  static_assert(KIND == 0, "ssdb_g7: KIND 0 (F) only");
+  SSM_DYNAMIC_SMEM(dyn);
+  constexpr int ST = SSDB_G7_STAGES;
+  float* s_cb = reinterpret_cast<float*>(dyn + ST * G7_STAGE_BYTES);
+  float* s_tab = s_cb + 64 * G7_CB_LD;  // [2][6][64]
+  int* s_segr = reinterpret_cast<int*>(s_tab + 2 * G7_TAB_FLOATS);
+  int* s_segc = s_segr + 64;
+  float* s_col = reinterpret_cast<float*>(s_segc + 64);  // [2][4][64]
+  int* s_bad = reinterpret_cast<int*>(s_col + 2 * 4 * 64);
+  const int nt = (Q + 63) / 64, hpg = H / G;
+  int c, g, ti, tj;
+  {
+    int r = (int)blockIdx.x;
+    const int ntri = nt * (nt + 1) / 2;
+    int tri = r % ntri;
+    r /= ntri;
+    ti = 0;
+    while (tri > ti) {
+      tri -= ti + 1;
+      ++ti;
+    }
+    tj = tri;
+    g = r % G;
+    c = r / G;
+  }
+  const i64 b = blockIdx.z;
+  const i64 t0 = (i64)c * Q;
+  const int len = (int)(t0 + Q < L ? Q : L - t0);
+  const int i0 = ti * 64, j0 = tj * 64;
+  if (i0 >= len) return;  // rows past the chunk: nothing reads them (as ssdb_g4)
+  const i64 srow = b * L + t0;
+  const int HP = H * P;
+  const i64 mqg = (((b * nc + c) * (i64)G + g) * Q) * (i64)Q;
+  const i64 bch0 = (b * nc + c) * (i64)H + (i64)g * hpg;  // (b, c, first head of the group)
+  const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const int wr = 16 * w;
+  const int nsl = (P + 31) / 32, nsteps = hpg * nsl;
+  const int s_last = (j0 + 63 < len ? j0 + 63 : len - 1);
+
+  auto issue = [&](int step, int sb) {
+    T* Ys = reinterpret_cast<T*>(dyn + sb * G7_STAGE_BYTES);
+    T* Xs = Ys + 64 * G7_LD;
+    const int hh = step / nsl, k0 = (step - hh * nsl) * 32;
+    const i64 hoff = (i64)(g * hpg + hh) * P + k0;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int q = tid + 128 * u, r = q >> 2, c8 = (q & 3) * 8;
+      const bool kin = k0 + c8 < P;
+      const bool oky = kin && i0 + r < len, okx = kin && j0 + r < len;
+      cp_async16_zfill(Ys + r * G7_LD + c8, oky ? dyt + (srow + i0 + r) * HP + hoff + c8 : dyt, oky);
+      cp_async16_zfill(Xs + r * G7_LD + c8, okx ? x + (srow + j0 + r) * HP + hoff + c8 : x, okx);
+    }
+  };
+  // Per-head tables of head hh into buffer hh & 1 from this thread's (cs, d, rc) of that head; a thread whose entry
+  // is out of the factored form's range stamps s_bad[hh & 1] = hh + 1.
+  auto tables = [&](int hh, float vcs, float vd, float rc) {
+    float* tb = s_tab + (hh & 1) * G7_TAB_FLOATS;
+    const int l = tid & 63;
+    bool bad;
+    if (tid < 64) {
+      const bool in = i0 + l < len;
+      const float dl = vcs - rc;
+      bad = in && !(dl <= SSDB_G7_FAC_MAX);
+      tb[l] = in && !bad ? __expf(dl) : 0.f;  // er
+      tb[64 + l] = vcs;                        // csr
+    } else {
+      const bool in = j0 + l < len;
+      const float dl = rc - vcs;
+      bad = in && !(dl <= SSDB_G7_FAC_MAX);
+      const float e = in && !bad ? __expf(dl) : 0.f;
+      tb[128 + l] = e;           // ec
+      tb[192 + l] = e * vd;      // ecd
+      tb[256 + l] = vcs;         // csc
+      tb[320 + l] = in ? vd : 0.f;  // dcol
+    }
+    if (bad) s_bad[hh & 1] = hh + 1;
+  };
+  float pcs = 0.f, pd = 0.f, prc = 0.f;  // prefetched (cs, d, rc) of a later head
+  auto prefetch = [&](int hh) {
+    if (hh >= hpg) return;
+    const i64 hrow = (b * H + (i64)g * hpg + hh) * L + t0;
+    const int l = tid & 63, pos = (tid < 64 ? i0 : j0) + l;
+    pcs = pos < len ? cs[hrow + pos] : 0.f;
+    pd = (tid >= 64 && pos < len) ? d[hrow + pos] : 0.f;
+    prc = cs[hrow + s_last];
+  };
+
+  // Prologue: CB tile (its own group), the first ST - 1 slices, the seg tables, head 0's tables.
+#pragma unroll
+  for (int u = 0; u < 8; ++u) {
+    const int q = tid + 128 * u, r = q >> 4, c4 = (q & 15) * 4;
+    const bool ok = i0 + r < len && j0 + c4 < len;
+    cp_async16_zfill(s_cb + r * G7_CB_LD + c4, ok ? cb + mqg + (i64)(i0 + r) * Q + j0 + c4 : cb, ok);
+  }
+  cp_async_commit();
+#pragma unroll
+  for (int s = 0; s < ST - 1; ++s) {
+    if (s < nsteps) issue(s, s);
+    cp_async_commit();
+  }
+  {
+    const int l = tid & 63;
+    if (tid < 64) s_segr[l] = i0 + l < len ? seg[srow + i0 + l] : -1;
+    else s_segc[l] = j0 + l < len ? seg[srow + j0 + l] : -2;
+    if (tid < 2) s_bad[tid] = 0;
+  }
+  prefetch(0);
+  __syncthreads();  // s_bad initialised before any stamp
+  tables(0, pcs, pd, prc);
+  prefetch(1);
+
+  const int tA = wr + gq, tB = tA + 8;  // this thread's rows (tile-local)
+  uint32_t msk = 0;
+  float acc[8][4], Facc[8][4];
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[n][q] = Facc[n][q] = 0.f;
+
+  // Column sums of head hh (4 warps' partials in s_col[hh & 1]) -> colp.
+  auto col_out = [&](int hh) {
+    if (tid < 64 && j0 + tid < Q) {
+      const float* sc = s_col + (hh & 1) * 256;
+      colp[((bch0 + hh) * nt + ti) * Q + j0 + tid] = sc[tid] + sc[64 + tid] + sc[128 + tid] + sc[192 + tid];
+    }
+  };
+
+  for (int step = 0; step < nsteps; ++step) {
+    cp_async_wait<ST - 2>();
+    __syncthreads();  // slice `step` (and at step 0 the CB tile) visible; stage (step - 1) % ST free
+    if (step + ST - 1 < nsteps) issue(step + ST - 1, (step + ST - 1) % ST);
+    cp_async_commit();
+    const int hh = step / nsl;
+    const bool first = step == hh * nsl;
+    if (step == 0) {  // mask the CB elements this thread reads (and only it), keep the mask bits
+      const int sgA = s_segr[tA], sgB = s_segr[tB];
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        const int sl = 8 * n + 2 * tq;
+        const int sc0 = s_segc[sl], sc1 = s_segc[sl + 1];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int tl = hf ? tB : tA, sgt = hf ? sgB : sgA;
+          const bool m0 = j0 + sl <= i0 + tl && sc0 == sgt, m1 = j0 + sl + 1 <= i0 + tl && sc1 == sgt;
+          float2* p = reinterpret_cast<float2*>(s_cb + tl * G7_CB_LD + sl);
+          float2 v = *p;
+          v.x = m0 ? v.x : 0.f;
+          v.y = m1 ? v.y : 0.f;
+          *p = v;
+          msk |= (m0 ? 1u : 0u) << (4 * n + 2 * hf);
+          msk |= (m1 ? 1u : 0u) << (4 * n + 2 * hf + 1);
+        }
+      }
+    }
+    if (first && hh > 0) col_out(hh - 1);  // deferred: s_col[(hh - 1) & 1] complete since this step's barrier
+    if (first && hh + 1 < hpg) {              // next head's tables (its buffer's last reader is past the barrier)
+      tables(hh + 1, pcs, pd, prc);
+      prefetch(hh + 2);
+    }
+    const T* Ys = reinterpret_cast<const T*>(dyn + (step % ST) * G7_STAGE_BYTES);
+    const T* Xs = Ys + 64 * G7_LD;
+#pragma unroll
+    for (int kk = 0; kk < 32; kk += 16) {
+      uint32_t a[4];
+      ldsm_x4(a, Ys + (wr + (lane & 7) + ((lane >> 3) & 1) * 8) * G7_LD + kk + (lane >> 4) * 8);
+#pragma unroll
+      for (int nb = 0; nb < 4; ++nb) {
+        uint32_t r[4];  // [s][p] K-contiguous: (s 0-7, k 0-7), (s 0-7, k 8-15), (s 8-15, k 0-7), (s 8-15, k 8-15)
+        ldsm_x4(r, Xs + (nb * 16 + (lane & 7) + (lane >> 4) * 8) * G7_LD + kk + ((lane >> 3) & 1) * 8);
+        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+        G4Mma<T>::mma(acc[2 * nb], a, b0);
+        G4Mma<T>::mma(acc[2 * nb + 1], a, b1);
+      }
+    }
+    if (step - hh * nsl != nsl - 1) continue;
+
+    // Epilogue of head hh.
+    const float* tb = s_tab + (hh & 1) * G7_TAB_FLOATS;
+    const bool fac = s_bad[hh & 1] != hh + 1;  // block-uniform
+    float erA = 1.f, erB = 1.f;
+    const float* colf = tb + (fac ? 192 : 320);  // ecd (factored) or d
+    if (fac) {
+      erA = tb[tA];
+      erB = tb[tB];
+    } else {  // exact masked decay per element
+      const float csA = tb[64 + tA], csB = tb[64 + tB];
+#pragma unroll
+      for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float ct = q >= 2 ? csB : csA;
+          const bool on = (msk >> (4 * n + q)) & 1u;
+          acc[n][q] = on ? acc[n][q] * __expf(ct - tb[256 + 8 * n + 2 * tq + (q & 1)]) : 0.f;
+        }
+    }
+    float rs[2] = {0.f, 0.f}, cl[16];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      const int sl = 8 * n + 2 * tq;
+      const float2 cf = *reinterpret_cast<const float2*>(colf + sl);
+      const float2 cbA = *reinterpret_cast<const float2*>(s_cb + tA * G7_CB_LD + sl);
+      const float2 cbB = *reinterpret_cast<const float2*>(s_cb + tB * G7_CB_LD + sl);
+      const float cbv[4] = {cbA.x, cbA.y, cbB.x, cbB.y};
+      float c0 = 0.f, c1 = 0.f;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float a = acc[n][q], er = q >= 2 ? erB : erA, cd = (q & 1) ? cf.y : cf.x;
+        Facc[n][q] += (a * cd) * er;
+        const float u = cbv[q] * a;
+        rs[q >> 1] += u * cd;
+        if (q & 1) c1 += u * er;
+        else c0 += u * er;
+        acc[n][q] = 0.f;
+      }
+      cl[2 * n] = c0;
+      cl[2 * n + 1] = c1;
+    }
+    // rows: sum over the 4 lanes of a row (tq)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float v = rs[hf];
+      v += SSM_SHFL_XOR(v, 1);
+      v += SSM_SHFL_XOR(v, 2);
+      const int tl = hf ? tB : tA;
+      if (tq == 0 && i0 + tl < Q) rowp[((bch0 + hh) * nt + tj) * Q + i0 + tl] = (hf ? erB : erA) * v;
+    }
+    // columns: reduce-scatter over gq (lane bits 4, 3, 2): lane (gq, tq) ends with columns 8 gq + 2 tq + {0, 1}
+    g7_scatter<8>(cl, lane);
+    g7_scatter<4>(cl, lane);
+    g7_scatter<2>(cl, lane);
+    {
+      float* sc = s_col + (hh & 1) * 256 + w * 64;
+      const int sl = 8 * gq + 2 * tq;
+      const float e0 = fac ? tb[128 + sl] : 1.f, e1 = fac ? tb[128 + sl + 1] : 1.f;
+      *reinterpret_cast<float2*>(sc + sl) = make_float2(e0 * cl[0], e1 * cl[1]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  col_out(hpg - 1);
+  // F tile (lower tiles only; zeros above the diagonal, across sequences and past the chunk end).
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int t = i0 + (hf ? tB : tA), s = j0 + 8 * n + 2 * tq;
+      if (t < Q && s < Q) {
+        const float v0 = (msk >> (4 * n + 2 * hf)) & 1u ? Facc[n][2 * hf] : 0.f;
+        const float v1 = (msk >> (4 * n + 2 * hf + 1)) & 1u ? Facc[n][2 * hf + 1] : 0.f;
+        *reinterpret_cast<float2*>(F + mqg + (i64)t * Q + s) = make_float2(v0, v1);
+      }
+    }
+}
+
+// =====================================================================================================
+// ssdb_g7b<T, KD> (session 7, helper SSDB7b; SSMCORE_SSD_BWD_G7=1 under v4): ssdb_g4<T, 1 / 2> (dC / dB per group)
+// on the cp.async / ldmatrix pipeline (same grid, outputs and head split over grid y as ssdb_g4):
+//   KD 1  dC[t, n] = sum_{s <= t} F[t,s] B_s[n] + sum_h fcC_h,t (dy_h,t . h0_h[:, n])
+//   KD 2  dB[s, n] = sum_{t >= s} F[t,s] C_t[n] + sum_h fcB_h,s (x_h,s . dh_h[:, n])
+// A block per (b, c, g, 64-row tile, 64-column n tile), 128 threads = 4 warps of 16 rows x 64 n; SSDB_G7_STAGES
+// stages of 32-wide K slices by cp_async16 (zero-filled past the chunk, P, N): phase 1 (K = positions): F fp32 as
+// stored ([t][s]: KD 1 float2 A fragments along s, KD 2 the transposed pairs as ssdb_dx7's CB), B / C T [k][n] by
+// ldsm_x4_trans; phase 2 (K = (head, p) in per-head slices): dy (ssdb_dx7's T operand) / x T [row][p] by ldsm_x4,
+// the head's row factor fcC / fcB applied to the A fragments in registers (prefetched one slice ahead), h0 / dh fp32
+// [p][n] scalar pairs packed to T. Rounding: as ssdb_g4 except dy with z (rounded to T, then scaled and rounded).
+// Needs P % 8 == N % 8 == Q % 4 == 0 and aligned rows (else ssdb_g4). At B8 L4096 H64 P64 N128 G1 Q256: 1024 blocks,
+// phase 2 K = 4096 (256 k16 per warp: ~70 warp-instructions each, LDS-bound on the fp32 state operand): ~80 us of
+// issue; HBM h0 / dh 268 MB + dy / x 268 MB (~150 us). Expected 200-350 us each (ssdb_g4: 687 / 916).
+constexpr int G7B_STAGE_BYTES = 64 * 40 * 4 + 32 * 72 * 2;  // 14848 >= 32*68*4 + 32*72*2, 64*40*2 + 32*68*4
+
+template <typename T, int KD>
+__global__ void __launch_bounds__(128, 4) ssdb_g7b(
+    const T* __restrict__ x, const T* __restrict__ Bm, const T* __restrict__ Cm, const T* __restrict__ dyt,
+    const float* __restrict__ F, const float* __restrict__ h0, const float* __restrict__ dh,
+    const float* __restrict__ fcC, const float* __restrict__ fcB, float* __restrict__ out, int batch, i64 L, int H,
+    int G, int P, int N, int Q, int nc) {
+  static_assert(KD == 1 || KD == 2, "ssdb_g7b: KD 1 (dC) or 2 (dB)");
+  SSM_DYNAMIC_SMEM(dyn);
+  constexpr int ST = SSDB_G7_STAGES;
+  const int nt = (Q + 63) / 64, ntn = (N + 63) / 64, hpg = H / G;
+  int c, g, ti, tj;
+  {
+    int r = (int)blockIdx.x;
+    tj = r % ntn;
+    r /= ntn;
+    ti = r % nt;
+    r /= nt;
+    g = r % G;
+    c = r / G;
+  }
+  const i64 b = blockIdx.z;
+  const i64 t0 = (i64)c * Q;
+  const int len = (int)(t0 + Q < L ? Q : L - t0);
+  const int i0 = ti * 64, j0 = tj * 64;
+  if (i0 >= len) return;
+  const i64 srow = b * L + t0;
+  const int HP = H * P, GN = G * N;
+  const i64 mqg = (((b * nc + c) * (i64)G + g) * Q) * (i64)Q;
+  const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const int wr = 16 * w;
+  const int ks1 = KD == 1 ? 0 : i0, ke1 = KD == 1 ? (i0 + 64 < len ? i0 + 64 : len) : len;
+  const int hps = (hpg + (int)gridDim.y - 1) / (int)gridDim.y;
+  const int y_lo = (int)blockIdx.y * hps < hpg ? (int)blockIdx.y * hps : hpg;
+  const int y_hi = y_lo + hps < hpg ? y_lo + hps : hpg;
+  const int nsl = (P + 31) / 32;
+  const int n1 = blockIdx.y > 0 ? 0 : (ke1 - ks1 + 31) / 32;
+  const int nsteps = n1 + (y_hi - y_lo) * nsl;
+  const T* Wm = KD == 1 ? Bm : Cm;
+  const T* Am = KD == 1 ? dyt : x;
+  const float* Hm = KD == 1 ? h0 : dh;
+  const float* fcm = KD == 1 ? fcC : fcB;
+
+  auto issue = [&](int step, int sb) {
+    unsigned char* base = dyn + sb * G7B_STAGE_BYTES;
+    if (step < n1) {
+      const int k0 = ks1 + step * 32;
+      float* Fs = reinterpret_cast<float*>(base);
+      T* Ws = reinterpret_cast<T*>(base + 64 * 40 * 4);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int q = tid + 128 * u;
+        if (KD == 1) {  // [64 t][32 s], LD 40
+          const int r = q >> 3, c4 = (q & 7) * 4;
+          const bool ok = i0 + r < len && k0 + c4 < ke1;
+          cp_async16_zfill(Fs + r * 40 + c4, ok ? F + mqg + (i64)(i0 + r) * Q + k0 + c4 : F, ok);
+        } else {  // [32 t][64 s], LD 68
+          const int r = q >> 4, c4 = (q & 15) * 4;
+          const bool ok = k0 + r < ke1 && i0 + c4 < Q;
+          cp_async16_zfill(Fs + r * 68 + c4, ok ? F + mqg + (i64)(k0 + r) * Q + i0 + c4 : F, ok);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {  // [32 k][64 n] T, LD 72
+        const int q = tid + 128 * u, r = q >> 3, c8 = (q & 7) * 8;
+        const bool ok = k0 + r < ke1 && j0 + c8 < N;
+        cp_async16_zfill(Ws + r * 72 + c8, ok ? Wm + (srow + k0 + r) * GN + (i64)g * N + j0 + c8 : Wm, ok);
+      }
+    } else {
+      const int hh = y_lo + (step - n1) / nsl, k0 = ((step - n1) % nsl) * 32, h = g * hpg + hh;
+      T* As = reinterpret_cast<T*>(base);
+      float* Hs = reinterpret_cast<float*>(base + 64 * 40 * 2);
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {  // [64 rows][32 p] T, LD 40
+        const int q = tid + 128 * u, r = q >> 2, c8 = (q & 3) * 8;
+        const bool ok = i0 + r < len && k0 + c8 < P;
+        cp_async16_zfill(As + r * 40 + c8, ok ? Am + (srow + i0 + r) * HP + (i64)h * P + k0 + c8 : Am, ok);
+      }
+      const i64 st = ((b * nc + c) * H + h) * (i64)P * N;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {  // [32 p][64 n] fp32, LD 68
+        const int q = tid + 128 * u, r = q >> 4, c4 = (q & 15) * 4;
+        const bool ok = k0 + r < P && j0 + c4 < N;
+        cp_async16_zfill(Hs + r * 68 + c4, ok ? Hm + st + (i64)(k0 + r) * N + j0 + c4 : Hm, ok);
+      }
+    }
+  };
+  const int tA = wr + gq, tB = tA + 8;
+  float nfA = 0.f, nfB = 0.f;  // row factors of the next phase-2 slice
+  auto load_fac = [&](int step) {
+    if (step < n1 || step >= nsteps) return;
+    const int h = g * hpg + y_lo + (step - n1) / nsl;
+    const float* fr = fcm + (b * H + h) * L + t0 + i0;
+    nfA = i0 + tA < len ? fr[tA] : 0.f;
+    nfB = i0 + tB < len ? fr[tB] : 0.f;
+  };
+#pragma unroll
+  for (int s = 0; s < ST - 1; ++s) {
+    if (s < nsteps) issue(s, s);
+    cp_async_commit();
+  }
+  load_fac(0);
+
+  float acc[8][4];
+#pragma unroll
+  for (int n = 0; n < 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  for (int step = 0; step < nsteps; ++step) {
+    cp_async_wait<ST - 2>();
+    __syncthreads();
+    if (step + ST - 1 < nsteps) issue(step + ST - 1, (step + ST - 1) % ST);
+    cp_async_commit();
+    const float cfA = nfA, cfB = nfB;
+    load_fac(step + 1);
+    const unsigned char* base = dyn + (step % ST) * G7B_STAGE_BYTES;
+    if (step < n1) {
+      const float* Fs = reinterpret_cast<const float*>(base);
+      const T* Ws = reinterpret_cast<const T*>(base + 64 * 40 * 4);
+#pragma unroll
+      for (int kk = 0; kk < 32; kk += 16) {
+        uint32_t a[4];
+        if (KD == 1) {
+          const float2 v0 = *reinterpret_cast<const float2*>(Fs + tA * 40 + kk + 2 * tq);
+          const float2 v1 = *reinterpret_cast<const float2*>(Fs + tB * 40 + kk + 2 * tq);
+          const float2 v2 = *reinterpret_cast<const float2*>(Fs + tA * 40 + kk + 8 + 2 * tq);
+          const float2 v3 = *reinterpret_cast<const float2*>(Fs + tB * 40 + kk + 8 + 2 * tq);
+          a[0] = G4Mma<T>::pack(v0.x, v0.y);
+          a[1] = G4Mma<T>::pack(v1.x, v1.y);
+          a[2] = G4Mma<T>::pack(v2.x, v2.y);
+          a[3] = G4Mma<T>::pack(v3.x, v3.y);
+        } else {
+          const float* f0 = Fs + (kk + 2 * tq) * 68;
+          a[0] = G4Mma<T>::pack(f0[tA], f0[68 + tA]);
+          a[1] = G4Mma<T>::pack(f0[tB], f0[68 + tB]);
+          a[2] = G4Mma<T>::pack(f0[8 * 68 + tA], f0[9 * 68 + tA]);
+          a[3] = G4Mma<T>::pack(f0[8 * 68 + tB], f0[9 * 68 + tB]);
+        }
+#pragma unroll
+        for (int nb = 0; nb < 4; ++nb) {
+          uint32_t r[4];
+          ldsm_x4_trans(r, Ws + (kk + (lane & 7) + ((lane >> 3) & 1) * 8) * 72 + nb * 16 + (lane >> 4) * 8);
+          const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+          G4Mma<T>::mma(acc[2 * nb], a, b0);
+          G4Mma<T>::mma(acc[2 * nb + 1], a, b1);
+        }
+      }
+    } else {
+      const T* As = reinterpret_cast<const T*>(base);
+      const float* Hs = reinterpret_cast<const float*>(base + 64 * 40 * 2);
+#pragma unroll
+      for (int kk = 0; kk < 32; kk += 16) {
+        uint32_t a[4];
+        ldsm_x4(a, As + (wr + (lane & 7) + ((lane >> 3) & 1) * 8) * 40 + kk + (lane >> 4) * 8);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {  // a[0], a[2]: row tA; a[1], a[3]: row tB
+          const T* e = reinterpret_cast<const T*>(&a[j]);
+          const float f = (j & 1) ? cfB : cfA;
+          a[j] = G4Mma<T>::pack(load_f(e) * f, load_f(e + 1) * f);
+        }
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+          const float* hr = Hs + (kk + 2 * tq) * 68 + n * 8 + gq;
+          uint32_t bf[2];
+          bf[0] = G4Mma<T>::pack(hr[0], hr[68]);
+          bf[1] = G4Mma<T>::pack(hr[8 * 68], hr[9 * 68]);
+          G4Mma<T>::mma(acc[n], a, bf);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int r = i0 + (hf ? tB : tA);
+    if (r >= len) continue;
+    float* o = out + blockIdx.y * ((i64)batch * L * GN) + ((srow + r) * G + g) * (i64)N;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      const int col = j0 + n * 8 + 2 * tq;
+      if (col < N) *reinterpret_cast<float2*>(o + col) = make_float2(acc[n][2 * hf], acc[n][2 * hf + 1]);
+    }
   }
 }

@@ -20,10 +20,13 @@ per-head (B, L, H, N) or hC / dhB buffers: about B*L*H*(P + 18) + 2*B*nc*H*P*N +
 Speed knob: the environment variable SSMCORE_SSD_BWD_IMPL (read at each call): v4 (default; for 16-bit
 x/B/C/dout on CUDA, otherwise it runs v3), v5 (experimental: v4 with two reworked kernels; falls back like v4),
 v3, v2 or v1 (the previous kernels, kept for comparison; see IMPL_ENV below). Under v4 the p sums (no z) come
-from ssdb_tp6 (SSMCORE_SSD_BWD_TP6=0: v4's two ssdb_h4 kernels); SSMCORE_SSD_BWD_DX7=1 (experimental, off by
-default) computes dx with ssdb_dx7 (cp.async-pipelined) instead of ssdb_h4<T, 3> where its layout rules hold, and
-SSMCORE_SSD_BWD_ST7=1 the chunk states with ssdb_st7 instead of ssdb_h4<T, 4 / 5>, SSMCORE_SSD_BWD_TP7=1 the p sums
-(no z) with ssdb_tp7 instead of ssdb_tp6.
+from ssdb_tp6 (SSMCORE_SSD_BWD_TP6=0: v4's two ssdb_h4 kernels). Session 7's cp.async-pipelined kernels are on by
+default where their layout rules hold (H200, B8 L4096 H64 P64 N128 bf16: backward 10466 -> 6966 us): dx by ssdb_dx7
+instead of ssdb_h4<T, 3> (2371 -> 1057 us; SSMCORE_SSD_BWD_DX7=0 off), the chunk states by ssdb_st7 instead of
+ssdb_h4<T, 4 / 5> (1009 + 822 -> 284 + 282; SSMCORE_SSD_BWD_ST7=0 off), the p sums (no z) by ssdb_tp7 instead of
+ssdb_tp6 (1731 -> 781; SSMCORE_SSD_BWD_TP7=0 off). Experimental, off unless SSMCORE_SSD_BWD_G7=1: F with the dcs row
+/ column sums by ssdb_g7<T, 0> instead of ssdb_g4<T, 0>, dC / dB by ssdb_g7b<T, 1 / 2> instead of ssdb_g4<T, 1 / 2>
+(the same pipeline; module attributes g7_in_v4 and g7_kinds).
 """
 
 from __future__ import annotations
@@ -76,8 +79,8 @@ tp6_in_v4 = os.environ.get("SSMCORE_SSD_BWD_TP6", "1") != "0"
 # fp32 CB and dh copied global -> shared without register staging), ldmatrix fragments, the decay applied to the A
 # fragments in registers; 4 warps of 16 rows x 64 columns. Needs P % 8 == N % 8 == Q % 4 == 0 and 16-byte aligned
 # x / B / dout (z) / dx rows; otherwise (and under v5) ssdb_h4<T, 3> runs. Not the default until measured:
-# SSMCORE_SSD_BWD_DX7=1 turns it on (a module attribute: benchmarks and tests flip it in-process).
-dx7_in_v4 = os.environ.get("SSMCORE_SSD_BWD_DX7", "0") == "1"
+# SSMCORE_SSD_BWD_DX7=0 turns it off (a module attribute: benchmarks and tests flip it in-process).
+dx7_in_v4 = os.environ.get("SSMCORE_SSD_BWD_DX7", "1") != "0"
 _DX7_THREADS = 128
 _DX7_STAGES = 3  # SSDB_DX7_STAGES of ssd_bwd.cu
 _DX7_STAGE_BYTES = 15360  # DX7_STAGE_BYTES
@@ -94,8 +97,8 @@ def _dx7_ok(P, N, Q, *arrays):
 
 # ssdb_st7<T, 0 / 1> (session 7): the chunk states S / Gl of ssdb_h4<T, 4 / 5> on the same pipeline (4 stages of
 # [32 positions][64] tiles for both operands, ldsm_x4_trans fragments, the position factor on the A fragments).
-# Needs P % 8 == N % 8 == 0 and aligned rows (else ssdb_h4<T, 4 / 5>). SSMCORE_SSD_BWD_ST7=1 turns it on.
-st7_in_v4 = os.environ.get("SSMCORE_SSD_BWD_ST7", "0") == "1"
+# Needs P % 8 == N % 8 == 0 and aligned rows (else ssdb_h4<T, 4 / 5>). SSMCORE_SSD_BWD_ST7=0 turns it off.
+st7_in_v4 = os.environ.get("SSMCORE_SSD_BWD_ST7", "1") != "0"
 _ST7_STAGES = 4  # SSDB_ST7_STAGES
 _ST7_STAGE_BYTES = 9216  # ST7_STAGE_BYTES
 
@@ -106,8 +109,16 @@ def _st7_smem(Q):
 
 
 # ssdb_tp7<T> (session 7): ssdb_tp6's two p sums (no z) per head on ssdb_dx7's phase-2 pipeline (grid y: termp /
-# statep). Needs P % 8 == N % 8 == 0 and aligned rows (else tp6 / h4). SSMCORE_SSD_BWD_TP7=1 turns it on.
-tp7_in_v4 = os.environ.get("SSMCORE_SSD_BWD_TP7", "0") == "1"
+# statep). Needs P % 8 == N % 8 == 0 and aligned rows (else tp6 / h4). SSMCORE_SSD_BWD_TP7=0 turns it off.
+tp7_in_v4 = os.environ.get("SSMCORE_SSD_BWD_TP7", "1") != "0"
+# ssdb_g7<T, 0 / 1 / 2> (session 7, helper SSDB7b): ssdb_g4<T, 0 / 1 / 2> (F with the per-head row / column sums;
+# dC / dB per group) on the cp.async / ldmatrix pipeline. Experimental, off unless SSMCORE_SSD_BWD_G7=1 (module
+# attributes: g7_in_v4, and g7_kinds = the KINDs it replaces, for benchmarks). Needs P % 8 == N % 8 == 0,
+# Q % 8 == 0 and 16-byte aligned rows (else ssdb_g4).
+g7_in_v4 = os.environ.get("SSMCORE_SSD_BWD_G7", "0") == "1"
+g7_kinds = (0, 1, 2)
+_G7_SMEM = 3 * 10240 + 18432 + 2 * 6 * 64 * 4 + 2 * 64 * 4 + 2 * 4 * 64 * 4 + 16  # G7_SMEM of ssd_bwd.cu
+_G7B_SMEM = 3 * 14848  # SSDB_G7_STAGES * G7B_STAGE_BYTES (ssdb_g7b<T, 1 / 2>: dC / dB)
 
 _G4_TILE = 64  # G4_TILE of ssd_bwd.cu
 _G4_THREADS = 256  # NTH of ssdb_g4 / ssdb_h4
@@ -140,7 +151,8 @@ INSTANTIATIONS = ["ssdb_cumsum", "ssdb_cumsum4", "ssdb_pass", "ssdb_pass2", "ssd
     f"ssdb_dcs4<{t}>" for t in _TYPES[1:]] + [
     f"ssdb_dy8<{t}>" for t in _TYPES] + [f"ssdb_tp6<{t}>" for t in _TYPES[1:]] + [
     f"ssdb_{k}<{t}>" for t in _TYPES[1:] for k in ("dx7", "dy8t")] + [
-    f"ssdb_st7<{t}, {k}>" for t in _TYPES[1:] for k in (0, 1)] + [f"ssdb_tp7<{t}>" for t in _TYPES[1:]]
+    f"ssdb_st7<{t}, {k}>" for t in _TYPES[1:] for k in (0, 1)] + [f"ssdb_tp7<{t}>" for t in _TYPES[1:]] + [
+    f"ssdb_g7<{t}, 0>" for t in _TYPES[1:]] + [f"ssdb_g7b<{t}, {k}>" for t in _TYPES[1:] for k in (1, 2)]
 
 
 def _launch(name, n, args):
@@ -245,8 +257,13 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     # ssdb_dx7 (dx): dy as its 16-bit mma operand too: dout itself without z, else a T copy from ssdb_dy8t.
     dx7 = v4 and not v5 and dx7_in_v4 and _dx7_ok(P, N, Q, xs, Bs, douts, zs)
     st7 = v4 and not v5 and st7_in_v4 and _dx7_ok(P, N, 4, xs, Bs, Cs, douts, zs)
+    # ssdb_g7<T, 0> (F, experimental): the same 16-bit dy operand.
+    g7f = v4 and not v5 and g7_in_v4 and 0 in g7_kinds and _dx7_ok(P, 8, Q, xs, douts, zs)
+    g7bc = v4 and not v5 and g7_in_v4 and _dx7_ok(P, N, Q, xs, Bs, Cs, douts, zs)
+    g7c = g7bc and 1 in g7_kinds  # ssdb_g7b<T, 1> for ssdb_g4<T, 1> (dC: dy is its operand)
+    g7b = g7bc and 2 in g7_kinds
     dyt = None
-    if dx7 or st7:
+    if dx7 or st7 or g7f or g7c:
         dyt = douts if z is None else cupy.empty((batch, L, H, P), xs.dtype)
     if v4 and dyt is not None and z is not None:
         vec = n_x % 8 == 0 and _arrays.aligned16(douts, zs, dy, dyt)
@@ -390,9 +407,22 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
                     raise ValueError(f"x: expected a batch of at most 65535 rows on the GPU, got {batch}")
                 if grid[0] >= 2**31:
                     raise ValueError(f"ssd_bwd: problem too large for one launch ({nc * G} chunk-groups)")
+                if (kind == 1 and g7c) or (kind == 2 and g7b):  # the pipelined forms (same grid and outputs)
+                    _launch_grid(f"ssdb_g7b<{T}, {kind}>", grid, (xs, Bs, Cs, dyt, dxd, h0, dh, fcC, fcB, out) + dims,
+                                 threads=_DX7_THREADS, shared_mem=_G7B_SMEM)
+                    return
                 _launch_grid(f"ssdb_g4<{T}, {kind}>", grid, g4_args + (out,) + tail, threads=_G4_THREADS)
 
-            g4(8 if v5 else 0, nt * (nt + 1) // 2, NULL)
+            if g7f:  # the pipelined form of ssdb_g4<T, 0>
+                grid = (nc * G * (nt * (nt + 1) // 2), 1, batch)
+                if grid[2] > 65535:
+                    raise ValueError(f"x: expected a batch of at most 65535 rows on the GPU, got {batch}")
+                if grid[0] >= 2**31:
+                    raise ValueError(f"ssd_bwd: problem too large for one launch ({nc * G} chunk-groups)")
+                _launch_grid(f"ssdb_g7<{T}, 0>", grid, (xs, dyt, dtp, cs, seg, cb, dxd, rowp, colp) + dims,
+                             threads=_DX7_THREADS, shared_mem=_G7_SMEM)
+            else:
+                g4(8 if v5 else 0, nt * (nt + 1) // 2, NULL)
             # dC / dB: split the group's heads over grid y when the (chunk, group, tile) blocks are too few to fill
             # the GPU (small batch x length); the partials are summed here.
             tiles = nt * cdiv(N, _G4_TILE)

@@ -210,6 +210,7 @@ def test_v4_tiles_groups_sequences(rng, case, monkeypatch):
         chunk = 80
         monkeypatch.setattr(launcher, "_G4_TARGET_BLOCKS", 0)  # dC / dB in one pass over the heads (no split)
     want = run_cpu64(args, kw, chunk)
+    _v7_off(launcher, monkeypatch)  # session 6's v4 kernels (session 7's are tested below)
     launches = _record_launches(launcher, monkeypatch)
     monkeypatch.setenv(launcher.IMPL_ENV, "v4")
     got = run_gpu(args, kw, chunk)
@@ -251,6 +252,7 @@ def test_v5_vs_v4(rng, case, monkeypatch):
     assert not any(n.startswith(("ssdb_g4", "ssdb_h4")) and n.endswith((", 0>", ", 3>")) for n in names), names
     compare(got, want, args, kw)
     monkeypatch.setenv(launcher.IMPL_ENV, "v4")
+    _v7_off(launcher, monkeypatch)  # v5's kernels replace session 6's v4 ones
     v4 = run_gpu(args, kw, chunk)
     for name, a, b in zip(NAMES, got, v4):
         if b is not None:
@@ -342,6 +344,12 @@ def test_rejects_float64_streams(rng):
         ssd_bwd(**{k: gpu(v) for k, v in args.items()})
 
 
+def _v7_off(launcher, monkeypatch):
+    """Session 6's v4 kernels: session 7's (ssdb_dx7 / st7 / tp7 on by default, ssdb_g7 on request) off."""
+    for a in ("dx7_in_v4", "st7_in_v4", "tp7_in_v4", "g7_in_v4"):
+        monkeypatch.setattr(launcher, a, False)
+
+
 def _record_launches(launcher, monkeypatch):
     names = []
     launch = launcher._launch_grid
@@ -386,6 +394,7 @@ def test_tp6_vs_h4(rng, case, monkeypatch):
     want = run_cpu64(args, kw, chunk)
     names = _record_launches(launcher, monkeypatch)
     monkeypatch.delenv(launcher.IMPL_ENV, raising=False)
+    monkeypatch.setattr(launcher, "tp7_in_v4", False)  # ssdb_tp7 (default) would take the p sums
     monkeypatch.setattr(launcher, "tp6_in_v4", True)
     got = run_gpu(args, kw, chunk)
     tp6 = [g for n, g in names if n.startswith("ssdb_tp6")]
@@ -422,6 +431,7 @@ def test_tp6_large(rng, shape, monkeypatch):
     del kw["z"]
     names = _record_launches(launcher, monkeypatch)
     monkeypatch.delenv(launcher.IMPL_ENV, raising=False)
+    monkeypatch.setattr(launcher, "tp7_in_v4", False)  # ssdb_tp7 (default) would take the p sums
     monkeypatch.setattr(launcher, "tp6_in_v4", True)
     got = run_gpu(args, kw, chunk)
     assert any(n.startswith("ssdb_tp6") for n, _ in names), names
@@ -436,14 +446,15 @@ def test_tp6_large(rng, shape, monkeypatch):
 
 @pytest.mark.parametrize("tp6", [True, False])
 def test_v4_p_sums_kernel(rng, tp6, monkeypatch):
-    """The default (v4) takes ssdb_tp6 for the p sums when there is no z (SSMCORE_SSD_BWD_TP6, on by default) or
-    v4's ssdb_h4<T, 6 / 7> with it off: both vs float64."""
+    """With ssdb_tp7 off (SSMCORE_SSD_BWD_TP7=0), v4 takes ssdb_tp6 for the p sums when there is no z
+    (SSMCORE_SSD_BWD_TP6, on by default) or v4's ssdb_h4<T, 6 / 7> with it off: both vs float64."""
     import ssmcore.backends.cupy.state_space_duality_bwd as launcher
 
     args, kw = make(rng, 1, 150, 4, 40, 2, 72, "bfloat16")
     del kw["z"]
     launches = _record_launches(launcher, monkeypatch)
     monkeypatch.delenv(launcher.IMPL_ENV, raising=False)
+    monkeypatch.setattr(launcher, "tp7_in_v4", False)
     monkeypatch.setattr(launcher, "tp6_in_v4", tp6)
     got = run_gpu(args, kw, 128)
     names = [n for n, _ in launches]
@@ -452,9 +463,11 @@ def test_v4_p_sums_kernel(rng, tp6, monkeypatch):
     compare(got, run_cpu64(args, kw, 128), args, kw)
 
 
-def _dx7_run(rng, args, kw, chunk, monkeypatch, expect=True, dx7=True, st7=False, tp7=False):
-    """ssd_bwd with ssdb_dx7 (dx7), ssdb_st7 (st7) and / or ssdb_tp7 (tp7; used without z) on (taken or not, per
-    expect) vs float64 and vs v4's ssdb_h4<T, 3 / 4 / 5> and ssdb_tp6 (all off)."""
+def _dx7_run(rng, args, kw, chunk, monkeypatch, expect=True, dx7=True, st7=False, tp7=False, g7=False,
+             expect_g7=None):
+    """ssd_bwd with ssdb_dx7 (dx7), ssdb_st7 (st7), ssdb_tp7 (tp7; used without z) and / or ssdb_g7<T, 0> (g7) on
+    (taken or not, per expect / expect_g7) vs float64 and vs v4's ssdb_h4<T, 3 / 4 / 5>, ssdb_tp6 and ssdb_g4<T, 0>
+    (all off)."""
     import ssmcore.backends.cupy.state_space_duality_bwd as launcher
 
     want = run_cpu64(args, kw, chunk)
@@ -463,21 +476,29 @@ def _dx7_run(rng, args, kw, chunk, monkeypatch, expect=True, dx7=True, st7=False
     monkeypatch.setattr(launcher, "dx7_in_v4", dx7)
     monkeypatch.setattr(launcher, "st7_in_v4", st7)
     monkeypatch.setattr(launcher, "tp7_in_v4", tp7)
+    monkeypatch.setattr(launcher, "g7_in_v4", g7)
+    monkeypatch.setattr(launcher, "g7_kinds", (0, 1, 2))
     got = run_gpu(args, kw, chunk)
     used = [n for n, _ in names]
+    expect_g7 = expect if expect_g7 is None else expect_g7
+    assert any(n.startswith("ssdb_g7") and n.endswith(", 0>") for n in used) == (expect_g7 and g7), used
+    assert any(n.startswith("ssdb_g4") and n.endswith(", 0>") for n in used) == (not (expect_g7 and g7)), used
+    assert sum(n.startswith("ssdb_g7b") for n in used) == (2 if expect_g7 and g7 else 0), used
+    assert any(n.startswith("ssdb_g4") and n.endswith((", 1>", ", 2>")) for n in used) == (not (expect_g7 and g7)), used
     assert any(n.startswith("ssdb_tp7") for n in used) == (expect and tp7 and "z" not in kw), used
     assert any(n.startswith("ssdb_dx7") for n in used) == (expect and dx7), used
     assert any(n.startswith("ssdb_h4") and n.endswith(", 3>") for n in used) == (not (expect and dx7)), used
     assert sum(n.startswith("ssdb_st7") for n in used) == (2 if expect and st7 else 0), used
     assert any(n.startswith("ssdb_h4") and n.endswith((", 4>", ", 5>")) for n in used) == (not (expect and st7)), used
-    assert any(n.startswith("ssdb_dy8t") for n in used) == (expect and "z" in kw), used
+    assert any(n.startswith("ssdb_dy8t") for n in used) == ((expect or (expect_g7 and g7)) and "z" in kw), used
     compare(got, want, args, kw)
     monkeypatch.setattr(launcher, "dx7_in_v4", False)
     monkeypatch.setattr(launcher, "st7_in_v4", False)
     monkeypatch.setattr(launcher, "tp7_in_v4", False)
+    monkeypatch.setattr(launcher, "g7_in_v4", False)
     del names[:]
     v4 = run_gpu(args, kw, chunk)
-    assert not any(n.startswith(("ssdb_dx7", "ssdb_dy8t", "ssdb_st7", "ssdb_tp7")) for n, _ in names), names
+    assert not any(n.startswith(("ssdb_dx7", "ssdb_dy8t", "ssdb_st7", "ssdb_tp7", "ssdb_g7")) for n, _ in names), names
     for name, a, b in zip(NAMES, got, v4):
         if b is not None:
             a, b = a.astype(np.float32), b.astype(np.float32)
@@ -540,7 +561,8 @@ def test_dx7_large(rng, shape, z, monkeypatch):
 
 
 def test_dx7_knob_and_instantiations():
-    """ssdb_dx7 is off unless SSMCORE_SSD_BWD_DX7=1; its kernels are in INSTANTIATIONS (check-kernels)."""
+    """ssdb_dx7 / st7 / tp7 are on by default (SSMCORE_SSD_BWD_DX7 / ST7 / TP7=0 turn them off); the experimental
+    ssdb_g7 kernels are off unless SSMCORE_SSD_BWD_G7=1; all are in INSTANTIATIONS (check-kernels)."""
     import ssmcore.backends.cupy.state_space_duality_bwd as launcher
 
     for t in ("bf16_t", "half_t"):
@@ -550,8 +572,12 @@ def test_dx7_knob_and_instantiations():
     for t in ("bf16_t", "half_t"):
         assert f"ssdb_st7<{t}, 0>" in launcher.INSTANTIATIONS and f"ssdb_st7<{t}, 1>" in launcher.INSTANTIATIONS
         assert f"ssdb_tp7<{t}>" in launcher.INSTANTIATIONS
-    assert not (launcher.dx7_in_v4 or launcher.st7_in_v4 or launcher.tp7_in_v4) or any(
-        os.environ.get(f"SSMCORE_SSD_BWD_{k}") == "1" for k in ("DX7", "ST7", "TP7"))
+    for k in ("dx7", "st7", "tp7"):
+        assert getattr(launcher, f"{k}_in_v4") == (os.environ.get(f"SSMCORE_SSD_BWD_{k.upper()}", "1") != "0"), k
+    assert launcher.g7_in_v4 == (os.environ.get("SSMCORE_SSD_BWD_G7", "0") == "1")
+    for t in ("bf16_t", "half_t"):
+        assert f"ssdb_g7<{t}, 0>" in launcher.INSTANTIATIONS
+        assert f"ssdb_g7b<{t}, 1>" in launcher.INSTANTIATIONS and f"ssdb_g7b<{t}, 2>" in launcher.INSTANTIATIONS
 
 
 @pytest.mark.parametrize("case", ["bf16_all_small", "f16_no_z_wide", "bf16_both_cu", "bf16_odd_n_fallback"])
@@ -607,3 +633,51 @@ def test_tp7_vs_tp6(rng, case, monkeypatch):
         chunk = 32
     del kw["z"]
     _dx7_run(rng, args, kw, chunk, monkeypatch, expect=case != "bf16_odd_n_fallback", dx7=False, tp7=True)
+
+
+@pytest.mark.parametrize("case", ["bf16_all_small", "f16_no_z_groups", "bf16_mixed_steep", "f16_cu_d_channel",
+                                  "bf16_odd_chunk_fallback"])
+def test_g7_vs_g4(rng, case, monkeypatch):
+    """ssdb_g7<T, 0> (SSMCORE_SSD_BWD_G7=1: F and the per-head row / column sums for dcs on the cp.async pipeline,
+    the decay factored per head) and ssdb_g7b<T, 1 / 2> (dC / dB) vs float64 and vs v4's ssdb_g4<T, 0 / 1 / 2>,
+    with the other session 7 kernels on (the default). bf16_all_small: every option (z -> ssdb_dy8t's 16-bit dy, D,
+    seq_idx, initial / final states), chunk 32, L not a multiple; f16_no_z_groups: float16, 2 groups of 2 heads,
+    chunk 128 over L 150 (a 2 x 2 triangle of tiles, the last chunk short), P 16 (half a K slice);
+    bf16_mixed_steep: per-head A from tiny (factored) to steep (the exact per-element decay), chunk 200 (4 row
+    tiles, the last partial); f16_cu_d_channel: cu_seqlens, D per channel, P 40 (a partly zero-filled slice), chunk
+    64; bf16_odd_chunk_fallback: chunk 30 -> ssdb_g4."""
+    expect = True
+    if case == "bf16_all_small":
+        args, kw = make(rng, 1, 70, 2, 8, 1, 16, "bfloat16")
+        chunk = 32
+    elif case == "f16_no_z_groups":
+        args, kw = make(rng, 1, 150, 4, 16, 2, 8, "float16")
+        del kw["z"]
+        chunk = 128
+    elif case == "bf16_mixed_steep":
+        args, kw = make(rng, 1, 200, 3, 8, 1, 16, "bfloat16", options=None)
+        args["dt"][...] = 0.5
+        args["A"] = np.array([-0.01, -2.0, -60.0], np.float32)
+        chunk = 200
+    elif case == "f16_cu_d_channel":
+        args, kw = make(rng, 1, 90, 2, 40, 1, 16, "float16", seq="cu", d_per_channel=True)
+        chunk = 64
+    else:
+        args, kw = make(rng, 1, 40, 2, 8, 1, 16, "bfloat16")
+        chunk = 30
+        expect = False
+    _dx7_run(rng, args, kw, chunk, monkeypatch, expect=expect, st7=expect, tp7=expect, g7=True)
+
+
+@pytest.mark.parametrize("shape", [(2, 600, 8, 64, 2, 128, 256), (1, 1000, 4, 32, 1, 64, 64),
+                                   (2, 300, 4, 64, 4, 256, 128)])
+@pytest.mark.parametrize("z", [False, True])
+def test_g7_large(rng, shape, z, monkeypatch):
+    """ssdb_g7<T, 0> with the default session 7 kernels at chunk 64 / 128 / 256, L not a multiple of the chunk,
+    groups of 4 / 1 heads, every option; vs float64 and vs v4's kernels."""
+    big()
+    batch, length, heads, headdim, groups, dstate, chunk = shape
+    args, kw = make(rng, batch, length, heads, headdim, groups, dstate, "bfloat16")
+    if not z:
+        del kw["z"]
+    _dx7_run(rng, args, kw, chunk, monkeypatch, st7=True, tp7=True, g7=True)
