@@ -2,6 +2,7 @@
 
     python bench/gpu_ssd.py [--quick] [--json PATH] [--impls v5,v4,v3]
     python bench/gpu_ssd.py --quick --fwd-only --impls v7,v7m,v5   (session 7: the pipelined chunk scan)
+    python bench/gpu_ssd.py --quick --fwd-only --impls v7m,v7b,v7bm,v7bh,v7bh4,v7bs   (session 7, SSDF7b: 16-bit C B^T)
 
 PERFORMANCE.md shape B8 L4096 H64 P64 N128 G1, chunk 256, bf16 x/B/C/z-less, fp32 dt/A/D/dt_bias,
 dt_softplus, D per head; plus a sweep L in {512, 2048, 16384} x N in {64, 128, 256} (same B/H/P).

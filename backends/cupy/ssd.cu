@@ -1126,6 +1126,47 @@ __global__ void __launch_bounds__(128) ssd_chunk_cb_v4(const T* __restrict__ Bm,
     }
 }
 
+// ---- 4a''''. ssd_chunk_cb_v4 writing the tiles in T (16-bit C B^T for ssd_chunk_scan_v7<T, WM, T>: "v7b") ----
+// Same grid, shared memory, mma and layout as ssd_chunk_cb_v4; only the store rounds the fp32 sums to T.
+template <typename T>
+__global__ void __launch_bounds__(128) ssd_chunk_cb_v7b(const T* __restrict__ Bm, i64 sbb, i64 sbl,
+                                                        const T* __restrict__ Cm, i64 scb, i64 scl, int L, int G,
+                                                        int N, int Q, int nc, int ldc, T* __restrict__ cb) {
+  SSM_DYNAMIC_SMEM(dyn);
+  T* cs = reinterpret_cast<T*>(dyn);
+  T* bs = cs + 64 * ldc;
+  const int T4 = Q / 64, ntri = T4 * (T4 + 1) / 2;
+  i64 id = blockIdx.x;
+  const int pair = int(id % ntri); id /= ntri;
+  const int g = int(id % G); id /= G;
+  const int c = int(id);
+  const int b = blockIdx.y;
+  int tt = 0;
+  while ((tt + 1) * (tt + 2) / 2 <= pair) ++tt;
+  const int sb = pair - tt * (tt + 1) / 2;
+  const i64 cpos = i64(c) * Q;
+  const int npad = (N + 31) / 32 * 32, nch = npad / 8;
+  const i64 tpos = cpos + tt * 64, spos = cpos + sb * 64;
+  const int tvalid = int(L - tpos < 64 ? (L - tpos > 0 ? L - tpos : 0) : 64);
+  const int svalid = int(L - spos < 64 ? (L - spos > 0 ? L - spos : 0) : 64);
+  stage_rows_raw(Cm + i64(b) * scb + tpos * scl + i64(g) * N, scl, tvalid, N, nch, cs, ldc);
+  stage_rows_raw(Bm + i64(b) * sbb + spos * sbl + i64(g) * N, sbl, svalid, N, nch, bs, ldc);
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gg = lane >> 2, tq = lane & 3;
+  float acc[8][4];
+  zero_acc(acc);
+  warp_gemm_ldsm<T, 8>(acc, cs, ldc, warp * 16, bs, ldc, 0, npad);
+  T* o = cb + ((((i64(b) * nc + c) * G + g) * ntri) + pair) * 4096;
+  const T* tag = nullptr;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = warp * 16 + gg + hh * 8, sc = 8 * j + 2 * tq;
+      *reinterpret_cast<uint32_t*>(o + r * 64 + sc) = pack2(acc[j][2 * hh], acc[j][2 * hh + 1], tag);
+    }
+}
+
 // ---- 2'''. chunk_states: S[p][n] = sum_s (x[s][p] w_s) B[s][n], w_s = dt'_s exp(dacs_end - dacs_s) ------
 // Grid (tilesP * tilesN * H * nc, B) (64 x 64 tiles, n-tile fastest so the blocks sharing an x tile run
 // together), 128 threads as 2 x 2 warps of 32 (p) x 32 (n). Per 64-position slab: x (scaled by w, rounded to
@@ -1240,12 +1281,11 @@ constexpr float kLog2e = 1.4426950408889634f;
 // staging anyway (same values), so T halves the start-state bytes written here and read there. states stays
 // the chunks' own fp32 contributions (not overwritten); the running sum and final stay fp32. 4 consecutive
 // elements per thread (P * N % 4 == 0), 8 chunks' loads in flight. Grid (ceil(P*N / 1024), H, B), 256 threads.
-template <typename T>
-__global__ void __launch_bounds__(256) ssd_state_passing_v4(
+template <typename T, int CH>
+__device__ __forceinline__ void state_passing_chain(
     const float* __restrict__ states, const float* __restrict__ dacs, const int* __restrict__ seg,
     const float* __restrict__ initial, int H, int PN, int Q, int nc, T* __restrict__ starts,
     float* __restrict__ final_states) {
-  constexpr int CH = 8;
   const int e = (blockIdx.x * 256 + threadIdx.x) * 4;
   const int h = blockIdx.y, b = blockIdx.z;
   if (e >= PN) return;
@@ -1286,6 +1326,22 @@ __global__ void __launch_bounds__(256) ssd_state_passing_v4(
     }
   }
   stv<4>(final_states + (i64(b) * H + h) * PN + e, s);
+}
+template <typename T>
+__global__ void __launch_bounds__(256) ssd_state_passing_v4(
+    const float* __restrict__ states, const float* __restrict__ dacs, const int* __restrict__ seg,
+    const float* __restrict__ initial, int H, int PN, int Q, int nc, T* __restrict__ starts,
+    float* __restrict__ final_states) {
+  state_passing_chain<T, 8>(states, dacs, seg, initial, H, PN, Q, nc, starts, final_states);
+}
+// "v7b*" (helper SSDF7b): the same chain with 16 chunks' loads in flight per thread (one round at nc <= 16, e.g. L
+// 4096 at Q 256), __launch_bounds__(256, 2) so the 64+ floats of loads stay in registers.
+template <typename T>
+__global__ void __launch_bounds__(256, 2) ssd_state_passing_v7b(
+    const float* __restrict__ states, const float* __restrict__ dacs, const int* __restrict__ seg,
+    const float* __restrict__ initial, int H, int PN, int Q, int nc, T* __restrict__ starts,
+    float* __restrict__ final_states) {
+  state_passing_chain<T, 16>(states, dacs, seg, initial, H, PN, Q, nc, starts, final_states);
 }
 
 // ---- 4'''. chunk_scan ---------------------------------------------------------------------------------
@@ -2086,6 +2142,14 @@ __global__ void ssd_broadcast_heads(const float* __restrict__ src, float* __rest
   if (i < H * P) dst[i] = src[i / P];
 }
 
+// Two consecutive 16-bit elements (one aligned 32-bit shared-memory read) as a float2.
+template <typename T>
+__device__ __forceinline__ float2 load2_f(const T* p) {
+  const uint32_t v = *reinterpret_cast<const uint32_t*>(p);
+  const T* e = reinterpret_cast<const T*>(&v);
+  return make_float2(load_f(e), load_f(e + 1));
+}
+
 // ==== v7 chunk_scan: a multi-stage cp.async pipeline (launcher knob SSMCORE_SSD_FWD=v7 / v7m) =============
 // Why (H200, B8 L4096 H64 P64 N128 G1 bf16, Q 256): ssd_chunk_scan_v5 ran ~830 us for ~77 GFLOP of useful mma
 // (~90 TFLOP/s): a 64 x 64 output tile per 4-warp block, each s-slice's fp32 C B^T fragments fetched from L2
@@ -2116,17 +2180,20 @@ __global__ void ssd_broadcast_heads(const float* __restrict__ src, float* __rest
 // is the next bound.
 // Rounding points as v4 / v5: the masked decayed C B^T element rounded to T after the fp32 decay (as the reference
 // does), chunk-start states in T, fp32 accumulation; the epilogue (D x, silu(z)) as v4.
-template <typename T, int WM>
-__global__ void __launch_bounds__(128, WM == 32 ? 3 : 4) ssd_chunk_scan_v7(
+template <typename T, int WM, typename TC, int NS, int HB>
+__global__ void __launch_bounds__(128 * HB, HB == 2 ? 2 : (WM == 32 ? 3 : 4)) ssd_chunk_scan_v7(
     const T* __restrict__ x, i64 sxb, i64 sxl, const T* __restrict__ z, i64 szb, i64 szl, const T* __restrict__ Cm,
     i64 scb, i64 scl, const float* __restrict__ dtp, const float* __restrict__ dacs, const int* __restrict__ seg,
-    const T* __restrict__ prev, const float* __restrict__ D, const float* __restrict__ cb, int L, int H, int G,
+    const T* __restrict__ prev, const float* __restrict__ D, const TC* __restrict__ cb, int L, int H, int G,
     int P, int N, int Q, int nc, T* __restrict__ out) {
-  constexpr int BM = 4 * WM, MI = WM / 16, NS = 3, LC = 40, LX = 72;
-  constexpr int A_BYTES = BM * 32 * 4, B_BYTES = 64 * LC * 2, STAGE = A_BYTES + B_BYTES;
+  constexpr int BM = 4 * WM, MI = WM / 16, LC = 40, LX = 72;
+  // A stage: BM x 32 C B^T (fp32 or T) or BM x LC T of C (the state term), whichever is larger
+  constexpr int A_CB = BM * 32 * int(sizeof(TC)), A_C = BM * LC * 2;
+  constexpr int A_BYTES = A_CB > A_C ? A_CB : A_C, B_BYTES = 64 * LC * 2, STAGE = A_BYTES + HB * B_BYTES;
   SSM_DYNAMIC_SMEM(dyn);
   char* sbase = reinterpret_cast<char*>(dyn);
-  float* a_s = reinterpret_cast<float*>(sbase + NS * STAGE);
+  const int tid = threadIdx.x, lt = tid & 127, hb = HB == 1 ? 0 : tid >> 7;  // hb: the warp's head of the block
+  float* a_s = reinterpret_cast<float*>(sbase + NS * STAGE) + hb * 2 * Q;
   float* d_s = a_s + Q;
   const uint32_t sbase_s = smem_addr(sbase);
 
@@ -2134,14 +2201,15 @@ __global__ void __launch_bounds__(128, WM == 32 ? 3 : 4) ssd_chunk_scan_v7(
   i64 id = blockIdx.x;
   const int tp = int(id % tilesP); id /= tilesP;
   const int tt = int(id % TB); id /= TB;
-  const int h = int(id % H); id /= H;
+  const int h0 = int(id % (H / HB)) * HB; id /= (H / HB);
+  const int h = h0 + hb;
   const int c = int(id);
   const int b = blockIdx.y;
   const int p0 = tp * 64, t0 = tt * BM;
   const i64 cpos = i64(c) * Q;
   if (cpos + t0 >= L) return;
-  const int g = h / (H / G);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gg = lane >> 2, tq = lane & 3;
+  const int g = h0 / (H / G);  // HB heads of one group ((H / G) % HB == 0)
+  const int warp = (tid >> 5) & 3, lane = tid & 31, gg = lane >> 2, tq = lane & 3;
   const int r0 = warp * WM;
   const i64 row = (i64(b) * H + h) * nc * Q + cpos;
   const int left = int(L - cpos < Q ? L - cpos : Q);  // positions of the chunk inside the sequence
@@ -2151,7 +2219,7 @@ __global__ void __launch_bounds__(128, WM == 32 ? 3 : 4) ssd_chunk_scan_v7(
 
   const T* cbase = Cm + i64(b) * scb + (cpos + t0) * scl + i64(g) * N;
   const T* hbase = prev + (((i64(b) * nc + c) * H + h) * P + p0) * i64(N);
-  const float* cbc = cb + ((i64(b) * nc + c) * G + g) * i64(ntri) * 4096;
+  const TC* cbc = cb + ((i64(b) * nc + c) * G + g) * i64(ntri) * 4096;
   const T* xbase = x + i64(b) * sxb + cpos * sxl + i64(h) * P + p0;
 
   // tile i -> stage i % NS (one commit group per call, by the caller)
@@ -2159,44 +2227,60 @@ __global__ void __launch_bounds__(128, WM == 32 ? 3 : 4) ssd_chunk_scan_v7(
     const int so = (i % NS) * STAGE;
     char* st = sbase + so;
     const uint32_t st_s = sbase_s + so;
+    const int bo = A_BYTES + hb * B_BYTES;  // this thread's head's B stage
     if (i < nS) {
-      const int n0 = i * 32, k = tid & 3;
+      const int n0 = i * 32, k = lt & 3;
       const bool kok = n0 + 8 * k < N;
+      if (hb == 0) {
 #pragma unroll
-      for (int m = 0; m < BM / 32; ++m) {  // C: BM rows x 4 chunks
-        const int r = (tid >> 2) + 32 * m, e = r * LC + 8 * k;
-        const bool ok = kok && r < tvalid;
-        cp_async16(reinterpret_cast<T*>(st) + e, st_s + e * 2, ok ? cbase + r * scl + n0 + 8 * k : cbase, ok);
+        for (int m = 0; m < BM / 32; ++m) {  // C: BM rows x 4 chunks
+          const int r = (lt >> 2) + 32 * m, e = r * LC + 8 * k;
+          const bool ok = kok && r < tvalid;
+          cp_async16(reinterpret_cast<T*>(st) + e, st_s + e * 2, ok ? cbase + r * scl + n0 + 8 * k : cbase, ok);
+        }
       }
 #pragma unroll
       for (int m = 0; m < 2; ++m) {  // h_prev: 64 rows (p) x 4 chunks
-        const int r = (tid >> 2) + 32 * m, e = r * LC + 8 * k;
+        const int r = (lt >> 2) + 32 * m, e = r * LC + 8 * k;
         const bool ok = kok && p0 + r < P;
-        cp_async16(reinterpret_cast<T*>(st + A_BYTES) + e, st_s + A_BYTES + e * 2,
+        cp_async16(reinterpret_cast<T*>(st + bo) + e, st_s + bo + e * 2,
                    ok ? hbase + i64(r) * N + n0 + 8 * k : hbase, ok);
       }
     } else {
-      const int s0 = (i - nS) * 32, sb = s0 >> 6, sc = s0 & 63, k = tid & 7;
+      const int s0 = (i - nS) * 32, sb = s0 >> 6, sc = s0 & 63, k = lt & 7;
+      if (hb != 0) {
+      } else if constexpr (sizeof(TC) == 4) {
 #pragma unroll
-      for (int m = 0; m < BM / 16; ++m) {  // C B^T: BM rows x 8 chunks of 4 floats, chunk k at k ^ 2 (r & 3)
-        const int r = (tid >> 3) + 16 * m, t = t0 + r, tb = t >> 6;
-        const bool ok = sb <= tb;
-        const int e = r * 32 + 4 * (k ^ ((r & 3) << 1));
-        const float* src = cbc + (tb * (tb + 1) / 2 + sb) * 4096 + (t & 63) * 64 + sc + 4 * k;
-        cp_async16(reinterpret_cast<float*>(st) + e, st_s + e * 4, ok ? src : cbc, ok);
+        for (int m = 0; m < BM / 16; ++m) {  // C B^T: BM rows x 8 chunks of 4 floats, chunk k at k ^ 2 (r & 3)
+          const int r = (lt >> 3) + 16 * m, t = t0 + r, tb = t >> 6;
+          const bool ok = sb <= tb;
+          const int e = r * 32 + 4 * (k ^ ((r & 3) << 1));
+          const TC* src = cbc + (tb * (tb + 1) / 2 + sb) * 4096 + (t & 63) * 64 + sc + 4 * k;
+          cp_async16(reinterpret_cast<TC*>(st) + e, st_s + e * 4, ok ? src : cbc, ok);
+        }
+      } else {  // 16-bit C B^T ("v7b"): BM rows x 4 chunks of 8, chunk k at k ^ ((r >> 1) & 3)
+        const int k4 = lt & 3;
+#pragma unroll
+        for (int m = 0; m < BM / 32; ++m) {
+          const int r = (lt >> 2) + 32 * m, t = t0 + r, tb = t >> 6;
+          const bool ok = sb <= tb;
+          const int e = r * 32 + 8 * (k4 ^ ((r >> 1) & 3));
+          const TC* src = cbc + (tb * (tb + 1) / 2 + sb) * 4096 + (t & 63) * 64 + sc + 8 * k4;
+          cp_async16(reinterpret_cast<TC*>(st) + e, st_s + e * 2, ok ? src : cbc, ok);
+        }
       }
 #pragma unroll
       for (int m = 0; m < 2; ++m) {  // x: 32 rows (s) x 8 chunks
-        const int r = (tid >> 3) + 16 * m, e = r * LX + 8 * k;
+        const int r = (lt >> 3) + 16 * m, e = r * LX + 8 * k;
         const bool ok = s0 + r < left && p0 + 8 * k < P;
-        cp_async16(reinterpret_cast<T*>(st + A_BYTES) + e, st_s + A_BYTES + e * 2,
+        cp_async16(reinterpret_cast<T*>(st + bo) + e, st_s + bo + e * 2,
                    ok ? xbase + i64(s0 + r) * sxl + 8 * k : xbase, ok);
       }
     }
   };
 
   // group 0: dacs / dt' of positions < t0 + BM, tile 0; group 1: tile 1
-  for (int q = tid; q < (t0 + BM) / 4; q += 128) {
+  for (int q = lt; q < (t0 + BM) / 4; q += 128) {
     cp_async16(a_s + 4 * q, smem_addr(a_s + 4 * q), dacs + row + 4 * q, true);
     cp_async16(d_s + 4 * q, smem_addr(d_s + 4 * q), dtp + row + 4 * q, true);
   }
@@ -2230,7 +2314,8 @@ __global__ void __launch_bounds__(128, WM == 32 ? 3 : 4) ssd_chunk_scan_v7(
     const int so = (i % NS) * STAGE;
     const char* st = sbase + so;
     const uint32_t st_s = sbase_s + so;
-    const T* Bs = reinterpret_cast<const T*>(st + A_BYTES);
+    const int bo = A_BYTES + hb * B_BYTES;
+    const T* Bs = reinterpret_cast<const T*>(st + bo);
     if (i < nS) {
 #pragma unroll
       for (int ks = 0; ks < 2; ++ks) {
@@ -2241,7 +2326,7 @@ __global__ void __launch_bounds__(128, WM == 32 ? 3 : 4) ssd_chunk_scan_v7(
 #pragma unroll
         for (int jj = 0; jj < 4; ++jj) {
           uint32_t bf[4];
-          ldsm_x4_at(bf, Bs, st_s + A_BYTES, hoff + jj * 16 * LC + ks * 16);
+          ldsm_x4_at(bf, Bs, st_s + bo, hoff + jj * 16 * LC + ks * 16);
           const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
 #pragma unroll
           for (int mi = 0; mi < MI; ++mi) {
@@ -2281,15 +2366,26 @@ __global__ void __launch_bounds__(128, WM == 32 ? 3 : 4) ssd_chunk_scan_v7(
       const float sa[4] = {a01.x, a01.y, a89.x, a89.y};
       const float sd[4] = {d01.x, d01.y, d89.x, d89.y};
       const int sp[4] = {s, s + 1, s + 8, s + 9};
-      const int c0 = (((cl >> 2) ^ swz) << 2) | (cl & 3), c8 = ((((cl + 8) >> 2) ^ swz) << 2) | (cl & 3);
       uint32_t af[MI][4];
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi) {
         const int ra = r0 + 16 * mi + gg;
-        const float2 v0 = *reinterpret_cast<const float2*>(Af + ra * 32 + c0);
-        const float2 v1 = *reinterpret_cast<const float2*>(Af + (ra + 8) * 32 + c0);
-        const float2 v2 = *reinterpret_cast<const float2*>(Af + ra * 32 + c8);
-        const float2 v3 = *reinterpret_cast<const float2*>(Af + (ra + 8) * 32 + c8);
+        float2 v0, v1, v2, v3;
+        if constexpr (sizeof(TC) == 4) {
+          const int c0 = (((cl >> 2) ^ swz) << 2) | (cl & 3), c8 = ((((cl + 8) >> 2) ^ swz) << 2) | (cl & 3);
+          v0 = *reinterpret_cast<const float2*>(Af + ra * 32 + c0);
+          v1 = *reinterpret_cast<const float2*>(Af + (ra + 8) * 32 + c0);
+          v2 = *reinterpret_cast<const float2*>(Af + ra * 32 + c8);
+          v3 = *reinterpret_cast<const float2*>(Af + (ra + 8) * 32 + c8);
+        } else {  // rows ra and ra + 8 share the swizzle (ra >> 1) & 3 == (gg >> 1) & 3: conflict-free 32-bit reads
+          const int sw = (gg >> 1) & 3;
+          const int c0 = (((cl >> 3) ^ sw) << 3) | (cl & 7), c8 = ((((cl + 8) >> 3) ^ sw) << 3) | (cl & 7);
+          const TC* A16 = reinterpret_cast<const TC*>(st);
+          v0 = load2_f(A16 + ra * 32 + c0);
+          v1 = load2_f(A16 + (ra + 8) * 32 + c0);
+          v2 = load2_f(A16 + ra * 32 + c8);
+          v3 = load2_f(A16 + (ra + 8) * 32 + c8);
+        }
         const float q0[4] = {v0.x, v0.y, v2.x, v2.y}, q1[4] = {v1.x, v1.y, v3.x, v3.y};
         float m0[4], m1[4];
 #pragma unroll
@@ -2314,7 +2410,7 @@ __global__ void __launch_bounds__(128, WM == 32 ? 3 : 4) ssd_chunk_scan_v7(
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) {
         uint32_t bq[4];
-        ldsm_x4_trans_at(bq, Bs, st_s + A_BYTES, xoff + ks * 16 * LX + jj * 16);
+        ldsm_x4_trans_at(bq, Bs, st_s + bo, xoff + ks * 16 * LX + jj * 16);
         const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi) {

@@ -58,7 +58,11 @@ INSTANTIATIONS = (
     + [f"ssd_chunk_scan_v4<{t}, {p}>" for t in _TYPES[1:] for p in ("float", t)]
     + [f"ssd_chunk_scan_v5<{t}>" for t in _TYPES[1:]]
     + [f"ssd_chunk_states_v6<{t}, {w}>" for t in _TYPES[1:] for w in (2,)]
-    + [f"ssd_chunk_scan_v7<{t}, {wm}>" for t in _TYPES[1:] for wm in (16, 32)]
+    + [f"ssd_chunk_scan_v7<{t}, {wm}, float, 3, 1>" for t in _TYPES[1:] for wm in (16, 32)]
+    + [f"ssd_chunk_scan_v7<bf16_t, {wm}, bf16_t, {ns}, 1>" for wm in (16, 32) for ns in (3, 4)]
+    + [f"ssd_chunk_scan_v7<bf16_t, 16, bf16_t, {ns}, 2>" for ns in (3, 4)]
+    + ["ssd_chunk_cb_v7b<bf16_t>"]
+    + [f"ssd_state_passing_v7b<{t}>" for t in _TYPES[1:]]
     + [f"ssd_chunk_states_v7<{t}>" for t in _TYPES[1:]]
 )
 
@@ -91,7 +95,19 @@ _V6 = ("v6", "v6s")
 # ssd_chunk_states_v7 (v4's tiles and rounding, a 4-stage cp.async pipeline, the weights applied to the A
 # fragments: the same products and mma sequence as v4's, so v4's states expected bitwise; the tests allow 1e-5)
 # where v4's chunk_states runs. NOT the default (session 7: not yet measured on the GPU).
-_V7 = ("v7", "v7m", "v7s")
+# "v7b" / "v7bm" / "v7bs" (session 7, helper SSDF7b): v7 / v7m / v7s with the C B^T tiles in bfloat16 for bfloat16
+# inputs (ssd_chunk_cb_v7b rounds the fp32 sums once; the scan decays / masks them in fp32 and rounds again, as
+# before): half the kernel's largest L2 stream (the per-head re-read of C B^T, ~1.3 of ~3.3 GB at the main shape)
+# and half its A stages. float16 inputs keep fp32 C B^T (a 16-bit C B^T could overflow float16), i.e. run v7 / v7m
+# / v7s exactly. "v7b4" / "v7bm4": v7b / v7bm with 4 pipeline stages instead of 3 (16-bit C B^T only: 63.5 / 43 KB
+# of shared memory at Q 256). "v7bh" / "v7bh4": v7bm (64-row tiles, 16-bit C B^T; 3 / 4 stages) with blocks of 8 warps
+# over 2 heads of one group that share the staged C / C B^T tiles (L2 bytes per head at the main shape ~288 -> ~216
+# KB; 2 blocks = 16 warps per SM as v7bm); where the heads per group are odd or the input is float16: v7bm's kernel
+# with 1 head per block. All v7b* also run the state passing as ssd_state_passing_v7b (v4's chain with 16 chunks'
+# loads in flight per thread instead of 8: same arithmetic, bitwise the same starts / final states; float16 too).
+# NOT the default (not yet measured).
+_V7B = ("v7b", "v7bm", "v7bs", "v7b4", "v7bm4", "v7bh", "v7bh4")
+_V7 = ("v7", "v7m", "v7s") + _V7B
 _V4 = ("v4", "v5") + _V6 + _V7
 _V5 = ("v5",) + _V6 + _V7
 
@@ -235,7 +251,7 @@ def _chunk_states(x, B, dtp, dacs, seg, Q):
     states = cupy.empty((batch, nc, nheads, headdim, dstate), cupy.float32)
     blocks = cdiv(headdim, 64) * cdiv(dstate, 64) * nheads * nc
     if fwd_path in _V4 and _v4_ok(x, B):
-        name = "ssd_chunk_states_v7" if fwd_path == "v7s" else "ssd_chunk_states_v4"
+        name = "ssd_chunk_states_v7" if fwd_path in ("v7s", "v7bs") else "ssd_chunk_states_v4"
         kernel = _runtime.function(FAMILY, f"{name}<{_arrays.kernel_type('x', x)}>")
         sxb, sxl = _row_strides(x)
         sbb, sbl = _row_strides(B)
@@ -287,7 +303,8 @@ def _state_passing_v4(states, dacs, seg, initial_states, Q, dtype):
     final = cupy.empty((batch, nheads, headdim, dstate), cupy.float32)
     starts = cupy.empty(states.shape, dtype)
     pn = headdim * dstate
-    kernel = _runtime.function(FAMILY, f"ssd_state_passing_v4<{_arrays.kernel_type('x', starts)}>")
+    name = "ssd_state_passing_v7b" if fwd_path in _V7B else "ssd_state_passing_v4"
+    kernel = _runtime.function(FAMILY, f"{name}<{_arrays.kernel_type('x', starts)}>")
     _runtime.launch(kernel, (cdiv(pn, 1024), nheads, batch), (256,),
                     (states, dacs, ptr(seg), ptr(initial_states), np.int32(nheads), np.int32(pn), np.int32(Q),
                      np.int32(nc), starts, final))
@@ -369,12 +386,28 @@ def _scan_v5_smem(dstate, Q):
 
 def _scan_v7_wm(Q):
     """ssd_chunk_scan_v7's rows per warp: 32 (128-row tiles) for "v7" when Q >= 128, else 16 (64-row tiles)."""
-    return 32 if fwd_path in ("v7", "v7s") and Q >= 128 else 16
+    return 32 if fwd_path in ("v7", "v7s", "v7b", "v7bs", "v7b4") and Q >= 128 else 16
 
 
-def _scan_v7_smem(Q, wm):
-    """3 stages of (4 wm x 32 fp32 C B^T | 64 x 40 T) plus the chunk's dacs / dt' (Q floats each)."""
-    return 3 * (4 * wm * 32 * 4 + 64 * 40 * 2) + 2 * Q * 4
+def _scan_v7_cb16(x) -> bool:
+    """ssd_chunk_scan_v7 reads 16-bit C B^T tiles ("v7b*" with bfloat16 inputs)."""
+    return fwd_path in _V7B and _arrays.kernel_type("x", x) == "bf16_t"
+
+
+def _scan_v7_stages(cb16) -> int:
+    """ssd_chunk_scan_v7's pipeline depth: 4 for "v7b4" / "v7bm4" with 16-bit C B^T, else 3."""
+    return 4 if cb16 and fwd_path in ("v7b4", "v7bm4", "v7bh4") else 3
+
+
+def _scan_v7_heads(cb16, nheads, ngroups) -> int:
+    """ssd_chunk_scan_v7's heads per block: 2 for "v7bh" / "v7bh4" (16-bit C B^T, even heads per group), else 1."""
+    return 2 if cb16 and fwd_path in ("v7bh", "v7bh4") and (nheads // ngroups) % 2 == 0 else 1
+
+
+def _scan_v7_smem(Q, wm, cb_bytes=4, stages=3, heads=1):
+    """stages x (4 wm x max(32 C B^T (fp32 or 16-bit), 40 T of C) | 64 x 40 T) plus the chunk's dacs / dt' (Q
+    floats each)."""
+    return stages * (4 * wm * max(32 * cb_bytes, 40 * 2) + heads * 64 * 40 * 2) + heads * 2 * Q * 4
 
 
 def _passing_for_scan(states, dacs, seg, initial_states, Q, x, z, B, C, keep_f32=False):
@@ -399,7 +432,7 @@ def _chunk_scan(x, z, B, C, dtp, dacs, seg, prev, D, Q):
         smem = _scan_v4_smem(dstate)
         if smem <= _max_shared():
             if (fwd_path in _V7 and prev.dtype != cupy.float32
-                    and _scan_v7_smem(Q, _scan_v7_wm(Q)) <= _max_shared()):
+                    and max(_scan_v7_smem(Q, _scan_v7_wm(Q)), _scan_v7_smem(Q, _scan_v7_wm(Q), 2, 4, 2)) <= _max_shared()):
                 return _chunk_scan_v7(x, z, B, C, dtp, dacs, seg, prev, D, Q, cdiv(dstate, 32) * 32 + 8)
             # v5 copies D with 16-byte cp.async: a user's (H, P) view may start off the boundary
             v5 = (fwd_path in _V5 and prev.dtype != cupy.float32 and _arrays.aligned16(D)
@@ -491,8 +524,10 @@ def _chunk_scan_v7(x, z, B, C, dtp, dacs, seg, prev, D, Q, ldc):
     typ = _arrays.kernel_type("x", x)
     sbb, sbl = _row_strides(B)
     scb, scl = _row_strides(C)
-    cb = cupy.empty((batch, nc, ngroups, ntri, 64, 64), cupy.float32)
-    _runtime.launch(_runtime.function(FAMILY, f"ssd_chunk_cb_v4<{typ}>"), (nc * ngroups * ntri, batch), (128,),
+    cb16 = _scan_v7_cb16(x)
+    cb = cupy.empty((batch, nc, ngroups, ntri, 64, 64), x.dtype if cb16 else cupy.float32)
+    cb_name = f"ssd_chunk_cb_v7b<{typ}>" if cb16 else f"ssd_chunk_cb_v4<{typ}>"
+    _runtime.launch(_runtime.function(FAMILY, cb_name), (nc * ngroups * ntri, batch), (128,),
                     (B, np.int64(sbb), np.int64(sbl), C, np.int64(scb), np.int64(scl), np.int32(length),
                      np.int32(ngroups), np.int32(dstate), np.int32(Q), np.int32(nc), np.int32(ldc), cb),
                     shared_mem=2 * 64 * ldc * 2)
@@ -500,12 +535,14 @@ def _chunk_scan_v7(x, z, B, C, dtp, dacs, seg, prev, D, Q, ldc):
     sxb, sxl = _row_strides(x)
     szb, szl = _row_strides(z) if z is not None else (0, 0)
     wm = _scan_v7_wm(Q)
-    blocks = cdiv(headdim, 64) * (Q // (4 * wm)) * nheads * nc
-    _runtime.launch(_runtime.function(FAMILY, f"ssd_chunk_scan_v7<{typ}, {wm}>"), (blocks, batch), (128,),
+    tc, ns, hb = (typ if cb16 else "float"), _scan_v7_stages(cb16), _scan_v7_heads(cb16, nheads, ngroups)
+    blocks = cdiv(headdim, 64) * (Q // (4 * wm)) * (nheads // hb) * nc
+    _runtime.launch(_runtime.function(FAMILY, f"ssd_chunk_scan_v7<{typ}, {wm}, {tc}, {ns}, {hb}>"), (blocks, batch),
+                    (128 * hb,),
                     (x, np.int64(sxb), np.int64(sxl), ptr(z), np.int64(szb), np.int64(szl), C, np.int64(scb),
                      np.int64(scl), dtp, dacs, ptr(seg), prev, ptr(D), cb, np.int32(length), np.int32(nheads),
                      np.int32(ngroups), np.int32(headdim), np.int32(dstate), np.int32(Q), np.int32(nc), out),
-                    shared_mem=_scan_v7_smem(Q, wm))
+                    shared_mem=_scan_v7_smem(Q, wm, 2 if cb16 else 4, ns, hb))
     return out
 
 

@@ -454,12 +454,38 @@ _V7_BARE = dict(seq=False, initial=False, z=False, D="channel")
     pytest.param((2, 700, 4, 64, 1, 128, "bfloat16", 256), "v7s", _V7_ALL, id="big_v7g"),
     pytest.param((3, 4100, 16, 64, 1, 128, "float16", 256), "v7s", _V7_BARE, id="big_v7h"),
     pytest.param((1, 2049, 4, 80, 2, 256, "bfloat16", 64), "v7s", _V7_ALL, id="big_v7i"),
+    # v7b / v7bm / v7bs: 16-bit C B^T tiles (bfloat16 inputs; float16 keeps fp32 C B^T)
+    ((1, 100, 2, 16, 1, 32, "bfloat16", 64), "v7b", _V7_ALL),  # Q 64, sequence starts, L % Q != 0
+    ((1, 300, 1, 16, 1, 16, "bfloat16", 256), "v7b", _V7_ALL),  # 128-row tiles, 2 per chunk, partial chunk
+    ((1, 150, 2, 72, 1, 24, "bfloat16", 128), "v7bm", _V7_BARE),  # 64-row tiles, 2 p tiles, N 24
+    ((1, 130, 2, 16, 1, 32, "bfloat16", 128), "v7bs", _V7_ALL),  # + ssd_chunk_states_v7
+    ((1, 90, 2, 8, 1, 16, "float16", 128), "v7b", _V7_BARE),  # float16: fp32 C B^T (v7's kernel)
+    ((1, 300, 2, 16, 1, 24, "bfloat16", 256), "v7b4", _V7_ALL),  # 4 stages, 128-row tiles
+    ((1, 200, 2, 16, 1, 40, "bfloat16", 128), "v7bm4", _V7_BARE),  # 4 stages, 64-row tiles, N 40
+    ((1, 90, 2, 8, 1, 16, "float16", 64), "v7bm4", _V7_ALL),  # float16: v7m's kernel (fp32 C B^T, 3 stages)
+    ((1, 150, 4, 16, 2, 24, "bfloat16", 128), "v7bh", _V7_ALL),  # 2 heads per block, 2 groups
+    ((1, 100, 2, 72, 1, 32, "bfloat16", 64), "v7bh4", _V7_BARE),  # 2 heads per block, 2 p tiles, 4 stages
+    ((1, 90, 3, 16, 1, 16, "bfloat16", 128), "v7bh", _V7_ALL),  # 3 heads per group: 1 head per block
+    pytest.param((2, 700, 4, 64, 1, 128, "bfloat16", 256), "v7b", _V7_ALL, id="big_v7b_a"),
+    pytest.param((3, 4100, 16, 64, 1, 128, "bfloat16", 256), "v7bm", _V7_BARE, id="big_v7b_b"),
+    pytest.param((1, 2049, 4, 80, 2, 256, "bfloat16", 64), "v7bs", _V7_ALL, id="big_v7b_c"),
+    pytest.param((1, 517, 6, 64, 3, 256, "bfloat16", 128), "v7b", _V7_BARE, id="big_v7b_d"),
+    pytest.param((2, 1000, 8, 80, 2, 64, "float16", 256), "v7bs", _V7_ALL, id="big_v7b_e"),
+    pytest.param((2, 700, 4, 64, 1, 128, "bfloat16", 256), "v7b4", _V7_ALL, id="big_v7b_f"),
+    pytest.param((3, 4100, 16, 64, 1, 128, "bfloat16", 256), "v7bm4", _V7_BARE, id="big_v7b_g"),
+    pytest.param((1, 517, 6, 64, 3, 256, "bfloat16", 128), "v7b4", _V7_BARE, id="big_v7b_h"),
+    pytest.param((2, 700, 4, 64, 1, 128, "bfloat16", 256), "v7bh", _V7_ALL, id="big_v7b_i"),
+    pytest.param((3, 4100, 16, 64, 1, 128, "bfloat16", 256), "v7bh4", _V7_BARE, id="big_v7b_j"),
+    pytest.param((1, 517, 6, 64, 3, 256, "bfloat16", 128), "v7bh", _V7_ALL, id="big_v7b_k"),
+    pytest.param((2, 1000, 8, 80, 2, 64, "float16", 256), "v7bh", _V7_ALL, id="big_v7b_l"),
 ])
 def test_chunk_scan_v7(rng, monkeypatch, shape, path, opts):
     """SSMCORE_SSD_FWD=v7 / v7m / v7s (ssd_chunk_scan_v7: 3-stage cp.async pipeline, C B^T decayed in A-fragment
-    registers; v7s also ssd_chunk_states_v7): the reference's output and final states, v5's within rounding (same
+    registers; v7s also ssd_chunk_states_v7) and v7b / v7bm / v7bs / v7b4 / v7bm4 / v7bh / v7bh4 (the same with 16-bit
+    C B^T tiles for bfloat16, one more rounding; 4 stages; 2 heads per block): the reference's output and final states, v5's within rounding (same
     math and rounding points: v7 / v7m run v5's states kernels, so bitwise v5's final states; v7s's states kernel
-    rounds x w to T and runs the same mma sequence as v4's), and the v7 kernel is the one that ran."""
+    rounds x w to T and runs the same mma sequence as v4's), the v7 kernel is the one that ran, and the 16-bit
+    C B^T only where meant (bfloat16)."""
     from ssmcore.backends.cupy import state_space_duality as S
 
     batch, length, heads, headdim, groups, dstate, dtype, chunk = shape
@@ -469,15 +495,24 @@ def test_chunk_scan_v7(rng, monkeypatch, shape, path, opts):
     calls = []
     v7 = S._chunk_scan_v7
     monkeypatch.setattr(S, "_chunk_scan_v7", lambda *a: calls.append(S.fwd_path) or v7(*a))
+    cb16 = []
+    is16 = S._scan_v7_cb16
+    monkeypatch.setattr(S, "_scan_v7_cb16", lambda a: cb16.append(is16(a)) or cb16[-1])
+    hb = []
+    heads_fn = S._scan_v7_heads
+    monkeypatch.setattr(S, "_scan_v7_heads", lambda *a: hb.append(heads_fn(*a)) or hb[-1])
     res = {}
     for p in ("v5", path):
         monkeypatch.setattr(S, "fwd_path", p)
         res[p] = [host(a) for a in run_gpu(kw, chunk_size=chunk, dt_softplus=True, return_final_states=True)]
     assert calls == [path]
+    assert cb16 == [path in S._V7B and dtype == "bfloat16"], cb16  # 16-bit C B^T only for v7b* with bfloat16
+    two = path in ("v7bh", "v7bh4") and dtype == "bfloat16" and (heads // groups) % 2 == 0
+    assert hb == [2 if two else 1], hb  # 2 heads per block only for v7bh* with bfloat16 and even heads per group
     ref_out, ref_final = reference.ssd(**kw, dt_softplus=True, return_final_states=True)
     check(f"out {path}", res[path][0], ref_out, dtype)
     check(f"final {path}", res[path][1], ref_final, dtype)
-    if path == "v7s":
+    if path in ("v7s", "v7bs"):
         scale = max(np.abs(res["v5"][1]).max(), 1e-6)
         assert np.abs(res[path][1] - res["v5"][1]).max() <= 1e-5 * scale, "v7s final vs v5"
     else:
