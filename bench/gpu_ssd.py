@@ -292,7 +292,9 @@ def main(argv=None):
             if key in r:
                 print(f"{'  (strided rows, ' + key.split('_')[2] + ')':26s} {r[key]:9.1f}"
                       f"{' ' * 62}  vs contiguous default {r.get('max_rel_diff_strided_' + key.split('_')[2], 0):.2e}")
-        for other in ("v1", "v2", "v3", "v4", "v5", "v6", "v6s", "v7", "v7m"):
+        others = [k[4:-3] for k in r if k.startswith("fwd_") and k.endswith("_us") and not k.startswith("fwd_strided_")
+                  and k not in ("fwd_us", "fwd_bwd_us")]
+        for other in others:
             if f"fwd_{other}_us" in r:
                 st = r.get(f"stages_{other}_us", {})
                 pad = " " * 62
