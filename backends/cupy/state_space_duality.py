@@ -66,14 +66,14 @@ INSTANTIATIONS = (
     + [f"ssd_chunk_states_v7<{t}>" for t in _TYPES[1:]]
 )
 
-# Kernel generation: "v5" (default since session 6, see below), "v4" (ldmatrix fragments, no transposed staging, chunk_scan's decayed C B^T
+# Kernel generation: "v7m" (default since session 7, see below), "v5" (session 6's default), "v4" (ldmatrix fragments, no transposed staging, chunk_scan's decayed C B^T
 # operand built in registers, strided x / z / B / C rows read in place: 16-bit types with P, N multiples of 8
 # and 16-byte aligned rows, else v3's rules), "v3" (chunk_scan from C B^T computed once per chunk and group, batched and
 # prefetched loads; 16-bit types with 16-byte aligned rows, else v2's chunk_scan), "v2" (whole-N staging in
 # chunk_scan, float4 + prefetched state passing; H200 session 4: bitwise equal to v1, main shape 4068 us vs
 # v1's 5879) or "v1" (the first tensor-core kernels). All three give bitwise equal results. A module
 # attribute so that a benchmark can flip it in-process.
-fwd_path = os.environ.get("SSMCORE_SSD_FWD", "v5")
+fwd_path = os.environ.get("SSMCORE_SSD_FWD", "v7m")
 # "v5": v4 with ssd_chunk_scan_v5 (cp.async staging, x slices double-buffered, 16 warps per SM) where the
 # 16-bit chunk-start states apply, else exactly v4. H200 session 6 run 1 (B8 L4096 H64 P64 N128 bf16): chunk scan
 # stage 1151 -> 861 us, forward 1552 -> 1272 us (reference 1136); GPU tests passed with it.
@@ -94,7 +94,8 @@ _V6 = ("v6", "v6s")
 # varlen states and ROCm run v5's fallbacks); "v7m": v7 with 64 x 64 tiles always; "v7s": v7 with chunk_states by
 # ssd_chunk_states_v7 (v4's tiles and rounding, a 4-stage cp.async pipeline, the weights applied to the A
 # fragments: the same products and mma sequence as v4's, so v4's states expected bitwise; the tests allow 1e-5)
-# where v4's chunk_states runs. NOT the default (session 7: not yet measured on the GPU).
+# where v4's chunk_states runs. H200 session 7 (main shape, same process): v5 1267 / 1267 us, v7 1285, v7s 1270, v7m
+# 1251 / 1223 (runs 1 / 4; reference 1135 / 1142; bitwise v5's output): v7m is the default.
 # "v7b" / "v7bm" / "v7bs" (session 7, helper SSDF7b): v7 / v7m / v7s with the C B^T tiles in bfloat16 for bfloat16
 # inputs (ssd_chunk_cb_v7b rounds the fp32 sums once; the scan decays / masks them in fp32 and rounds again, as
 # before): half the kernel's largest L2 stream (the per-head re-read of C B^T, ~1.3 of ~3.3 GB at the main shape)

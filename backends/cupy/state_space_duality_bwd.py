@@ -24,9 +24,9 @@ from ssdb_tp6 (SSMCORE_SSD_BWD_TP6=0: v4's two ssdb_h4 kernels). Session 7's cp.
 default where their layout rules hold (H200, B8 L4096 H64 P64 N128 bf16: backward 10466 -> 6966 us): dx by ssdb_dx7
 instead of ssdb_h4<T, 3> (2371 -> 1057 us; SSMCORE_SSD_BWD_DX7=0 off), the chunk states by ssdb_st7 instead of
 ssdb_h4<T, 4 / 5> (1009 + 822 -> 284 + 282; SSMCORE_SSD_BWD_ST7=0 off), the p sums (no z) by ssdb_tp7 instead of
-ssdb_tp6 (1731 -> 781; SSMCORE_SSD_BWD_TP7=0 off). Experimental, off unless SSMCORE_SSD_BWD_G7=1: F with the dcs row
-/ column sums by ssdb_g7<T, 0> instead of ssdb_g4<T, 0>, dC / dB by ssdb_g7b<T, 1 / 2> instead of ssdb_g4<T, 1 / 2>
-(the same pipeline; module attributes g7_in_v4 and g7_kinds).
+ssdb_tp6 (1731 -> 781; SSMCORE_SSD_BWD_TP7=0 off), F with the dcs row / column sums by ssdb_g7<T, 0> instead of
+ssdb_g4<T, 0> (1984 -> 518) and dC / dB by ssdb_g7b<T, 1 / 2> instead of ssdb_g4<T, 1 / 2> (690 + 905 -> 378 + 372;
+SSMCORE_SSD_BWD_G7=0 off; module attributes g7_in_v4 and g7_kinds): backward 6908 -> 4585 us (H200 run 4).
 """
 
 from __future__ import annotations
@@ -112,10 +112,10 @@ def _st7_smem(Q):
 # statep). Needs P % 8 == N % 8 == 0 and aligned rows (else tp6 / h4). SSMCORE_SSD_BWD_TP7=0 turns it off.
 tp7_in_v4 = os.environ.get("SSMCORE_SSD_BWD_TP7", "1") != "0"
 # ssdb_g7<T, 0 / 1 / 2> (session 7, helper SSDB7b): ssdb_g4<T, 0 / 1 / 2> (F with the per-head row / column sums;
-# dC / dB per group) on the cp.async / ldmatrix pipeline. Experimental, off unless SSMCORE_SSD_BWD_G7=1 (module
+# dC / dB per group) on the cp.async / ldmatrix pipeline. On by default, SSMCORE_SSD_BWD_G7=0 turns it off (module
 # attributes: g7_in_v4, and g7_kinds = the KINDs it replaces, for benchmarks). Needs P % 8 == N % 8 == 0,
 # Q % 8 == 0 and 16-byte aligned rows (else ssdb_g4).
-g7_in_v4 = os.environ.get("SSMCORE_SSD_BWD_G7", "0") == "1"
+g7_in_v4 = os.environ.get("SSMCORE_SSD_BWD_G7", "1") != "0"
 g7_kinds = (0, 1, 2)
 _G7_SMEM = 3 * 10240 + 18432 + 2 * 6 * 64 * 4 + 2 * 64 * 4 + 2 * 4 * 64 * 4 + 16  # G7_SMEM of ssd_bwd.cu
 _G7B_SMEM = 3 * 14848  # SSDB_G7_STAGES * G7B_STAGE_BYTES (ssdb_g7b<T, 1 / 2>: dC / dB)

@@ -561,8 +561,8 @@ def test_dx7_large(rng, shape, z, monkeypatch):
 
 
 def test_dx7_knob_and_instantiations():
-    """ssdb_dx7 / st7 / tp7 are on by default (SSMCORE_SSD_BWD_DX7 / ST7 / TP7=0 turn them off); the experimental
-    ssdb_g7 kernels are off unless SSMCORE_SSD_BWD_G7=1; all are in INSTANTIATIONS (check-kernels)."""
+    """ssdb_dx7 / st7 / tp7 / g7 are on by default (SSMCORE_SSD_BWD_DX7 / ST7 / TP7 / G7=0 turn them off); all are
+    in INSTANTIATIONS (check-kernels)."""
     import ssmcore.backends.cupy.state_space_duality_bwd as launcher
 
     for t in ("bf16_t", "half_t"):
@@ -574,7 +574,7 @@ def test_dx7_knob_and_instantiations():
         assert f"ssdb_tp7<{t}>" in launcher.INSTANTIATIONS
     for k in ("dx7", "st7", "tp7"):
         assert getattr(launcher, f"{k}_in_v4") == (os.environ.get(f"SSMCORE_SSD_BWD_{k.upper()}", "1") != "0"), k
-    assert launcher.g7_in_v4 == (os.environ.get("SSMCORE_SSD_BWD_G7", "0") == "1")
+    assert launcher.g7_in_v4 == (os.environ.get("SSMCORE_SSD_BWD_G7", "1") != "0")
     for t in ("bf16_t", "half_t"):
         assert f"ssdb_g7<{t}, 0>" in launcher.INSTANTIATIONS
         assert f"ssdb_g7b<{t}, 1>" in launcher.INSTANTIATIONS and f"ssdb_g7b<{t}, 2>" in launcher.INSTANTIATIONS
