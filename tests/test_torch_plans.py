@@ -114,6 +114,9 @@ def fake_op(x, w, b, scale, with_last):
         return _bridge.fresh_outputs((out, last), (x, w, b), x.device)
 
 
+_REAL_KEY = _plans._key  # before any fixture replaces it (see _cpu_hit)
+
+
 def _cpu_key(name, args):
     parts, ptrs = [name], []
     for a in args:
@@ -740,20 +743,23 @@ def test_parameter_cast_with_driver_launches(driver, rng, monkeypatch):
 
 
 def _cpu_hit(monkeypatch):
-    """_plans.hit with host tensors standing for device-0 tensors (as _cpu_key does for _key): its source with the
-    device test and the alignment bits of host blocks replaced, run in the module's globals."""
+    """_plans.hit with host tensors standing for device-0 tensors (as _cpu_key does for _key): hit's key comes from
+    _plans._key, installed here as its own source with the device test and the alignment bits of host blocks
+    replaced, run in the module's globals (so the recording call's key and hit's key are the same function)."""
     import inspect
 
-    source = textwrap.dedent(inspect.getsource(_plans.hit))
+    source = textwrap.dedent(inspect.getsource(_REAL_KEY))
     for old, new in (("not a.is_cuda", "False"), ("a.get_device()", "0"), ("p & 63", "p & 15")):
         assert old in source
         source = source.replace(old, new)
     monkeypatch.setattr(_plans, "_raw_stream", lambda device: 0)
     monkeypatch.setattr(_plans, "_get_device", lambda: 0)
     ns = {}
-    exec(compile(source, "<hit on the host>", "exec"), ns)
-    code = ns["hit"]
-    return types.FunctionType(code.__code__, vars(_plans), "hit", code.__defaults__)  # the module's live globals
+    exec(compile(source, "<_key on the host>", "exec"), ns)
+    code = ns["_key"]
+    host_key = types.FunctionType(code.__code__, vars(_plans), "_key", code.__defaults__)  # the live globals
+    monkeypatch.setattr(_plans, "_key", host_key)
+    return _plans.hit
 
 
 @pytest.mark.parametrize("with_last", [True, False])

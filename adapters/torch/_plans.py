@@ -198,15 +198,16 @@ def _validator(plan):
     return ns["valid"]
 
 
-def _key(name, args):
-    """(key, pointers, device) of a call, or None when the fast path does not apply."""
+def _key(name, args, grad=False):
+    """(key, pointers, device) of a call, or None when the fast path does not apply (with ``grad``: also when a
+    tensor requires grad, as :func:`hit` needs)."""
     parts = [name]
     ptrs = []
     device = None
     for a in args:
         ta = type(a)
-        if ta is Tensor or ta is torch.nn.Parameter:
-            if not a.is_cuda:
+        if ta is Tensor or ta is _Parameter:
+            if not a.is_cuda or (grad and a.requires_grad):
                 return None
             dev = a.get_device()
             if device is None:
@@ -226,7 +227,7 @@ def _key(name, args):
             ptrs.append(0)
             parts.append((ta, a.hex()))  # exact bits (0.0 and -0.0 differ; a NaN never hits)
         else:
-            return None
+            return None  # (a tensor subclass among them: the op's dispatch, as ops._plain_eager says)
     if device is None:
         return None
     parts.append(device)
@@ -323,38 +324,11 @@ def hit(name, args, first=False):
             or _forward_ad._current_level >= 0 or _rt.launch is not _rt._ORIGINAL_LAUNCH
             or _autocast_enabled("cuda") or _deterministic()):
         return MISS
-    grad = _grad_enabled()
-    parts = [name]
-    ptrs = []
-    device = None
-    for a in args:
-        ta = type(a)
-        if ta is Tensor or ta is _Parameter:
-            if not a.is_cuda or (grad and a.requires_grad):
-                return MISS
-            dev = a.get_device()
-            if device is None:
-                device = dev
-            elif dev != device:
-                return MISS
-            p = a.data_ptr()
-            ptrs.append(p)
-            parts.append((a.dtype, a.shape, a.stride(), p & 63))
-        elif a is None:
-            ptrs.append(0)
-            parts.append(None)
-        elif ta is bool or ta is int or ta is str:
-            ptrs.append(0)
-            parts.append((ta, a))
-        elif ta is float:
-            ptrs.append(0)
-            parts.append((ta, a.hex()))
-        else:
-            return MISS  # (a tensor subclass among them: the op's dispatch, as _plain_eager says)
-    if device is None:
+    found = _key(name, args, _grad_enabled())
+    if found is None:
         return MISS
-    parts.append(device)
-    plan = _PLANS.get(tuple(parts))
+    key, ptrs, device = found
+    plan = _PLANS.get(key)
     if (type(plan) is not _Plan or _raw_stream(device) != 0 or _get_device() != device
             or not plan.valid()):
         return MISS
