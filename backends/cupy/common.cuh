@@ -489,6 +489,32 @@ __device__ __forceinline__ void ldsm_x2_trans(uint32_t (&r)[2], const void* row)
 #endif
 }
 
+// 16-byte load / store of a stream read or written once; HINT: the evict-first cache operator
+// (ld/st.global.cs: L2 keeps other data rather than the stream; CUDA only; norm and conv streams).
+template <bool HINT>
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+#if !SSM_HIP && !defined(SSM_EMULATION)
+  if (HINT) {
+    uint4 r;
+    asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+  }
+#endif
+  return *reinterpret_cast<const uint4*>(p);
+}
+
+template <bool HINT>
+__device__ __forceinline__ void st_stream16(void* p, const uint4& v) {
+#if !SSM_HIP && !defined(SSM_EMULATION)
+  if (HINT) {
+    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+    return;
+  }
+#endif
+  *reinterpret_cast<uint4*>(p) = v;
+}
+
 // Dynamic shared memory of a kernel, as `unsigned char name[]` aligned to 16 bytes.
 #ifdef SSM_EMULATION
 #define SSM_DYNAMIC_SMEM(name) alignas(16) static unsigned char name[256 * 1024]

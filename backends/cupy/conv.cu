@@ -799,34 +799,9 @@ struct DoutWord {
 }  // namespace
 
 namespace {
-// 16-byte load / store of a stream read or written once; HINT: the evict-first cache operator
-// (ld/st.global.cs: L2 keeps other data rather than the stream; session 7's variant, CUDA only).
-template <bool HINT>
-__device__ __forceinline__ uint4 ld_stream16(const void* p) {
-#if !SSM_HIP && !defined(SSM_EMULATION)
-  if (HINT) {
-    uint4 r;
-    asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    return r;
-  }
-#endif
-  return *reinterpret_cast<const uint4*>(p);
-}
-
-template <bool HINT>
-__device__ __forceinline__ void st_stream16(void* p, const uint4& v) {
-#if !SSM_HIP && !defined(SSM_EMULATION)
-  if (HINT) {
-    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-                 : "memory");
-    return;
-  }
-#endif
-  *reinterpret_cast<uint4*>(p) = v;
-}
 
 // What one warp segment of conv_fwd_ws reads: lane's NW words and, on lane 0, the W-1 inputs before
-// the segment (0 elsewhere); compute() convolves and stores them. HINT: see ld_stream16.
+// the segment (0 elsewhere); compute() convolves and stores them. HINT: see ld_stream16 (common.cuh).
 template <typename T, int W, int NW, bool HINT = false>
 struct WsFwdSegment {
   static constexpr int G = 16 / sizeof(T), WM1 = W - 1, WS = SSM_WARP_SIZE, SEG = WS * NW * G;

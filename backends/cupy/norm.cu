@@ -193,32 +193,6 @@ __global__ void __launch_bounds__(512) norm_fwd(const TX* __restrict__ x, const 
 //     is read again, so L2 keeps the weight rather than the stream (CUDA only; else plain).
 namespace {
 
-template <bool HINT>
-__device__ __forceinline__ uint4 ld16(const void* p) {
-#if !SSM_HIP && !defined(SSM_EMULATION)
-  if (HINT) {
-    uint4 r;
-    asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(p));
-    return r;
-  }
-#endif
-  return *reinterpret_cast<const uint4*>(p);
-}
-
-template <bool HINT>
-__device__ __forceinline__ void st16(void* p, const uint4& v) {
-#if !SSM_HIP && !defined(SSM_EMULATION)
-  if (HINT) {
-    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-                 : "memory");
-    return;
-  }
-#endif
-  *reinterpret_cast<uint4*>(p) = v;
-}
-
 // 8 elements of T (16 or 32 bytes) as 16-byte words.
 template <typename T>
 __device__ __forceinline__ void pack8(const float (&v)[8], uint4 (&w)[sizeof(T) / 2]) {
@@ -232,7 +206,7 @@ __device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
   uint4 w[sizeof(T) / 2];
   pack8<T>(v, w);
 #pragma unroll
-  for (int h = 0; h < (int)(sizeof(T) / 2); ++h) st16<HINT>(p + h * (16 / sizeof(T)), w[h]);
+  for (int h = 0; h < (int)(sizeof(T) / 2); ++h) st_stream16<HINT>(p + h * (16 / sizeof(T)), w[h]);
 }
 
 }  // namespace
@@ -266,11 +240,11 @@ __global__ void __launch_bounds__(512) norm_fwd2(const TX* __restrict__ x, const
       const i64 e = row * D + (i64)c * 8;
 #pragma unroll
       for (int h = 0; h < XW; ++h)
-        a.x[j][h] = on ? ld16<HINT>(x + e + h * (8 / XW)) : make_uint4(0u, 0u, 0u, 0u);
+        a.x[j][h] = on ? ld_stream16<HINT>(x + e + h * (8 / XW)) : make_uint4(0u, 0u, 0u, 0u);
       const char* rp = static_cast<const char*>(residual) + e * res_bytes;
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        a.r[j][h] = (on && has_res && h * 16 < 8 * res_bytes) ? ld16<HINT>(rp + h * 16) : make_uint4(0u, 0u, 0u, 0u);
+        a.r[j][h] = (on && has_res && h * 16 < 8 * res_bytes) ? ld_stream16<HINT>(rp + h * 16) : make_uint4(0u, 0u, 0u, 0u);
     }
   };
 
