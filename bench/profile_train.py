@@ -132,6 +132,10 @@ def run(a, peer):
     print("host, cProfile by own time (ms per step own, cumulative, calls per step):")
     for tt, ct, nc, where in stats[:a.top]:
         print(f"  {tt:8.2f} {ct:8.2f} {nc:8.1f}  {where}")
+    if not peer:
+        from ssmcore.adapters.torch import _plans
+
+        print(f"launch plans: {_plans.STATS}; refused: {_plans.REFUSED or 'none'}")
     del model, opt
     _sync()
 

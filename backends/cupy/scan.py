@@ -38,6 +38,10 @@ INSTANTIATIONS = [f"scan_fwd<{t}, {s}, {r}>" for t in _TYPES for s, r in _LAYOUT
 
 # Rows * lanes per row at or above which the wide layout keeps the GPU busy (per multiprocessor).
 _WIDE_THREADS_PER_SM = 512
+# The wide layout is chosen when its threads number at least this many per SM (a little under 512: B8 D2048 N16,
+# 16384 rows = 496 per SM on 132 SMs, is the Mamba block's shape; there S4 R4 ran the forward in 331 us against
+# S1 R16's 529 and fwd+bwd in 2388 against 3397: bench/NOTES.md, session 8 run 1).
+_WIDE_MIN_THREADS_PER_SM = 480
 # Benchmarks may force a layout: S (the state entries per lane) or None.
 force_states_per_lane = None
 # Speed variant of the backward: blocks per SM its registers are capped for (__launch_bounds__
@@ -104,7 +108,7 @@ def _layout(n_states: int, rows: int) -> tuple[int, int]:
     forced = force_states_per_lane
     if forced is not None and (forced, npad // forced) in _LAYOUTS:
         s = forced
-    elif rows * (npad // wide) >= _arrays.sm_count() * _WIDE_THREADS_PER_SM:
+    elif rows * (npad // wide) >= _arrays.sm_count() * _WIDE_MIN_THREADS_PER_SM:
         s = wide
     else:
         s = narrow
