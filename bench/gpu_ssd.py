@@ -3,6 +3,7 @@
     python bench/gpu_ssd.py [--quick] [--json PATH] [--impls v5,v4,v3]
     python bench/gpu_ssd.py --quick --fwd-only --impls v7,v7m,v5   (session 7: the pipelined chunk scan)
     python bench/gpu_ssd.py --quick --fwd-only --impls v7m,v7b,v7bm,v7bh,v7bh4,v7bs   (session 7, SSDF7b: 16-bit C B^T)
+    python bench/gpu_ssd.py --quick --fwd-only --impls v7m,v8,v8d   (session 8, SSDF8: states + passing in one kernel)
 
 PERFORMANCE.md shape B8 L4096 H64 P64 N128 G1, chunk 256, bf16 x/B/C/z-less, fp32 dt/A/D/dt_bias,
 dt_softplus, D per head; plus a sweep L in {512, 2048, 16384} x N in {64, 128, 256} (same B/H/P).
@@ -19,7 +20,8 @@ the default), and the
 main shape times the forward on strided views of one in_proj-like (B, L, W) buffer (z | x | B | C | dt per
 row, as the Mamba-2 block passes them): `fwd_strided_v4_us` (read in place) vs `fwd_strided_v3_us` (copied).
 The "scan" stage of v3/v4 includes the C B^T kernel; v6's "states" stage is the fused chunk_states + state
-passing kernel (its "passing" 0; v6: + the cumsum, "cumsum" 0; v6s: the cumsum kernel separate).
+passing kernel (its "passing" 0; v6: + the cumsum, "cumsum" 0; v6s: the cumsum kernel separate); so is v8's
+(ssd_states_passing_v8, "passing" 0).
 JSON (every row) goes to --json (default $OUT/ssd_bench.json when $OUT is set).
 """
 
@@ -149,6 +151,14 @@ def stages(x):
             "passing": 0.0,
             "scan": cupy_us(lambda: S._chunk_scan(xk, zk, Bk, Ck, dtp, dacs, seg, prev, Dk, Q)),
         }
+    if S._v8_ok(xk, zk, Bk, Ck, ik, Q):  # v8 / v8d: chunk states + passing in one kernel ("passing" 0)
+        _, prev = S._states_passing_v8(xk, Bk, dtp, dacs, seg, ik, Q)
+        return {
+            "cumsum": cupy_us(lambda: S._chunk_cumsum(dtk, Ak, bk, True, (0.0, math.inf), seq, Q)),
+            "states": cupy_us(lambda: S._states_passing_v8(xk, Bk, dtp, dacs, seg, ik, Q)),
+            "passing": 0.0,
+            "scan": cupy_us(lambda: S._chunk_scan(xk, zk, Bk, Ck, dtp, dacs, seg, prev, Dk, Q)),
+        }
     states = S._chunk_states(xk, Bk, dtp, dacs, seg, Q)
     scratch = states.copy()
     _, prev = S._passing_for_scan(states, dacs, seg, ik, Q, xk, zk, Bk, Ck)  # v4: 16-bit starts
@@ -223,7 +233,8 @@ def main(argv=None):
             # place, v3 copies them first (the cupy_copy kernels of the Mamba-2 prefill profile).
             if shape == MAIN:
                 views = strided_views(x)
-                for path in dict.fromkeys((default_path, "v3") + tuple(p for p in ("v5", "v6", "v6s", "v7", "v7m") if p in impls)):
+                more = tuple(p for p in ("v5", "v6", "v6s", "v7", "v7m", "v8", "v8d") if p in impls)
+                for path in dict.fromkeys((default_path, "v3") + more):
                     try:
                         S.fwd_path = path
                         fs = lambda: ssmcore.ssd(**dict(x, **views), chunk_size=256, dt_softplus=True)

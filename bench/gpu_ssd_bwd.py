@@ -14,7 +14,8 @@ L 2048 and N 64 / 256. Prints and writes to JSON (default $OUT/ssd_bwd_bench.jso
                     (default v3,v4; v1/v2 on request), in the same process (main shape only); max_rel_diff_vK
                     vs the default. --impls v4old / dx7 / st7 / tp7 / v7 / g7 / g7f / g7bc: the default with
                     launcher knobs flipped (VARIANTS below; v4old = session 6's kernels, g7 = the experimental
-                    ssdb_g7), also fwd_bwd_us_*
+                    ssdb_g7; tp8 / tp7old / tp8only / dx7sp: session 8's p sums; fro0 / dyeager / s8a_off:
+                    session 8's fused <dh, h0> / deferred fp32 dy off), also fwd_bwd_us_*
   rel_diff_vs_peer  max |ours - peer| / max |peer| of each gradient the peer also returns
 """
 
@@ -46,6 +47,17 @@ VARIANTS = {k: {**{a: a[:3] in on for a in _V7}, "g7_in_v4": "g7" in on, "g7_kin
                                  ("g7", ("dx7", "st7", "tp7", "g7"), (0, 1, 2)),
                                  ("g7f", ("dx7", "st7", "tp7", "g7"), (0,)),
                                  ("g7bc", ("dx7", "st7", "tp7", "g7"), (1, 2)))}
+# Session 8 (helper SSDB8b), the p sums without z on the ssdb_tp7 path, each the default (= g7) with: tp8 (= the
+# default): termp by ssdb_tp8, statep from ssdb_dx7; tp7old: session 7's ssdb_tp7 for both (SSMCORE_SSD_BWD_TP8=0);
+# tp8only: ssdb_tp8 + tp7's statep; dx7sp: dx7's statep + tp7's termp. The older variants keep the module's values.
+VARIANTS.update({k: {**VARIANTS["g7"], "tp8_in_v4": a, "dx7_statep": b}
+                 for k, a, b in (("tp8", True, True), ("tp7old", False, False), ("tp8only", True, False),
+                                 ("dx7sp", False, True))})
+# Session 8 (helper SSDB8a), each the default with: fro0: ssdb_fro again (SSMCORE_SSD_BWD_FRO=0) instead of the
+# <dh, h0> partials from the reverse ssdb_pass2; dyeager: the fp32 dy (ssdb_dy8) made without z too
+# (SSMCORE_SSD_BWD_LAZY_DY=0); s8a_off: both.
+VARIANTS.update({k: {"fuse_fro_in_v4": a, "lazy_dy_in_v4": b}
+                 for k, a, b in (("fro0", False, True), ("dyeager", True, False), ("s8a_off", False, False))})
 VARIANT_ATTRS = sorted({a for v in VARIANTS.values() for a in v})
 
 

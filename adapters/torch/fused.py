@@ -469,7 +469,8 @@ class MambaSplitConv1dScanCombinedFn(torch.autograd.Function):
                 dout = dout @ outproj_weight
             dout0, dout1 = dout.split([d_nonssm, dim], dim=-1)
             del dout
-            dzx0 = _swiglu_bwd(zx0, dout0)
+            # (no MLP part, the Mamba2 module's case: none of swiglu's dozen torch calls on empty tensors)
+            dzx0 = _swiglu_bwd(zx0, dout0) if d_nonssm else None
             del dout0
             drmsnorm_weight = None
             if rmsnorm_weight is not None:
@@ -482,6 +483,13 @@ class MambaSplitConv1dScanCombinedFn(torch.autograd.Function):
                 dy = dout1.to(y.dtype).reshape(batch, seqlen, nheads, headdim)
                 ssd_z = z
             del dout1, y, z
+            # The SSD backward reads dt as contiguous float32 and B, C as contiguous rows: given so here (torch: an
+            # exact widening, and the copies it would make itself), its call is only allocations and launches, which
+            # a launch plan replays (adapters/torch/_plans.py; session 8, helper OVH8). ddt comes back in float32 and
+            # is rounded once into dzxbcdt below (the same bits as the SSD's own cast to dt's dtype).
+            if dt.is_cuda and dt.dtype != torch.float64:  # (float64 on the CPU backend: kept as it is)
+                dt = dt.to(torch.float32, memory_format=torch.contiguous_format)
+                B, C = B.contiguous(), C.contiguous()
             dx, ddt, dA, dB, dC, dD, dz_ssd, ddt_bias, dinitial_states = _ops.ssd_bwd(
                 dy, x, dt, A, B, C, chunk_size, D, ssd_z, dt_bias, initial_states, seq_idx, None, dfinal_states,
                 True, dt_min, dt_max)
@@ -496,9 +504,11 @@ class MambaSplitConv1dScanCombinedFn(torch.autograd.Function):
             dxBC_conv[..., nx:nx + nbc].copy_(dB.reshape(batch, seqlen, nbc))
             dxBC_conv[..., nx + nbc:].copy_(dC.reshape(batch, seqlen, nbc))
             del dx, dB, dC
-            dzxbcdt = torch.empty(zxbcdt.shape, dtype=torch.promote_types(zxbcdt.dtype, dzx0.dtype),
+            dzxbcdt = torch.empty(zxbcdt.shape, dtype=zxbcdt.dtype if dzx0 is None else
+                                  torch.promote_types(zxbcdt.dtype, dzx0.dtype),
                                   device=zxbcdt.device)
-            dzxbcdt[..., :2 * d_nonssm].copy_(dzx0)
+            if dzx0 is not None:
+                dzxbcdt[..., :2 * d_nonssm].copy_(dzx0)
             dzxbcdt[..., 2 * d_nonssm:2 * d_nonssm + dim].copy_(dz.reshape(batch, seqlen, dim))
             dzxbcdt[..., zxbcdt.shape[-1] - nheads:].copy_(ddt)
             del dzx0, dz, ddt

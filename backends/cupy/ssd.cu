@@ -2570,3 +2570,207 @@ __global__ void __launch_bounds__(128, 4) ssd_chunk_states_v7(
           *reinterpret_cast<float2*>(out + i64(pp) * N + nn) = make_float2(acc[mi][j][2 * hh], acc[mi][j][2 * hh + 1]);
       }
 }
+
+// ==== v8 chunk states + state passing in one kernel (session 8, helper SSDF8; SSMCORE_SSD_FWD=v8 / v8d) ========
+// ssd_chunk_states_v7 (or v4) + ssd_state_passing_v4 without the fp32 own-states buffer and without any inter-block
+// synchronisation: a block owns one (b, h, 64 p x WN n) tile for the WHOLE sequence and walks its chunks in order,
+// its accumulators being the running state. At each chunk c's first K tile the accumulators hold the state at the
+// chunk's start: they are written to starts[c] in T (16-bit, as _state_passing_v4 writes them), then decayed,
+//   acc <- (chunk c has a sequence start ? 0 : e^(dacs_end(c)) acc),
+// and chunk c's products (x_s w_s)^T B_s (w_s = dt'_s e^(dacs_end - dacs_s), 0 past L and before the chunk's last
+// sequence start: v4 / v7's weights and operand rounding, x w rounded to T) are accumulated onto them; after the last
+// chunk they are the final state (fp32). The same values as states v4 + passing v4 up to fp32 summation order (the
+// own contribution is summed onto the decayed carry instead of from zero, then added): starts equal within one
+// rounding of T, final within a few fp32 ulps of the state's magnitude.
+// Traffic: x read once per (p tile, WN tile), B per head from L2; starts in T written once; no fp32 states written or
+// read back (states v4/v7 + passing at the main shape move 268 + 268 + 268 + 134 MB; this moves 268 + 134 MB).
+// The K loop (32-position tiles, NS stages of cp.async, zero-filled past L / P / N) runs across the chunk
+// boundaries without draining; the next chunk's dt' / dacs / seg are fetched to registers one chunk ahead and
+// turned into weights (double-buffered in shared memory) at the chunk's last K tile.
+// WN 64: 128 threads (4 warps of 16 p x 64 n); WN 128: 256 threads (warps (w & 3) 16 p x (w >> 2) 64 n). Dynamic
+// shared memory NS * 32 * (72 + WN + 8) * 2 + 2 KB (54 / 106 KB at WN 128 NS 4 / 8: 2 blocks per SM either way).
+// Grid: B * H * tilesP * tilesN blocks (512 at B8 H64 P64 N128): the launcher uses it only with enough blocks to
+// fill the GPU (the chain is serial in c).
+// Needs P % 8 == N % 8 == 0, 16-byte aligned rows (v4's rules), Q in {64, 128, 256}, 8-byte aligned initial.
+template <typename T, int WN, int NS>
+__global__ void __launch_bounds__(2 * WN, 256 / WN) ssd_states_passing_v8(
+    const T* __restrict__ x, i64 sxb, i64 sxl, const T* __restrict__ Bm, i64 sbb, i64 sbl,
+    const float* __restrict__ dtp, const float* __restrict__ dacs, const int* __restrict__ seg,
+    const float* __restrict__ initial, int L, int H, int G, int P, int N, int Q, int nc, T* __restrict__ starts,
+    float* __restrict__ final_states) {
+  constexpr int NT = 2 * WN, LX = 72, LB = WN + 8, XT = 32 * LX, STAGE = XT + 32 * LB;  // elements
+  SSM_DYNAMIC_SMEM(dyn);
+  T* sm = reinterpret_cast<T*>(dyn);
+  float* wgt = reinterpret_cast<float*>(dyn + NS * STAGE * 2);  // [2][256]
+  const uint32_t sm_s = smem_addr(sm);
+  const int tilesP = (P + 63) / 64, tilesN = (N + WN - 1) / WN;
+  i64 id = blockIdx.x;
+  const int tn = int(id % tilesN); id /= tilesN;
+  const int tp = int(id % tilesP); id /= tilesP;
+  const int h = int(id % H); id /= H;
+  const int b = int(id);
+  const int p0 = tp * 64, n0 = tn * WN;
+  const int g = h / (H / G);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gg = lane >> 2, tq = lane & 3;
+  const int wm = warp & 3, wn = warp >> 2;
+  const i64 hrow = (i64(b) * H + h) * nc * Q, srow = i64(b) * nc * Q;
+  const int spc = Q / 32, nK = nc * spc;
+  const T* xbase = x + i64(b) * sxb + i64(h) * P + p0;
+  const T* bbase = Bm + i64(b) * sbb + i64(g) * N + n0;
+  // this thread's 16-byte copies: x rows xr_m, columns 8 xk (m < 256 / NT); B rows br_m, columns 8 bk_m
+  constexpr int MX = 256 / NT, MB = 4 * WN / NT;
+  const int xk = tid & 7, xr0 = tid >> 3;
+  const bool xcol = p0 + 8 * xk < P;
+  const T* xsrc = xbase + i64(xr0) * sxl + 8 * xk;  // K tile 0's row xr0; + 32 sxl per tile
+  const T* bsrc[MB];
+  int brow[MB], bso[MB];
+  bool bcol[MB];
+#pragma unroll
+  for (int m = 0; m < MB; ++m) {
+    const int q = tid + NT * m, r = q / (WN / 8), k = q % (WN / 8);
+    brow[m] = r;
+    bso[m] = XT + r * LB + 8 * k;
+    bcol[m] = n0 + 8 * k < N;
+    bsrc[m] = bbase + i64(r) * sbl + 8 * k;
+  }
+  auto load = [&](int i) {  // K tile i: positions 32 i .. 32 i + 31 (Q % 32 == 0); called for i = 0, 1, 2, ...
+    const int so = (i % NS) * STAGE, rem = L - 32 * i;
+#pragma unroll
+    for (int m = 0; m < MX; ++m) {
+      const int e = so + (xr0 + (NT / 8) * m) * LX + 8 * xk;
+      const bool ok = xr0 + (NT / 8) * m < rem && xcol;
+      cp_async16(sm + e, sm_s + e * 2, ok ? xsrc + i64(NT / 8) * m * sxl : xbase, ok);
+    }
+#pragma unroll
+    for (int m = 0; m < MB; ++m) {
+      const int e = so + bso[m];
+      const bool ok = brow[m] < rem && bcol[m];
+      cp_async16(sm + e, sm_s + e * 2, ok ? bsrc[m] : bbase, ok);
+      bsrc[m] += 32 * sbl;
+    }
+    xsrc += 32 * sxl;
+  };
+#pragma unroll
+  for (int i = 0; i < NS - 1; ++i) {
+    if (i < nK) load(i);
+    cp_async_commit();
+  }
+  // chunk c's dt' / dacs (positions tid + NT u), dacs at its end and seg at its end, fetched one chunk ahead
+  constexpr int NU = (256 + NT - 1) / NT;
+  float pd[NU], pa[NU], pend = 0.f;
+  int pseg = -1;
+  auto fetch = [&](int c) {
+    const i64 r = hrow + i64(c) * Q;
+    pend = dacs[r + Q - 1];
+    pseg = seg ? seg[srow + i64(c) * Q + Q - 1] : -1;
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      const int q = tid + NT * u;
+      pd[u] = q < Q ? dtp[r + q] : 0.f;
+      pa[u] = q < Q ? dacs[r + q] : 0.f;
+    }
+  };
+  float dec = 1.f;
+  bool rst = false;
+  auto weights = [&](int c) {  // the fetched chunk c -> weights in buffer c & 1, its decay and reset
+    const int s_first = imax(pseg, 0);
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      const int q = tid + NT * u;
+      if (q < Q) wgt[(c & 1) * 256 + q] = (i64(c) * Q + q < L && q >= s_first) ? pd[u] * expf(pend - pa[u]) : 0.f;
+    }
+    dec = expf(pend);
+    rst = pseg >= 0;
+  };
+  fetch(0);
+  weights(0);
+  if (nc > 1) fetch(1);
+  float acc[8][4];
+  const i64 pn = i64(P) * N;
+  const int prow = p0 + wm * 16 + gg, ncol = n0 + wn * 64 + 2 * tq;
+  {
+    const float* init = initial ? initial + (i64(b) * H + h) * pn : nullptr;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int pp = prow + 8 * hh, nn = ncol + 8 * j;
+        float2 v = make_float2(0.f, 0.f);
+        if (init && pp < P && nn < N) v = *reinterpret_cast<const float2*>(init + i64(pp) * N + nn);
+        acc[j][2 * hh] = v.x;
+        acc[j][2 * hh + 1] = v.y;
+      }
+  }
+  // ldmatrix.trans offsets: A (x [s][p]): matrix i -> s + (i >> 1) * 8, p + (i & 1) * 8;
+  // B (B [s][n]): matrix i -> s + (i & 1) * 8, n + (i >> 1) * 8.
+  const int li = lane >> 3, lr = lane & 7;
+  const int aoff = ((li >> 1) * 8 + lr) * LX + wm * 16 + (li & 1) * 8;
+  const int boff = XT + ((li & 1) * 8 + lr) * LB + wn * 64 + (li >> 1) * 8;
+  for (int i = 0; i < nK; ++i) {
+    const int c = i / spc, kc = i - c * spc;
+    cp_async_wait<NS - 2>();
+    __syncthreads();  // tile i visible (and chunk c's weights); everyone is done with tile i - 1's stage
+    if (i + NS - 1 < nK) load(i + NS - 1);
+    cp_async_commit();
+    if (kc == 0) {  // the accumulators hold the state at chunk c's start
+      T* out = starts + ((i64(b) * nc + c) * H + h) * pn;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int pp = prow + 8 * hh, nn = ncol + 8 * j;
+          if (pp < P && nn < N)  // N % 8 == 0: nn + 1 < N too
+            *reinterpret_cast<uint32_t*>(out + i64(pp) * N + nn) =
+                pack2(acc[j][2 * hh], acc[j][2 * hh + 1], static_cast<const T*>(nullptr));
+        }
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) acc[j][v] = rst ? 0.f : dec * acc[j][v];
+    }
+    const int so = (i % NS) * STAGE;
+    const float* w = wgt + (c & 1) * 256 + kc * 32;
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      const int s = ks * 16 + 2 * tq;  // A registers 0, 1: s, s + 1; 2, 3: s + 8, s + 9
+      const float2 w01 = *reinterpret_cast<const float2*>(w + s), w89 = *reinterpret_cast<const float2*>(w + s + 8);
+      uint32_t af[4];
+      ldsm_x4_trans_at(af, sm, sm_s, so + aoff + ks * 16 * LX);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const T* e = reinterpret_cast<const T*>(&af[r]);
+        const float2 wr = r < 2 ? w01 : w89;
+        af[r] = pack2(load_f(e) * wr.x, load_f(e + 1) * wr.y, e);
+      }
+#pragma unroll
+      for (int jj = 0; jj < 4; ++jj) {
+        uint32_t bq[4];
+        ldsm_x4_trans_at(bq, sm, sm_s, so + boff + ks * 16 * LB + jj * 16);
+        const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+        mma16<T>(acc[2 * jj], af, b0);
+        mma16<T>(acc[2 * jj + 1], af, b1);
+      }
+    }
+    if (kc == spc - 1 && c + 1 < nc) {  // buffer (c + 1) & 1 was last read by chunk c - 1 (before this barrier)
+      weights(c + 1);
+      if (c + 2 < nc) fetch(c + 2);
+    }
+  }
+  cp_async_wait<0>();
+  float* fin = final_states + (i64(b) * H + h) * pn;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int pp = prow + 8 * hh, nn = ncol + 8 * j;
+      if (pp < P && nn < N)
+        *reinterpret_cast<float2*>(fin + i64(pp) * N + nn) = make_float2(acc[j][2 * hh], acc[j][2 * hh + 1]);
+    }
+}
+
+// Session 8 (helper OVH8): int32 seq_idx (B, L) -> the int64 ids the kernels read (a launch instead of CuPy's astype,
+// so that a torch call's launch plan can record the forward with seq_idx).
+extern "C" __global__ void ssd_widen_seq(const int* __restrict__ src, long long* __restrict__ dst, long long n) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) dst[i] = src[i];
+}

@@ -9,7 +9,8 @@ helper function below, reused by the backward for recomputation):
     _chunk_scan     out = (intra-chunk C B^T masked/decayed . dt' x + decayed C h_prev + D x) * silu(z)
     _varlen_states  the state at the end of each sequence of cu_seqlens
     (_states_and_passing_v6: _chunk_states + _state_passing, with v6 also _chunk_cumsum, in one
-    kernel: SSMCORE_SSD_FWD=v6, v6s; N % 128 == 0 only)
+    kernel: SSMCORE_SSD_FWD=v6, v6s; N % 128 == 0 only; _states_passing_v8: the same pair in one kernel
+    whose blocks each walk all chunks of one (b, h, tile): SSMCORE_SSD_FWD=v8, v8d)
 
 Chunk size: the kernels use Q in {64, 128, 256}; ``_internal_chunk`` picks the one nearest to
 chunk_size on a log scale (the result does not depend on it beyond rounding). Element types:
@@ -64,16 +65,17 @@ INSTANTIATIONS = (
     + ["ssd_chunk_cb_v7b<bf16_t>"]
     + [f"ssd_state_passing_v7b<{t}>" for t in _TYPES[1:]]
     + [f"ssd_chunk_states_v7<{t}>" for t in _TYPES[1:]]
+    + [f"ssd_states_passing_v8<{t}, {wn}, {ns}>" for t in _TYPES[1:] for wn in (64, 128) for ns in (4, 8)]
 )
 
-# Kernel generation: "v7m" (default since session 7, see below), "v5" (session 6's default), "v4" (ldmatrix fragments, no transposed staging, chunk_scan's decayed C B^T
+# Kernel generation: "v8" (default since session 8, see below), "v7m" (session 7's default), "v5" (session 6's default), "v4" (ldmatrix fragments, no transposed staging, chunk_scan's decayed C B^T
 # operand built in registers, strided x / z / B / C rows read in place: 16-bit types with P, N multiples of 8
 # and 16-byte aligned rows, else v3's rules), "v3" (chunk_scan from C B^T computed once per chunk and group, batched and
 # prefetched loads; 16-bit types with 16-byte aligned rows, else v2's chunk_scan), "v2" (whole-N staging in
 # chunk_scan, float4 + prefetched state passing; H200 session 4: bitwise equal to v1, main shape 4068 us vs
 # v1's 5879) or "v1" (the first tensor-core kernels). All three give bitwise equal results. A module
 # attribute so that a benchmark can flip it in-process.
-fwd_path = os.environ.get("SSMCORE_SSD_FWD", "v7m")
+fwd_path = os.environ.get("SSMCORE_SSD_FWD", "v8")
 # "v5": v4 with ssd_chunk_scan_v5 (cp.async staging, x slices double-buffered, 16 warps per SM) where the
 # 16-bit chunk-start states apply, else exactly v4. H200 session 6 run 1 (B8 L4096 H64 P64 N128 bf16): chunk scan
 # stage 1151 -> 861 us, forward 1552 -> 1272 us (reference 1136); GPU tests passed with it.
@@ -108,7 +110,21 @@ _V6 = ("v6", "v6s")
 # loads in flight per thread instead of 8: same arithmetic, bitwise the same starts / final states; float16 too).
 # NOT the default (not yet measured).
 _V7B = ("v7b", "v7bm", "v7bs", "v7b4", "v7bm4", "v7bh", "v7bh4")
-_V7 = ("v7", "v7m", "v7s") + _V7B
+# "v8" / "v8d" (session 8, helper SSDF8): v7m with chunk_states + state passing in ONE kernel without inter-block
+# synchronisation, ssd_states_passing_v8: a block per (b, h, 64 p x 128 n tile; 64 x 64 when N <= 64) walks all
+# chunks in order, its accumulators being the running state (writes the 16-bit chunk-start states and the final
+# state; no fp32 own-states buffer, no passing kernel). v8: 4 cp.async stages, v8d: 8 (2 blocks of 256 threads per
+# SM either way: 54 or 106 KB of shared memory each at N 128). Applies where v4's 16-bit starts apply, no varlen
+# states are asked for and the grid has at least ``v8_min_threads`` threads (env SSMCORE_SSD_V8_MIN_THREADS;
+# default 384 per SM: the chain is serial over chunks, so the grid is B * H * tiles blocks whatever L; the main
+# shape B8 H64 P64 N128 has 512 blocks of 256 threads); else exactly v7m. Same values as v7m up to fp32 summation
+# order (the chunk's products are summed onto the decayed carry): starts within one rounding of T. The default
+# since session 8: H200 run 4 (main shape, same process) forward v8 1080.9 us, v8d 1083.0, v7m 1235.1, reference
+# 1134.8 (states + passing 413 -> 263 us); its GPU tests passed (tests/gpu/test_ssd_gpu.py -k v8: 17 passed).
+_V8 = ("v8", "v8d")
+v8_min_threads = (int(os.environ["SSMCORE_SSD_V8_MIN_THREADS"]) if os.environ.get("SSMCORE_SSD_V8_MIN_THREADS")
+                  else None)  # None: 384 x the SM count; the tests set 0
+_V7 = ("v7", "v7m", "v7s") + _V7B + _V8
 _V4 = ("v4", "v5") + _V6 + _V7
 _V5 = ("v5",) + _V6 + _V7
 
@@ -127,6 +143,13 @@ def _f32(a):
 
 def _seq_ids(seq_idx, cu_seqlens, length):
     """(B, L) int64 sequence ids, or None when every row is one sequence."""
+    if seq_idx is not None and seq_idx.dtype == cupy.int32 and seq_idx.size:
+        # widened by a kernel, not CuPy's astype: a launch plan can record it (session 8, helper OVH8)
+        src = cupy.ascontiguousarray(seq_idx)
+        out = cupy.empty(src.shape, cupy.int64)
+        _runtime.launch(_runtime.function(FAMILY, "ssd_widen_seq"), (cdiv(out.size, 256),), (256,),
+                        (src, out, np.int64(out.size)))
+        return out
     if seq_idx is not None:
         return _arrays.contiguous(seq_idx, cupy.int64)
     if cu_seqlens is not None:
@@ -136,6 +159,9 @@ def _seq_ids(seq_idx, cu_seqlens, length):
         ids = np.repeat(np.arange(cu.shape[0] - 1, dtype=np.int64), np.diff(cu))
         return cupy.asarray(ids.reshape(1, length))
     return None
+
+
+INSTANTIATIONS += ["ssd_widen_seq"]  # (session 8, OVH8: _seq_ids)
 
 
 def _row_strides(a):
@@ -366,6 +392,68 @@ def _states_and_passing_v6(x, B, dtp, dacs, seg, initial_states, Q, cumsum=None)
                      ptr(initial_states), np.int32(batch), np.int32(length), np.int32(nheads), np.int32(ngroups),
                      np.int32(headdim), np.int32(dstate), np.int32(Q), np.int32(nc), sync, starts, final) + cs,
                     shared_mem=_states_v6_smem(Q, wn))
+    return final, starts
+
+
+def _v8_tile(dstate) -> int:
+    """ssd_states_passing_v8's n-tile width: 128 (256 threads) when N > 64, else 64 (128 threads)."""
+    return 128 if dstate > 64 else 64
+
+
+def _v8_smem(dstate) -> int:
+    wn = _v8_tile(dstate)
+    return (8 if fwd_path == "v8d" else 4) * 32 * (72 + wn + 8) * 2 + 2048
+
+
+_SMS = {}
+
+
+def _v8_threads_needed() -> int:
+    """The fewest grid threads for which ssd_states_passing_v8 runs (v8_min_threads, else 384 per SM)."""
+    if v8_min_threads is not None:
+        return int(v8_min_threads)
+    try:
+        dev = cupy.cuda.runtime.getDevice()
+    except Exception:  # noqa: BLE001 - the CPU emulator
+        return 0
+    if dev not in _SMS:
+        _SMS[dev] = int(cupy.cuda.runtime.deviceGetAttribute(16, dev))  # cudaDevAttrMultiProcessorCount
+    return 384 * _SMS[dev]
+
+
+def _v8_ok(x, z, B, C, initial_states, Q) -> bool:
+    """ssd_states_passing_v8 applies (fwd_path v8 / v8d): v4's 16-bit-starts rules (_v4_starts_ok; P, N multiples
+    of 8, aligned rows), and a grid of at least _v8_threads_needed() threads."""
+    if fwd_path not in _V8 or not _v4_ok(x, z, B, C) or not _arrays.aligned16(initial_states):
+        return False
+    batch, _, nheads, headdim = x.shape
+    dstate = B.shape[3]
+    if _scan_v4_smem(dstate) > _max_shared() or _v8_smem(dstate) > _max_shared():
+        return False
+    wn = _v8_tile(dstate)
+    blocks = batch * nheads * cdiv(headdim, 64) * cdiv(dstate, wn)
+    return blocks < 2**31 and blocks * 2 * wn >= _v8_threads_needed()
+
+
+def _states_passing_v8(x, B, dtp, dacs, seg, initial_states, Q):
+    """_chunk_states + _state_passing_v4 in one kernel (ssd_states_passing_v8): (final float32 (B, H, P, N),
+    starts (B, nc, H, P, N) in x's dtype). x, B as for _chunk_states (v4 rules must hold: _v8_ok)."""
+    batch, length, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    nc = cdiv(length, Q)
+    wn = _v8_tile(dstate)
+    ns = 8 if fwd_path == "v8d" else 4
+    blocks = batch * nheads * cdiv(headdim, 64) * cdiv(dstate, wn)
+    final = cupy.empty((batch, nheads, headdim, dstate), cupy.float32)
+    starts = cupy.empty((batch, nc, nheads, headdim, dstate), x.dtype)
+    sxb, sxl = _row_strides(x)
+    sbb, sbl = _row_strides(B)
+    kernel = _runtime.function(FAMILY, f"ssd_states_passing_v8<{_arrays.kernel_type('x', x)}, {wn}, {ns}>")
+    _runtime.launch(kernel, (blocks,), (2 * wn,),
+                    (x, np.int64(sxb), np.int64(sxl), B, np.int64(sbb), np.int64(sbl), dtp, dacs, ptr(seg),
+                     ptr(initial_states), np.int32(length), np.int32(nheads), np.int32(ngroups), np.int32(headdim),
+                     np.int32(dstate), np.int32(Q), np.int32(nc), starts, final),
+                    shared_mem=_v8_smem(dstate))
     return final, starts
 
 
@@ -627,6 +715,9 @@ def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplu
                 dtp, dacs, seg = _cumsum_buffers(batch, length, nheads, Q, seq)
                 cumsum = (dtk, Ak, biask, dt_softplus, dt_limit, seq)
             final, prev = _states_and_passing_v6(xk, Bk, dtp, dacs, seg, initk, Q, cumsum)
+        elif not return_varlen_states and _v8_ok(xk, zk, Bk, Ck, initk, Q):
+            dtp, dacs, seg = _chunk_cumsum(dtk, Ak, biask, dt_softplus, dt_limit, seq, Q)
+            final, prev = _states_passing_v8(xk, Bk, dtp, dacs, seg, initk, Q)
         else:
             dtp, dacs, seg = _chunk_cumsum(dtk, Ak, biask, dt_softplus, dt_limit, seq, Q)
             states = _chunk_states(xk, Bk, dtp, dacs, seg, Q)

@@ -27,6 +27,9 @@ ssdb_h4<T, 4 / 5> (1009 + 822 -> 284 + 282; SSMCORE_SSD_BWD_ST7=0 off), the p su
 ssdb_tp6 (1731 -> 781; SSMCORE_SSD_BWD_TP7=0 off), F with the dcs row / column sums by ssdb_g7<T, 0> instead of
 ssdb_g4<T, 0> (1984 -> 518) and dC / dB by ssdb_g7b<T, 1 / 2> instead of ssdb_g4<T, 1 / 2> (690 + 905 -> 378 + 372;
 SSMCORE_SSD_BWD_G7=0 off; module attributes g7_in_v4 and g7_kinds): backward 6908 -> 4585 us (H200 run 4).
+Session 8 (SSDB8a): under v4 without z the fp32 dy (ssdb_dy8) is made only when a fallback kernel reads it
+(SSMCORE_SSD_BWD_LAZY_DY=0: always), and <dh_c, h0_c> comes from the reverse ssdb_pass2 as per-warp partials summed
+by ssdb_dt4 instead of ssdb_fro (SSMCORE_SSD_BWD_FRO=0: ssdb_fro).
 """
 
 from __future__ import annotations
@@ -45,6 +48,14 @@ _TYPES = ("float", "half_t", "bf16_t")
 _THREADS = 128
 _MAX_CHUNK = 256  # also SSDB_DCS_MAXQ of ssd_bwd.cu
 _DCS_THREADS = 256  # ssdb_dcs2 / ssdb_fro blocks (SSDB_DCS_THREADS / SSDB_RED_THREADS)
+_WARP = 32  # SSM_WARP_SIZE on CUDA (v4, the only user of the fused <dh, h0> partials, is CUDA only)
+# Session 8 (helper SSDB8a): under v4, ssdb_fro is fused into the reverse ssdb_pass2 (per-warp partials of <dh, h0>,
+# summed by ssdb_dt4) when P * N % 128 == 0 and the rows are aligned. SSMCORE_SSD_BWD_FRO=0: ssdb_fro as before (a
+# module attribute).
+fuse_fro_in_v4 = os.environ.get("SSMCORE_SSD_BWD_FRO", "1") != "0"
+# Session 8 (SSDB8a): under v4 without z the fp32 dy (ssdb_dy8) is made only for a fallback kernel that reads it (see
+# fp32_dy in ssd_bwd). SSMCORE_SSD_BWD_LAZY_DY=0: always made, as before (a module attribute).
+lazy_dy_in_v4 = os.environ.get("SSMCORE_SSD_BWD_LAZY_DY", "1") != "0"
 _NO_LIMIT = (0.0, math.inf)
 
 # Tensor-core path (ssdb_mm) by default; False: the plain SIMT kernels (the reference for the former).
@@ -111,6 +122,24 @@ def _st7_smem(Q):
 # ssdb_tp7<T> (session 7): ssdb_tp6's two p sums (no z) per head on ssdb_dx7's phase-2 pipeline (grid y: termp /
 # statep). Needs P % 8 == N % 8 == 0 and aligned rows (else tp6 / h4). SSMCORE_SSD_BWD_TP7=0 turns it off.
 tp7_in_v4 = os.environ.get("SSMCORE_SSD_BWD_TP7", "1") != "0"
+# Session 8 (helper SSDB8b), on the ssdb_tp7 path (tp7_in_v4 and its layout rules): termp by ssdb_tp8<T> (a block per
+# (b, c, h, p tile) over the whole chunk, h0 rounded to T once in shared memory; tp8_in_v4, needs _tp8_smem(N) <=
+# _TP8_MAX_SMEM) and statep from ssdb_dx7's phase-2 accumulator (dx7_statep, when ssdb_dx7 runs); ssdb_tp7 then takes
+# what is left (grid y 1, or nothing). Same values as ssdb_tp7. SSMCORE_SSD_BWD_TP8=0 turns both off (session 7's
+# ssdb_tp7 for both sums), SSMCORE_SSD_BWD_DX7SP=0 / 1 the second alone. Module attributes (benchmarks flip them).
+tp8_in_v4 = os.environ.get("SSMCORE_SSD_BWD_TP8", "1") != "0"
+dx7_statep = os.environ.get("SSMCORE_SSD_BWD_DX7SP", os.environ.get("SSMCORE_SSD_BWD_TP8", "1")) != "0"
+_TP8_THREADS = 256
+_TP8_STAGES = 3  # SSDB_TP8_STAGES
+_TP8_STAGE_BYTES = 20480  # TP8_STAGE_BYTES
+_TP8_MAX_SMEM = 113 * 1024  # 2 blocks per SM
+
+
+def _tp8_smem(N):
+    """ssdb_tp8's dynamic shared memory in bytes (stages of C + the h0 tile in T, [64][N rounded to 32, + 8])."""
+    return _TP8_STAGES * _TP8_STAGE_BYTES + 64 * (cdiv(N, 32) * 32 + 8) * 2
+
+
 # ssdb_g7<T, 0 / 1 / 2> (session 7, helper SSDB7b): ssdb_g4<T, 0 / 1 / 2> (F with the per-head row / column sums;
 # dC / dB per group) on the cp.async / ldmatrix pipeline. On by default, SSMCORE_SSD_BWD_G7=0 turns it off (module
 # attributes: g7_in_v4, and g7_kinds = the KINDs it replaces, for benchmarks). Needs P % 8 == N % 8 == 0,
@@ -151,8 +180,70 @@ INSTANTIATIONS = ["ssdb_cumsum", "ssdb_cumsum4", "ssdb_pass", "ssdb_pass2", "ssd
     f"ssdb_dcs4<{t}>" for t in _TYPES[1:]] + [
     f"ssdb_dy8<{t}>" for t in _TYPES] + [f"ssdb_tp6<{t}>" for t in _TYPES[1:]] + [
     f"ssdb_{k}<{t}>" for t in _TYPES[1:] for k in ("dx7", "dy8t")] + [
-    f"ssdb_st7<{t}, {k}>" for t in _TYPES[1:] for k in (0, 1)] + [f"ssdb_tp7<{t}>" for t in _TYPES[1:]] + [
+    f"ssdb_st7<{t}, {k}>" for t in _TYPES[1:] for k in (0, 1)] + [
+    f"ssdb_tp{k}<{t}>" for t in _TYPES[1:] for k in (7, 8)] + [
     f"ssdb_g7<{t}, 0>" for t in _TYPES[1:]] + [f"ssdb_g7b<{t}, {k}>" for t in _TYPES[1:] for k in (1, 2)]
+
+
+# Session 8 (helper OVH8): under v4 the launcher's CuPy ops (zeros for seg / Df / the absent dt_bias, the D store, the
+# sums of the dA / ddt_bias / dD partials and of the head-split dB / dC partials, the fp32 -> T casts) are small kernels
+# (ssdb_fill32, ssdb_dexp, ssdb_seg, ssdb_rsum, ssdb_ssum at the end of ssd_bwd.cu), so that a call is only cupy.empty
+# allocations and launches and the torch adapter's launch plans can record and replay it (adapters/torch/_plans.py).
+# The sums run in a fixed order (deterministic; dA / ddt_bias / dD round differently from CuPy's sums in the last
+# bits, dB / dC / casts are bitwise CuPy's for up to 2 head splits). SSMCORE_SSD_BWD_KOPS=0: the CuPy ops (a module
+# attribute; the cu_seqlens form of seg and float64 parameters keep CuPy ops either way).
+kops_in_v4 = os.environ.get("SSMCORE_SSD_BWD_KOPS", "1") != "0"
+INSTANTIATIONS += ["ssdb_fill32", "ssdb_dexp", "ssdb_seg<int>", "ssdb_seg<long long>"] + [
+    f"ssdb_{k}<{t}>" for k in ("rsum", "ssum") for t in _TYPES]
+_RSUM_THREADS = 256  # SSDB_RSUM_THREADS / SSDB_SEG_THREADS of ssd_bwd.cu
+_OUT_DTYPES = ("float32", "float16", "bfloat16")  # what ssdb_rsum / ssdb_ssum write
+
+
+def _v4_prep(dt_bias, D, seq_idx, cu_seqlens, batch, L, H, P):
+    """(biasf, Df, seg) for the v4 path by kernels (see kops_in_v4): dt_bias as float32 (zeros when absent), D
+    expanded to (H, P) float32 (zeros when absent), seg (B, L) int32 (see ssd_bwd.cu's header)."""
+    if dt_bias is not None:
+        biasf = _f32(dt_bias)
+    else:
+        biasf = cupy.empty((H,), cupy.float32)
+        _launch("ssdb_fill32", H, (biasf, np.int64(H), np.uint32(0)))
+    Df = cupy.empty((H, P), cupy.float32)
+    Dc = _f32(D)
+    _launch("ssdb_dexp", H * P, (ptr(Dc), Df, np.int32(H), np.int32(P), np.int32(D is not None and D.size != H)))
+    seg = cupy.empty((batch, L), cupy.int32)
+    if seq_idx is not None and seq_idx.dtype in (cupy.int32, cupy.int64):
+        seq = cupy.ascontiguousarray(seq_idx)  # (the array itself when contiguous)
+        _launch_grid(f"ssdb_seg<{_runtime.ctype(seq.dtype)}>", (batch,), (seq, seg, np.int64(L)),
+                     threads=_RSUM_THREADS)
+        return biasf, Df, seg
+    _launch("ssdb_fill32", batch * L, (seg, np.int64(batch * L), np.uint32(0)))
+    if seq_idx is not None and L > 1:  # (another integer dtype: CuPy)
+        seg[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).astype(cupy.int32).cumsum(axis=1).astype(cupy.int32)
+    elif seq_idx is None and cu_seqlens is not None and cu_seqlens.shape[0] > 2:  # (CuPy, not recordable)
+        starts = cupy.zeros((L,), cupy.int32)
+        starts[cu_seqlens[1:-1].astype(cupy.int64)] = 1
+        seg[0] = starts.cumsum().astype(cupy.int32)
+    return biasf, Df, seg
+
+
+def _rsum(src, shape, like, n_lo, R1, R2, s1, s_hi, s2):
+    """ssdb_rsum: out[o] (o = o_hi * n_lo + o_lo) = the sum over r1 < R1, r2 < R2 of
+    src[r1 * s1 + o_hi * s_hi + r2 * s2 + o_lo] in a fixed order, in ``like``'s dtype (float32 for other dtypes)."""
+    out = cupy.empty(shape, like.dtype if like.dtype.name in _OUT_DTYPES else cupy.float32)
+    if out.size:
+        _launch_grid(f"ssdb_rsum<{_runtime.ctype(out.dtype)}>", (out.size,),
+                     (src, out, np.int32(n_lo), np.int64(R1), np.int64(R2), np.int64(s1), np.int64(s_hi),
+                      np.int64(s2)), threads=_RSUM_THREADS)
+    return out
+
+
+def _ssum(parts, splits, dtype, shape):
+    """ssdb_ssum: the sum of ``splits`` leading float32 slices of ``parts`` (in order), each of ``shape``, in ``dtype``
+    (splits 1: a cast)."""
+    out = cupy.empty(shape, dtype)
+    n = out.size
+    _launch(f"ssdb_ssum<{_runtime.ctype(out.dtype)}>", n, (parts, out, np.int64(n), np.int32(splits)))
+    return out
 
 
 def _launch(name, n, args):
@@ -218,18 +309,26 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
           and Q * H * P < 2**31 and batch * nc * H * cdiv(Q, _G4_TILE) * Q < 2**31)
     v5 = v4 and impl == "v5"
 
+    kops = v4 and kops_in_v4  # session 8 (OVH8): kernels in place of CuPy ops (see kops_in_v4)
+    bc_splits = 1  # (kops: head splits of the dB / dC partials left for ssdb_ssum)
     dtf = _f32(dt)
     Af = _f32(A)
-    biasf = _f32(dt_bias) if dt_bias is not None else cupy.zeros((H,), cupy.float32)
-    Df = cupy.zeros((H, P), cupy.float32)
-    if D is not None:
+    if kops:  # seg: sequence number of each position (monotone)
+        biasf, Df, seg = _v4_prep(dt_bias, D, seq_idx, cu_seqlens, batch, L, H, P)
+    else:
+        biasf = _f32(dt_bias) if dt_bias is not None else cupy.zeros((H,), cupy.float32)
+        Df = cupy.zeros((H, P), cupy.float32)
+    if D is not None and not kops:
         Df[...] = _f32(D).reshape(H, -1)
     initf = _f32(initial_states)
     dfinf = _f32(dfinal_states)
 
     # seg: sequence number of each position (monotone).
-    seg = cupy.zeros((batch, L), cupy.int32)
-    if seq_idx is not None and L > 1:
+    if not kops:  # (else made by _v4_prep)
+        seg = cupy.zeros((batch, L), cupy.int32)
+    if kops:
+        pass
+    elif seq_idx is not None and L > 1:
         seg[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).astype(cupy.int32).cumsum(axis=1).astype(cupy.int32)
     elif cu_seqlens is not None and cu_seqlens.shape[0] > 2:
         starts = cupy.zeros((L,), cupy.int32)
@@ -253,7 +352,23 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
 
     # dy = dout * silu(z).
     n_x = batch * L * H * P
-    dy = cupy.empty((batch, L, H, P), cupy.float32)
+    dy = None  # the fp32 dy: see fp32_dy below
+
+    def fp32_dy():
+        """The fp32 dy, made (ssdb_dy8 / ssdb_dy) at the first call. Every kernel that reads the fp32 dy takes it
+        from here or runs after the eager call below; under v4 without z it is deferred (session 8, SSDB8a): the
+        default kernels read the 16-bit dout (== dy exactly) instead, so ssdb_dy8 runs only for a fallback
+        (ssdb_h4, ssdb_tp6, ssdb_g4) that reads the fp32 dy."""
+        nonlocal dy
+        if dy is None:
+            dy = cupy.empty((batch, L, H, P), cupy.float32)
+            if v4:
+                vec = n_x % 8 == 0 and _arrays.aligned16(douts, zs, dy)
+                _launch(f"ssdb_dy8<{T}>", cdiv(n_x, 8), (douts, ptr(zs), dy, i64(n_x), i32(vec)))
+            else:
+                _launch(f"ssdb_dy<{T}>", n_x, (douts, ptr(zs), dy, i64(n_x)))
+        return dy
+
     # ssdb_dx7 (dx): dy as its 16-bit mma operand too: dout itself without z, else a T copy from ssdb_dy8t.
     dx7 = v4 and not v5 and dx7_in_v4 and _dx7_ok(P, N, Q, xs, Bs, douts, zs)
     st7 = v4 and not v5 and st7_in_v4 and _dx7_ok(P, N, 4, xs, Bs, Cs, douts, zs)
@@ -266,13 +381,11 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     if dx7 or st7 or g7f or g7c:
         dyt = douts if z is None else cupy.empty((batch, L, H, P), xs.dtype)
     if v4 and dyt is not None and z is not None:
+        dy = cupy.empty((batch, L, H, P), cupy.float32)
         vec = n_x % 8 == 0 and _arrays.aligned16(douts, zs, dy, dyt)
         _launch(f"ssdb_dy8t<{T}>", cdiv(n_x, 8), (douts, ptr(zs), dy, dyt, i64(n_x), i32(vec)))
-    elif v4:
-        vec = n_x % 8 == 0 and _arrays.aligned16(douts, zs, dy)
-        _launch(f"ssdb_dy8<{T}>", cdiv(n_x, 8), (douts, ptr(zs), dy, i64(n_x), i32(vec)))
-    else:
-        _launch(f"ssdb_dy<{T}>", n_x, (douts, ptr(zs), dy, i64(n_x)))
+    elif not (v4 and z is None and lazy_dy_in_v4):  # with z (dz, the dcs p sums, ...) and outside v4 all read it
+        fp32_dy()
 
     dims = (i32(batch), i64(L), i32(H), i32(G), i32(P), i32(N), i32(Q), i32(nc))
     cb = cupy.empty((batch, nc, G, Q, Q), cupy.float32)
@@ -290,20 +403,30 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     dBh = cupy.empty((batch, L, G if v4 else H, N), cupy.float32)
     dCh = cupy.empty((batch, L, G if v4 else H, N), cupy.float32)
     pass_args = (cs, seg, i32(batch), i64(L), i32(H), i32(P * N), i32(Q), i32(nc))
+    fuse_fro = v4 and fuse_fro_in_v4  # ssdb_fro's sums from the reverse ssdb_pass2 (frop) where it can
+    frop = None
 
     if USE_TENSOR_CORES:
         def mm(kind, rows, cols, out, per=nc * H):
-            _mm(kind, T, rows, cols, per, batch, (xs, Bs, Cs, ptr(douts), ptr(zs), dy, Df, dtp, cs, seg, cb, dxd, h0,
-                                                  dh, ptr(hC), out) + dims + (i32(v2),), v3=v3)
+            # dy: None only under v4 without z, where mm runs only KIND cb (B and C only)
+            _mm(kind, T, rows, cols, per, batch, (xs, Bs, Cs, ptr(douts), ptr(zs), ptr(dy), Df, dtp, cs, seg, cb, dxd,
+                                                  h0, dh, ptr(hC), out) + dims + (i32(v2),), v3=v3)
 
-        def state_pass(reverse, buf, init, dinit_):
+        def state_pass(reverse, buf, init, dinit_, other=None):
+            """other (h0, for the reverse pass under v4): ssdb_fro fused into ssdb_pass2 where it can be (the
+            per-warp partials of <dh_c, h0_c> returned, (B * nc * H, P * N / 128)); None when it is not."""
             # ssdb_pass2 needs float4 rows: PN % 4 == 0 and 16-byte aligned pointers (init may be a caller's view).
             aligned = P * N % 4 == 0 and _arrays.aligned16(buf, init, dinit_)
-            args = (i32(reverse), buf, ptr(init), ptr(dinit_)) + pass_args
             if v3 and aligned:
+                frop = None
+                if other is not None and P * N % (4 * _WARP) == 0 and _arrays.aligned16(other):
+                    frop = cupy.empty((batch * nc * H, P * N // (4 * _WARP)), cupy.float32)
+                args = (i32(reverse), buf, ptr(init), ptr(dinit_), ptr(other if frop is not None else None),
+                        ptr(frop)) + pass_args
                 _launch("ssdb_pass2", batch * H * (P * N // 4), args)
-            else:
-                _launch("ssdb_pass", batch * H * P * N, args)
+                return frop
+            _launch("ssdb_pass", batch * H * P * N, (i32(reverse), buf, ptr(init), ptr(dinit_)) + pass_args)
+            return None
 
         def h4(kind, rows, cols, out, aux=None):
             grid = (nc * H * cdiv(rows, _G4_TILE) * cdiv(cols, _G4_TILE), 1, batch)
@@ -311,7 +434,8 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
                 raise ValueError(f"x: expected a batch of at most 65535 rows on the GPU, got {batch}")
             if grid[0] >= 2**31:
                 raise ValueError(f"ssd_bwd: problem too large for one launch ({nc * H} chunk-heads)")
-            _launch_grid(f"ssdb_h4<{T}, {kind}>", grid, (xs, Bs, Cs, dy, Df, dtp, cs, seg, cb, h0, dh, out, ptr(aux))
+            _launch_grid(f"ssdb_h4<{T}, {kind}>", grid, (xs, Bs, Cs, fp32_dy(), Df, dtp, cs, seg, cb, h0, dh, out,
+                                                         ptr(aux))
                          + dims, threads=_G4_THREADS)
 
         def st7_(kind, src, W, out):
@@ -333,7 +457,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
                 raise ValueError(f"x: expected a batch of at most 65535 rows on the GPU, got {batch}")
             if grid[0] >= 2**31:
                 raise ValueError(f"ssd_bwd: problem too large for one launch ({tiles} tiles)")
-            _launch_grid(f"ssdb_tp6<{T}>", grid, (xs, Bs, Cs, dy, h0, dh, termp_, statep_) + dims + (i32(hps),),
+            _launch_grid(f"ssdb_tp6<{T}>", grid, (xs, Bs, Cs, fp32_dy(), h0, dh, termp_, statep_) + dims + (i32(hps),),
                          threads=_G4_THREADS, shared_mem=_tp6_smem(N))
 
         mm("cb", Q, Q, cb, per=nc * G)
@@ -352,19 +476,30 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
             h4(5, P, N, dh)
         elif not v4:
             mm("gl", P, N, dh)
-        state_pass(1, dh, dfinf, dinit)
+        # v4: ssdb_fro's <dh_c, h0_c> as per-warp partials from the reverse pass (h0 is final by now)
+        frop = state_pass(1, dh, dfinf, dinit, other=h0 if fuse_fro else None)
+        statep_dx7 = None  # ssdb_dx7's statep output (session 8)
         if lean:  # hC / dhB only feed ssdb_dcs4's p sums: reduced in ssdb_h4 instead
             ntp = cdiv(P, _G4_TILE)
             termp = cupy.empty((batch, nc, H, ntp, Q), cupy.float32)
             statep = cupy.empty((batch, nc, H, ntp, Q), cupy.float32)
-            if v4 and not v5 and tp7_in_v4 and _dx7_ok(P, N, 4, xs, Bs, Cs):
-                grid = (nc * H * cdiv(Q, _G4_TILE) * cdiv(P, _G4_TILE), 2, batch)
-                if grid[2] > 65535:
+            if v4 and not v5 and tp7_in_v4 and _dx7_ok(P, N, 4, xs, Bs, Cs, douts):
+                # dout (== dy without z) read in T; session 8: termp by ssdb_tp8, statep by ssdb_dx7 (below)
+                tp8 = tp8_in_v4 and _tp8_smem(N) <= _TP8_MAX_SMEM
+                statep_dx7 = statep if dx7 and dx7_statep else None
+                if batch > 65535:
                     raise ValueError(f"x: expected a batch of at most 65535 rows on the GPU, got {batch}")
-                if grid[0] >= 2**31:
+                if nc * H * cdiv(Q, _G4_TILE) * cdiv(P, _G4_TILE) >= 2**31:
                     raise ValueError(f"ssd_bwd: problem too large for one launch ({nc * H} chunk-heads)")
-                _launch_grid(f"ssdb_tp7<{T}>", grid, (xs, Bs, Cs, dy, h0, dh, termp, statep) + dims,
-                             threads=_DX7_THREADS, shared_mem=_DX7_STAGES * _DX7_STAGE_BYTES)
+                if tp8:
+                    _launch_grid(f"ssdb_tp8<{T}>", (nc * H * cdiv(P, _G4_TILE), 1, batch),
+                                 (Cs, douts, h0, termp) + dims, threads=_TP8_THREADS, shared_mem=_tp8_smem(N))
+                ys = int(not tp8) + int(statep_dx7 is None)
+                if ys:
+                    grid = (nc * H * cdiv(Q, _G4_TILE) * cdiv(P, _G4_TILE), ys, batch)
+                    _launch_grid(f"ssdb_tp7<{T}>", grid, (xs, Bs, Cs, douts, h0, dh, NULL if tp8 else termp,
+                                                          statep if statep_dx7 is None else NULL) + dims,
+                                 threads=_DX7_THREADS, shared_mem=_DX7_STAGES * _DX7_STAGE_BYTES)
             elif v4 and not v5 and tp6_in_v4 and _tp6_smem(N) <= _TP6_MAX_SMEM:
                 # both in one launch, heads looped over the C / B panels
                 tp6(termp, statep)
@@ -383,8 +518,9 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
                 if grid[0] >= 2**31:
                     raise ValueError(f"ssd_bwd: problem too large for one launch ({nc * H} chunk-heads)")
                 dy_ep = dy if z is not None else None  # without z the epilogue reads dout (== dy) in T
-                _launch_grid(f"ssdb_dx7<{T}>", grid, (xs, Bs, dyt, ptr(dy_ep), Df, dtp, cs, seg, cb, dh, dx, ptr(dDp))
-                             + dims, threads=_DX7_THREADS, shared_mem=_dx7_smem(Q))
+                _launch_grid(f"ssdb_dx7<{T}>", grid, (xs, Bs, dyt, ptr(dy_ep), Df, dtp, cs, seg, cb, dh, dx, ptr(dDp),
+                                                      ptr(statep_dx7)) + dims,
+                             threads=_DX7_THREADS, shared_mem=_dx7_smem(Q))
             else:
                 h4(11 if v5 else 3, Q, P, dx, dDp)
         else:
@@ -398,7 +534,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
             _launch("ssdb_fac4", batch * H * L, (dtp, cs, seg, fcC, fcB, i32(batch), i64(L), i32(H), i32(Q)))
             rowp = cupy.empty((batch, nc, H, nt, Q), cupy.float32)
             colp = cupy.empty((batch, nc, H, nt, Q), cupy.float32)
-            g4_args = (xs, Bs, Cs, dy, dtp, cs, seg, cb, dxd, h0, dh, fcC, fcB)
+            g4_args = (dtp, cs, seg, cb, dxd, h0, dh, fcC, fcB)  # after (xs, Bs, Cs, fp32_dy())
             tail = (rowp, colp) + dims
 
             def g4(kind, tiles, out, splits=1):
@@ -411,7 +547,8 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
                     _launch_grid(f"ssdb_g7b<{T}, {kind}>", grid, (xs, Bs, Cs, dyt, dxd, h0, dh, fcC, fcB, out) + dims,
                                  threads=_DX7_THREADS, shared_mem=_G7B_SMEM)
                     return
-                _launch_grid(f"ssdb_g4<{T}, {kind}>", grid, g4_args + (out,) + tail, threads=_G4_THREADS)
+                _launch_grid(f"ssdb_g4<{T}, {kind}>", grid, (xs, Bs, Cs, fp32_dy()) + g4_args + (out,) + tail,
+                             threads=_G4_THREADS)
 
             if g7f:  # the pipelined form of ssdb_g4<T, 0>
                 grid = (nc * G * (nt * (nt + 1) // 2), 1, batch)
@@ -431,7 +568,10 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
                 parts = cupy.empty((2, splits, batch, L, G, N), cupy.float32)
                 g4(1, tiles, parts[0], splits)
                 g4(2, tiles, parts[1], splits)
-                dCh, dBh = parts[0].sum(axis=0), parts[1].sum(axis=0)
+                if kops:  # summed (in order) and cast by ssdb_ssum at the end
+                    dCh, dBh, bc_splits = parts[0], parts[1], splits
+                else:
+                    dCh, dBh = parts[0].sum(axis=0), parts[1].sum(axis=0)
             else:
                 g4(1, tiles, dCh)
                 g4(2, tiles, dBh)
@@ -460,13 +600,18 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
             raise ValueError(f"ssd_bwd: problem too large for one launch ({batch * nc * H} chunks)")
         if v4:
             tp = (termp, statep, i32(termp.shape[3])) if hC is None else (NULL, NULL, i32(0))
-            _launch_grid(f"ssdb_dcs4<{T}>", (batch * nc * H,), (xs, dy, dtp, cs, seg, rowp, colp, ptr(hC), ptr(dhB))
+            # dy is read only without termp (hC given: with z)
+            _launch_grid(f"ssdb_dcs4<{T}>", (batch * nc * H,), (xs, fp32_dy() if hC is not None else NULL, dtp, cs,
+                                                                seg, rowp, colp, ptr(hC), ptr(dhB))
                          + tp + (dcs, ddir, est, i32(batch), i64(L), i32(H), i32(P), i32(Q), i32(nc)),
                          threads=_DCS_THREADS)
         else:
             _launch_grid(f"ssdb_dcs{'3' if v3 else '2'}<{T}>", (batch * nc * H,), dcs_args, threads=_DCS_THREADS)
-        fro = cupy.empty((batch * nc * H,), cupy.float32)
-        _launch_grid("ssdb_fro", (batch * nc * H,), (h0, dh, fro, i32(P * N)), threads=_DCS_THREADS)
+        if frop is not None:  # summed by ssdb_dt4
+            fro = frop
+        else:
+            fro = cupy.empty((batch * nc * H, 1), cupy.float32)
+            _launch_grid("ssdb_fro", (batch * nc * H,), (h0, dh, fro, i32(P * N)), threads=_DCS_THREADS)
     else:
         _launch(f"ssdb_dcs<{T}>", batch * H * L, dcs_args)
     ddt = cupy.empty((batch, L, H), cupy.float32)
@@ -474,23 +619,37 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     dtb_part = cupy.empty((batch * nc, H), cupy.float32)
     if v4:  # a block per (b, c, h): scan + tree sums
         _launch_grid("ssdb_dt4", (batch * nc * H,), (Af, dtp, slope, cs, seg, dcs, ddir, est, fro, ddt, dA_part,
-                                                     dtb_part, i32(batch), i64(L), i32(H), i32(Q), i32(nc)),
+                                                     dtb_part, i32(batch), i64(L), i32(H), i32(Q), i32(nc),
+                                                     i32(fro.shape[1])),
                      threads=_MAX_CHUNK)
     else:
         _launch("ssdb_dt", batch * H * nc, (Af, dtp, slope, cs, seg, dcs, ddir, est, h0, dh, ptr(fro), ddt, dA_part,
                                             dtb_part, i32(batch), i64(L), i32(H), i32(P * N), i32(Q), i32(nc)))
 
     def cast(a, like):
-        return a.astype(like.dtype) if a.dtype != like.dtype else a
+        if a.dtype == like.dtype:
+            return a
+        if kops and a.dtype == cupy.float32 and like.dtype.name in _OUT_DTYPES and a.flags.c_contiguous:
+            return _ssum(a, 1, like.dtype, a.shape)  # (OVH8: a kernel, recordable)
+        return a.astype(like.dtype)
 
-    if v4:  # dB / dC already summed over the group's heads
+    if kops:  # dB / dC: the head-split partials summed and cast by one kernel each (B, C in T under v4)
+        dB, dC = (_ssum(a, bc_splits, like.dtype, (batch, L, G, N)) for a, like in ((dBh, B), (dCh, C)))
+    elif v4:  # dB / dC already summed over the group's heads
         dB, dC = dBh, dCh
     else:
         hpg = H // G
         dB = dBh.reshape(batch, L, G, hpg, N).sum(axis=3)
         dC = dCh.reshape(batch, L, G, hpg, N).sum(axis=3)
     dD = None
-    if D is not None and v4:  # (B, nc, H, tiles, P) partial sums of dy x from ssdb_h4<T, 3>
+    if D is not None and kops:  # the same partial sums by ssdb_rsum, in D's dtype
+        ntl = dDp.shape[3]
+        if D.ndim == 1:  # (H,): over (b, c), tiles and p
+            dD = _rsum(dDp, (H,), D, 1, batch * nc, ntl * P, H * ntl * P, ntl * P, 1)
+        else:  # (H, P): over (b, c) and tiles
+            dD = _rsum(dDp, (H, P), D, P, batch * nc, ntl, H * ntl * P, ntl * P, P)
+        dD = cast(dD, D)
+    elif D is not None and v4:  # (B, nc, H, tiles, P) partial sums of dy x from ssdb_h4<T, 3>
         dD = dDp.sum(axis=(0, 1, 3))
         if D.ndim == 1:
             dD = dD.sum(axis=1)
@@ -503,11 +662,12 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
     return (
         cast(dx, x),
         cast(ddt, dt),
-        cast(dA_part.sum(axis=0), A),
+        cast(_rsum(dA_part, (H,), A, 1, batch * nc, 1, H, 1, 0) if kops else dA_part.sum(axis=0), A),
         cast(dB, B),
         cast(dC, C),
         dD,
         cast(dz, z) if z is not None else None,
-        cast(dtb_part.sum(axis=0), dt_bias) if dt_bias is not None else None,
+        cast(_rsum(dtb_part, (H,), dt_bias, 1, batch * nc, 1, H, 1, 0) if kops else dtb_part.sum(axis=0), dt_bias)
+        if dt_bias is not None else None,
         cast(dinit, initial_states) if initial_states is not None else None,
     )

@@ -464,10 +464,10 @@ def test_v4_p_sums_kernel(rng, tp6, monkeypatch):
 
 
 def _dx7_run(rng, args, kw, chunk, monkeypatch, expect=True, dx7=True, st7=False, tp7=False, g7=False,
-             expect_g7=None):
+             expect_g7=None, tp8=False):
     """ssd_bwd with ssdb_dx7 (dx7), ssdb_st7 (st7), ssdb_tp7 (tp7; used without z) and / or ssdb_g7<T, 0> (g7) on
     (taken or not, per expect / expect_g7) vs float64 and vs v4's ssdb_h4<T, 3 / 4 / 5>, ssdb_tp6 and ssdb_g4<T, 0>
-    (all off)."""
+    (all off). tp8: session 8's ssdb_tp8 (termp) and statep from ssdb_dx7 on the ssdb_tp7 path too."""
     import ssmcore.backends.cupy.state_space_duality_bwd as launcher
 
     want = run_cpu64(args, kw, chunk)
@@ -476,6 +476,8 @@ def _dx7_run(rng, args, kw, chunk, monkeypatch, expect=True, dx7=True, st7=False
     monkeypatch.setattr(launcher, "dx7_in_v4", dx7)
     monkeypatch.setattr(launcher, "st7_in_v4", st7)
     monkeypatch.setattr(launcher, "tp7_in_v4", tp7)
+    monkeypatch.setattr(launcher, "tp8_in_v4", tp8)
+    monkeypatch.setattr(launcher, "dx7_statep", tp8)
     monkeypatch.setattr(launcher, "g7_in_v4", g7)
     monkeypatch.setattr(launcher, "g7_kinds", (0, 1, 2))
     got = run_gpu(args, kw, chunk)
@@ -485,7 +487,9 @@ def _dx7_run(rng, args, kw, chunk, monkeypatch, expect=True, dx7=True, st7=False
     assert any(n.startswith("ssdb_g4") and n.endswith(", 0>") for n in used) == (not (expect_g7 and g7)), used
     assert sum(n.startswith("ssdb_g7b") for n in used) == (2 if expect_g7 and g7 else 0), used
     assert any(n.startswith("ssdb_g4") and n.endswith((", 1>", ", 2>")) for n in used) == (not (expect_g7 and g7)), used
-    assert any(n.startswith("ssdb_tp7") for n in used) == (expect and tp7 and "z" not in kw), used
+    assert any(n.startswith("ssdb_tp7") for n in used) == (expect and tp7 and "z" not in kw
+                                                            and not (tp8 and expect and dx7)), used
+    assert any(n.startswith("ssdb_tp8") for n in used) == (expect and tp7 and tp8 and "z" not in kw), used
     assert any(n.startswith("ssdb_dx7") for n in used) == (expect and dx7), used
     assert any(n.startswith("ssdb_h4") and n.endswith(", 3>") for n in used) == (not (expect and dx7)), used
     assert sum(n.startswith("ssdb_st7") for n in used) == (2 if expect and st7 else 0), used
@@ -681,3 +685,228 @@ def test_g7_large(rng, shape, z, monkeypatch):
     if not z:
         del kw["z"]
     _dx7_run(rng, args, kw, chunk, monkeypatch, st7=True, tp7=True, g7=True)
+
+
+@pytest.mark.parametrize("case", ["bf16_all_k2", "bf16_seq_idx_k2", "f16_no_z_cu_k4", "bf16_k1_no_states",
+                                  "bf16_unfused_pn"])
+def test_fused_fro(rng, case, monkeypatch):
+    """Session 8: under v4, <dh_c, h0_c> (ssdb_dt4's dA / ddt chunk term) comes from the reverse ssdb_pass2 as
+    per-warp partials (P * N / 128 per chunk-head, summed in ssdb_dt4) instead of ssdb_fro; vs float64 and vs
+    ssdb_fro (SSMCORE_SSD_BWD_FRO=0: equal up to summation order). The term counts only for chunks without a
+    sequence start, so the chunks are short next to the sequences. bf16_all_k2: z, D, initial / final states, no
+    sequences, P 16 x N 16 (2 partials), chunk 16, L not a multiple; bf16_seq_idx_k2: the same with seq_idx;
+    f16_no_z_cu_k4: cu_seqlens, initial states, P 16 x N 32 (4 partials); bf16_k1_no_states: no options, P 8 x N 16
+    (1 partial), batch 2; bf16_unfused_pn: P 6 x N 16 (P * N % 128 != 0 -> ssdb_fro)."""
+    import ssmcore.backends.cupy.state_space_duality_bwd as launcher
+
+    fused = True
+    chunk = 16
+    if case in ("bf16_all_k2", "bf16_seq_idx_k2"):
+        args, kw = make(rng, 1, 70, 2, 16, 1, 16, "bfloat16", seq="sorted" if case == "bf16_seq_idx_k2" else None)
+    elif case == "f16_no_z_cu_k4":
+        args, kw = make(rng, 1, 90, 2, 16, 1, 32, "float16", seq="cu")
+        del kw["z"], kw["dfinal_states"]
+    elif case == "bf16_k1_no_states":
+        args, kw = make(rng, 2, 50, 2, 8, 1, 16, "bfloat16", options=None, seq=None)
+    else:
+        args, kw = make(rng, 1, 40, 2, 6, 1, 16, "bfloat16")
+        fused = False
+    want = run_cpu64(args, kw, chunk)
+    names = _record_launches(launcher, monkeypatch)
+    monkeypatch.delenv(launcher.IMPL_ENV, raising=False)
+    monkeypatch.setattr(launcher, "fuse_fro_in_v4", True)
+    got = run_gpu(args, kw, chunk)
+    used = [n for n, _ in names]
+    assert ("ssdb_fro" in used) == (not fused), used
+    assert "ssdb_dt4" in used and used.count("ssdb_pass2") == 2, used
+    compare(got, want, args, kw)
+    monkeypatch.setattr(launcher, "fuse_fro_in_v4", False)
+    del names[:]
+    ref = run_gpu(args, kw, chunk)
+    assert "ssdb_fro" in [n for n, _ in names]
+    for name, a, b in zip(NAMES, got, ref):
+        if b is not None:
+            a, b = a.astype(np.float32), b.astype(np.float32)
+            tol = 1e-5 if name in ("ddt", "dA", "ddt_bias") else 0
+            assert_close(a, b, "float32", rtol=tol, atol=tol * np.abs(b).max(), name=f"{name} fused vs ssdb_fro")
+
+
+def _p_sums_run(args, kw, chunk, monkeypatch, tp8, dx7sp):
+    """ssd_bwd (session 7's kernels on, ssdb_tp7 path) with ssdb_tp8 (termp) / statep from ssdb_dx7 on or off; returns
+    (gradients, termp, statep as NumPy, kernel names). termp / statep are taken from the kernels that wrote them."""
+    import ssmcore.backends.cupy.state_space_duality_bwd as launcher
+
+    seen = []
+    launch = launcher._launch_grid
+
+    def recording(name, grid, a, **k):
+        seen.append((name, a))
+        return launch(name, grid, a, **k)
+
+    monkeypatch.setattr(launcher, "_launch_grid", recording)
+    monkeypatch.delenv(launcher.IMPL_ENV, raising=False)
+    for a in ("dx7_in_v4", "st7_in_v4", "tp7_in_v4"):
+        monkeypatch.setattr(launcher, a, True)
+    monkeypatch.setattr(launcher, "tp8_in_v4", tp8)
+    monkeypatch.setattr(launcher, "dx7_statep", dx7sp)
+    grads = run_gpu(args, kw, chunk)
+    is_arr = (np.ndarray, cupy.ndarray)
+    termp = statep = None
+    for name, a in seen:
+        if name.startswith("ssdb_tp8"):
+            termp = a[3]
+        elif name.startswith("ssdb_tp7"):
+            termp = a[6] if isinstance(a[6], is_arr) else termp
+            statep = a[7] if isinstance(a[7], is_arr) else statep
+        elif name.startswith("ssdb_dx7") and isinstance(a[12], is_arr):
+            statep = a[12]
+    return grads, host(termp), host(statep), [n for n, _ in seen]
+
+
+def _p_sums_case(rng, case):
+    """Small cases (emulator) without z: (args, kw, chunk)."""
+    if case == "bf16_dhead_seq_q32":  # D per head, seq_idx, states, L not a multiple, one p tile
+        args, kw = make(rng, 1, 70, 2, 8, 1, 16, "bfloat16")
+        chunk = 32
+    elif case == "f16_dchan_2ptiles_q64":  # D per channel, P 72 (two p tiles), N 40 (partly zero-filled slice)
+        args, kw = make(rng, 1, 90, 2, 72, 1, 40, "float16", d_per_channel=True)
+        chunk = 64
+    elif case == "bf16_noD_q128":  # no options, two row tiles, the last chunk short (rows past it 0)
+        args, kw = make(rng, 1, 150, 2, 16, 2, 24, "bfloat16", options=None)
+        args["A"] = np.array([-0.05, -30.0], np.float32)  # steep: dx7's exact per-element decay for head 1
+        chunk = 128
+    else:  # bf16_cu_q256: cu_seqlens, 2 groups, chunk 256 (all 8 warps of ssdb_tp8), short second chunk
+        args, kw = make(rng, 1, 300, 4, 8, 2, 16, "bfloat16", seq="cu")
+        chunk = 256
+    kw.pop("z", None)
+    return args, kw, chunk
+
+
+@pytest.mark.parametrize("case", ["bf16_dhead_seq_q32", "f16_dchan_2ptiles_q64", "bf16_noD_q128", "bf16_cu_q256"])
+def test_tp8_dx7_statep_vs_tp7(rng, case, monkeypatch):
+    """Session 8 (SSMCORE_SSD_BWD_TP8=1, the default): without z, termp from ssdb_tp8 (a block per chunk-head and p
+    tile, h0 rounded to T once in shared memory) and statep from ssdb_dx7's phase-2 accumulator vs ssdb_tp7's two
+    sums (the same operand rounding, mma and row-sum order: equal; bitwise in the emulator) and the gradients vs
+    float64 and vs the ssdb_tp7 run; also each half alone (tp8 with tp7's statep, dx7's statep with tp7's termp)."""
+    args, kw, chunk = _p_sums_case(rng, case)
+    want = run_cpu64(args, kw, chunk)
+    g_old, t_old, s_old, n_old = _p_sums_run(args, kw, chunk, monkeypatch, False, False)
+    assert "ssdb_tp7<" in "".join(n_old) and not any(n.startswith("ssdb_tp8") for n in n_old), n_old
+    g_new, t_new, s_new, n_new = _p_sums_run(args, kw, chunk, monkeypatch, True, True)
+    assert any(n.startswith("ssdb_tp8") for n in n_new), n_new
+    assert not any(n.startswith("ssdb_tp7") for n in n_new), n_new
+    compare(g_new, want, args, kw)
+
+    def same(a, b, what):
+        assert a.shape == b.shape, what
+        if EMULATED:
+            np.testing.assert_array_equal(a, b, err_msg=what)
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max(), err_msg=what)
+
+    same(t_new, t_old, "termp tp8 vs tp7")
+    same(s_new, s_old, "statep dx7 vs tp7")
+    for name, a, b in zip(NAMES, g_new, g_old):
+        if b is not None:
+            same(a.astype(np.float32), b.astype(np.float32), f"{name} tp8 vs tp7")
+    for tp8, dx7sp in ((True, False), (False, True)):  # one half alone: ssdb_tp7 on grid y 1 takes the other
+        g1, t1, s1, n1 = _p_sums_run(args, kw, chunk, monkeypatch, tp8, dx7sp)
+        assert any(n.startswith("ssdb_tp7") for n in n1) and any(n.startswith("ssdb_tp8") for n in n1) == tp8, n1
+        same(t1, t_old, f"termp tp8={tp8}")
+        same(s1, s_old, f"statep dx7={dx7sp}")
+        for name, a, b in zip(NAMES, g1, g_old):
+            if b is not None:
+                same(a.astype(np.float32), b.astype(np.float32), f"{name} tp8={tp8} dx7sp={dx7sp}")
+
+
+@pytest.mark.parametrize("shape", [(2, 600, 8, 64, 2, 128, 256), (1, 1000, 4, 32, 1, 64, 64),
+                                   (2, 300, 4, 64, 4, 256, 128), (1, 500, 2, 128, 1, 128, 256)])
+def test_tp8_large(rng, shape, monkeypatch):
+    """ssdb_tp8 + ssdb_dx7's statep at chunk 64 / 128 / 256, N 64 / 128 / 256, P 128 (two p tiles), L not a
+    multiple of the chunk, no z: vs ssdb_tp7 (termp / statep, gradients) and float64."""
+    big()
+    batch, length, heads, headdim, groups, dstate, chunk = shape
+    args, kw = make(rng, batch, length, heads, headdim, groups, dstate, "bfloat16")
+    del kw["z"]
+    g_old, t_old, s_old, _ = _p_sums_run(args, kw, chunk, monkeypatch, False, False)
+    g_new, t_new, s_new, n_new = _p_sums_run(args, kw, chunk, monkeypatch, True, True)
+    assert any(n.startswith("ssdb_tp8") for n in n_new) and not any(n.startswith("ssdb_tp7") for n in n_new), n_new
+    np.testing.assert_allclose(t_new, t_old, rtol=1e-5, atol=1e-6 * np.abs(t_old).max())
+    np.testing.assert_allclose(s_new, s_old, rtol=1e-5, atol=1e-6 * np.abs(s_old).max())
+    compare(g_new, run_cpu64(args, kw, chunk), args, kw)
+
+
+def test_tp8_knobs_and_instantiations():
+    """ssdb_tp8 / ssdb_dx7's statep are on by default (SSMCORE_SSD_BWD_TP8=0 turns both off, SSMCORE_SSD_BWD_DX7SP
+    the second alone); ssdb_tp8 is in INSTANTIATIONS; its shared memory formula."""
+    import ssmcore.backends.cupy.state_space_duality_bwd as launcher
+
+    for t in ("bf16_t", "half_t"):
+        assert f"ssdb_tp8<{t}>" in launcher.INSTANTIATIONS
+    assert launcher.tp8_in_v4 == (os.environ.get("SSMCORE_SSD_BWD_TP8", "1") != "0")
+    env = os.environ.get("SSMCORE_SSD_BWD_DX7SP", os.environ.get("SSMCORE_SSD_BWD_TP8", "1"))
+    assert launcher.dx7_statep == (env != "0")
+    assert launcher._tp8_smem(128) == 3 * 20480 + 64 * 136 * 2
+    assert launcher._tp8_smem(40) == 3 * 20480 + 64 * 72 * 2
+    assert launcher._tp8_smem(256) <= launcher._TP8_MAX_SMEM < launcher._tp8_smem(512)
+
+
+@pytest.mark.parametrize("case", ["bf16_default", "f16_default_cu", "tp6_fallback", "g4_fallback", "dx_h4_fallback",
+                                  "with_z", "eager_knob"])
+def test_no_fp32_dy_without_z(rng, case, monkeypatch):
+    """Session 8: under v4 without z the default kernels read the 16-bit dout (== dy exactly), so the fp32 dy
+    (ssdb_dy8) is made only when a fallback kernel that reads it runs (ssdb_tp6 / ssdb_h4 / ssdb_g4); with z it is
+    made as before (ssdb_dy8t); eager_knob: SSMCORE_SSD_BWD_LAZY_DY=0 makes it first as before. Each vs float64 and
+    vs v3 (fp32 dy everywhere)."""
+    import ssmcore.backends.cupy.state_space_duality_bwd as launcher
+
+    dtype = "float16" if case == "f16_default_cu" else "bfloat16"
+    args, kw = make(rng, 1, 70, 2, 16, 1, 16, dtype, seq="cu" if case == "f16_default_cu" else "sorted")
+    if case != "with_z":
+        del kw["z"]
+    chunk = 32
+    want = run_cpu64(args, kw, chunk)
+    names = _record_launches(launcher, monkeypatch)
+    monkeypatch.delenv(launcher.IMPL_ENV, raising=False)
+    for k in ("dx7", "st7", "tp7", "g7"):
+        monkeypatch.setattr(launcher, f"{k}_in_v4", True)
+    monkeypatch.setattr(launcher, "g7_kinds", (0, 1, 2))
+    monkeypatch.setattr(launcher, "lazy_dy_in_v4", case != "eager_knob")
+    if case == "tp6_fallback":
+        monkeypatch.setattr(launcher, "tp7_in_v4", False)
+        monkeypatch.setattr(launcher, "tp6_in_v4", True)
+    elif case == "g4_fallback":
+        monkeypatch.setattr(launcher, "g7_kinds", (0, 1))  # dB by ssdb_g4<T, 2>
+    elif case == "dx_h4_fallback":
+        monkeypatch.setattr(launcher, "dx7_in_v4", False)
+    got = run_gpu(args, kw, chunk)
+    used = [n for n, _ in names]
+    dy8 = [n for n in used if n.startswith("ssdb_dy8<")]
+    if case in ("bf16_default", "f16_default_cu"):
+        assert not dy8 and not any(n.startswith(("ssdb_h4", "ssdb_g4", "ssdb_tp6")) for n in used), used
+    elif case == "with_z":
+        assert not dy8 and any(n.startswith("ssdb_dy8t<") for n in used), used
+    elif case == "eager_knob":
+        assert len(dy8) == 1 and used.index(dy8[0]) < used.index("ssdb_pass2"), used
+    else:
+        assert len(dy8) == 1, used
+        first = used.index(dy8[0])
+        fallback = next(i for i, n in enumerate(used) if n.startswith(("ssdb_h4", "ssdb_g4<", "ssdb_tp6")))
+        assert first < fallback, used
+    compare(got, want, args, kw)
+    monkeypatch.setenv(launcher.IMPL_ENV, "v3")
+    v3 = run_gpu(args, kw, chunk)
+    for name, a, b in zip(NAMES, got, v3):
+        if b is not None:
+            a, b = a.astype(np.float32), b.astype(np.float32)
+            assert_close(a, b, "float32", rtol=2e-2, atol=2e-2 * np.abs(b).max(), name=f"{name} v4 vs v3")
+
+
+def test_s8a_knobs():
+    """Session 8 (SSDB8a): the deferred fp32 dy and the fused <dh, h0> are on by default; SSMCORE_SSD_BWD_LAZY_DY=0
+    / SSMCORE_SSD_BWD_FRO=0 turn them off (module attributes lazy_dy_in_v4 / fuse_fro_in_v4)."""
+    import ssmcore.backends.cupy.state_space_duality_bwd as launcher
+
+    assert launcher.lazy_dy_in_v4 == (os.environ.get("SSMCORE_SSD_BWD_LAZY_DY", "1") != "0")
+    assert launcher.fuse_fro_in_v4 == (os.environ.get("SSMCORE_SSD_BWD_FRO", "1") != "0")
+    assert "ssdb_fro" in launcher.INSTANTIATIONS and "ssdb_pass2" in launcher.INSTANTIATIONS

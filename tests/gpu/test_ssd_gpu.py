@@ -548,3 +548,107 @@ def test_chunk_scan_v7_fallbacks(rng, monkeypatch, dtype, dstate, headdim, varle
         np.testing.assert_array_equal(a, b)
     ref_out = reference.ssd(**kw, **opts)[0]
     check("out", res["v7"][0], ref_out, dtype)
+
+
+@pytest.mark.parametrize("shape,initial,packed,path", [
+    ((1, 100, 2, 16, 1, 32, "bfloat16", 64), True, True, "v8"),  # Q 64, sequence starts, L % Q != 0
+    ((2, 150, 2, 72, 1, 16, "float16", 64), False, True, "v8"),  # 2 p tiles (the second partial), 3 chunks
+    ((1, 200, 2, 8, 2, 72, "bfloat16", 128), True, False, "v8"),  # N 72: one 128-wide tile (256 threads), groups
+    ((1, 300, 1, 16, 1, 24, "float16", 256), True, True, "v8d"),  # 6 stages, partial last chunk
+    ((1, 150, 1, 8, 1, 136, "bfloat16", 64), True, False, "v8d"),  # 2 n tiles of 128 (the second partial)
+    pytest.param((2, 1000, 8, 64, 2, 128, "bfloat16", 256), True, True, "v8", id="big_v8a"),
+    pytest.param((3, 4100, 16, 64, 1, 128, "bfloat16", 256), False, False, "v8", id="big_v8b"),
+    pytest.param((1, 2049, 4, 80, 1, 256, "float16", 64), True, True, "v8d", id="big_v8c"),
+    pytest.param((2, 777, 8, 64, 2, 64, "float16", 128), True, True, "v8", id="big_v8d"),
+    pytest.param((2, 700, 4, 64, 1, 128, "bfloat16", 256), True, True, "v8d", id="big_v8e"),
+])
+def test_states_passing_v8(rng, monkeypatch, shape, initial, packed, path):
+    """SSMCORE_SSD_FWD=v8 / v8d (ssd_states_passing_v8: chunk states + state passing in one kernel, a block per (b,
+    h, tile) walking the chunks): the 16-bit chunk-start states and final states vs states v4 + passing v4 (same
+    operand rounding, fp32 summation order differs: starts within ~one rounding of T, final 1e-5), then ssd's output
+    and final states vs the float64 reference and vs v7m (the same chunk scan), and that the kernel ran."""
+    from ssmcore.backends.cupy import state_space_duality as S
+
+    monkeypatch.setattr(S, "v8_min_threads", 0)
+    batch, length, heads, headdim, groups, dstate, dtype, chunk = shape
+    seq = np.sort(rng.integers(0, 3, (batch, length)), axis=1).astype(np.int64) if packed else None
+    kw = make(rng, batch, length, heads, headdim, groups, dstate, dtype, initial=initial, seq=seq)
+    gkw = {k: gpu(v) for k, v in kw.items()}
+    Q = S._internal_chunk(chunk)
+    xk, dtk, Ak, Bk, Ck, Dk, zk, bk, ik = S._prepare(gkw["x"], gkw["dt"], gkw["A"], gkw["B"], gkw["C"], gkw.get("D"),
+                                                      gkw.get("z"), gkw.get("dt_bias"), gkw.get("initial_states"))
+    seqk = S._seq_ids(gkw.get("seq_idx"), None, length)
+    dtp, dacs, seg = S._chunk_cumsum(dtk, Ak, bk, True, (0.0, np.inf), seqk, Q)
+    monkeypatch.setattr(S, "fwd_path", "v7m")
+    states = S._chunk_states(xk, Bk, dtp, dacs, seg, Q)
+    final4, starts4 = S._state_passing_v4(states, dacs, seg, ik, Q, xk.dtype)
+    f4, s4 = host(final4), host(starts4)
+    monkeypatch.setattr(S, "fwd_path", path)
+    assert S._v8_ok(xk, zk, Bk, Ck, ik, Q)
+    final8, starts8 = S._states_passing_v8(xk, Bk, dtp, dacs, seg, ik, Q)
+    f8, s8 = host(final8), host(starts8)
+    assert starts8.dtype == xk.dtype and s8.shape == s4.shape
+    assert np.abs(f8 - f4).max() <= 1e-5 * max(np.abs(f4).max(), 1e-6), "final vs states v4 + passing v4"
+    ulp = 2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10  # one rounding of T, relative
+    assert np.all(np.abs(s8 - s4) <= ulp * np.abs(s4) + 1e-6 * max(np.abs(s4).max(), 1e-6)), "starts vs v4"
+    calls = []
+    fused = S._states_passing_v8
+    monkeypatch.setattr(S, "_states_passing_v8", lambda *a: calls.append(S.fwd_path) or fused(*a))
+    res = {}
+    for p in ("v7m", path):
+        monkeypatch.setattr(S, "fwd_path", p)
+        res[p] = [host(a) for a in ssmcore.ssd(**gkw, chunk_size=chunk, dt_softplus=True, return_final_states=True)]
+    assert calls == [path]
+    ref_out, ref_final = reference.ssd(**kw, dt_softplus=True, return_final_states=True)
+    check(f"out {path}", res[path][0], ref_out, dtype)
+    check(f"final {path}", res[path][1], ref_final, dtype)
+    scale = max(np.abs(res["v7m"][1]).max(), 1e-6)
+    assert np.abs(res[path][1] - res["v7m"][1]).max() <= 1e-5 * scale, "final vs v7m"
+    scale = max(np.abs(res["v7m"][0]).max(), 1e-6)
+    assert np.abs(res[path][0] - res["v7m"][0]).max() <= REL[dtype] / 10 * scale, "out vs v7m"
+
+
+@pytest.mark.parametrize("case", ["float32", "n20", "p12", "varlen", "few_blocks"])
+def test_states_passing_v8_fallbacks(rng, monkeypatch, case):
+    """Where ssd_states_passing_v8 does not apply (float32, N or P not multiples of 8, varlen states, a grid too
+    small for the GPU), SSMCORE_SSD_FWD=v8 runs exactly what v7m runs (bitwise)."""
+    from ssmcore.backends.cupy import state_space_duality as S
+
+    dtype = "float32" if case == "float32" else "bfloat16"
+    kw = make(rng, 1, 70, 2, 12 if case == "p12" else 16, 1, 20 if case == "n20" else 16, dtype, initial=True)
+    opts = dict(chunk_size=64, dt_softplus=True, return_final_states=True)
+    if case == "varlen":
+        kw["cu_seqlens"] = np.array([0, 5, 64, 70], np.int32)
+        opts["return_varlen_states"] = True
+    monkeypatch.setattr(S, "v8_min_threads", 10**9 if case == "few_blocks" else 0)
+    calls = []
+    fused = S._states_passing_v8
+    monkeypatch.setattr(S, "_states_passing_v8", lambda *a: calls.append(1) or fused(*a))
+    res = {}
+    for p in ("v7m", "v8"):
+        monkeypatch.setattr(S, "fwd_path", p)
+        res[p] = [host(a) for a in run_gpu(kw, **opts)]
+    assert calls == []
+    for a, b in zip(res["v8"], res["v7m"]):
+        np.testing.assert_array_equal(a, b)
+    check("out", res["v8"][0], reference.ssd(**kw, **opts)[0], dtype)
+
+
+@pytest.mark.parametrize("dtype,offset", [("bfloat16", 0), ("float16", 8)])
+def test_states_passing_v8_strided(rng, monkeypatch, dtype, offset):
+    """v8 on strided in_proj-like views (read in place when 16-byte aligned): bitwise the contiguous result."""
+    from ssmcore.backends.cupy import state_space_duality as S
+
+    monkeypatch.setattr(S, "fwd_path", "v8")
+    monkeypatch.setattr(S, "v8_min_threads", 0)
+    kw = make(rng, 2, 70, 2, 16, 1, 16, dtype, initial=True)
+    views = _packed_views(kw, offset)
+    gkw = {k: gpu(v) for k, v in kw.items()}
+    want = [host(a) for a in ssmcore.ssd(**gkw, chunk_size=64, dt_softplus=True, return_final_states=True)]
+    got = [host(a) for a in ssmcore.ssd(**dict(gkw, **views), chunk_size=64, dt_softplus=True,
+                                        return_final_states=True)]
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    ref_out, ref_final = reference.ssd(**kw, dt_softplus=True, return_final_states=True)
+    check("out", got[0], ref_out, dtype)
+    check("final", got[1], ref_final, dtype)
