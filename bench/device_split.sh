@@ -15,6 +15,7 @@ stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG"; }
 left() { echo $(( ${DEADLINE:-570} - ($(date +%s) - T0) )); }
 python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$LOG" 2>&1 || { stamp "install failed"; exit 1; }
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv >> "$LOG" 2>&1
+[ -e .commit ] && export SSMCORE_BENCH_COMMIT=$(cat .commit)  # bench.report: the copy's commit (no .git in a git archive copy)
 stamp "commit $(cat .commit 2>/dev/null)"
 if ls .peers/peerbuild.tgz.* >/dev/null 2>&1; then cat .peers/peerbuild.tgz.* | tar -xzf - -C .peers; fi
 rm -f .peers/*.tar.gz /tmp/peer_done
