@@ -58,6 +58,9 @@ VARIANTS.update({k: {**VARIANTS["g7"], "tp8_in_v4": a, "dx7_statep": b}
 # (SSMCORE_SSD_BWD_LAZY_DY=0); s8a_off: both.
 VARIANTS.update({k: {"fuse_fro_in_v4": a, "lazy_dy_in_v4": b}
                  for k, a, b in (("fro0", False, True), ("dyeager", True, False), ("s8a_off", False, False))})
+# Session 8 (helper SSDB8c): v8h0off: the default with h0 by ssdb_st7<T, 0> + the forward ssdb_pass2 again
+# (SSMCORE_SSD_BWD_V8H0=0) instead of the forward's ssd_chunk_cumsum + ssd_states_passing_v8 (fp32 starts).
+VARIANTS["v8h0off"] = {"v8h0_in_v4": False}
 VARIANT_ATTRS = sorted({a for v in VARIANTS.values() for a in v})
 
 
@@ -77,11 +80,27 @@ def kernel_times(call):
         b.record()
         events.append((name, a, b))
 
+    def timed_fwd(name, fn):  # the forward module's stages the backward calls (v8h0_in_v4: SSDB8c)
+        def wrapped(*a, **k):
+            e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
+            e0.record()
+            r = fn(*a, **k)
+            e1.record()
+            events.append((name, e0, e1))
+            return r
+        return wrapped
+
+    F = S._fwd
+    fwd_orig = {n: getattr(F, n) for n in ("_chunk_cumsum", "_states_passing_v8")}
     S._launch_grid = timed
+    for n, fn in fwd_orig.items():
+        setattr(F, n, timed_fwd("fwd" + n, fn))
     try:
         call()
     finally:
         S._launch_grid = original
+        for n, fn in fwd_orig.items():
+            setattr(F, n, fn)
     cupy.cuda.Device().synchronize()
     out = collections.defaultdict(float)
     for name, a, b in events:

@@ -2592,11 +2592,20 @@ __global__ void __launch_bounds__(128, 4) ssd_chunk_states_v7(
 // Grid: B * H * tilesP * tilesN blocks (512 at B8 H64 P64 N128): the launcher uses it only with enough blocks to
 // fill the GPU (the chain is serial in c).
 // Needs P % 8 == N % 8 == 0, 16-byte aligned rows (v4's rules), Q in {64, 128, 256}, 8-byte aligned initial.
-template <typename T, int WN, int NS>
+// TS: the starts' element type, T (the forward) or float (session 8, helper SSDB8c: the backward's fp32 chunk-start
+// states h0, unrounded; SSMCORE_SSD_BWD_V8H0).
+__device__ __forceinline__ void v8_store_start2(float* p, float a, float b) {
+  *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+template <typename T>
+__device__ __forceinline__ void v8_store_start2(T* p, float a, float b) {
+  *reinterpret_cast<uint32_t*>(p) = pack2(a, b, static_cast<const T*>(nullptr));
+}
+template <typename T, int WN, int NS, typename TS = T>
 __global__ void __launch_bounds__(2 * WN, 256 / WN) ssd_states_passing_v8(
     const T* __restrict__ x, i64 sxb, i64 sxl, const T* __restrict__ Bm, i64 sbb, i64 sbl,
     const float* __restrict__ dtp, const float* __restrict__ dacs, const int* __restrict__ seg,
-    const float* __restrict__ initial, int L, int H, int G, int P, int N, int Q, int nc, T* __restrict__ starts,
+    const float* __restrict__ initial, int L, int H, int G, int P, int N, int Q, int nc, TS* __restrict__ starts,
     float* __restrict__ final_states) {
   constexpr int NT = 2 * WN, LX = 72, LB = WN + 8, XT = 32 * LX, STAGE = XT + 32 * LB;  // elements
   SSM_DYNAMIC_SMEM(dyn);
@@ -2713,15 +2722,14 @@ __global__ void __launch_bounds__(2 * WN, 256 / WN) ssd_states_passing_v8(
     if (i + NS - 1 < nK) load(i + NS - 1);
     cp_async_commit();
     if (kc == 0) {  // the accumulators hold the state at chunk c's start
-      T* out = starts + ((i64(b) * nc + c) * H + h) * pn;
+      TS* out = starts + ((i64(b) * nc + c) * H + h) * pn;
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           const int pp = prow + 8 * hh, nn = ncol + 8 * j;
           if (pp < P && nn < N)  // N % 8 == 0: nn + 1 < N too
-            *reinterpret_cast<uint32_t*>(out + i64(pp) * N + nn) =
-                pack2(acc[j][2 * hh], acc[j][2 * hh + 1], static_cast<const T*>(nullptr));
+            v8_store_start2(out + i64(pp) * N + nn, acc[j][2 * hh], acc[j][2 * hh + 1]);
         }
 #pragma unroll
       for (int j = 0; j < 8; ++j)

@@ -3619,19 +3619,41 @@ __global__ void __launch_bounds__(SSDB_SEG_THREADS) ssdb_seg(const I* __restrict
 }
 
 #define SSDB_RSUM_THREADS 256
+#ifndef SSDB_RSUM_U
+#define SSDB_RSUM_U 8
+#endif
 template <typename T>
 __global__ void __launch_bounds__(SSDB_RSUM_THREADS) ssdb_rsum(const float* __restrict__ in, T* __restrict__ out,
                                                                int n_lo, i64 R1, i64 R2, i64 s1, i64 s_hi, i64 s2) {
+  // Each thread sums its rows r = tid + k * THREADS (k = 0, 1, ...) into SSDB_RSUM_U accumulators (k % U), U loads
+  // in flight per round (a single running sum waited out one memory latency per row: ~60 us for dD at the main
+  // shape), then the accumulators in order, then the block's tree: a fixed order, deterministic.
+  constexpr int U = SSDB_RSUM_U;
   __shared__ float part[SSDB_RSUM_THREADS];
   const i64 o = blockIdx.x;
   const float* base = in + (o / n_lo) * s_hi + (o % n_lo);
-  float acc = 0.f;
   const i64 R = R1 * R2;
-  for (i64 r = threadIdx.x; r < R; r += SSDB_RSUM_THREADS) {
-    const i64 r1 = r / R2;
-    acc += base[r1 * s1 + (r - r1 * R2) * s2];
+  const bool small = R < 2147483647 && R2 < 2147483647;  // 32-bit index division
+  auto at = [&](i64 q) {
+    const i64 q1 = small ? (i64)((unsigned)q / (unsigned)R2) : q / R2;
+    return base[q1 * s1 + (q - q1 * R2) * s2];
+  };
+  float acc[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) acc[u] = 0.f;
+  i64 r = threadIdx.x;
+  for (; r + (U - 1) * (i64)SSDB_RSUM_THREADS < R; r += U * (i64)SSDB_RSUM_THREADS) {
+    float v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) v[u] = at(r + u * (i64)SSDB_RSUM_THREADS);
+#pragma unroll
+    for (int u = 0; u < U; ++u) acc[u] += v[u];
   }
-  part[threadIdx.x] = acc;
+  for (; r < R; r += SSDB_RSUM_THREADS) acc[0] += at(r);  // (fewer than U rows left)
+  float a = acc[0];
+#pragma unroll
+  for (int u = 1; u < U; ++u) a += acc[u];
+  part[threadIdx.x] = a;
   __syncthreads();
 #pragma unroll
   for (int w = SSDB_RSUM_THREADS / 2; w > 0; w >>= 1) {
@@ -3643,9 +3665,18 @@ __global__ void __launch_bounds__(SSDB_RSUM_THREADS) ssdb_rsum(const float* __re
 
 template <typename T>
 __global__ void ssdb_ssum(const float* __restrict__ in, T* __restrict__ out, i64 n, int S) {
-  const i64 i = gtid();
-  if (i >= n) return;
-  float acc = in[i];  // (S = 1: exactly a cast)
-  for (int s = 1; s < S; ++s) acc += in[s * n + i];
-  store_f(out + i, acc);
+  // 4 consecutive elements per thread (independent loads in flight; each element's sum in the same order)
+  const i64 i0 = gtid() * 4;
+  if (i0 >= n) return;
+  const int m = n - i0 < 4 ? (int)(n - i0) : 4;
+  float acc[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) acc[u] = u < m ? in[i0 + u] : 0.f;  // (S = 1: exactly a cast)
+  for (int s = 1; s < S; ++s)
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (u < m) acc[u] += in[s * n + i0 + u];
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+    if (u < m) store_f(out + i0 + u, acc[u]);
 }

@@ -66,6 +66,8 @@ INSTANTIATIONS = (
     + [f"ssd_state_passing_v7b<{t}>" for t in _TYPES[1:]]
     + [f"ssd_chunk_states_v7<{t}>" for t in _TYPES[1:]]
     + [f"ssd_states_passing_v8<{t}, {wn}, {ns}>" for t in _TYPES[1:] for wn in (64, 128) for ns in (4, 8)]
+    # fp32 starts: the backward's chunk-start states (state_space_duality_bwd.v8h0_in_v4; session 8, SSDB8c)
+    + [f"ssd_states_passing_v8<{t}, {wn}, {ns}, float>" for t in _TYPES[1:] for wn in (64, 128) for ns in (4, 8)]
 )
 
 # Kernel generation: "v8" (default since session 8, see below), "v7m" (session 7's default), "v5" (session 6's default), "v4" (ldmatrix fragments, no transposed staging, chunk_scan's decayed C B^T
@@ -435,9 +437,11 @@ def _v8_ok(x, z, B, C, initial_states, Q) -> bool:
     return blocks < 2**31 and blocks * 2 * wn >= _v8_threads_needed()
 
 
-def _states_passing_v8(x, B, dtp, dacs, seg, initial_states, Q):
+def _states_passing_v8(x, B, dtp, dacs, seg, initial_states, Q, starts=None):
     """_chunk_states + _state_passing_v4 in one kernel (ssd_states_passing_v8): (final float32 (B, H, P, N),
-    starts (B, nc, H, P, N) in x's dtype). x, B as for _chunk_states (v4 rules must hold: _v8_ok)."""
+    starts (B, nc, H, P, N) in x's dtype). x, B as for _chunk_states (v4 rules must hold: _v8_ok).
+    starts: None (a new array in x's dtype) or a C-contiguous float32 (B, nc, H, P, N) array written in place
+    (unrounded fp32 starts: the backward's h0, session 8 SSDB8c)."""
     batch, length, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nc = cdiv(length, Q)
@@ -445,10 +449,17 @@ def _states_passing_v8(x, B, dtp, dacs, seg, initial_states, Q):
     ns = 8 if fwd_path == "v8d" else 4
     blocks = batch * nheads * cdiv(headdim, 64) * cdiv(dstate, wn)
     final = cupy.empty((batch, nheads, headdim, dstate), cupy.float32)
-    starts = cupy.empty((batch, nc, nheads, headdim, dstate), x.dtype)
+    name = f"ssd_states_passing_v8<{_arrays.kernel_type('x', x)}, {wn}, {ns}>"
+    if starts is None:
+        starts = cupy.empty((batch, nc, nheads, headdim, dstate), x.dtype)
+    else:
+        if (starts.dtype != cupy.float32 or starts.shape != (batch, nc, nheads, headdim, dstate)
+                or not starts.flags.c_contiguous):
+            raise ValueError("starts: expected a C-contiguous float32 (B, nc, H, P, N) array")
+        name = name[:-1] + ", float>"
     sxb, sxl = _row_strides(x)
     sbb, sbl = _row_strides(B)
-    kernel = _runtime.function(FAMILY, f"ssd_states_passing_v8<{_arrays.kernel_type('x', x)}, {wn}, {ns}>")
+    kernel = _runtime.function(FAMILY, name)
     _runtime.launch(kernel, (blocks,), (2 * wn,),
                     (x, np.int64(sxb), np.int64(sxl), B, np.int64(sbb), np.int64(sbl), dtp, dacs, ptr(seg),
                      ptr(initial_states), np.int32(length), np.int32(nheads), np.int32(ngroups), np.int32(headdim),

@@ -29,7 +29,9 @@ ssdb_g4<T, 0> (1984 -> 518) and dC / dB by ssdb_g7b<T, 1 / 2> instead of ssdb_g4
 SSMCORE_SSD_BWD_G7=0 off; module attributes g7_in_v4 and g7_kinds): backward 6908 -> 4585 us (H200 run 4).
 Session 8 (SSDB8a): under v4 without z the fp32 dy (ssdb_dy8) is made only when a fallback kernel reads it
 (SSMCORE_SSD_BWD_LAZY_DY=0: always), and <dh_c, h0_c> comes from the reverse ssdb_pass2 as per-warp partials summed
-by ssdb_dt4 instead of ssdb_fro (SSMCORE_SSD_BWD_FRO=0: ssdb_fro).
+by ssdb_dt4 instead of ssdb_fro (SSMCORE_SSD_BWD_FRO=0: ssdb_fro). Session 8 (SSDB8c): on the ssdb_st7 path the
+fp32 chunk-start states come from the forward's ssd_states_passing_v8 (fp32 starts) where its rules hold, in place of
+ssdb_st7<T, 0> + the forward ssdb_pass2 (SSMCORE_SSD_BWD_V8H0=0: those again; see v8h0_in_v4).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import cupy
 import numpy as np
 
 from . import _arrays, _runtime
+from . import state_space_duality as _fwd
 from ._arrays import NULL, cdiv, ptr
 
 FAMILY = "ssd_bwd"
@@ -110,6 +113,13 @@ def _dx7_ok(P, N, Q, *arrays):
 # [32 positions][64] tiles for both operands, ldsm_x4_trans fragments, the position factor on the A fragments).
 # Needs P % 8 == N % 8 == 0 and aligned rows (else ssdb_h4<T, 4 / 5>). SSMCORE_SSD_BWD_ST7=0 turns it off.
 st7_in_v4 = os.environ.get("SSMCORE_SSD_BWD_ST7", "1") != "0"
+# Session 8 (helper SSDB8c), on the ssdb_st7 path: the fp32 chunk-start states h0 from the forward's
+# ssd_states_passing_v8 (chunk states + state passing in one kernel; fp32 starts) after the forward's
+# ssd_chunk_cumsum (its own dt' / dacs / seg layout), in place of ssdb_st7<T, 0> + the forward ssdb_pass2, where
+# the forward's v8 rules hold (_fwd._v8_ok: fwd_path v8 / v8d, v4 layout rules, the grid threshold
+# _fwd.v8_min_threads), Q in {64, 128, 256} and no cu_seqlens. The same h0 up to fp32 summation order.
+# SSMCORE_SSD_BWD_V8H0=0 turns it off (a module attribute).
+v8h0_in_v4 = os.environ.get("SSMCORE_SSD_BWD_V8H0", "1") != "0"
 _ST7_STAGES = 4  # SSDB_ST7_STAGES
 _ST7_STAGE_BYTES = 9216  # ST7_STAGE_BYTES
 
@@ -242,7 +252,8 @@ def _ssum(parts, splits, dtype, shape):
     (splits 1: a cast)."""
     out = cupy.empty(shape, dtype)
     n = out.size
-    _launch(f"ssdb_ssum<{_runtime.ctype(out.dtype)}>", n, (parts, out, np.int64(n), np.int32(splits)))
+    # 4 elements per thread
+    _launch(f"ssdb_ssum<{_runtime.ctype(out.dtype)}>", cdiv(n, 4), (parts, out, np.int64(n), np.int32(splits)))
     return out
 
 
@@ -463,13 +474,21 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, 
         mm("cb", Q, Q, cb, per=nc * G)
         if not v4:
             mm("dxdot", Q, Q, dxd)
-        if st7:
+        v8h0 = (st7 and v8h0_in_v4 and cu_seqlens is None and Q in (64, 128, 256) and H <= 65535
+                and _fwd._v8_ok(xs, zs, Bs, Cs, initf, Q))
+        if v8h0:  # session 8 (SSDB8c): h0 by the forward's fused states + passing kernel, fp32 starts
+            seq8 = _fwd._seq_ids(seq_idx, None, L)
+            dtp8, dacs8, seg8 = _fwd._chunk_cumsum(dtf, Af, biasf, dt_softplus, dt_limit, seq8, Q)
+            _fwd._states_passing_v8(xs, Bs, dtp8, dacs8, seg8, initf, Q, starts=h0)
+            del dtp8, dacs8, seg8, seq8
+        elif st7:
             st7_(0, xs, Bs, h0)
         elif v4:
             h4(4, P, N, h0)
         else:
             mm("states", P, N, h0)
-        state_pass(0, h0, initf, None)
+        if not v8h0:
+            state_pass(0, h0, initf, None)
         if st7:
             st7_(1, dyt, Cs, dh)
         elif v4:

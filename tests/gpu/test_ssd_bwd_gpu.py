@@ -910,3 +910,80 @@ def test_s8a_knobs():
     assert launcher.lazy_dy_in_v4 == (os.environ.get("SSMCORE_SSD_BWD_LAZY_DY", "1") != "0")
     assert launcher.fuse_fro_in_v4 == (os.environ.get("SSMCORE_SSD_BWD_FRO", "1") != "0")
     assert "ssdb_fro" in launcher.INSTANTIATIONS and "ssdb_pass2" in launcher.INSTANTIATIONS
+
+
+# Session 8 (helper SSDB8c): h0 from the forward's ssd_states_passing_v8 (fp32 starts) vs ssdb_st7<T, 0> + ssdb_pass2.
+# (case: dtype, batch, length, heads, headdim, groups, dstate, chunk, options, seq)
+_V8H0_CASES = {
+    "bf16_all_q64_seq": ("bfloat16", 2, 100, 2, 8, 1, 16, 64, "all", "sorted"),
+    "f16_noz_q256_unsorted": ("float16", 1, 300, 2, 16, 2, 8, 256, "noz", "unsorted"),
+    "bf16_wide_n_q64": ("bfloat16", 1, 70, 2, 8, 1, 136, 64, "all", None),
+    "big_bf16_q256": ("bfloat16", 2, 1000, 8, 64, 2, 128, 256, "all", "sorted"),  # GPU only
+    "big_f16_q64": ("float16", 1, 600, 4, 64, 1, 64, 64, "noz", None),  # GPU only
+}
+
+
+@pytest.mark.parametrize("case", sorted(_V8H0_CASES))
+def test_v8h0_vs_st7(rng, case, monkeypatch):
+    """SSMCORE_SSD_BWD_V8H0 (module attribute v8h0_in_v4): the chunk-start states by the forward's
+    ssd_states_passing_v8 with fp32 starts (after the forward's ssd_chunk_cumsum) instead of ssdb_st7<T, 0> + the
+    forward ssdb_pass2. Odd L (L % Q != 0), seq_idx (sorted / ids that come back), initial / dfinal states, D, z,
+    dt_bias + softplus / dt_limit, bf16 and f16, Q 64 and 256, N 136 (two n tiles, the second partly past N). The
+    gradients equal the old path's up to fp32 summation order (the 16-bit outputs up to one rounding) and the
+    float64 backend's within the usual tolerances."""
+    import ssmcore.backends.cupy.state_space_duality as fwd
+    import ssmcore.backends.cupy.state_space_duality_bwd as launcher
+
+    if case.startswith("big"):
+        big()
+    dtype, b, L, h, p, g, n, chunk, options, seq = _V8H0_CASES[case]
+    args, kw = make(rng, b, L, h, p, g, n, dtype, options="all", seq=seq, limit=(options == "noz"))
+    if options == "noz":
+        del kw["z"]
+    monkeypatch.delenv(launcher.IMPL_ENV, raising=False)
+    monkeypatch.setattr(fwd, "fwd_path", "v8")
+    monkeypatch.setattr(fwd, "v8_min_threads", 0)  # the grid threshold: small shapes too
+    v8_calls = []
+    v8 = fwd._states_passing_v8
+
+    def spy(*a, **k):
+        v8_calls.append(k.get("starts") is not None)
+        return v8(*a, **k)
+
+    monkeypatch.setattr(fwd, "_states_passing_v8", spy)
+    names = _record_launches(launcher, monkeypatch)
+    T = {"bfloat16": "bf16_t", "float16": "half_t"}[dtype]
+    results = {}
+    for on in (True, False):
+        monkeypatch.setattr(launcher, "v8h0_in_v4", on)
+        del names[:], v8_calls[:]
+        results[on] = run_gpu(args, kw, chunk)
+        used = [nm for nm, _ in names]
+        assert (f"ssdb_st7<{T}, 0>" in used) == (not on), used
+        assert f"ssdb_st7<{T}, 1>" in used, used
+        assert used.count("ssdb_pass2") == (1 if on else 2), used
+        assert v8_calls == ([True] if on else []), v8_calls
+    want = run_cpu64(args, kw, chunk)
+    compare(results[True], want, args, kw)
+    for name, a, c in zip(NAMES, results[True], results[False]):
+        if c is None:
+            assert a is None, name
+            continue
+        assert a.dtype == c.dtype, name
+        out16 = a.dtype.itemsize == 2
+        a, c = a.astype(np.float64), c.astype(np.float64)
+        scale = max(np.abs(c).max(), 1e-30)
+        rtol = 1e-5
+        if out16:  # one rounding of the 16-bit output
+            rtol = 2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10
+        assert_close(a, c, "float32", rtol=rtol, atol=1e-5 * scale, name=f"{name} v8h0 vs st7")
+
+
+def test_v8h0_knob_and_instantiations():
+    import ssmcore.backends.cupy.state_space_duality as fwd
+    import ssmcore.backends.cupy.state_space_duality_bwd as launcher
+
+    assert launcher.v8h0_in_v4 == (os.environ.get("SSMCORE_SSD_BWD_V8H0", "1") != "0")
+    for t in ("bf16_t", "half_t"):
+        for wn in (64, 128):
+            assert f"ssd_states_passing_v8<{t}, {wn}, 4, float>" in fwd.INSTANTIATIONS
