@@ -929,8 +929,8 @@ def test_v8h0_vs_st7(rng, case, monkeypatch):
     ssd_states_passing_v8 with fp32 starts (after the forward's ssd_chunk_cumsum) instead of ssdb_st7<T, 0> + the
     forward ssdb_pass2. Odd L (L % Q != 0), seq_idx (sorted / ids that come back), initial / dfinal states, D, z,
     dt_bias + softplus / dt_limit, bf16 and f16, Q 64 and 256, N 136 (two n tiles, the second partly past N). The
-    gradients equal the old path's up to fp32 summation order (the 16-bit outputs up to one rounding) and the
-    float64 backend's within the usual tolerances."""
+    gradients equal the old path's up to fp32 summation order and the 16-bit roundings of h0 it flips (fp32 outputs
+    within 1e-4, the 16-bit outputs up to one rounding) and the float64 backend's within the usual tolerances."""
     import ssmcore.backends.cupy.state_space_duality as fwd
     import ssmcore.backends.cupy.state_space_duality_bwd as launcher
 
@@ -973,7 +973,11 @@ def test_v8h0_vs_st7(rng, case, monkeypatch):
         out16 = a.dtype.itemsize == 2
         a, c = a.astype(np.float64), c.astype(np.float64)
         scale = max(np.abs(c).max(), 1e-30)
-        rtol = 1e-5
+        # fp32 outputs: 1e-4, not 1e-5. The two paths' h0 differ in fp32 summation order, and ssdb_tp8 / ssdb_g7b
+        # round h0 to 16 bits for their products, so some of those roundings flip between the paths: on the H200
+        # (session 8, run 7) big_bf16_q256's dA differed by 4.2e-5 relative (0.076 at 1814.6; rel fro 2.2e-5) after
+        # both paths had passed the float64 comparison above.
+        rtol = 1e-4
         if out16:  # one rounding of the 16-bit output
             rtol = 2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10
         assert_close(a, c, "float32", rtol=rtol, atol=1e-5 * scale, name=f"{name} v8h0 vs st7")
