@@ -65,7 +65,7 @@ INSTANTIATIONS = (
     + ["ssd_chunk_cb_v7b<bf16_t>"]
     + [f"ssd_state_passing_v7b<{t}>" for t in _TYPES[1:]]
     + [f"ssd_chunk_states_v7<{t}>" for t in _TYPES[1:]]
-    + [f"ssd_states_passing_v8<{t}, {wn}, {ns}>" for t in _TYPES[1:] for wn in (64, 128) for ns in (4, 8)]
+    + [f"ssd_states_passing_v8<{t}, {wn}, {ns}, {t}>" for t in _TYPES[1:] for wn in (64, 128) for ns in (4, 8)]
     # fp32 starts: the backward's chunk-start states (state_space_duality_bwd.v8h0_in_v4; session 8, SSDB8c)
     + [f"ssd_states_passing_v8<{t}, {wn}, {ns}, float>" for t in _TYPES[1:] for wn in (64, 128) for ns in (4, 8)]
 )
@@ -449,14 +449,16 @@ def _states_passing_v8(x, B, dtp, dacs, seg, initial_states, Q, starts=None):
     ns = 8 if fwd_path == "v8d" else 4
     blocks = batch * nheads * cdiv(headdim, 64) * cdiv(dstate, wn)
     final = cupy.empty((batch, nheads, headdim, dstate), cupy.float32)
-    name = f"ssd_states_passing_v8<{_arrays.kernel_type('x', x)}, {wn}, {ns}>"
+    typ = _arrays.kernel_type("x", x)
+    # the starts' type always named (hiprtc finds no kernel for a name that leaves a defaulted argument out)
+    name = f"ssd_states_passing_v8<{typ}, {wn}, {ns}, {typ}>"
     if starts is None:
         starts = cupy.empty((batch, nc, nheads, headdim, dstate), x.dtype)
     else:
         if (starts.dtype != cupy.float32 or starts.shape != (batch, nc, nheads, headdim, dstate)
                 or not starts.flags.c_contiguous):
             raise ValueError("starts: expected a C-contiguous float32 (B, nc, H, P, N) array")
-        name = name[:-1] + ", float>"
+        name = f"ssd_states_passing_v8<{typ}, {wn}, {ns}, float>"
     sxb, sxl = _row_strides(x)
     sbb, sbl = _row_strides(B)
     kernel = _runtime.function(FAMILY, name)
