@@ -331,6 +331,23 @@ def test_varlen_states_16bit(rng):
     check("varlen", varlen, ref_varlen, "bfloat16")
 
 
+def _states_inputs(rng, shape, initial, packed):
+    """(kw, kw on the GPU, Q, the launcher's prepared inputs, (dtp, dacs, seg)) for the chunk-states tests (v6, v8): random inputs of
+    ``shape`` (batch, length, heads, headdim, groups, dstate, dtype, chunk), packed sequences if asked."""
+    from ssmcore.backends.cupy import state_space_duality as S
+
+    batch, length, heads, headdim, groups, dstate, dtype, chunk = shape
+    seq = np.sort(rng.integers(0, 3, (batch, length)), axis=1).astype(np.int64) if packed else None
+    kw = make(rng, batch, length, heads, headdim, groups, dstate, dtype, initial=initial, seq=seq)
+    gkw = {k: gpu(v) for k, v in kw.items()}
+    Q = S._internal_chunk(chunk)
+    prepared = S._prepare(gkw["x"], gkw["dt"], gkw["A"], gkw["B"], gkw["C"], gkw.get("D"), gkw.get("z"),
+                          gkw.get("dt_bias"), gkw.get("initial_states"))
+    seqk = S._seq_ids(gkw.get("seq_idx"), None, length)
+    _, dtk, Ak, _, _, _, _, bk, _ = prepared
+    return kw, gkw, Q, prepared, S._chunk_cumsum(dtk, Ak, bk, True, (0.0, np.inf), seqk, Q)
+
+
 @pytest.mark.parametrize("shape,initial,packed", [
     ((1, 100, 2, 16, 1, 32, "bfloat16", 64), True, True),
     ((2, 150, 2, 72, 1, 16, "float16", 64), False, True),  # 2 p-tiles (the second partial), 3 chunks
@@ -349,14 +366,7 @@ def test_fused_states_v6(rng, monkeypatch, shape, initial, packed):
     from ssmcore.backends.cupy import state_space_duality as S
 
     batch, length, heads, headdim, groups, dstate, dtype, chunk = shape
-    seq = np.sort(rng.integers(0, 3, (batch, length)), axis=1).astype(np.int64) if packed else None
-    kw = make(rng, batch, length, heads, headdim, groups, dstate, dtype, initial=initial, seq=seq)
-    gkw = {k: gpu(v) for k, v in kw.items()}
-    Q = S._internal_chunk(chunk)
-    xk, dtk, Ak, Bk, Ck, Dk, zk, bk, ik = S._prepare(gkw["x"], gkw["dt"], gkw["A"], gkw["B"], gkw["C"], gkw.get("D"),
-                                                      gkw.get("z"), gkw.get("dt_bias"), gkw.get("initial_states"))
-    seqk = S._seq_ids(gkw.get("seq_idx"), None, length)
-    dtp, dacs, seg = S._chunk_cumsum(dtk, Ak, bk, True, (0.0, np.inf), seqk, Q)
+    kw, gkw, Q, (xk, dtk, Ak, Bk, Ck, Dk, zk, bk, ik), (dtp, dacs, seg) = _states_inputs(rng, shape, initial, packed)
     monkeypatch.setattr(S, "fwd_path", "v5")
     states = S._chunk_states(xk, Bk, dtp, dacs, seg, Q)
     final5, starts5 = S._state_passing_v4(states, dacs, seg, ik, Q, xk.dtype)
@@ -571,14 +581,7 @@ def test_states_passing_v8(rng, monkeypatch, shape, initial, packed, path):
 
     monkeypatch.setattr(S, "v8_min_threads", 0)
     batch, length, heads, headdim, groups, dstate, dtype, chunk = shape
-    seq = np.sort(rng.integers(0, 3, (batch, length)), axis=1).astype(np.int64) if packed else None
-    kw = make(rng, batch, length, heads, headdim, groups, dstate, dtype, initial=initial, seq=seq)
-    gkw = {k: gpu(v) for k, v in kw.items()}
-    Q = S._internal_chunk(chunk)
-    xk, dtk, Ak, Bk, Ck, Dk, zk, bk, ik = S._prepare(gkw["x"], gkw["dt"], gkw["A"], gkw["B"], gkw["C"], gkw.get("D"),
-                                                      gkw.get("z"), gkw.get("dt_bias"), gkw.get("initial_states"))
-    seqk = S._seq_ids(gkw.get("seq_idx"), None, length)
-    dtp, dacs, seg = S._chunk_cumsum(dtk, Ak, bk, True, (0.0, np.inf), seqk, Q)
+    kw, gkw, Q, (xk, dtk, Ak, Bk, Ck, Dk, zk, bk, ik), (dtp, dacs, seg) = _states_inputs(rng, shape, initial, packed)
     monkeypatch.setattr(S, "fwd_path", "v7m")
     states = S._chunk_states(xk, Bk, dtp, dacs, seg, Q)
     final4, starts4 = S._state_passing_v4(states, dacs, seg, ik, Q, xk.dtype)
